@@ -1,0 +1,208 @@
+//! Connection buffers, reused across requests.
+//!
+//! `InBuf` holds bytes read from the socket: requests are parsed and WRITE
+//! payloads handed to the backend straight from it. `OutBuf` collects replies
+//! for one socket write; its memory stays initialised between uses so that a
+//! READ can `pread` into it without zero-filling first.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Buffer size a connection starts with and shrinks back to when idle.
+pub const BUFFER_INITIAL_BYTES: usize = 256 * 1024;
+/// An idle buffer larger than this is shrunk back to `BUFFER_INITIAL_BYTES`.
+const BUFFER_KEEP_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct InBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Default for InBuf {
+    fn default() -> Self {
+        InBuf {
+            buf: vec![0; BUFFER_INITIAL_BYTES],
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl InBuf {
+    pub fn available(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        assert!(n <= self.len(), "consumed more than was buffered");
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > BUFFER_KEEP_MAX_BYTES {
+                self.buf = vec![0; BUFFER_INITIAL_BYTES];
+            }
+        }
+    }
+
+    /// Makes room so that `total` bytes (counted from the unconsumed start)
+    /// fit. Callers bound `total` by the protocol's maxima first.
+    pub fn make_room(&mut self, total: usize) {
+        if self.start + total <= self.buf.len() {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if total > self.buf.len() {
+            self.buf.resize(total, 0);
+        }
+    }
+
+    pub fn has_space(&self) -> bool {
+        self.end < self.buf.len() || self.start > 0
+    }
+
+    /// One read from `reader` into the free space. Returns the byte count
+    /// (0 at end of stream).
+    pub async fn read_some<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            self.make_room(self.len() + 1);
+        }
+        let n = reader.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Reads until at least `n` bytes are buffered. Returns false at end of stream.
+    pub async fn fill<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        n: usize,
+    ) -> io::Result<bool> {
+        self.make_room(n);
+        while self.len() < n {
+            if self.read_some(reader).await? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Reply bytes waiting for one socket write.
+#[derive(Debug)]
+pub struct OutBuf {
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl Default for OutBuf {
+    fn default() -> Self {
+        OutBuf {
+            buf: vec![0; BUFFER_INITIAL_BYTES],
+            filled: 0,
+        }
+    }
+}
+
+impl OutBuf {
+    pub fn with_capacity(bytes: usize) -> OutBuf {
+        OutBuf {
+            buf: vec![0; bytes],
+            filled: 0,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.filled = 0;
+        if self.buf.len() > BUFFER_KEEP_MAX_BYTES {
+            self.buf = vec![0; BUFFER_INITIAL_BYTES];
+        }
+    }
+
+    /// Forgets everything after `len` (undoes a reply that failed half way).
+    pub fn truncate(&mut self, len: usize) {
+        assert!(len <= self.filled);
+        self.filled = len;
+    }
+
+    /// Appends `n` bytes and returns them for the caller to fill. They hold
+    /// stale data until written.
+    pub fn append(&mut self, n: usize) -> &mut [u8] {
+        let end = self.filled + n;
+        if end > self.buf.len() {
+            self.buf.resize(end.max(self.buf.len() * 2), 0);
+        }
+        let slice = &mut self.buf[self.filled..end];
+        self.filled = end;
+        slice
+    }
+}
+
+/// Where encoders put bytes: a plain `Vec` or an `OutBuf`.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl Sink for OutBuf {
+    fn put(&mut self, bytes: &[u8]) {
+        self.append(bytes.len()).copy_from_slice(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbuf_truncate_undoes_an_append() {
+        let mut out = OutBuf::default();
+        out.put(b"abc");
+        let mark = out.len();
+        out.append(10).fill(1);
+        out.truncate(mark);
+        out.put(b"d");
+        assert_eq!(out.as_slice(), b"abcd");
+    }
+
+    #[test]
+    fn inbuf_make_room_keeps_unconsumed_bytes() {
+        let mut input = InBuf::default();
+        input.buf[..4].copy_from_slice(b"wxyz");
+        input.end = 4;
+        input.consume(2);
+        input.make_room(BUFFER_INITIAL_BYTES * 2);
+        assert_eq!(input.available(), b"yz");
+        assert!(input.buf.len() >= BUFFER_INITIAL_BYTES * 2);
+    }
+}

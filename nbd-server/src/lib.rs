@@ -1,0 +1,24 @@
+//! An NBD server: the protocol of NetworkBlockDevice doc/proto.md (fixed
+//! newstyle, structured replies, extended headers, metadata contexts) over
+//! tokio, in front of any `BlockBackend`.
+//!
+//! Files and what each owns:
+//! - `proto.rs`: wire constants, request/reply header codecs, NBD errors.
+//! - `buffers.rs`: per-connection input and output buffers, reused.
+//! - `handshake.rs`: option haggling up to GO/EXPORT_NAME; meta contexts.
+//! - `transmission.rs`: the request loop: decode, validate, execute, reply.
+//! - `backend.rs`: the `BlockBackend` trait with `can_*` capabilities.
+//! - `file.rs`: the raw-file/block-device backend.
+//! - `server.rs`: exports, unix/TCP listeners, shutdown.
+
+pub mod backend;
+pub mod buffers;
+pub mod file;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+pub use file::{FileBackend, OpenError};
+pub use server::{Export, Exports, Server};

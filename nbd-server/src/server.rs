@@ -1,0 +1,210 @@
+//! Exports, listeners and connection lifetime.
+//!
+//! One tokio task per connection runs the handshake and then the
+//! transmission loop. Shutdown is a watch channel: listeners stop accepting,
+//! connections stop reading, finish what is in flight and close; the server
+//! then flushes every export once.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::BlockBackend;
+use crate::buffers::InBuf;
+use crate::handshake::negotiate;
+use crate::transmission::transmit;
+
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// One export: a name clients ask for and the backend behind it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub backend: Arc<dyn BlockBackend>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size_bytes", &self.backend.size_bytes())
+            .finish()
+    }
+}
+
+impl Export {
+    /// Every metadata context a client may select on this export.
+    pub fn meta_contexts(&self) -> Vec<String> {
+        let mut contexts = vec![BASE_ALLOCATION.to_string()];
+        contexts.extend(self.backend.meta_contexts());
+        contexts
+    }
+}
+
+/// The exports of one server; the first is also the default export ("").
+#[derive(Debug, Clone)]
+pub struct Exports(Arc<[Arc<Export>]>);
+
+impl Exports {
+    pub fn new(exports: Vec<Export>) -> Exports {
+        assert!(!exports.is_empty(), "a server needs at least one export");
+        Exports(exports.into_iter().map(Arc::new).collect())
+    }
+
+    /// The export called `name`; the empty name is the default export.
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.0.first().cloned();
+        }
+        self.0.iter().find(|export| export.name == name).cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.0.iter()
+    }
+}
+
+/// A running server: share it between listeners with `Arc`.
+#[derive(Debug)]
+pub struct Server {
+    exports: Exports,
+    shutdown_tx: watch::Sender<bool>,
+    /// Each connection holds a clone; `wait_idle` waits for all to drop.
+    alive_tx: std::sync::Mutex<Option<mpsc::Sender<()>>>,
+    alive_rx: tokio::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+impl Server {
+    pub fn new(exports: Exports) -> Arc<Server> {
+        let (shutdown_tx, _) = watch::channel(false);
+        let (alive_tx, alive_rx) = mpsc::channel(1);
+        Arc::new(Server {
+            exports,
+            shutdown_tx,
+            alive_tx: std::sync::Mutex::new(Some(alive_tx)),
+            alive_rx: tokio::sync::Mutex::new(alive_rx),
+        })
+    }
+
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+
+    /// Accepts unix-socket connections until shutdown.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        let mut shutdown = self.shutdown_tx.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (reader, writer) = stream.into_split();
+                        self.spawn_connection(reader, writer, "unix".to_string());
+                    }
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    /// Accepts TCP connections until shutdown.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let mut shutdown = self.shutdown_tx.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        // Replies are written in batches already; Nagle would only delay them.
+                        let _ = stream.set_nodelay(true);
+                        let (reader, writer) = stream.into_split();
+                        self.spawn_connection(reader, writer, peer.to_string());
+                    }
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    fn spawn_connection<R, W>(self: &Arc<Self>, reader: R, writer: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(alive) = self.alive_tx.lock().expect("alive lock").clone() else {
+            return; // shutting down
+        };
+        let server = Arc::clone(self);
+        tokio::spawn(async move {
+            let _alive = alive;
+            server.connection(reader, writer, &peer).await;
+        });
+    }
+
+    async fn connection<R, W>(&self, mut reader: R, mut writer: W, peer: &str)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut input = InBuf::default();
+        let mut shutdown = self.shutdown_tx.subscribe();
+        if *shutdown.borrow() {
+            return;
+        }
+        let negotiated = tokio::select! {
+            _ = shutdown.changed() => return,
+            result = negotiate(&mut reader, &mut writer, &mut input, &self.exports) => result,
+            _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
+                tracing::info!(peer, "handshake timed out");
+                return;
+            }
+        };
+        let session = match negotiated {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(peer, error = %e, "handshake ended");
+                return;
+            }
+        };
+        tracing::debug!(peer, export = %session.export.name, mode = ?session.mode, "transmission");
+        let shutdown = self.shutdown_tx.subscribe();
+        if let Err(e) = transmit(reader, writer, input, session, shutdown).await {
+            tracing::info!(peer, error = %e, "connection ended");
+        }
+    }
+
+    /// Stops accepting and asks every connection to finish.
+    pub fn shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+        self.alive_tx.lock().expect("alive lock").take();
+    }
+
+    /// After `shutdown`: waits until every connection has finished, then
+    /// flushes every writable export.
+    pub async fn wait_idle(&self) -> io::Result<()> {
+        let mut alive = self.alive_rx.lock().await;
+        while alive.recv().await.is_some() {}
+        for export in self.exports.iter() {
+            if !export.backend.is_read_only() {
+                let backend = Arc::clone(&export.backend);
+                tokio::task::spawn_blocking(move || backend.flush())
+                    .await
+                    .map_err(io::Error::other)??;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client that connects and says nothing is dropped after this long.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn accept_error(error: io::Error) {
+    // EMFILE and friends: back off rather than spin.
+    tracing::warn!(%error, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}

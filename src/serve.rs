@@ -1,0 +1,502 @@
+//! `blockwatch serve`: prepare images, bind listeners, go to the background
+//! (unless `-f` or `--run`), serve until a signal or the captive command
+//! ends, then finish in-flight requests, flush and exit.
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use nbd_server::{Export, Exports, FileBackend, Server};
+
+use crate::size::parse_size;
+
+const DEFAULT_IMAGE: &str = "blockwatch.img";
+const DEFAULT_SOCKET: &str = "blockwatch.sock";
+const DEFAULT_SIZE_BYTES: u64 = 1 << 30;
+const DEFAULT_PORT: u16 = 10809;
+/// How long shutdown waits for connections to finish their requests.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Disk images (regular files or block devices). Default: ./blockwatch.img,
+    /// created as a sparse 1 GiB file when missing.
+    images: Vec<PathBuf>,
+    /// Size for an image that does not exist yet (e.g. 10G). Required to
+    /// create any image other than the default one.
+    #[arg(long)]
+    size: Option<String>,
+    /// Listen on this unix socket (mode 0600). Default: ./blockwatch.sock
+    /// when no TCP port is given.
+    #[arg(short = 'U', long = "unix", value_name = "SOCKET")]
+    unix: Option<PathBuf>,
+    /// Listen on this TCP port.
+    #[arg(short = 'p', long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Listen on this address (with -p; default 127.0.0.1, port 10809).
+    #[arg(short = 'i', long = "ipaddr", value_name = "ADDR")]
+    ipaddr: Option<IpAddr>,
+    /// Export name; give one per image. Default: "" for a single image, the
+    /// file stem of each image otherwise. "" always reaches the first export.
+    #[arg(short = 'e', long = "exportname", value_name = "NAME")]
+    export_names: Vec<String>,
+    /// Serve read-only.
+    #[arg(short = 'r', long = "readonly")]
+    read_only: bool,
+    /// Stay in the foreground (logs go to stderr).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Write the server's process id to this file once it is ready.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    /// Run CMD (with $uri, $unixsocket, $port and $exportname set), serve
+    /// until it exits, and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let size_bytes = args
+        .size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let images = if args.images.is_empty() {
+        vec![PathBuf::from(DEFAULT_IMAGE)]
+    } else {
+        args.images.clone()
+    };
+    let names = export_names(&images, &args.export_names)?;
+    let mut exports = Vec::with_capacity(images.len());
+    for (image, name) in images.iter().zip(names) {
+        let is_default = args.images.is_empty();
+        let path = prepare_image(image, size_bytes, is_default)?;
+        let backend = FileBackend::open(&path, args.read_only)?;
+        exports.push(Export {
+            description: format!("blockwatch: {}", path.display()),
+            name,
+            backend: Arc::new(backend),
+        });
+    }
+
+    let captive = args.run.is_some();
+    let listeners = Listeners::bind(&args, captive)?;
+    let first = &exports[0];
+    let uri = listeners.uri(&first.name);
+    if !captive {
+        print_banner(&exports, &listeners, &uri);
+    }
+    if !args.foreground && !captive {
+        daemonize()?;
+    }
+    if let Some(pidfile) = &args.pidfile {
+        std::fs::write(pidfile, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write pidfile {}", pidfile.display()))?;
+    }
+    let environment = CaptiveEnv {
+        uri,
+        unix_socket: listeners.unix_path.clone(),
+        port: listeners.tcp.as_ref().map(|(_, address)| address.port()),
+        export_name: first.name.clone(),
+    };
+    let result = serve(
+        Exports::new(exports),
+        &listeners,
+        args.run.as_deref(),
+        environment,
+    );
+    listeners.remove_socket();
+    if let Some(pidfile) = &args.pidfile {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    result
+}
+
+/// One export name per image.
+fn export_names(images: &[PathBuf], given: &[String]) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = if !given.is_empty() {
+        if given.len() != images.len() {
+            bail!(
+                "{} export names for {} images: give one -e per image, in the same order",
+                given.len(),
+                images.len()
+            );
+        }
+        given.to_vec()
+    } else if images.len() == 1 {
+        vec![String::new()]
+    } else {
+        images
+            .iter()
+            .map(|image| {
+                image
+                    .file_stem()
+                    .and_then(OsStr::to_str)
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    };
+    for (index, name) in names.iter().enumerate() {
+        if name.len() > nbd_server::proto::STRING_MAX {
+            bail!("export name {name:?} is longer than the protocol's 4096 bytes");
+        }
+        if names[..index].contains(name) {
+            bail!("export name {name:?} is used twice: name each image with -e");
+        }
+    }
+    Ok(names)
+}
+
+/// Makes sure `image` exists with the wanted size; returns its absolute path.
+fn prepare_image(
+    image: &Path,
+    size_bytes: Option<u64>,
+    is_default: bool,
+) -> anyhow::Result<PathBuf> {
+    match std::fs::metadata(image) {
+        Ok(metadata) => {
+            let is_device = metadata.file_type().is_block_device();
+            if let Some(wanted) = size_bytes
+                && !is_device
+                && metadata.len() != wanted
+            {
+                bail!(
+                    "{} exists with {} bytes, not the {} that --size asks for; drop --size to serve it as it is",
+                    image.display(),
+                    metadata.len(),
+                    wanted
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(size) = size_bytes.or(is_default.then_some(DEFAULT_SIZE_BYTES)) else {
+                bail!(
+                    "{} does not exist; give --size (e.g. --size 10G) to create it",
+                    image.display()
+                );
+            };
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(image)
+                .with_context(|| format!("cannot create {}", image.display()))?;
+            file.set_len(size)
+                .with_context(|| format!("cannot size {} to {size} bytes", image.display()))?;
+            eprintln!(
+                "blockwatch: created {} (sparse, {})",
+                image.display(),
+                human_bytes(size)
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot use {}", image.display())),
+    }
+    std::path::absolute(image).with_context(|| format!("cannot resolve {}", image.display()))
+}
+
+/// The bound listeners, created before any thread or fork.
+struct Listeners {
+    unix: Option<std::os::unix::net::UnixListener>,
+    unix_path: Option<PathBuf>,
+    /// A private directory made for the captive socket, removed at exit.
+    private_dir: Option<PathBuf>,
+    tcp: Option<(std::net::TcpListener, SocketAddr)>,
+}
+
+impl Listeners {
+    fn bind(args: &ServeArgs, captive: bool) -> anyhow::Result<Listeners> {
+        let want_tcp = args.port.is_some() || args.ipaddr.is_some();
+        let mut private_dir = None;
+        let unix_path = match (&args.unix, want_tcp, captive) {
+            (Some(path), _, _) => Some(std::path::absolute(path)?),
+            (None, false, true) => {
+                let dir = std::env::temp_dir().join(format!("blockwatch-{}", std::process::id()));
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join("nbd.sock");
+                private_dir = Some(dir);
+                Some(path)
+            }
+            (None, false, false) => Some(std::path::absolute(DEFAULT_SOCKET)?),
+            (None, true, _) => None,
+        };
+        let unix = unix_path.as_deref().map(bind_unix).transpose()?;
+        let tcp = if want_tcp {
+            let address = SocketAddr::new(
+                args.ipaddr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                args.port.unwrap_or(DEFAULT_PORT),
+            );
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on {address}"))?;
+            listener.set_nonblocking(true)?;
+            let bound = listener.local_addr()?;
+            Some((listener, bound))
+        } else {
+            None
+        };
+        Ok(Listeners {
+            unix,
+            unix_path,
+            private_dir,
+            tcp,
+        })
+    }
+
+    fn uri(&self, export_name: &str) -> String {
+        let export = uri_escape(export_name);
+        match (&self.unix_path, &self.tcp) {
+            (Some(path), _) => format!(
+                "nbd+unix:///{export}?socket={}",
+                uri_escape(&path.to_string_lossy())
+            ),
+            (None, Some((_, SocketAddr::V6(address)))) => {
+                format!("nbd://[{}]:{}/{export}", address.ip(), address.port())
+            }
+            (None, Some((_, address))) => format!("nbd://{address}/{export}"),
+            (None, None) => unreachable!("at least one listener is bound"),
+        }
+    }
+
+    fn remove_socket(&self) {
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(dir) = &self.private_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Binds a unix socket readable only by its owner, replacing a stale one.
+fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; choose another path with -U",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another server is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    // SAFETY: umask only changes this process's file creation mask; no
+    // other thread exists yet to create files in between.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters and '/'.
+fn uri_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            escaped.push(byte as char);
+        } else {
+            escaped.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    escaped
+}
+
+fn print_banner(exports: &[Export], listeners: &Listeners, uri: &str) {
+    for export in exports {
+        println!(
+            "blockwatch: serving {} as export {:?} ({})",
+            export.description.trim_start_matches("blockwatch: "),
+            export.name,
+            human_bytes(export.backend.size_bytes())
+        );
+    }
+    println!("  URI:    {uri}");
+    if let Some((_, address)) = &listeners.tcp {
+        println!("  TCP:    {address}");
+    }
+    println!(
+        "  mount:  mkdir -p /tmp/nbd /mnt/disk; nbdfuse /tmp/nbd '{uri}' & sleep 1; mount -o loop /tmp/nbd/nbd /mnt/disk"
+    );
+    if let Some(path) = &listeners.unix_path {
+        println!(
+            "          (with the kernel nbd module: nbd-client -unix {} /dev/nbd0)",
+            path.display()
+        );
+    }
+    println!("  qemu:   -drive file={uri},format=raw");
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Forks: the parent exits 0 (the listeners are already bound, so clients
+/// can connect at once) and the child carries on detached from the terminal.
+fn daemonize() -> anyhow::Result<()> {
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    // SAFETY: no other thread exists yet (the runtime is built after this),
+    // so the child starts with a consistent copy of this single thread.
+    match unsafe { libc::fork() } {
+        -1 => bail!("cannot fork: {}", std::io::Error::last_os_error()),
+        0 => {}
+        child => {
+            println!(
+                "blockwatch: serving in the background, pid {child} (stop it with: kill {child}; -f keeps it in the foreground)"
+            );
+            std::process::exit(0);
+        }
+    }
+    // SAFETY: setsid and dup2 on descriptors this process owns.
+    unsafe {
+        libc::setsid();
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        use std::os::fd::AsRawFd;
+        for fd in 0..=2 {
+            libc::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    Ok(())
+}
+
+/// Variables the captive command sees.
+struct CaptiveEnv {
+    uri: String,
+    unix_socket: Option<PathBuf>,
+    port: Option<u16>,
+    export_name: String,
+}
+
+fn serve(
+    exports: Exports,
+    listeners: &Listeners,
+    run: Option<&str>,
+    environment: CaptiveEnv,
+) -> anyhow::Result<ExitCode> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // Plain WRITEs run on the connection task (a page-cache copy); a few
+        // spare workers keep the accept loop and other connections moving
+        // while one waits on dirty-page throttling.
+        .worker_threads(threads.max(4))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::new(exports);
+        if let Some(listener) = &listeners.unix {
+            let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
+            tokio::spawn(Arc::clone(&server).serve_unix(listener));
+        }
+        if let Some((listener, _)) = &listeners.tcp {
+            let listener = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
+            tokio::spawn(Arc::clone(&server).serve_tcp(listener));
+        }
+        let code = match run {
+            Some(command) => run_captive(command, &environment).await?,
+            None => {
+                wait_for_signal().await?;
+                ExitCode::SUCCESS
+            }
+        };
+        server.shutdown();
+        match tokio::time::timeout(SHUTDOWN_GRACE, server.wait_idle()).await {
+            Ok(result) => result.context("flushing the images at shutdown failed")?,
+            Err(_) => bail!(
+                "connections did not finish within {SHUTDOWN_GRACE:?}; images were not flushed"
+            ),
+        }
+        Ok(code)
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("signal received: finishing in-flight requests");
+    Ok(())
+}
+
+/// Runs the captive command and returns its exit status as ours.
+async fn run_captive(command: &str, environment: &CaptiveEnv) -> anyhow::Result<ExitCode> {
+    let mut child = tokio::process::Command::new("/bin/sh");
+    child.arg("-c").arg(command);
+    child
+        .env("uri", &environment.uri)
+        .env("nbd", &environment.uri);
+    child.env("exportname", &environment.export_name);
+    if let Some(path) = &environment.unix_socket {
+        child.env("unixsocket", path);
+    }
+    if let Some(port) = environment.port {
+        child.env("port", port.to_string());
+    }
+    let mut child = child.spawn().context("cannot start the --run command")?;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        result = wait_for_signal() => {
+            result?;
+            return Ok(ExitCode::from(130));
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_escape_keeps_paths_readable() {
+        assert_eq!(uri_escape("/tmp/a b.sock"), "/tmp/a%20b.sock");
+        assert_eq!(uri_escape("disk?1"), "disk%3F1");
+    }
+
+    #[test]
+    fn export_names_default_to_file_stems() {
+        let images = [PathBuf::from("/x/a.img"), PathBuf::from("/y/b.qcow")];
+        assert_eq!(export_names(&images, &[]).unwrap(), ["a", "b"]);
+        assert_eq!(export_names(&images[..1], &[]).unwrap(), [""]);
+        assert!(export_names(&images, &["only".into()]).is_err());
+        let same = [PathBuf::from("/x/a.img"), PathBuf::from("/y/a.img")];
+        assert!(export_names(&same, &[]).is_err());
+    }
+}
