@@ -1,0 +1,646 @@
+//! Byte-level protocol tests: a raw client speaks to an in-process server
+//! over a unix socket and checks frames the real clients never send
+//! (malformed options, bad magic, oversized payloads) as well as the
+//! framing of extended headers, holes and errors.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_server::proto::*;
+use nbd_server::{Export, Exports, FileBackend, Server};
+
+struct TestServer {
+    dir: PathBuf,
+    socket: PathBuf,
+    image: PathBuf,
+    server: Arc<Server>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestServer {
+    fn start(size_bytes: u64, read_only: bool) -> TestServer {
+        let dir = std::env::temp_dir().join(format!(
+            "nbd-wire-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size_bytes)
+            .unwrap();
+        let socket = dir.join("nbd.sock");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = FileBackend::open(&image, read_only).unwrap();
+        let server = Server::new(Exports::new(vec![Export {
+            name: "disk".to_string(),
+            description: "test disk".to_string(),
+            backend: Arc::new(backend),
+        }]));
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::UnixListener::bind(&socket).unwrap()
+        };
+        runtime.spawn(Arc::clone(&server).serve_unix(listener));
+        TestServer {
+            dir,
+            socket,
+            image,
+            server,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn connect(&self) -> Client {
+        let stream = UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut client = Client { stream };
+        let greeting = client.read_exact(18);
+        assert_eq!(be64(&greeting[0..8]), NBDMAGIC);
+        assert_eq!(be64(&greeting[8..16]), IHAVEOPT);
+        assert_eq!(
+            be16(&greeting[16..18]),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
+        client
+    }
+
+    /// A client in transmission with the given reply mode, export "disk",
+    /// and base:allocation selected when structured.
+    fn transmission(&self, mode: ReplyMode) -> Client {
+        let mut client = self.connect();
+        client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+        match mode {
+            ReplyMode::Simple => {}
+            ReplyMode::Structured => assert_ack(client.option(OPT_STRUCTURED_REPLY, &[])),
+            ReplyMode::Extended => assert_ack(client.option(OPT_EXTENDED_HEADERS, &[])),
+        }
+        if mode != ReplyMode::Simple {
+            let replies = client.option(
+                OPT_SET_META_CONTEXT,
+                &meta_data("disk", &["base:allocation"]),
+            );
+            assert_eq!(replies.len(), 2);
+            assert_eq!(replies[0].0, REP_META_CONTEXT);
+        }
+        let replies = client.option(OPT_GO, &info_data("disk", &[]));
+        assert_eq!(replies.last().unwrap().0, REP_ACK);
+        client
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.server.shutdown();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    flags: u16,
+    chunk_type: u16,
+    cookie: u64,
+    offset: u64,
+    payload: Vec<u8>,
+}
+
+impl Client {
+    fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.stream.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn send_u32(&mut self, value: u32) {
+        self.stream.write_all(&value.to_be_bytes()).unwrap();
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) {
+        let mut frame = IHAVEOPT.to_be_bytes().to_vec();
+        frame.extend_from_slice(&option.to_be_bytes());
+        frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        frame.extend_from_slice(data);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    fn read_option_reply(&mut self, option: u32) -> (u32, Vec<u8>) {
+        let header = self.read_exact(20);
+        assert_eq!(be64(&header[0..8]), OPTION_REPLY_MAGIC);
+        assert_eq!(be32(&header[8..12]), option);
+        let reply_type = be32(&header[12..16]);
+        let length = be32(&header[16..20]) as usize;
+        (reply_type, self.read_exact(length))
+    }
+
+    /// Sends an option and reads replies up to the final ACK or error.
+    fn option(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        self.send_option(option, data);
+        let mut replies = Vec::new();
+        loop {
+            let reply = self.read_option_reply(option);
+            let done = reply.0 == REP_ACK || reply.0 & (1 << 31) != 0;
+            replies.push(reply);
+            if done {
+                return replies;
+            }
+        }
+    }
+
+    fn request(
+        &mut self,
+        extended: bool,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+    ) {
+        let mut frame = Vec::new();
+        RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(extended, &mut frame);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    fn write(&mut self, extended: bool, cookie: u64, offset: u64, data: &[u8]) {
+        self.request(extended, CMD_WRITE, 0, cookie, offset, data.len() as u64);
+        self.stream.write_all(data).unwrap();
+    }
+
+    /// Reads a simple reply: (error, cookie).
+    fn simple_reply(&mut self) -> (u32, u64) {
+        let header = self.read_exact(16);
+        assert_eq!(be32(&header[0..4]), SIMPLE_REPLY_MAGIC);
+        (be32(&header[4..8]), be64(&header[8..16]))
+    }
+
+    /// Reads one structured or extended chunk, or a simple reply (reported
+    /// as a chunk of type NONE with DONE and the error in its payload).
+    fn chunk(&mut self) -> Chunk {
+        let magic = be32(&self.read_exact(4));
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                let rest = self.read_exact(12);
+                Chunk {
+                    flags: REPLY_FLAG_DONE,
+                    chunk_type: REPLY_TYPE_NONE,
+                    cookie: be64(&rest[4..12]),
+                    offset: 0,
+                    payload: rest[0..4].to_vec(),
+                }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let rest = self.read_exact(16);
+                let length = be32(&rest[12..16]) as usize;
+                Chunk {
+                    flags: be16(&rest[0..2]),
+                    chunk_type: be16(&rest[2..4]),
+                    cookie: be64(&rest[4..12]),
+                    offset: 0,
+                    payload: self.read_exact(length),
+                }
+            }
+            EXTENDED_REPLY_MAGIC => {
+                let rest = self.read_exact(28);
+                let length = be64(&rest[20..28]) as usize;
+                Chunk {
+                    flags: be16(&rest[0..2]),
+                    chunk_type: be16(&rest[2..4]),
+                    cookie: be64(&rest[4..12]),
+                    offset: be64(&rest[12..20]),
+                    payload: self.read_exact(length),
+                }
+            }
+            other => panic!("unexpected reply magic {other:#x}"),
+        }
+    }
+
+    /// Reads chunks until DONE; returns them all.
+    fn reply(&mut self) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        loop {
+            let chunk = self.chunk();
+            let done = chunk.flags & REPLY_FLAG_DONE != 0;
+            chunks.push(chunk);
+            if done {
+                return chunks;
+            }
+        }
+    }
+
+    /// True when the server has closed the connection.
+    fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+    }
+}
+
+fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for request in requests {
+        data.extend_from_slice(&request.to_be_bytes());
+    }
+    data
+}
+
+fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for query in queries {
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query.as_bytes());
+    }
+    data
+}
+
+fn assert_ack(replies: Vec<(u32, Vec<u8>)>) {
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].0, REP_ACK);
+}
+
+/// The error code of an ERROR chunk, or of a simple reply.
+fn error_of(chunk: &Chunk) -> u32 {
+    be32(&chunk.payload[0..4])
+}
+
+#[test]
+fn export_name_honours_no_zeroes() {
+    let server = TestServer::start(1 << 20, false);
+    for (client_flags, reply_len) in [
+        (CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES, 10),
+        (CLIENT_FLAG_FIXED_NEWSTYLE, 134),
+    ] {
+        let mut client = server.connect();
+        client.send_u32(client_flags);
+        client.send_option(OPT_EXPORT_NAME, b"disk");
+        let reply = client.read_exact(reply_len);
+        assert_eq!(be64(&reply[0..8]), 1 << 20);
+        let flags = be16(&reply[8..10]);
+        assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
+        assert_ne!(flags & TFLAG_CAN_MULTI_CONN, 0);
+        assert!(reply[10..].iter().all(|&b| b == 0));
+        client.request(false, CMD_FLUSH, 0, 1, 0, 0);
+        assert_eq!(client.simple_reply(), (0, 1));
+    }
+}
+
+#[test]
+fn unknown_client_flags_end_the_connection() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(1 << 7 | CLIENT_FLAG_FIXED_NEWSTYLE);
+    assert!(client.is_closed());
+}
+
+#[test]
+fn unknown_options_are_unsupported_and_the_handshake_goes_on() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    let replies = client.option(99, b"whatever");
+    assert_eq!(replies[0].0, REP_ERR_UNSUP);
+    let replies = client.option(OPT_STARTTLS, &[]);
+    assert_eq!(replies[0].0, REP_ERR_POLICY);
+    let replies = client.option(OPT_GO, &info_data("nope", &[]));
+    assert_eq!(replies[0].0, REP_ERR_UNKNOWN);
+    let mut bad = info_data("disk", &[INFO_NAME]);
+    bad.push(0);
+    assert_eq!(client.option(OPT_INFO, &bad)[0].0, REP_ERR_INVALID);
+    assert_eq!(client.option(OPT_LIST, b"x")[0].0, REP_ERR_INVALID);
+    // Meta contexts need structured replies first.
+    let replies = client.option(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
+    assert_eq!(replies[0].0, REP_ERR_INVALID);
+    let replies = client.option(
+        OPT_INFO,
+        &info_data("", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+    );
+    let infos: Vec<&Vec<u8>> = replies
+        .iter()
+        .filter(|r| r.0 == REP_INFO)
+        .map(|r| &r.1)
+        .collect();
+    assert!(
+        infos
+            .iter()
+            .any(|i| be16(i) == INFO_NAME && &i[2..] == b"disk")
+    );
+    assert!(
+        infos
+            .iter()
+            .any(|i| be16(i) == INFO_DESCRIPTION && &i[2..] == b"test disk")
+    );
+    let block_size = infos.iter().find(|i| be16(i) == INFO_BLOCK_SIZE).unwrap();
+    assert_eq!(
+        (
+            be32(&block_size[2..]),
+            be32(&block_size[6..]),
+            be32(&block_size[10..])
+        ),
+        (1, 4096, 32 << 20)
+    );
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    let replies = client.option(OPT_LIST, &[]);
+    assert_eq!(replies[0].0, REP_SERVER);
+    assert_eq!(&replies[0].1[4..], b"disk");
+    assert_eq!(client.option(OPT_ABORT, &[])[0].0, REP_ACK);
+    assert!(client.is_closed());
+}
+
+#[test]
+fn oversized_option_is_refused_and_the_server_lives_on() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE);
+    let mut frame = IHAVEOPT.to_be_bytes().to_vec();
+    frame.extend_from_slice(&OPT_GO.to_be_bytes());
+    frame.extend_from_slice(&u32::MAX.to_be_bytes());
+    client.stream.write_all(&frame).unwrap();
+    assert_eq!(client.read_option_reply(OPT_GO).0, REP_ERR_TOO_BIG);
+    assert!(client.is_closed());
+    let mut next = server.transmission(ReplyMode::Simple);
+    next.request(false, CMD_FLUSH, 0, 5, 0, 0);
+    assert_eq!(next.simple_reply(), (0, 5));
+}
+
+#[test]
+fn meta_context_wildcards_list_and_set_selects_exact_names() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    assert_ack(client.option(OPT_STRUCTURED_REPLY, &[]));
+    for queries in [&[][..], &["base:"][..], &["base:allocation", "other:x"][..]] {
+        let replies = client.option(OPT_LIST_META_CONTEXT, &meta_data("disk", queries));
+        assert_eq!(replies.len(), 2, "{queries:?}");
+        assert_eq!(replies[0].0, REP_META_CONTEXT);
+        assert_eq!(&replies[0].1[4..], b"base:allocation");
+    }
+    // SET ignores the wildcard: nothing is selected.
+    let replies = client.option(OPT_SET_META_CONTEXT, &meta_data("disk", &["base:"]));
+    assert_ack(replies);
+    // A truncated query is invalid.
+    let mut bad = meta_data("disk", &["base:allocation"]);
+    bad.truncate(bad.len() - 3);
+    assert_eq!(
+        client.option(OPT_SET_META_CONTEXT, &bad)[0].0,
+        REP_ERR_INVALID
+    );
+}
+
+#[test]
+fn structured_read_of_a_sparse_range_sends_holes_unless_df() {
+    let server = TestServer::start(8 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    client.write(false, 1, 1 << 20, &[0x5a; 4096]);
+    assert_eq!(error_of(&client.chunk()), 0);
+    client.request(false, CMD_READ, 0, 2, 0, 2 << 20);
+    let chunks = client.reply();
+    let kinds: Vec<u16> = chunks.iter().map(|c| c.chunk_type).collect();
+    assert_eq!(
+        kinds,
+        [
+            REPLY_TYPE_OFFSET_HOLE,
+            REPLY_TYPE_OFFSET_DATA,
+            REPLY_TYPE_OFFSET_HOLE
+        ]
+    );
+    assert_eq!(be64(&chunks[0].payload), 0);
+    assert_eq!(be32(&chunks[0].payload[8..]), 1 << 20);
+    assert_eq!(be64(&chunks[1].payload), 1 << 20);
+    assert!(chunks[1].payload[8..].iter().all(|&b| b == 0x5a));
+    // The filesystem allocates at least the written 4 KiB block.
+    assert!(chunks[1].payload.len() - 8 >= 4096);
+    client.request(false, CMD_READ, CMD_FLAG_DF, 3, 0, 2 << 20);
+    let chunks = client.reply();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].chunk_type, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(chunks[0].payload.len(), 8 + (2 << 20));
+    assert_eq!(chunks[0].payload[8 + (1 << 20)], 0x5a);
+}
+
+#[test]
+fn errors_carry_the_spec_errno_and_the_connection_lives_on() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    let cases: [(u16, u16, u64, u64, u32); 8] = [
+        (CMD_READ, 0, 1 << 20, 512, NbdError::Inval as u32),
+        (
+            CMD_WRITE_ZEROES,
+            0,
+            (1 << 20) - 512,
+            1024,
+            NbdError::NoSpc as u32,
+        ),
+        (CMD_TRIM, 0, u64::MAX - 10, 100, NbdError::Inval as u32),
+        (CMD_READ, 0, 0, 0, NbdError::Inval as u32),
+        (CMD_READ, CMD_FLAG_REQ_ONE, 0, 512, NbdError::Inval as u32),
+        (CMD_READ, 0, 0, (32 << 20) + 1, NbdError::Inval as u32),
+        (42, 0, 0, 512, NbdError::Inval as u32),
+        (CMD_FLUSH, 0, 4096, 0, NbdError::Inval as u32),
+    ];
+    for (index, (command, flags, offset, length, errno)) in cases.into_iter().enumerate() {
+        let cookie = 100 + index as u64;
+        client.request(false, command, flags, cookie, offset, length);
+        let chunks = client.reply();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].cookie, cookie);
+        assert_eq!(chunks[0].chunk_type, REPLY_TYPE_ERROR, "case {index}");
+        assert_eq!(error_of(&chunks[0]), errno, "case {index}");
+        let message_len = be16(&chunks[0].payload[4..6]) as usize;
+        assert_eq!(chunks[0].payload.len(), 6 + message_len);
+        assert!(message_len > 0);
+    }
+    // Writing past the end: ENOSPC, and the payload is consumed.
+    client.write(false, 200, (1 << 20) - 100, &[1; 200]);
+    assert_eq!(error_of(&client.reply()[0]), NbdError::NoSpc as u32);
+    client.request(false, CMD_READ, 0, 201, 0, 4096);
+    let chunks = client.reply();
+    assert_eq!(chunks[0].chunk_type, REPLY_TYPE_OFFSET_DATA);
+}
+
+#[test]
+fn read_only_export_refuses_writes_with_eperm() {
+    let server = TestServer::start(1 << 20, true);
+    let mut client = server.transmission(ReplyMode::Simple);
+    client.write(false, 1, 0, &[1; 512]);
+    assert_eq!(client.simple_reply(), (NbdError::Perm as u32, 1));
+    client.request(false, CMD_WRITE_ZEROES, 0, 2, 0, 512);
+    assert_eq!(client.simple_reply(), (NbdError::Perm as u32, 2));
+    client.request(false, CMD_READ, 0, 3, 0, 512);
+    assert_eq!(client.simple_reply(), (0, 3));
+    assert_eq!(client.read_exact(512), vec![0; 512]);
+}
+
+#[test]
+fn bad_magic_and_oversized_payload_end_only_that_connection() {
+    let server = TestServer::start(1 << 20, false);
+    let mut broken = server.transmission(ReplyMode::Simple);
+    broken.stream.write_all(&[0xde; 28]).unwrap();
+    assert!(broken.is_closed());
+    let mut greedy = server.transmission(ReplyMode::Simple);
+    greedy.request(false, CMD_WRITE, 0, 1, 0, (32 << 20) + 1);
+    assert!(greedy.is_closed());
+    let mut fine = server.transmission(ReplyMode::Simple);
+    fine.write(false, 9, 0, b"still here");
+    assert_eq!(fine.simple_reply(), (0, 9));
+}
+
+#[test]
+fn extended_headers_frame_every_reply_and_echo_the_offset() {
+    let server = TestServer::start(16 << 20, false);
+    let mut client = server.transmission(ReplyMode::Extended);
+    client.request(true, CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 1, 4096, 4096);
+    client.stream.write_all(&[0x77; 4096]).unwrap();
+    let chunk = client.chunk();
+    assert_eq!(
+        (chunk.chunk_type, chunk.flags, chunk.cookie, chunk.offset),
+        (REPLY_TYPE_NONE, REPLY_FLAG_DONE, 1, 4096)
+    );
+    client.request(true, CMD_READ, 0, 2, 4096, 4096);
+    let chunks = client.reply();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].offset, 4096);
+    assert_eq!(be64(&chunks[0].payload), 4096);
+    assert!(chunks[0].payload[8..].iter().all(|&b| b == 0x77));
+    // A 64-bit effect length past the end is refused, not truncated.
+    client.request(true, CMD_WRITE_ZEROES, 0, 3, 0, 1 << 40);
+    assert_eq!(error_of(&client.reply()[0]), NbdError::NoSpc as u32);
+    // An unexpected payload is consumed before EINVAL.
+    client.request(true, CMD_FLUSH, CMD_FLAG_PAYLOAD_LEN, 4, 0, 8);
+    client.stream.write_all(&[0; 8]).unwrap();
+    assert_eq!(error_of(&client.reply()[0]), NbdError::Inval as u32);
+    client.request(true, CMD_BLOCK_STATUS, 0, 5, 0, 16 << 20);
+    let chunks = client.reply();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].chunk_type, REPLY_TYPE_BLOCK_STATUS_EXT);
+    let payload = &chunks[0].payload;
+    let count = be32(&payload[4..8]) as usize;
+    assert_eq!(payload.len(), 8 + 16 * count);
+    assert_eq!(be32(&payload[0..4]), 1, "context id from SET_META_CONTEXT");
+    let extents: Vec<(u64, u64)> = (0..count)
+        .map(|i| (be64(&payload[8 + 16 * i..]), be64(&payload[16 + 16 * i..])))
+        .collect();
+    assert_eq!(extents[0], (4096, 3));
+    assert_eq!(extents[1].1, 0);
+    assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 16 << 20);
+}
+
+#[test]
+fn block_status_req_one_returns_one_clipped_extent() {
+    let server = TestServer::start(16 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    client.request(false, CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 1, 0, 65536);
+    let chunks = client.reply();
+    assert_eq!(chunks[0].chunk_type, REPLY_TYPE_BLOCK_STATUS);
+    assert_eq!(chunks[0].payload.len(), 12);
+    assert_eq!(be32(&chunks[0].payload[4..]), 65536);
+    assert_eq!(be32(&chunks[0].payload[8..]), STATE_HOLE | STATE_ZERO);
+}
+
+#[test]
+fn disconnect_finishes_in_flight_requests_first() {
+    let server = TestServer::start(4 << 20, false);
+    let mut client = server.transmission(ReplyMode::Simple);
+    // Pipelined: a FUA write and a flush (both run on the blocking pool),
+    // then DISC. Both replies must arrive before the server closes.
+    let mut frame = Vec::new();
+    RequestHeader {
+        flags: CMD_FLAG_FUA,
+        command: CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: 65536,
+    }
+    .encode(false, &mut frame);
+    frame.extend_from_slice(&[0x33; 65536]);
+    RequestHeader {
+        flags: 0,
+        command: CMD_FLUSH,
+        cookie: 2,
+        offset: 0,
+        length: 0,
+    }
+    .encode(false, &mut frame);
+    RequestHeader {
+        flags: 0,
+        command: CMD_DISC,
+        cookie: 3,
+        offset: 0,
+        length: 0,
+    }
+    .encode(false, &mut frame);
+    client.stream.write_all(&frame).unwrap();
+    let mut cookies = vec![client.simple_reply(), client.simple_reply()];
+    cookies.sort();
+    assert_eq!(cookies, [(0, 1), (0, 2)]);
+    assert!(client.is_closed());
+    let on_disk = std::fs::read(&server.image).unwrap();
+    assert!(on_disk[..65536].iter().all(|&b| b == 0x33));
+}
+
+#[test]
+fn fast_zero_is_honest_and_no_hole_allocates() {
+    let server = TestServer::start(4 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    client.write(false, 1, 0, &[0xee; 1 << 20]);
+    assert_eq!(error_of(&client.chunk()), 0);
+    client.request(false, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 2, 0, 65536);
+    assert_eq!(error_of(&client.chunk()), 0);
+    client.request(false, CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 3, 65536, 65536);
+    assert_eq!(error_of(&client.chunk()), 0);
+    client.request(false, CMD_BLOCK_STATUS, 0, 4, 0, 1 << 20);
+    let chunks = client.reply();
+    let payload = &chunks[0].payload;
+    // First 64 KiB punched (hole, zero); the NO_HOLE range stays allocated.
+    assert_eq!(
+        (be32(&payload[4..]), be32(&payload[8..])),
+        (65536, STATE_HOLE | STATE_ZERO)
+    );
+    assert_eq!(be32(&payload[16..]), 0);
+    client.request(false, CMD_READ, 0, 5, 0, 1 << 20);
+    let chunks = client.reply();
+    let mut data = vec![0xffu8; 1 << 20];
+    for chunk in &chunks {
+        let offset = be64(&chunk.payload) as usize;
+        match chunk.chunk_type {
+            REPLY_TYPE_OFFSET_DATA => {
+                data[offset..offset + chunk.payload.len() - 8].copy_from_slice(&chunk.payload[8..])
+            }
+            REPLY_TYPE_OFFSET_HOLE => {
+                let length = be32(&chunk.payload[8..]) as usize;
+                data[offset..offset + length].fill(0);
+            }
+            other => panic!("unexpected chunk {other}"),
+        }
+    }
+    assert!(data[..131072].iter().all(|&b| b == 0));
+    assert!(data[131072..].iter().all(|&b| b == 0xee));
+}
