@@ -17,7 +17,7 @@ use crate::proto::{STATE_HOLE, STATE_ZERO};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("{path} is neither a regular file nor a block device")]
     NotAFileOrDevice { path: PathBuf },
@@ -25,7 +25,7 @@ pub enum OpenError {
         "{path} is in use by another process (it holds a lock on it); stop that process or serve a copy"
     )]
     Locked { path: PathBuf },
-    #[error("cannot read the size of {path}: {source}")]
+    #[error("cannot read the size of {path}")]
     Size { path: PathBuf, source: io::Error },
 }
 
@@ -42,6 +42,17 @@ impl FileBackend {
     /// Opens `path` for serving and takes an advisory lock on it (shared when
     /// read-only, exclusive otherwise) so that two servers never write one image.
     pub fn open(path: &Path, read_only: bool) -> Result<FileBackend, OpenError> {
+        let file_type = std::fs::metadata(path)
+            .map_err(|source| OpenError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .file_type();
+        if !file_type.is_file() && !file_type.is_block_device() {
+            return Err(OpenError::NotAFileOrDevice {
+                path: path.to_owned(),
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -55,13 +66,7 @@ impl FileBackend {
             path: path.to_owned(),
             source,
         })?;
-        let file_type = metadata.file_type();
-        let is_block_device = file_type.is_block_device();
-        if !file_type.is_file() && !is_block_device {
-            return Err(OpenError::NotAFileOrDevice {
-                path: path.to_owned(),
-            });
-        }
+        let is_block_device = metadata.file_type().is_block_device();
         let lock = if read_only {
             libc::LOCK_SH
         } else {
