@@ -2,11 +2,13 @@
 //! nbdkit's options); later subcommands drive the tracker and the copier.
 //!
 //! Files: `main.rs` (argument parsing, exit codes), `serve.rs` (images,
-//! listeners, daemonizing, captive `--run`, signals), `size.rs` (size
+//! listeners, daemonizing, captive `--run`, signals, tracking layers),
+//! `track.rs` (checkpoint, checkpoints, changes, status), `size.rs` (size
 //! arguments such as `10G`).
 
 mod serve;
 mod size;
+mod track;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,14 @@ struct Cli {
 enum Command {
     /// Serve disk images over NBD.
     Serve(serve::ServeArgs),
+    /// Close the current generation under a name: blockwatch checkpoint [IMAGE] NAME.
+    Checkpoint(track::CheckpointArgs),
+    /// List checkpoints.
+    Checkpoints(track::ListArgs),
+    /// Changed extents since a checkpoint.
+    Changes(track::ChangesArgs),
+    /// Tracking status: generation, dirty bytes, journal, flush histogram.
+    Status(track::ListArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +47,10 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Checkpoint(args) => track::checkpoint(args),
+        Command::Checkpoints(args) => track::checkpoints(args),
+        Command::Changes(args) => track::changes(args),
+        Command::Status(args) => track::status(args),
     };
     match result {
         Ok(code) => code,

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use nbd_server::{Export, Exports, FileBackend, Server};
+use nbd_server::{BlockBackend, Export, Exports, FileBackend, Server};
+use tracker::control::ControlServer;
+use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 use crate::size::parse_size;
 
@@ -58,6 +60,16 @@ pub struct ServeArgs {
     /// until it exits, and exit with its status.
     #[arg(long, value_name = "CMD")]
     run: Option<String>,
+    /// Serve without changed-block tracking.
+    #[arg(long)]
+    no_track: bool,
+    /// Tracking state directory (default: IMAGE.blockwatch beside the image).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Tracking granularity: a power of two from 4K to 16M (default 64K, or
+    /// what existing state uses).
+    #[arg(long, value_name = "SIZE")]
+    granularity: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -73,15 +85,44 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.images.clone()
     };
     let names = export_names(&images, &args.export_names)?;
+    if args.state.is_some() && images.len() > 1 {
+        bail!("--state names one state directory: serve one image with it, or drop --state");
+    }
+    let granularity_bytes = args
+        .granularity
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let mut exports = Vec::with_capacity(images.len());
+    let mut trackers = Vec::new();
     for (image, name) in images.iter().zip(names) {
         let is_default = args.images.is_empty();
         let path = prepare_image(image, size_bytes, is_default)?;
-        let backend = FileBackend::open(&path, args.read_only)?;
+        let file: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&path, args.read_only)?);
+        let backend: Arc<dyn BlockBackend> = if args.no_track {
+            file
+        } else {
+            let options = TrackerOptions {
+                image: path.clone(),
+                state_dir: args.state.clone(),
+                granularity_bytes,
+            };
+            let tracker = Arc::new(
+                Tracker::open(&options, file.size_bytes())
+                    .map_err(|e| anyhow::anyhow!(tracker::tracker::error_chain(&e)))
+                    .with_context(|| format!("cannot track {}", path.display()))?,
+            );
+            for warning in tracker.warnings() {
+                eprintln!("blockwatch: {}: {warning}", path.display());
+            }
+            trackers.push(Arc::clone(&tracker));
+            Arc::new(TrackedBackend::new(file, tracker))
+        };
         exports.push(Export {
             description: format!("blockwatch: {}", path.display()),
             name,
-            backend: Arc::new(backend),
+            backend,
         });
     }
 
@@ -107,6 +148,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let result = serve(
         Exports::new(exports),
+        &trackers,
         &listeners,
         args.run.as_deref(),
         environment,
@@ -397,6 +439,7 @@ struct CaptiveEnv {
 
 fn serve(
     exports: Exports,
+    trackers: &[Arc<Tracker>],
     listeners: &Listeners,
     run: Option<&str>,
     environment: CaptiveEnv,
@@ -409,7 +452,18 @@ fn serve(
         .worker_threads(threads.max(4))
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    // Control sockets start after the fork: their threads must live in the server.
+    let mut controls = Vec::with_capacity(trackers.len());
+    for tracker in trackers {
+        tracker.start();
+        controls.push(ControlServer::start(Arc::clone(tracker)).with_context(|| {
+            format!(
+                "cannot open the control socket in {}",
+                tracker.state_dir().display()
+            )
+        })?);
+    }
+    let result = runtime.block_on(async move {
         let server = Server::new(exports);
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
@@ -434,7 +488,20 @@ fn serve(
             ),
         }
         Ok(code)
-    })
+    });
+    for mut control in controls {
+        control.stop();
+    }
+    for tracker in trackers {
+        if let Err(error) = tracker.close() {
+            eprintln!(
+                "blockwatch: {}: could not record a clean shutdown: {}",
+                tracker.image_path().display(),
+                tracker::tracker::error_chain(&error)
+            );
+        }
+    }
+    result
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -78,6 +78,14 @@ pub trait BlockBackend: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Whether a plain (non-FUA) write of this range can run without
+    /// waiting for a device: the server then runs it on the connection task
+    /// instead of the blocking pool. A tracking layer says no when the write
+    /// must first wait for a durable mark.
+    fn write_is_cheap(&self, _offset: u64, _length: u64) -> bool {
+        true
+    }
+
     /// Writes `buf` at `offset`; with `fua` it is durable before returning.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
 

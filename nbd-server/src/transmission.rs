@@ -202,14 +202,16 @@ impl Connection {
         let (offset, length) = (header.offset, header.length);
         match header.command {
             CMD_READ => self.read(reply, header, out),
-            CMD_WRITE if !fua => match self.backend.write_at(payload, offset, false) {
-                Ok(()) => reply.ok(out),
-                Err(e) => reply.io_error(out, &e),
-            },
+            CMD_WRITE if !fua && self.backend.write_is_cheap(offset, length) => {
+                match self.backend.write_at(payload, offset, false) {
+                    Ok(()) => reply.ok(out),
+                    Err(e) => reply.io_error(out, &e),
+                }
+            }
             CMD_WRITE => {
                 let data = payload.to_vec();
                 self.spawn(
-                    move |backend, out| match backend.write_at(&data, offset, true) {
+                    move |backend, out| match backend.write_at(&data, offset, fua) {
                         Ok(()) => reply.ok(out),
                         Err(e) => reply.io_error(out, &e),
                     },

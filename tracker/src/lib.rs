@@ -3,9 +3,19 @@
 //! Files and what each owns:
 //! - `regions.rs`: region arithmetic and the lock-free region bitmap.
 //! - `journal.rs`: the append-only, checksummed journal of marks and saved records.
-//!
-//! The tracker layer (a `BlockBackend` that wraps the storage backend),
-//! checkpoints and the catalog are being built on these; see ARCHITECTURE.md.
+//! - `commit.rs`: group commit of journal records on a dedicated thread.
+//! - `catalog.rs`: the redb catalog: identity, clean-shutdown marker, checkpoints.
+//! - `tracker.rs`: state directory, recovery, the write gate, checkpoints, queries.
+//! - `layer.rs`: `TrackedBackend`, the tracker as a `BlockBackend` layer.
+//! - `control.rs`: the control socket protocol (JSON lines) and its server.
 
+pub mod catalog;
+pub mod commit;
+pub mod control;
 pub mod journal;
+pub mod layer;
 pub mod regions;
+pub mod tracker;
+
+pub use layer::TrackedBackend;
+pub use tracker::{ChangedExtent, Status, Tracker, TrackerError, TrackerOptions};

@@ -60,9 +60,15 @@ impl Granularity {
 }
 
 /// A fixed-size bitmap whose bits are set and tested without locks.
+///
+/// A summary bitmap (one bit per 64-bit word) lets `take_runs` visit only
+/// the words that may hold set bits, so a flush costs what was written, not
+/// the size of the disk. Setters write the word before the summary and the
+/// taker clears the summary before the word, so no set bit is ever lost.
 #[derive(Debug)]
 pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
+    summary: Vec<AtomicU64>,
     bit_count: u64,
 }
 
@@ -72,10 +78,16 @@ impl AtomicBitmap {
             bit_count <= REGION_COUNT_MAX,
             "bitmap of {bit_count} bits is over the limit"
         );
-        let words = (0..bit_count.div_ceil(64))
+        let word_count = bit_count.div_ceil(64);
+        let words = (0..word_count).map(|_| AtomicU64::new(0)).collect();
+        let summary = (0..word_count.div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
-        AtomicBitmap { words, bit_count }
+        AtomicBitmap {
+            words,
+            summary,
+            bit_count,
+        }
     }
 
     pub fn bit_count(&self) -> u64 {
@@ -90,7 +102,17 @@ impl AtomicBitmap {
     /// sees what was made durable before it was set).
     pub fn set_run(&self, run: RegionRun) {
         for_each_word(run, |word, mask| {
-            self.words[word].fetch_or(mask, Ordering::Release);
+            // SeqCst on this store and the summary load below (and on the
+            // taker's two swaps): a store then a load of another location
+            // needs it for the no-lost-bit argument above to hold.
+            self.words[word].fetch_or(mask, Ordering::SeqCst);
+            let summary = &self.summary[word / 64];
+            let summary_bit = 1u64 << (word % 64);
+            // Check first: the summary word is shared by 64 words, and an
+            // unconditional fetch_or would make every writer contend on it.
+            if summary.load(Ordering::SeqCst) & summary_bit == 0 {
+                summary.fetch_or(summary_bit, Ordering::AcqRel);
+            }
         });
     }
 
@@ -111,6 +133,9 @@ impl AtomicBitmap {
     }
 
     pub fn clear_all(&self) {
+        for summary in &self.summary {
+            summary.store(0, Ordering::Release);
+        }
         for word in &self.words {
             word.store(0, Ordering::Release);
         }
@@ -119,12 +144,16 @@ impl AtomicBitmap {
     /// Clears the bitmap and returns the bits that were set, as sorted runs.
     pub fn take_runs(&self) -> Vec<RegionRun> {
         let mut bits = Vec::new();
-        for (index, word) in self.words.iter().enumerate() {
-            let mut value = word.swap(0, Ordering::AcqRel);
-            while value != 0 {
-                let bit = value.trailing_zeros() as u64;
-                bits.push(index as u64 * 64 + bit);
-                value &= value - 1;
+        for (summary_index, summary) in self.summary.iter().enumerate() {
+            let mut words = summary.swap(0, Ordering::SeqCst);
+            while words != 0 {
+                let index = summary_index * 64 + words.trailing_zeros() as usize;
+                words &= words - 1;
+                let mut value = self.words[index].swap(0, Ordering::SeqCst);
+                while value != 0 {
+                    bits.push(index as u64 * 64 + u64::from(value.trailing_zeros()));
+                    value &= value - 1;
+                }
             }
         }
         runs_from_sorted(bits.into_iter())

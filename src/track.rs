@@ -1,0 +1,240 @@
+//! `checkpoint`, `checkpoints`, `changes`, `status`: ask the running server
+//! through its control socket, or, when no server runs, open the state
+//! directory under its lock and answer directly (same code, same output).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use tracker::control;
+use tracker::tracker::{default_state_dir, error_chain, state_is_locked};
+use tracker::{Tracker, TrackerOptions};
+
+const DEFAULT_IMAGE: &str = "blockwatch.img";
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// Tracking state directory (default: IMAGE.blockwatch beside the image).
+    #[arg(long, value_name = "DIR", global = true)]
+    state: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// [IMAGE] NAME: close the current generation under NAME (IMAGE
+    /// defaults to ./blockwatch.img).
+    #[arg(value_name = "[IMAGE] NAME", num_args = 0..=2)]
+    words: Vec<String>,
+    /// Delete checkpoint NAME instead, merging its changes into the next.
+    #[arg(long, value_name = "NAME")]
+    delete: Option<String>,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    image: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChangesArgs {
+    image: Option<PathBuf>,
+    /// Changes since this checkpoint.
+    #[arg(long, value_name = "NAME")]
+    since: String,
+    /// Up to this later checkpoint (default: up to now).
+    #[arg(long, value_name = "NAME")]
+    until: Option<String>,
+    #[arg(long)]
+    json: bool,
+    /// Print nothing; exit 1 when nothing changed.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
+    let (image, request) = match (&args.delete, args.words.as_slice()) {
+        (Some(name), []) => (
+            PathBuf::from(DEFAULT_IMAGE),
+            json!({"op": "delete-checkpoint", "name": name}),
+        ),
+        (Some(name), [image]) => (
+            PathBuf::from(image),
+            json!({"op": "delete-checkpoint", "name": name}),
+        ),
+        (None, [name]) => (
+            PathBuf::from(DEFAULT_IMAGE),
+            json!({"op": "checkpoint", "name": name}),
+        ),
+        (None, [image, name]) => (
+            PathBuf::from(image),
+            json!({"op": "checkpoint", "name": name}),
+        ),
+        _ => bail!(
+            "usage: blockwatch checkpoint [IMAGE] NAME, or blockwatch checkpoint [IMAGE] --delete NAME"
+        ),
+    };
+    let reply = ask(&image, args.state.state.as_deref(), &request)?;
+    match reply.get("checkpoint") {
+        Some(checkpoint) => println!(
+            "checkpoint {} created (generation {}, {} bytes changed in it)",
+            checkpoint["name"].as_str().unwrap_or_default(),
+            checkpoint["generation"],
+            checkpoint["changed_bytes"]
+        ),
+        None => println!(
+            "checkpoint {} deleted; its changes now count in the next one",
+            request["name"].as_str().unwrap_or_default()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn checkpoints(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let reply = ask(
+        &image,
+        args.state.state.as_deref(),
+        &json!({"op": "checkpoints"}),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply["checkpoints"])?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:>10} {:>12} {:>16}",
+        "NAME", "GENERATION", "CREATED", "CHANGED_BYTES"
+    );
+    for checkpoint in reply["checkpoints"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:>10} {:>12} {:>16}",
+            checkpoint["name"].as_str().unwrap_or_default(),
+            checkpoint["generation"],
+            checkpoint["created_unix"],
+            checkpoint["changed_bytes"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let request = json!({"op": "changes", "since": args.since, "until": args.until});
+    let reply = ask(&image, args.state.state.as_deref(), &request)?;
+    let extents = reply["extents"].as_array().cloned().unwrap_or_default();
+    if args.quiet {
+        return Ok(if extents.is_empty() {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for extent in &extents {
+        println!(
+            "{:>16} {:>16} {}",
+            extent["offset"],
+            extent["length"],
+            extent["status"].as_str().unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "{} bytes changed in {} extents since {} (granularity {})",
+        reply["changed_bytes"],
+        extents.len(),
+        reply["since"].as_str().unwrap_or_default(),
+        reply["granularity"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let reply = ask(
+        &image,
+        args.state.state.as_deref(),
+        &json!({"op": "status"}),
+    )?;
+    let status = &reply["status"];
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (key, value) in status.as_object().into_iter().flatten() {
+        match value {
+            Value::String(text) => println!("{key}: {text}"),
+            Value::Array(items) if items.is_empty() => println!("{key}: none"),
+            other => println!("{key}: {other}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends `request` to the server tracking `image`, or answers it offline.
+fn ask(image: &Path, state: Option<&Path>, request: &Value) -> anyhow::Result<Value> {
+    let image = std::path::absolute(image)?;
+    let state_dir = state.map_or_else(|| default_state_dir(&image), Path::to_path_buf);
+    let reply = match control::request(&state_dir, request) {
+        Ok(reply) => reply,
+        Err(_) if state_is_locked(&state_dir) => bail!(
+            "a blockwatch process holds {} but its control socket does not answer; try again when it is done",
+            state_dir.display()
+        ),
+        Err(_) => offline(&image, &state_dir, request)?,
+    };
+    if reply["ok"] != json!(true) {
+        bail!(
+            "{}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the server refused the request")
+        );
+    }
+    Ok(reply)
+}
+
+fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Value> {
+    if !state_dir.exists() {
+        bail!(
+            "{} has no tracking state ({} does not exist); serve it with blockwatch serve first",
+            image.display(),
+            state_dir.display()
+        );
+    }
+    let size_bytes = image_size(image)?;
+    let options = TrackerOptions {
+        image: image.to_path_buf(),
+        state_dir: Some(state_dir.to_path_buf()),
+        granularity_bytes: None,
+    };
+    let tracker =
+        Tracker::open(&options, size_bytes).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    for warning in tracker.warnings() {
+        eprintln!("blockwatch: {}: {warning}", image.display());
+    }
+    tracker.start();
+    let reply = control::handle(&tracker, request);
+    tracker
+        .close()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    Ok(reply)
+}
+
+fn image_size(image: &Path) -> anyhow::Result<u64> {
+    use std::io::Seek;
+    let mut file =
+        std::fs::File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
+    Ok(file.seek(std::io::SeekFrom::End(0))?)
+}

@@ -1,0 +1,324 @@
+//! The catalog (redb): the image's identity, the clean-shutdown marker and
+//! the closed checkpoints with their region bitmaps (roaring).
+//!
+//! Every value carries its own crc32c in front (little-endian u32), checked
+//! on every read, so a damaged value is reported rather than trusted.
+//! Format: docs/journal.md, "Catalog".
+
+use std::path::Path;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use roaring::RoaringBitmap;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+
+const KEY_IDENTITY: &str = "identity";
+const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+/// Largest catalog value accepted (a full 2^32-region bitmap serializes to ~512 MiB
+/// at worst; real ones are far smaller). Checked before decoding.
+const VALUE_MAX_BYTES: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database error: {0}")]
+    Database(String),
+    #[error("catalog value {key} fails its checksum")]
+    Checksum { key: String },
+    #[error("catalog value {key} is malformed: {reason}")]
+    Malformed { key: String, reason: &'static str },
+}
+
+fn db_error(error: impl std::fmt::Display) -> CatalogError {
+    CatalogError::Database(error.to_string())
+}
+
+/// Which image this state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub image_id: [u8; 16],
+    pub size_bytes: u64,
+    pub granularity_shift: u32,
+    pub device: u64,
+    pub inode: u64,
+}
+
+/// Written when a server stops cleanly; removed when one starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanShutdown {
+    pub image_mtime_ns: i128,
+    pub size_bytes: u64,
+    pub generation: u64,
+}
+
+/// A closed generation and the name of the checkpoint that closed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub name: String,
+    pub generation: u64,
+    pub created_unix_seconds: u64,
+    /// Regions changed during the generation.
+    pub changed: RoaringBitmap,
+    /// Of those, the ones whose last write was flushed.
+    pub saved: RoaringBitmap,
+}
+
+#[derive(Debug)]
+pub struct Catalog {
+    db: redb::Database,
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
+        let db = redb::Database::create(path).map_err(db_error)?;
+        let catalog = Catalog { db };
+        let txn = catalog.db.begin_write().map_err(db_error)?;
+        txn.open_table(META).map_err(db_error)?;
+        txn.open_table(CHECKPOINTS).map_err(db_error)?;
+        txn.commit().map_err(db_error)?;
+        Ok(catalog)
+    }
+
+    pub fn identity(&self) -> Result<Option<Identity>, CatalogError> {
+        let Some(bytes) = self.get_meta(KEY_IDENTITY)? else {
+            return Ok(None);
+        };
+        let malformed = |reason| CatalogError::Malformed {
+            key: KEY_IDENTITY.into(),
+            reason,
+        };
+        if bytes.len() != 44 {
+            return Err(malformed("wrong length"));
+        }
+        Ok(Some(Identity {
+            image_id: bytes[0..16].try_into().expect("16 bytes"),
+            size_bytes: le64(&bytes[16..24]),
+            granularity_shift: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
+            device: le64(&bytes[28..36]),
+            inode: le64(&bytes[36..44]),
+        }))
+    }
+
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), CatalogError> {
+        let mut bytes = identity.image_id.to_vec();
+        bytes.extend_from_slice(&identity.size_bytes.to_le_bytes());
+        bytes.extend_from_slice(&identity.granularity_shift.to_le_bytes());
+        bytes.extend_from_slice(&identity.device.to_le_bytes());
+        bytes.extend_from_slice(&identity.inode.to_le_bytes());
+        self.put_meta(KEY_IDENTITY, Some(&bytes))
+    }
+
+    pub fn clean_shutdown(&self) -> Result<Option<CleanShutdown>, CatalogError> {
+        let Some(bytes) = self.get_meta(KEY_CLEAN_SHUTDOWN)? else {
+            return Ok(None);
+        };
+        if bytes.len() != 32 {
+            return Err(CatalogError::Malformed {
+                key: KEY_CLEAN_SHUTDOWN.into(),
+                reason: "wrong length",
+            });
+        }
+        Ok(Some(CleanShutdown {
+            image_mtime_ns: i128::from_le_bytes(bytes[0..16].try_into().expect("16 bytes")),
+            size_bytes: le64(&bytes[16..24]),
+            generation: le64(&bytes[24..32]),
+        }))
+    }
+
+    pub fn set_clean_shutdown(&self, marker: Option<&CleanShutdown>) -> Result<(), CatalogError> {
+        let bytes = marker.map(|marker| {
+            let mut bytes = marker.image_mtime_ns.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&marker.size_bytes.to_le_bytes());
+            bytes.extend_from_slice(&marker.generation.to_le_bytes());
+            bytes
+        });
+        self.put_meta(KEY_CLEAN_SHUTDOWN, bytes.as_deref())
+    }
+
+    /// All checkpoints, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, CatalogError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
+        let mut checkpoints = Vec::new();
+        for entry in table.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let key_text = format!("checkpoint {}", key.value());
+            let payload = checked_value(value.value(), &key_text)?;
+            checkpoints.push(decode_checkpoint(key.value(), payload, &key_text)?);
+        }
+        Ok(checkpoints)
+    }
+
+    /// Adds a checkpoint, durably.
+    pub fn add_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), CatalogError> {
+        self.replace_checkpoints(&[], Some(checkpoint))
+    }
+
+    /// In one durable transaction: removes the checkpoints of `remove`
+    /// (generations) and writes `upsert`.
+    pub fn replace_checkpoints(
+        &self,
+        remove: &[u64],
+        upsert: Option<&Checkpoint>,
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
+            for generation in remove {
+                table.remove(generation).map_err(db_error)?;
+            }
+            if let Some(checkpoint) = upsert {
+                let value = with_checksum(&encode_checkpoint(checkpoint));
+                table
+                    .insert(checkpoint.generation, value.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(META).map_err(db_error)?;
+        let Some(value) = table.get(key).map_err(db_error)? else {
+            return Ok(None);
+        };
+        Ok(Some(checked_value(value.value(), key)?.to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(META).map_err(db_error)?;
+            match value {
+                Some(value) => {
+                    table
+                        .insert(key, with_checksum(value).as_slice())
+                        .map_err(db_error)?;
+                }
+                None => {
+                    table.remove(key).map_err(db_error)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+}
+
+fn with_checksum(payload: &[u8]) -> Vec<u8> {
+    let mut value = crc32c::crc32c(payload).to_le_bytes().to_vec();
+    value.extend_from_slice(payload);
+    value
+}
+
+fn checked_value<'a>(value: &'a [u8], key: &str) -> Result<&'a [u8], CatalogError> {
+    if value.len() < 4 || value.len() > VALUE_MAX_BYTES {
+        return Err(CatalogError::Malformed {
+            key: key.into(),
+            reason: "bad length",
+        });
+    }
+    let payload = &value[4..];
+    if crc32c::crc32c(payload) != u32::from_le_bytes(value[0..4].try_into().expect("4 bytes")) {
+        return Err(CatalogError::Checksum { key: key.into() });
+    }
+    Ok(payload)
+}
+
+/// name length u32, name, created u64, changed length u64, changed (roaring), saved (roaring).
+fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
+    let mut bytes = (checkpoint.name.len() as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(checkpoint.name.as_bytes());
+    bytes.extend_from_slice(&checkpoint.created_unix_seconds.to_le_bytes());
+    let mut changed = Vec::new();
+    checkpoint
+        .changed
+        .serialize_into(&mut changed)
+        .expect("serializing into a Vec");
+    bytes.extend_from_slice(&(changed.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&changed);
+    checkpoint
+        .saved
+        .serialize_into(&mut bytes)
+        .expect("serializing into a Vec");
+    bytes
+}
+
+fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpoint, CatalogError> {
+    let malformed = |reason| CatalogError::Malformed {
+        key: key.into(),
+        reason,
+    };
+    let name_len = u32::from_le_bytes(
+        bytes
+            .get(0..4)
+            .ok_or(malformed("short"))?
+            .try_into()
+            .expect("4"),
+    ) as usize;
+    let name = bytes.get(4..4 + name_len).ok_or(malformed("short name"))?;
+    let name = String::from_utf8(name.to_vec()).map_err(|_| malformed("name is not UTF-8"))?;
+    let rest = &bytes[4 + name_len..];
+    let created_unix_seconds = le64(rest.get(0..8).ok_or(malformed("short"))?);
+    let changed_len = le64(rest.get(8..16).ok_or(malformed("short"))?) as usize;
+    let changed = rest
+        .get(16..16usize.saturating_add(changed_len))
+        .ok_or(malformed("short bitmap"))?;
+    let changed = RoaringBitmap::deserialize_from(changed).map_err(|_| malformed("bad bitmap"))?;
+    let saved = RoaringBitmap::deserialize_from(&rest[16 + changed_len..])
+        .map_err(|_| malformed("bad bitmap"))?;
+    Ok(Checkpoint {
+        name,
+        generation,
+        created_unix_seconds,
+        changed,
+        saved,
+    })
+}
+
+fn le64(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_and_markers_round_trip() {
+        let path = std::env::temp_dir().join(format!("catalog-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let catalog = Catalog::open(&path).unwrap();
+        assert_eq!(catalog.identity().unwrap(), None);
+        let identity = Identity {
+            image_id: [3; 16],
+            size_bytes: 1 << 30,
+            granularity_shift: 16,
+            device: 1,
+            inode: 2,
+        };
+        catalog.set_identity(&identity).unwrap();
+        let marker = CleanShutdown {
+            image_mtime_ns: 123,
+            size_bytes: 1 << 30,
+            generation: 4,
+        };
+        catalog.set_clean_shutdown(Some(&marker)).unwrap();
+        let checkpoint = Checkpoint {
+            name: "monday".into(),
+            generation: 1,
+            created_unix_seconds: 99,
+            changed: [1u32, 2, 500].into_iter().collect(),
+            saved: [2u32].into_iter().collect(),
+        };
+        catalog.add_checkpoint(&checkpoint).unwrap();
+        drop(catalog);
+        let catalog = Catalog::open(&path).unwrap();
+        assert_eq!(catalog.identity().unwrap(), Some(identity));
+        assert_eq!(catalog.clean_shutdown().unwrap(), Some(marker));
+        assert_eq!(catalog.checkpoints().unwrap(), vec![checkpoint]);
+        catalog.set_clean_shutdown(None).unwrap();
+        assert_eq!(catalog.clean_shutdown().unwrap(), None);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! Group commit of journal records on a dedicated thread.
+//!
+//! Writers that touch unmarked regions queue their runs and wait; the
+//! committer takes everything queued, appends it as records, syncs once,
+//! sets the regions' in-memory marked bits and only then wakes the waiters.
+//! While one commit syncs, the next batch fills: many first touches share
+//! one `fdatasync` (as dm-era does). A failed commit poisons the journal:
+//! every later first touch fails, so no write is ever issued unmarked.
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::journal::{JournalWriter, RUNS_PER_RECORD_MAX, Record};
+use crate::regions::{AtomicBitmap, RegionRun};
+
+/// Runs queued before a writer waits for the current commit to finish
+/// instead of adding more (bounds the pending queue).
+const PENDING_RUNS_MAX: usize = 1 << 20;
+
+#[derive(Debug)]
+struct State {
+    pending_marks: Vec<RegionRun>,
+    pending_records: Vec<Record>,
+    /// The batch the pending work will be committed in.
+    next_batch: u64,
+    committed_batch: u64,
+    busy: bool,
+    failed: Option<String>,
+    stop: bool,
+    writer: Option<JournalWriter>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    done: Condvar,
+    marked: Arc<AtomicBitmap>,
+}
+
+#[derive(Debug)]
+pub struct Committer {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Committer {
+    pub fn start(writer: JournalWriter, marked: Arc<AtomicBitmap>) -> Committer {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending_marks: Vec::new(),
+                pending_records: Vec::new(),
+                next_batch: 1,
+                committed_batch: 0,
+                busy: false,
+                failed: None,
+                stop: false,
+                writer: Some(writer),
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            marked,
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("journal-commit".into())
+            .spawn(move || commit_loop(&thread_shared))
+            .expect("spawning the journal thread");
+        Committer {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().expect("journal state lock")
+    }
+
+    /// Queues a mark and returns once it is durable and its bits are set.
+    pub fn mark(&self, run: RegionRun) -> io::Result<()> {
+        let batch = {
+            let mut state = self.lock();
+            while state.pending_marks.len() >= PENDING_RUNS_MAX && state.failed.is_none() {
+                state = self.shared.done.wait(state).expect("journal state lock");
+            }
+            check_failed(&state)?;
+            state.pending_marks.push(run);
+            state.next_batch
+        };
+        self.shared.work.notify_one();
+        self.wait_for(batch)
+    }
+
+    /// Queues a record without waiting; returns the batch to wait for.
+    pub fn enqueue(&self, record: Record) -> io::Result<u64> {
+        let batch = {
+            let mut state = self.lock();
+            check_failed(&state)?;
+            state.pending_records.push(record);
+            state.next_batch
+        };
+        self.shared.work.notify_one();
+        Ok(batch)
+    }
+
+    /// Waits until `batch` is durable.
+    pub fn wait_for(&self, batch: u64) -> io::Result<()> {
+        let mut state = self.lock();
+        while state.committed_batch < batch {
+            check_failed(&state)?;
+            state = self.shared.done.wait(state).expect("journal state lock");
+        }
+        Ok(())
+    }
+
+    /// Waits for the committer to go idle, then swaps in a new journal
+    /// (at a checkpoint, while writes are held at the gate).
+    pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
+        let mut state = self.lock();
+        while state.busy || !state.pending_marks.is_empty() || !state.pending_records.is_empty() {
+            check_failed(&state)?;
+            state = self.shared.done.wait(state).expect("journal state lock");
+        }
+        state.writer = Some(writer);
+        Ok(())
+    }
+
+    pub fn journal_size_bytes(&self) -> u64 {
+        self.lock()
+            .writer
+            .as_ref()
+            .map_or(0, JournalWriter::size_bytes)
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Commits what is queued and stops the thread.
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.shared.work.notify_one();
+        if let Some(thread) = self.thread.lock().expect("thread lock").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn check_failed(state: &State) -> io::Result<()> {
+    match &state.failed {
+        Some(message) => Err(io::Error::other(format!(
+            "the tracking journal failed earlier ({message}); writes to unmarked regions are refused"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn commit_loop(shared: &Shared) {
+    loop {
+        let mut state = shared.state.lock().expect("journal state lock");
+        while state.pending_marks.is_empty() && state.pending_records.is_empty() && !state.stop {
+            state = shared.work.wait(state).expect("journal state lock");
+        }
+        if state.pending_marks.is_empty() && state.pending_records.is_empty() {
+            return; // stopping, nothing left
+        }
+        let marks = std::mem::take(&mut state.pending_marks);
+        let mut records = std::mem::take(&mut state.pending_records);
+        let batch = state.next_batch;
+        state.next_batch += 1;
+        state.busy = true;
+        let mut writer = state
+            .writer
+            .take()
+            .expect("journal writer present when idle");
+        drop(state);
+
+        for chunk in marks.chunks(RUNS_PER_RECORD_MAX) {
+            records.push(Record::Mark {
+                runs: chunk.to_vec(),
+            });
+        }
+        let result = writer.append(&records).and_then(|()| writer.sync());
+        if result.is_ok() {
+            for run in &marks {
+                shared.marked.set_run(*run);
+            }
+        }
+        let mut state = shared.state.lock().expect("journal state lock");
+        state.writer = Some(writer);
+        state.busy = false;
+        match result {
+            Ok(()) => state.committed_batch = batch,
+            Err(error) => {
+                tracing::error!(%error, "journal commit failed: tracking refuses new first touches");
+                state.failed = Some(error.to_string());
+            }
+        }
+        drop(state);
+        shared.done.notify_all();
+    }
+}

@@ -1,0 +1,203 @@
+//! The control protocol: one JSON object per line, over the unix socket
+//! `STATE_DIR/control.sock` (mode 0600, inside the 0700 state directory).
+//! Documented in docs/control.md. The same `handle` answers requests from
+//! the socket and from the CLI when it opens the state itself (no server).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::tracker::{Tracker, error_chain};
+
+/// Longest request line accepted.
+pub const REQUEST_LINE_MAX: u64 = 64 * 1024;
+/// Longest reply line a client accepts (a changes list can be long).
+pub const REPLY_LINE_MAX: u64 = 1 << 30;
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Answers one request.
+pub fn handle(tracker: &Tracker, request: &Value) -> Value {
+    match dispatch(tracker, request) {
+        Ok(mut reply) => {
+            reply["ok"] = json!(true);
+            reply
+        }
+        Err(message) => json!({"ok": false, "error": message}),
+    }
+}
+
+fn dispatch(tracker: &Tracker, request: &Value) -> Result<Value, String> {
+    let text = |key: &str| request.get(key).and_then(Value::as_str);
+    let name = || text("name").ok_or_else(|| "this request needs \"name\"".to_string());
+    let failed = |error: crate::TrackerError| error_chain(&error);
+    match text("op").unwrap_or_default() {
+        "checkpoint" => {
+            let checkpoint = tracker.checkpoint(name()?).map_err(failed)?;
+            Ok(json!({"checkpoint": checkpoint_json(tracker, &checkpoint)}))
+        }
+        "delete-checkpoint" => {
+            tracker.delete_checkpoint(name()?).map_err(failed)?;
+            Ok(json!({}))
+        }
+        "checkpoints" => Ok(json!({
+            "checkpoints": tracker.checkpoints().iter().map(|c| checkpoint_json(tracker, c)).collect::<Vec<_>>()
+        })),
+        "changes" => {
+            let since = text("since").ok_or("changes needs \"since\"")?;
+            let extents = tracker.changes(since, text("until")).map_err(failed)?;
+            let changed_bytes: u64 = extents.iter().map(|e| e.length_bytes).sum();
+            Ok(json!({
+                "since": since,
+                "until": text("until"),
+                "granularity": tracker.granularity().bytes(),
+                "changed_bytes": changed_bytes,
+                "extents": extents.iter().map(|e| json!({
+                    "offset": e.offset_bytes,
+                    "length": e.length_bytes,
+                    "status": if e.saved { "saved" } else { "written" },
+                })).collect::<Vec<_>>(),
+            }))
+        }
+        "status" => {
+            let status = tracker.status();
+            Ok(json!({"status": {
+                "image": status.image,
+                "state_dir": status.state_dir,
+                "generation": status.generation,
+                "granularity": status.granularity_bytes,
+                "size": status.size_bytes,
+                "dirty_bytes": status.dirty_bytes,
+                "unsaved_bytes": status.unsaved_bytes,
+                "journal_bytes": status.journal_bytes,
+                "checkpoints": status.checkpoint_count,
+                "flush_count": status.flush.flush_count,
+                "flush_work_us_p50": status.flush.work_ns_p50 as f64 / 1000.0,
+                "flush_work_us_p99": status.flush.work_ns_p99 as f64 / 1000.0,
+                "flush_work_us_max": status.flush.work_ns_max as f64 / 1000.0,
+                "last_shutdown": if status.clean_start { "clean" } else { "unclean or first start" },
+                "warnings": status.warnings,
+                "journal_failure": status.journal_failure,
+            }}))
+        }
+        other => Err(format!(
+            "unknown op {other:?}: use checkpoint, delete-checkpoint, checkpoints, changes or status"
+        )),
+    }
+}
+
+fn checkpoint_json(tracker: &Tracker, checkpoint: &crate::catalog::Checkpoint) -> Value {
+    json!({
+        "name": checkpoint.name,
+        "generation": checkpoint.generation,
+        "created_unix": checkpoint.created_unix_seconds,
+        "changed_bytes": (checkpoint.changed.len() * tracker.granularity().bytes()).min(tracker.size_bytes()),
+    })
+}
+
+/// The socket server: a thread answering one connection at a time.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    pub fn start(tracker: Arc<Tracker>) -> io::Result<ControlServer> {
+        let path = socket_path(tracker.state_dir());
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(&listener, &tracker, &thread_stop))?;
+        Ok(ControlServer {
+            path,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, tracker: &Tracker, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(error) = serve_connection(stream, tracker) {
+                    tracing::info!(%error, "control connection ended");
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "control accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, tracker: &Tracker) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        let read = (&mut reader).take(REQUEST_LINE_MAX).read_line(&mut line)?;
+        if read == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && read as u64 == REQUEST_LINE_MAX {
+            let reply = json!({"ok": false, "error": "request line too long"});
+            writeln!(writer, "{reply}")?;
+            return Ok(());
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(request) => handle(tracker, &request),
+            Err(error) => json!({"ok": false, "error": format!("request is not JSON: {error}")}),
+        };
+        writeln!(writer, "{reply}")?;
+    }
+}
+
+/// Sends one request to a running server and returns its reply.
+pub fn request(state_dir: &Path, request: &Value) -> io::Result<Value> {
+    let stream = UnixStream::connect(socket_path(state_dir))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut writer = stream.try_clone()?;
+    writeln!(writer, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(REPLY_LINE_MAX)
+        .read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

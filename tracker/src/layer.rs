@@ -1,0 +1,142 @@
+//! `TrackedBackend`: the tracker as a `BlockBackend` layer.
+//!
+//! WRITE, TRIM and WRITE_ZEROES enter the gate, wait until their regions
+//! are durably marked (free when they already are), then go to the inner
+//! backend and note their regions as written. FLUSH runs the tracker's
+//! saved record beside the device flush. Reads pass straight through: the
+//! tracker never reads block contents.
+
+use std::io;
+use std::sync::Arc;
+
+use nbd_server::{BlockBackend, Extent, ZeroError, ZeroRequest};
+
+use crate::tracker::{CONTEXT_PREFIX, Tracker};
+
+pub struct TrackedBackend {
+    inner: Arc<dyn BlockBackend>,
+    tracker: Arc<Tracker>,
+}
+
+impl std::fmt::Debug for TrackedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedBackend")
+            .field("tracker", &self.tracker.state_dir())
+            .finish()
+    }
+}
+
+impl TrackedBackend {
+    pub fn new(inner: Arc<dyn BlockBackend>, tracker: Arc<Tracker>) -> TrackedBackend {
+        TrackedBackend { inner, tracker }
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// Marks, runs `op`, notes the range written.
+    fn tracked<T, E: From<io::Error>>(
+        &self,
+        offset: u64,
+        length: u64,
+        op: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let _gate = self.tracker.enter();
+        self.tracker.ensure_marked(offset, length)?;
+        let result = op()?;
+        self.tracker.note_written(offset, length);
+        Ok(result)
+    }
+}
+
+impl BlockBackend for TrackedBackend {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn is_rotational(&self) -> bool {
+        self.inner.is_rotational()
+    }
+    fn can_multi_conn(&self) -> bool {
+        self.inner.can_multi_conn()
+    }
+    fn can_trim(&self) -> bool {
+        self.inner.can_trim()
+    }
+    fn can_fast_zero(&self) -> bool {
+        self.inner.can_fast_zero()
+    }
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
+    }
+    fn can_extents(&self) -> bool {
+        self.inner.can_extents()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.inner.read_at_nowait(buf, offset)
+    }
+    fn write_is_cheap(&self, offset: u64, length: u64) -> bool {
+        self.tracker.is_marked(offset, length) && self.inner.write_is_cheap(offset, length)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.tracked(offset, buf.len() as u64, || {
+            self.inner.write_at(buf, offset, fua)
+        })
+    }
+    fn flush(&self) -> io::Result<()> {
+        let _gate = self.tracker.enter();
+        self.tracker.flush(|| self.inner.flush())
+    }
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.tracked(offset, length, || self.inner.trim(offset, length, fua))
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        request: ZeroRequest,
+    ) -> Result<(), ZeroError> {
+        self.tracked(offset, length, || {
+            self.inner.write_zeroes(offset, length, request)
+        })
+    }
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.inner.cache(offset, length)
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.inner.extents(offset, length, max_extents, out)
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        let mut contexts = self.inner.meta_contexts();
+        contexts.extend(self.tracker.context_names());
+        contexts
+    }
+    fn context_extents(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        if context.starts_with(CONTEXT_PREFIX) {
+            self.tracker
+                .dirty_extents(context, offset, length, max_extents, out)
+        } else {
+            self.inner
+                .context_extents(context, offset, length, max_extents, out)
+        }
+    }
+}
