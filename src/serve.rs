@@ -107,6 +107,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 image: path.clone(),
                 state_dir: args.state.clone(),
                 granularity_bytes,
+                journal_wrapper: None,
             };
             let tracker = Arc::new(
                 Tracker::open(&options, file.size_bytes())

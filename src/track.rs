@@ -218,6 +218,7 @@ fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Va
         image: image.to_path_buf(),
         state_dir: Some(state_dir.to_path_buf()),
         granularity_bytes: None,
+        journal_wrapper: None,
     };
     let tracker =
         Tracker::open(&options, size_bytes).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

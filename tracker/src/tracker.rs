@@ -22,7 +22,7 @@ use roaring::RoaringBitmap;
 
 use crate::catalog::{Catalog, CatalogError, Checkpoint, CleanShutdown, Identity};
 use crate::commit::Committer;
-use crate::journal::{self, FileHeader, JournalError, JournalWriter, Record};
+use crate::journal::{self, FileHeader, JournalError, JournalFile, JournalWriter, Record};
 use crate::regions::{
     AtomicBitmap, GRANULARITY_DEFAULT_BYTES, Granularity, REGION_COUNT_MAX, runs_from_sorted,
 };
@@ -77,6 +77,28 @@ pub struct TrackerOptions {
     pub state_dir: Option<PathBuf>,
     /// None: what the state already uses, or the default for new state.
     pub granularity_bytes: Option<u64>,
+    /// Wraps each journal file the tracker writes (crash tests model power
+    /// loss with it); None in production.
+    pub journal_wrapper: Option<JournalWrapper>,
+}
+
+/// Turns the opened journal file into what the writer writes to.
+#[derive(Clone)]
+pub struct JournalWrapper(pub Arc<dyn Fn(File) -> Box<dyn JournalFile> + Send + Sync>);
+
+impl std::fmt::Debug for JournalWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JournalWrapper")
+    }
+}
+
+impl JournalWrapper {
+    fn wrap(wrapper: Option<&JournalWrapper>, file: File) -> Box<dyn JournalFile> {
+        match wrapper {
+            Some(wrapper) => (wrapper.0)(file),
+            None => Box::new(file),
+        }
+    }
 }
 
 /// Default state directory: `IMAGE.blockwatch` beside the image.
@@ -194,6 +216,7 @@ pub struct Tracker {
     /// Union of closed generations after each checkpoint, for BLOCK_STATUS.
     closed_unions: Mutex<HashMap<String, Arc<RoaringBitmap>>>,
     flush_samples: Mutex<FlushSamples>,
+    journal_wrapper: Option<JournalWrapper>,
     /// What recovery found that users should know.
     warnings: Vec<String>,
     clean_start: bool,
@@ -331,6 +354,7 @@ impl Tracker {
             granularity_shift: granularity.shift(),
             image_id: new_identity.image_id,
         };
+        let wrapper = options.journal_wrapper.as_ref();
         let mut writer = match open_journal(
             &journal_path,
             &header,
@@ -338,6 +362,7 @@ impl Tracker {
             &marked,
             &saved,
             first_use,
+            wrapper,
         ) {
             Ok((writer, journal_warnings, journal_suspect)) => {
                 warnings.extend(journal_warnings);
@@ -354,7 +379,7 @@ impl Tracker {
                 let _ = std::fs::rename(&journal_path, &moved);
                 marked.clear_all();
                 saved.clear_all();
-                create_journal(&journal_path, &header)?
+                create_journal(&journal_path, &header, wrapper)?
             }
         };
         catalog.set_identity(&new_identity)?;
@@ -389,6 +414,7 @@ impl Tracker {
             checkpoints: Mutex::new(checkpoints),
             closed_unions: Mutex::new(HashMap::new()),
             flush_samples: Mutex::new(FlushSamples::default()),
+            journal_wrapper: options.journal_wrapper.clone(),
             clean_start: clean.is_some() && !suspect,
             warnings,
         })
@@ -583,7 +609,11 @@ impl Tracker {
             granularity_shift: self.granularity.shift(),
             image_id: self.image_id,
         };
-        let writer = replace_journal(&self.state_dir.join("journal"), &header)?;
+        let writer = replace_journal(
+            &self.state_dir.join("journal"),
+            &header,
+            self.journal_wrapper.as_ref(),
+        )?;
         self.committer().replace_writer(writer)?;
         self.marked.clear_all();
         self.saved.clear_all();
@@ -917,6 +947,7 @@ fn open_journal(
     marked: &AtomicBitmap,
     saved: &AtomicBitmap,
     first_use: bool,
+    wrapper: Option<&JournalWrapper>,
 ) -> Result<(JournalWriter, Vec<String>, bool), TrackerError> {
     let file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
@@ -926,7 +957,7 @@ fn open_journal(
                 warnings
                     .push("the journal is missing: every region is treated as changed".to_string());
             }
-            return Ok((create_journal(path, header)?, warnings, !first_use));
+            return Ok((create_journal(path, header, wrapper)?, warnings, !first_use));
         }
         Err(error) => return Err(error.into()),
     };
@@ -938,16 +969,16 @@ fn open_journal(
         warnings.push(
             "the journal belongs to other state: every region is treated as changed".to_string(),
         );
-        return Ok((create_journal(path, header)?, warnings, true));
+        return Ok((create_journal(path, header, wrapper)?, warnings, true));
     }
     if replay.header.generation < header.generation {
         // A checkpoint committed its catalog entry but the new journal was
         // not in place yet; no write ran in between, so nothing is lost.
-        return Ok((create_journal(path, header)?, warnings, false));
+        return Ok((create_journal(path, header, wrapper)?, warnings, false));
     }
     if replay.header.generation > header.generation {
         warnings.push("the journal is newer than the catalog's checkpoints: every region is treated as changed".to_string());
-        return Ok((create_journal(path, header)?, warnings, true));
+        return Ok((create_journal(path, header, wrapper)?, warnings, true));
     }
     if replay.torn_bytes > 0 {
         warnings.push(format!(
@@ -981,10 +1012,18 @@ fn open_journal(
     if suspect {
         warnings.push("the journal names regions past the end of the image: every region is treated as changed".to_string());
     }
-    Ok((JournalWriter::resume(file, &replay)?, warnings, suspect))
+    Ok((
+        JournalWriter::resume(JournalWrapper::wrap(wrapper, file), &replay)?,
+        warnings,
+        suspect,
+    ))
 }
 
-fn create_journal(path: &Path, header: &FileHeader) -> io::Result<JournalWriter> {
+fn create_journal(
+    path: &Path,
+    header: &FileHeader,
+    wrapper: Option<&JournalWrapper>,
+) -> io::Result<JournalWriter> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -992,15 +1031,19 @@ fn create_journal(path: &Path, header: &FileHeader) -> io::Result<JournalWriter>
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    let writer = JournalWriter::create(file, *header)?;
+    let writer = JournalWriter::create(JournalWrapper::wrap(wrapper, file), *header)?;
     sync_dir(path)?;
     Ok(writer)
 }
 
 /// Writes a fresh journal beside the old one and renames it into place.
-fn replace_journal(path: &Path, header: &FileHeader) -> io::Result<JournalWriter> {
+fn replace_journal(
+    path: &Path,
+    header: &FileHeader,
+    wrapper: Option<&JournalWrapper>,
+) -> io::Result<JournalWriter> {
     let new_path = path.with_extension("new");
-    let writer = create_journal(&new_path, header)?;
+    let writer = create_journal(&new_path, header, wrapper)?;
     std::fs::rename(&new_path, path)?;
     sync_dir(path)?;
     Ok(writer)
