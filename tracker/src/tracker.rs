@@ -251,9 +251,11 @@ impl Tracker {
         let mut warnings = Vec::new();
 
         let catalog_path = state_dir.join("catalog.redb");
+        let mut catalog_lost = false;
         let catalog = match Catalog::open(&catalog_path).and_then(|c| c.checkpoints().map(|_| c)) {
             Ok(catalog) => catalog,
             Err(error) => {
+                catalog_lost = true;
                 let moved = state_dir.join(format!("catalog.redb.corrupt-{}", unix_seconds()));
                 let _ = std::fs::rename(&catalog_path, &moved);
                 warnings.push(format!(
@@ -277,6 +279,9 @@ impl Tracker {
         let region_count = granularity.region_count(size_bytes);
         if region_count > REGION_COUNT_MAX {
             return Err(TrackerError::TooManyRegions(region_count));
+        }
+        if catalog_lost {
+            rebuild_from_index(&state_dir, &catalog, region_count, &mut warnings)?;
         }
         let image_metadata = std::fs::metadata(&image_path)?;
         let mut suspect = !warnings.is_empty();
@@ -626,6 +631,7 @@ impl Tracker {
             .expect("checkpoints lock")
             .push(checkpoint.clone());
         self.closed_unions.lock().expect("unions lock").clear();
+        write_index(&self.state_dir, &self.checkpoints())?;
         Ok(checkpoint)
     }
 
@@ -681,6 +687,7 @@ impl Tracker {
             }
         }
         self.closed_unions.lock().expect("unions lock").clear();
+        write_index(&self.state_dir, &self.checkpoints())?;
         Ok(())
     }
 
@@ -905,6 +912,83 @@ fn validate_name(name: &str) -> Result<(), TrackerError> {
     } else {
         Err(TrackerError::BadCheckpointName(name.to_string()))
     }
+}
+
+/// `checkpoints.index`: "generation name" lines and a last line with the
+/// crc32c of the lines before it. It lets the checkpoint chain outlive a
+/// lost catalog (the chain survives, the bitmaps become "everything").
+const INDEX_FILE: &str = "checkpoints.index";
+
+fn write_index(state_dir: &Path, checkpoints: &[Checkpoint]) -> io::Result<()> {
+    let mut text = String::new();
+    for checkpoint in checkpoints {
+        text.push_str(&format!("{} {}\n", checkpoint.generation, checkpoint.name));
+    }
+    text.push_str(&format!("crc32c {:08x}\n", crc32c::crc32c(text.as_bytes())));
+    let path = state_dir.join(INDEX_FILE);
+    let new_path = path.with_extension("new");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&new_path)?;
+    std::io::Write::write_all(&mut &file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&new_path, &path)?;
+    sync_dir(&path)
+}
+
+fn read_index(state_dir: &Path) -> Option<Vec<(u64, String)>> {
+    let text = std::fs::read_to_string(state_dir.join(INDEX_FILE)).ok()?;
+    let (body, last) = text
+        .trim_end_matches('\n')
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim_end_matches('\n')));
+    let body = if body.is_empty() {
+        String::new()
+    } else {
+        format!("{body}\n")
+    };
+    let crc = u32::from_str_radix(last.strip_prefix("crc32c ")?, 16).ok()?;
+    if crc32c::crc32c(body.as_bytes()) != crc {
+        return None;
+    }
+    body.lines()
+        .map(|line| {
+            let (generation, name) = line.split_once(' ')?;
+            Some((generation.parse().ok()?, name.to_string()))
+        })
+        .collect()
+}
+
+/// After the catalog was lost: the checkpoints named in the index come
+/// back with every region changed, so no query can miss a change.
+fn rebuild_from_index(
+    state_dir: &Path,
+    catalog: &Catalog,
+    region_count: u64,
+    warnings: &mut Vec<String>,
+) -> Result<(), TrackerError> {
+    let Some(entries) = read_index(state_dir) else {
+        warnings.push("no usable checkpoints.index: the checkpoints are gone; take a new checkpoint and a full copy".into());
+        return Ok(());
+    };
+    let everything: RoaringBitmap = (0..region_count as u32).collect();
+    for (generation, name) in &entries {
+        catalog.add_checkpoint(&Checkpoint {
+            name: name.clone(),
+            generation: *generation,
+            created_unix_seconds: unix_seconds(),
+            changed: everything.clone(),
+            saved: RoaringBitmap::new(),
+        })?;
+    }
+    warnings.push(format!(
+        "restored {} checkpoint names from checkpoints.index; each counts every region as changed",
+        entries.len()
+    ));
+    Ok(())
 }
 
 fn lock_state(state_dir: &Path) -> Result<File, TrackerError> {

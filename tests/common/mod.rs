@@ -1,0 +1,516 @@
+//! Shared helpers for the end-to-end tests: a temporary directory that
+//! removes itself, a `blockwatch serve` process that is stopped with SIGTERM
+//! (and must exit 0), running the real NBD clients with readable failures,
+//! deterministic pseudo-random data, and checks that a client is installed.
+//!
+//! Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The binary under test, built by cargo for the integration tests.
+pub const BLOCKWATCH: &str = env!("CARGO_BIN_EXE_blockwatch");
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// How long a server may take to accept connections or to exit. These bound
+/// the waiting only; no test asserts on how long anything took.
+const SERVER_START_LIMIT: Duration = Duration::from_secs(20);
+const SERVER_STOP_LIMIT: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest any one client command may run before it counts as hung.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+
+/// A directory under the system temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "blockwatch-test-{label}-{}-{unique}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A `blockwatch serve -f -U SOCKET ...` process. Dropping it sends SIGTERM
+/// and asserts that the server exits 0 (unless the test is already failing).
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+    stderr_path: PathBuf,
+    stdout_path: PathBuf,
+}
+
+impl Server {
+    /// Serves `images` on a unix socket in `dir` with extra `args` (for
+    /// example `["--size", "64M"]` or `["-r"]`), and returns once the socket
+    /// accepts connections.
+    pub fn start(dir: &Path, images: &[&Path], args: &[&str]) -> Server {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let socket = dir.join(format!("server-{unique}.sock"));
+        let stdout_path = dir.join(format!("server-{unique}.stdout"));
+        let stderr_path = dir.join(format!("server-{unique}.stderr"));
+        let mut command = Command::new(BLOCKWATCH);
+        command
+            .arg("serve")
+            .arg("-f")
+            .arg("-U")
+            .arg(&socket)
+            .args(images)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(create_file(&stdout_path))
+            .stderr(create_file(&stderr_path));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BLOCKWATCH}: {e}"));
+        let mut server = Server {
+            child: Some(child),
+            socket,
+            stderr_path,
+            stdout_path,
+        };
+        server.wait_until_accepting();
+        server
+    }
+
+    /// Starts a server on one image, created sparse with `size` if missing.
+    pub fn start_with_size(dir: &Path, image: &Path, size: &str) -> Server {
+        Server::start(dir, &[image], &["--size", size])
+    }
+
+    fn wait_until_accepting(&mut self) {
+        let started = Instant::now();
+        loop {
+            let child = self.child.as_mut().expect("server is running");
+            if let Some(status) = child.try_wait().expect("cannot poll the server") {
+                self.child = None;
+                panic!(
+                    "blockwatch serve exited with {status} before accepting connections\n{}",
+                    self.logs()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if started.elapsed() > SERVER_START_LIMIT {
+                panic!(
+                    "blockwatch serve did not accept on {} within {SERVER_START_LIMIT:?}\n{}",
+                    self.socket.display(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// URI of the default export ("").
+    pub fn uri(&self) -> String {
+        self.uri_for("")
+    }
+
+    /// URI of a named export.
+    pub fn uri_for(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("cannot poll the server").is_none(),
+            None => false,
+        }
+    }
+
+    /// The server's stdout and stderr so far, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- server stdout ---\n{}--- server stderr ---\n{}",
+            std::fs::read_to_string(&self.stdout_path).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        )
+    }
+
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM, waits for the exit and asserts it is 0.
+    pub fn stop(mut self) {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "blockwatch serve exited with {status} after SIGTERM (want 0)\n{}",
+            self.logs()
+        );
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server is running");
+        if let Some(status) = child.try_wait().expect("cannot poll the server") {
+            return status;
+        }
+        signal(child.id(), libc::SIGTERM);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("cannot poll the server") {
+                return status;
+            }
+            if started.elapsed() > SERVER_STOP_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "blockwatch serve did not exit within {SERVER_STOP_LIMIT:?} of SIGTERM\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        if std::thread::panicking() {
+            // The test already failed: clean up without a second panic.
+            if let Some(mut child) = self.child.take() {
+                signal(child.id(), libc::SIGTERM);
+                let started = Instant::now();
+                while child.try_wait().ok().flatten().is_none() {
+                    if started.elapsed() > SERVER_STOP_LIMIT {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            }
+            return;
+        }
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "blockwatch serve exited with {status} after SIGTERM (want 0)\n{}",
+            self.logs()
+        );
+    }
+}
+
+/// Sends `signal` to one process we started.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) takes no memory; `pid` is a child this test spawned
+    // and has not yet reaped, so the id cannot have been reused.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn create_file(path: &Path) -> File {
+    File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
+}
+
+/// Builds a command from a program and arguments.
+pub fn command<I, S>(program: &str, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+}
+
+/// Runs `command` to completion and returns its output, whatever its
+/// status. A client that hangs (for example waiting for a reply the server
+/// never sends) is killed after `COMMAND_LIMIT` and the test fails.
+pub fn output(command: &mut Command) -> Output {
+    output_within(command, COMMAND_LIMIT)
+}
+
+/// Like `output`, with an explicit bound on how long the command may run.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(command)));
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("cannot poll a child") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = stderr.join().expect("stderr reader");
+    match status {
+        Some(status) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "{} did not finish within {limit:?} and was killed (a hang: a reply \
+             that never came?)\n--- stderr ---\n{}--- stdout ---\n{}",
+            describe(command),
+            String::from_utf8_lossy(&stderr),
+            String::from_utf8_lossy(&stdout)
+        ),
+    }
+}
+
+/// Reads a pipe to its end on a thread, so a chatty child never blocks.
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// Runs `command`, panics with its stderr unless it exits 0, returns stdout.
+pub fn run(command: &mut Command) -> String {
+    run_within(command, COMMAND_LIMIT)
+}
+
+/// Like `run`, with an explicit bound on how long the command may run.
+pub fn run_within(command: &mut Command, limit: Duration) -> String {
+    let output = output_within(command, limit);
+    if !output.status.success() {
+        panic!(
+            "{} failed with {}\n--- stderr ---\n{}--- stdout ---\n{}",
+            describe(command),
+            status_text(output.status),
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    String::from_utf8(output.stdout)
+        .unwrap_or_else(|e| panic!("{} printed non-UTF-8 output: {e}", describe(command)))
+}
+
+/// Runs `program args...` and returns stdout (see `run`).
+pub fn run_program<I, S>(program: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(&mut command(program, args))
+}
+
+pub fn describe(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        let arg = arg.to_string_lossy();
+        if arg.contains([' ', '\'', '"', '?', '$']) {
+            text.push_str(&format!("'{arg}'"));
+        } else {
+            text.push_str(&arg);
+        }
+    }
+    text
+}
+
+pub fn status_text(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => format!("{status}"),
+    }
+}
+
+/// Panics, naming the Debian package, unless `tool` is on PATH.
+pub fn require_tool(tool: &str, package: &str) {
+    if find_in_path(tool).is_none() {
+        panic!(
+            "{tool} is not installed; these tests need it: apt-get install -y {package} \
+             (all the test tools: apt-get install -y libnbd-bin nbdkit nbdfuse qemu-utils fio \
+             python3-libnbd e2fsprogs fuse3)"
+        );
+    }
+}
+
+pub fn find_in_path(tool: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&paths)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(tool))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Deterministic bytes from `seed` (splitmix64), so a failure reproduces.
+pub fn pseudo_random_bytes(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut bytes = Vec::with_capacity(length + 8);
+    while bytes.len() < length {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        bytes.extend_from_slice(&z.to_le_bytes());
+    }
+    bytes.truncate(length);
+    bytes
+}
+
+/// Writes `length` pseudo-random bytes to a new file at `path`.
+pub fn write_random_file(path: &Path, seed: u64, length: usize) -> Vec<u8> {
+    let data = pseudo_random_bytes(seed, length);
+    std::fs::write(path, &data).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    data
+}
+
+/// Creates a sparse file of `size_bytes` (all holes).
+pub fn create_sparse_file(path: &Path, size_bytes: u64) {
+    let file = create_file(path);
+    file.set_len(size_bytes)
+        .unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
+}
+
+/// Writes `data` at `offset` into an existing file.
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    file.write_all_at(data, offset)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// Asserts two files have the same length and bytes, like `cmp`, naming
+/// the first differing offset.
+pub fn assert_files_equal(left: &Path, right: &Path) {
+    let mut left_file =
+        File::open(left).unwrap_or_else(|e| panic!("cannot open {}: {e}", left.display()));
+    let mut right_file =
+        File::open(right).unwrap_or_else(|e| panic!("cannot open {}: {e}", right.display()));
+    let left_len = left_file.metadata().expect("metadata").len();
+    let right_len = right_file.metadata().expect("metadata").len();
+    assert_eq!(
+        left_len,
+        right_len,
+        "{} and {} differ in size",
+        left.display(),
+        right.display()
+    );
+    let mut left_buf = vec![0u8; MIB as usize];
+    let mut right_buf = vec![0u8; MIB as usize];
+    let mut offset = 0u64;
+    while offset < left_len {
+        let piece = (left_len - offset).min(MIB) as usize;
+        left_file.read_exact(&mut left_buf[..piece]).expect("read");
+        right_file
+            .read_exact(&mut right_buf[..piece])
+            .expect("read");
+        if left_buf[..piece] != right_buf[..piece] {
+            let at = (0..piece)
+                .find(|&i| left_buf[i] != right_buf[i])
+                .expect("a differing byte");
+            panic!(
+                "{} and {} differ at byte {} ({:#04x} != {:#04x})",
+                left.display(),
+                right.display(),
+                offset + at as u64,
+                left_buf[at],
+                right_buf[at]
+            );
+        }
+        offset += piece as u64;
+    }
+}
+
+/// Asserts that the file at `path` holds `expected` from `offset`.
+pub fn assert_file_range(path: &Path, offset: u64, expected: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let mut actual = vec![0u8; expected.len()];
+    file.read_exact_at(&mut actual, offset)
+        .unwrap_or_else(|e| panic!("cannot read {} at {offset}: {e}", path.display()));
+    if actual != expected {
+        let at = (0..expected.len())
+            .find(|&i| actual[i] != expected[i])
+            .expect("a differing byte");
+        panic!(
+            "{} differs from what was written at byte {} ({:#04x} != {:#04x} expected)",
+            path.display(),
+            offset + at as u64,
+            actual[at],
+            expected[at]
+        );
+    }
+}
+
+/// Parses JSON output of a client, showing the text when it is not JSON.
+pub fn parse_json(text: &str, what: &str) -> serde_json::Value {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("{what} did not print valid JSON ({e}):\n{text}"))
+}

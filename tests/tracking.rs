@@ -1,0 +1,391 @@
+//! Changed-block tracking through real clients: writes made with qemu-io
+//! after a checkpoint appear exactly in `blockwatch changes` and in the
+//! `qemu:dirty-bitmap:NAME` context read by nbdinfo, python3-libnbd and
+//! qemu-img; kill -9 under load loses nothing; damaged or foreign state is
+//! reported and treated as all-changed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::*;
+
+const REGION: u64 = 64 * 1024;
+
+fn blockwatch_json(args: &[&str]) -> serde_json::Value {
+    let text = run_program(BLOCKWATCH, args);
+    parse_json(&text, &format!("blockwatch {args:?}"))
+}
+
+/// Regions listed by `blockwatch changes --json`.
+fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
+    let reply = blockwatch_json(&[
+        "changes",
+        image.to_str().unwrap(),
+        "--since",
+        since,
+        "--json",
+    ]);
+    reply["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| {
+            let offset = e["offset"].as_u64().unwrap();
+            let length = e["length"].as_u64().unwrap();
+            offset / REGION..(offset + length).div_ceil(REGION)
+        })
+        .collect()
+}
+
+/// Regions nbdinfo shows as dirty in `qemu:dirty-bitmap:NAME`.
+fn dirty_bitmap_regions(uri: &str, name: &str) -> BTreeSet<u64> {
+    let context = format!("--map=qemu:dirty-bitmap:{name}");
+    let text = run_program("nbdinfo", ["--json", context.as_str(), uri]);
+    let extents = parse_json(&text, "nbdinfo --map --json");
+    extents
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_u64() == Some(1))
+        .flat_map(|e| {
+            let offset = e["offset"].as_u64().unwrap();
+            let length = e["length"].as_u64().unwrap();
+            offset / REGION..(offset + length).div_ceil(REGION)
+        })
+        .collect()
+}
+
+fn qemu_io(uri: &str, commands: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for command in commands {
+        args.push("-c");
+        args.push(command);
+    }
+    args.push(uri);
+    run_program("qemu-io", args);
+}
+
+#[test]
+fn known_writes_appear_exactly_in_changes_and_the_dirty_bitmap() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("nbdinfo", "libnbd-bin");
+    let dir = TempDir::new("tracking-exact");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    let uri = server.uri();
+    qemu_io(&uri, &["write -P 1 0 1M"]); // before the checkpoint: not reported
+    run_program(
+        BLOCKWATCH,
+        ["checkpoint", image.to_str().unwrap(), "monday"],
+    );
+    assert_eq!(changed_regions(&image, "monday"), BTreeSet::new());
+    qemu_io(
+        &uri,
+        &[
+            "write -P 2 4M 4k",         // region 64
+            "write -P 3 10M 128k",      // regions 160, 161
+            "write -P 4 20971000 1000", // crosses 20M: regions 319 and 320
+            "write -z 30M 64k",         // region 480
+            "discard 40M 64k",          // region 640
+        ],
+    );
+    let expected: BTreeSet<u64> = [64, 160, 161, 319, 320, 480, 640].into_iter().collect();
+    assert_eq!(changed_regions(&image, "monday"), expected);
+    assert_eq!(dirty_bitmap_regions(&uri, "monday"), expected);
+
+    // A second checkpoint: changes since it start empty, since monday keep growing.
+    run_program(
+        BLOCKWATCH,
+        ["checkpoint", image.to_str().unwrap(), "tuesday"],
+    );
+    qemu_io(&uri, &["write -P 5 50M 4k"]);
+    assert_eq!(
+        changed_regions(&image, "tuesday"),
+        [800].into_iter().collect()
+    );
+    let mut both = expected.clone();
+    both.insert(800);
+    assert_eq!(changed_regions(&image, "monday"), both);
+    let until = blockwatch_json(&[
+        "changes",
+        image.to_str().unwrap(),
+        "--since",
+        "monday",
+        "--until",
+        "tuesday",
+        "--json",
+    ]);
+    assert_eq!(
+        until["changed_bytes"].as_u64(),
+        Some(expected.len() as u64 * REGION)
+    );
+
+    // The context is listed like QEMU's, and libnbd reads it.
+    let list = run_program("nbdinfo", ["--list", uri.as_str()]);
+    assert!(list.contains("qemu:dirty-bitmap:monday"), "{list}");
+    assert!(list.contains("qemu:dirty-bitmap:tuesday"), "{list}");
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context("qemu:dirty-bitmap:tuesday")
+h.connect_uri(sys.argv[1])
+assert h.can_meta_context("qemu:dirty-bitmap:tuesday")
+dirty = []
+def cb(context, offset, entries, err):
+    pos = offset
+    for i in range(0, len(entries), 2):
+        if entries[i + 1] & 1:
+            dirty.append((pos, entries[i]))
+        pos += entries[i]
+h.block_status(64 * 1024 * 1024, 0, cb)
+print(dirty)
+"#;
+    let out = run_program("/usr/bin/python3", ["-c", script, uri.as_str()]);
+    assert_eq!(out.trim(), format!("[({}, {})]", 800 * REGION, REGION));
+
+    // Deleting monday merges nothing away: tuesday still reports its change.
+    run_program(
+        BLOCKWATCH,
+        ["checkpoint", image.to_str().unwrap(), "--delete", "monday"],
+    );
+    assert_eq!(
+        changed_regions(&image, "tuesday"),
+        [800].into_iter().collect()
+    );
+    let status = blockwatch_json(&["status", image.to_str().unwrap(), "--json"]);
+    assert_eq!(status["checkpoints"], 1);
+    assert!(
+        status["flush_count"].as_u64().unwrap() > 0,
+        "qemu-io flushes at exit: {status}"
+    );
+    server.stop();
+
+    // Offline, the same answers come from the state directory.
+    assert_eq!(
+        changed_regions(&image, "tuesday"),
+        [800].into_iter().collect()
+    );
+    let quiet = output(&mut command(
+        BLOCKWATCH,
+        [
+            "changes",
+            image.to_str().unwrap(),
+            "--since",
+            "tuesday",
+            "--quiet",
+        ],
+    ));
+    assert_eq!(quiet.status.code(), Some(0));
+    run_program(
+        BLOCKWATCH,
+        ["checkpoint", image.to_str().unwrap(), "wednesday"],
+    );
+    let quiet = output(&mut command(
+        BLOCKWATCH,
+        [
+            "changes",
+            image.to_str().unwrap(),
+            "--since",
+            "wednesday",
+            "--quiet",
+        ],
+    ));
+    assert_eq!(
+        quiet.status.code(),
+        Some(1),
+        "--quiet exits 1 when nothing changed"
+    );
+}
+
+#[test]
+fn qemu_img_reads_the_dirty_bitmap_as_it_reads_qemus() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = TempDir::new("tracking-qemu-img");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "16M");
+    run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), "base"]);
+    qemu_io(&server.uri(), &["write -P 9 1M 64k"]);
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:base",
+        server.socket().display()
+    );
+    let text = run_program(
+        "qemu-img",
+        ["map", "--output=json", "--image-opts", opts.as_str()],
+    );
+    let map = parse_json(&text, "qemu-img map");
+    // qemu-img shows dirty areas as data=false (the bitmap is read in place of allocation).
+    let dirty: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, [(1 << 20, REGION)]);
+    server.stop();
+}
+
+fn cycles() -> u32 {
+    std::env::var("BLOCKWATCH_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// Regions whose bytes differ between two image files.
+fn differing_regions(left: &Path, right: &Path) -> BTreeSet<u64> {
+    let left = std::fs::read(left).unwrap();
+    let right = std::fs::read(right).unwrap();
+    assert_eq!(left.len(), right.len());
+    left.chunks(REGION as usize)
+        .zip(right.chunks(REGION as usize))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(index, _)| index as u64)
+        .collect()
+}
+
+#[test]
+fn kill_9_under_random_writes_loses_no_change() {
+    require_tool("fio", "fio");
+    let dir = TempDir::new("tracking-kill");
+    let image = dir.join("disk.img");
+    let copy = dir.join("checkpoint.img");
+    let mut server = Server::start_with_size(dir.path(), &image, "64M");
+    for cycle in 0..cycles() {
+        let name = format!("cycle{cycle}");
+        run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), &name]);
+        // The image as of the checkpoint (no writes run between the two).
+        std::fs::copy(&image, &copy).unwrap();
+        let uri = server.uri();
+        // The load stays inside one 16 MiB window, so an exact recovery
+        // reports nothing outside it (a fallback to "all" would).
+        let window_start = u64::from(cycle % 4) * (16 << 20);
+        let mut load = command(
+            "fio",
+            [
+                "--name=crash",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                &format!("--offset={window_start}"),
+                "--size=16M",
+                "--time_based",
+                "--runtime=30",
+                &format!("--randseed={}", 1000 + cycle),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            700 + 300 * u64::from(cycle),
+        ));
+        server.kill();
+        let _ = load.wait();
+        let changed = differing_regions(&copy, &image);
+        assert!(
+            !changed.is_empty(),
+            "cycle {cycle}: the load wrote nothing before the kill"
+        );
+        let reported = changed_regions(&image, &name);
+        let missed: Vec<&u64> = changed.difference(&reported).collect();
+        assert!(
+            missed.is_empty(),
+            "cycle {cycle}: regions changed but not reported: {missed:?}"
+        );
+        // Crash recovery is exact, not a fallback to everything.
+        assert!(
+            reported.len() < 1024,
+            "cycle {cycle}: {} regions reported of 1024",
+            reported.len()
+        );
+        server = Server::start(dir.path(), &[&image], &[]);
+    }
+    server.stop();
+}
+
+/// Damaged state must be reported and make every region count as changed.
+fn assert_all_changed_after(setup: impl FnOnce(&Path, &Path), expect: &str) {
+    let dir = TempDir::new("tracking-damage");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "8M");
+    run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), "base"]);
+    qemu_io(&server.uri(), &["write -P 1 0 4k"]);
+    server.stop();
+    let state = dir.join("disk.img.blockwatch");
+    setup(&image, &state);
+    let out = output(&mut command(
+        BLOCKWATCH,
+        [
+            "changes",
+            image.to_str().unwrap(),
+            "--since",
+            "base",
+            "--json",
+        ],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(expect),
+        "stderr {stderr:?} lacks {expect:?}"
+    );
+    let reply = parse_json(&String::from_utf8_lossy(&out.stdout), "changes");
+    assert_eq!(reply["changed_bytes"].as_u64(), Some(8 << 20), "{reply}");
+}
+
+#[test]
+fn corrupt_journal_is_reported_and_everything_counts_as_changed() {
+    require_tool("qemu-io", "qemu-utils");
+    assert_all_changed_after(
+        |_, state| {
+            let path = state.join("journal");
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[10] ^= 0xff; // inside the header's checksummed bytes
+            std::fs::write(&path, bytes).unwrap();
+        },
+        "journal is damaged",
+    );
+}
+
+#[test]
+fn corrupt_catalog_is_reported_and_everything_counts_as_changed() {
+    require_tool("qemu-io", "qemu-utils");
+    assert_all_changed_after(
+        |_, state| std::fs::write(state.join("catalog.redb"), vec![0x5a; 4096]).unwrap(),
+        "catalog",
+    );
+}
+
+#[test]
+fn image_changed_offline_is_reported_and_everything_counts_as_changed() {
+    require_tool("qemu-io", "qemu-utils");
+    assert_all_changed_after(
+        |image, _| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            write_at(image, 1 << 20, b"changed behind the tracker's back");
+        },
+        "modified while no server ran",
+    );
+}
+
+#[test]
+fn foreign_state_is_reported_and_everything_counts_as_changed() {
+    require_tool("qemu-io", "qemu-utils");
+    assert_all_changed_after(
+        |image, _| {
+            // The image is replaced by a copy: same path, another file.
+            let copy = image.with_extension("copy");
+            std::fs::copy(image, &copy).unwrap();
+            std::fs::rename(&copy, image).unwrap();
+        },
+        "belongs to another file",
+    );
+}
