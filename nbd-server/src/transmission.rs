@@ -109,6 +109,13 @@ where
         if !reading && conn.async_in_flight == 0 && (disconnected || starved) {
             break;
         }
+        if !starved && !disconnected && conn.async_in_flight < ASYNC_IN_FLIGHT_MAX {
+            // The batch stopped because enough replies were waiting: the
+            // requests still buffered need no new input, so go on at once.
+            // (Waiting on the socket here deadlocks against a client that
+            // has sent all it will send until it gets replies.)
+            continue;
+        }
         tokio::select! {
             biased;
             Some(reply) = done_rx.recv(), if conn.async_in_flight > 0 => {
@@ -120,7 +127,7 @@ where
                 }
             }
             _ = shutdown.changed(), if reading => reading = false,
-            read = input.read_some(&mut reader), if reading && input.has_space() => {
+            read = input.read_some(&mut reader), if reading && starved && input.has_space() => {
                 if read? == 0 {
                     reading = false;
                 }

@@ -644,3 +644,43 @@ fn fast_zero_is_honest_and_no_hole_allocates() {
     assert!(data[..131072].iter().all(|&b| b == 0));
     assert!(data[131072..].iter().all(|&b| b == 0xee));
 }
+
+/// A batch used to stop once 4 MiB of replies were waiting, then wait for
+/// socket input before looking at the requests it still held: a client
+/// that had sent all its reads (fio, 1 MiB reads at queue depth 24) and
+/// waited for replies hung forever.
+#[test]
+fn pipelined_large_reads_beyond_the_reply_batch_all_get_replies() {
+    let server = TestServer::start(64 << 20, false);
+    for mode in [ReplyMode::Simple, ReplyMode::Structured] {
+        let mut client = server.transmission(mode);
+        client.write(false, 1, 0, &vec![0x42; 24 << 20]);
+        let _ = client.chunk();
+        let mut frame = Vec::new();
+        for cookie in 0..24u64 {
+            RequestHeader {
+                flags: 0,
+                command: CMD_READ,
+                cookie,
+                offset: cookie << 20,
+                length: 1 << 20,
+            }
+            .encode(false, &mut frame);
+        }
+        client.stream.write_all(&frame).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..24 {
+            if mode == ReplyMode::Simple {
+                let (error, cookie) = client.simple_reply();
+                assert_eq!(error, 0);
+                assert!(client.read_exact(1 << 20).iter().all(|&b| b == 0x42));
+                seen.push(cookie);
+            } else {
+                let chunks = client.reply();
+                seen.push(chunks[0].cookie);
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, (0..24).collect::<Vec<u64>>());
+    }
+}
