@@ -14,6 +14,10 @@ use std::thread::JoinHandle;
 use crate::journal::{JournalWriter, RUNS_PER_RECORD_MAX, Record};
 use crate::regions::{AtomicBitmap, RegionRun};
 
+/// How long lazily appended records may stay unsynced when nothing else
+/// comes along to sync them.
+pub const LAZY_SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs queued before a writer waits for the current commit to finish
 /// instead of adding more (bounds the pending queue).
 const PENDING_RUNS_MAX: usize = 1 << 20;
@@ -28,6 +32,10 @@ struct State {
     busy: bool,
     failed: Option<String>,
     stop: bool,
+    /// A queued record's writer waits for it: the batch must be synced.
+    sync_required: bool,
+    /// Lazy records were appended but not yet synced.
+    unsynced: bool,
     writer: Option<JournalWriter>,
 }
 
@@ -56,6 +64,8 @@ impl Committer {
                 busy: false,
                 failed: None,
                 stop: false,
+                sync_required: false,
+                unsynced: false,
                 writer: Some(writer),
             }),
             work: Condvar::new(),
@@ -92,12 +102,25 @@ impl Committer {
         self.wait_for(batch)
     }
 
-    /// Queues a record without waiting; returns the batch to wait for.
+    /// Queues a record that will be synced with its batch; returns the
+    /// batch to wait for.
     pub fn enqueue(&self, record: Record) -> io::Result<u64> {
+        self.queue(record, true)
+    }
+
+    /// Queues a record that is appended at once but made durable only by the
+    /// next sync (a mark commit, a checkpoint, a stop, or `LAZY_SYNC_DELAY`
+    /// of quiet). For records whose loss in a crash errs on the safe side.
+    pub fn enqueue_lazy(&self, record: Record) -> io::Result<()> {
+        self.queue(record, false).map(|_| ())
+    }
+
+    fn queue(&self, record: Record, sync: bool) -> io::Result<u64> {
         let batch = {
             let mut state = self.lock();
             check_failed(&state)?;
             state.pending_records.push(record);
+            state.sync_required |= sync;
             state.next_batch
         };
         self.shared.work.notify_one();
@@ -165,14 +188,32 @@ fn check_failed(state: &State) -> io::Result<()> {
 fn commit_loop(shared: &Shared) {
     loop {
         let mut state = shared.state.lock().expect("journal state lock");
+        let mut idle_sync = false;
         while state.pending_marks.is_empty() && state.pending_records.is_empty() && !state.stop {
-            state = shared.work.wait(state).expect("journal state lock");
+            if state.unsynced {
+                let (guard, timeout) = shared
+                    .work
+                    .wait_timeout(state, LAZY_SYNC_DELAY)
+                    .expect("journal state lock");
+                state = guard;
+                if timeout.timed_out() && state.unsynced {
+                    idle_sync = true;
+                    break;
+                }
+            } else {
+                state = shared.work.wait(state).expect("journal state lock");
+            }
         }
-        if state.pending_marks.is_empty() && state.pending_records.is_empty() {
+        let nothing_queued = state.pending_marks.is_empty() && state.pending_records.is_empty();
+        if nothing_queued && !idle_sync && !state.unsynced {
             return; // stopping, nothing left
         }
         let marks = std::mem::take(&mut state.pending_marks);
         let mut records = std::mem::take(&mut state.pending_records);
+        // Marks (and waited-for records) need the sync before anyone wakes;
+        // lazy records alone are only appended; stopping syncs everything.
+        let must_sync = !marks.is_empty() || state.sync_required || state.stop || idle_sync;
+        state.sync_required = false;
         let batch = state.next_batch;
         state.next_batch += 1;
         state.busy = true;
@@ -187,7 +228,9 @@ fn commit_loop(shared: &Shared) {
                 runs: chunk.to_vec(),
             });
         }
-        let result = writer.append(&records).and_then(|()| writer.sync());
+        let result = writer
+            .append(&records)
+            .and_then(|()| if must_sync { writer.sync() } else { Ok(()) });
         if result.is_ok() {
             for run in &marks {
                 shared.marked.set_run(*run);
@@ -197,10 +240,15 @@ fn commit_loop(shared: &Shared) {
         state.writer = Some(writer);
         state.busy = false;
         match result {
-            Ok(()) => state.committed_batch = batch,
+            Ok(()) => {
+                state.committed_batch = batch;
+                state.unsynced = !must_sync;
+            }
             Err(error) => {
                 tracing::error!(%error, "journal commit failed: tracking refuses new first touches");
                 state.failed = Some(error.to_string());
+                // Nothing more can be made durable; do not retry forever.
+                state.unsynced = false;
             }
         }
         drop(state);

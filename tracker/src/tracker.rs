@@ -503,39 +503,42 @@ impl Tracker {
     }
 
     /// Around a device flush: takes the regions written since the last one,
-    /// queues their saved record (its sync runs beside the device's), runs
-    /// `device_flush`, waits for the record and marks them saved.
+    /// runs `device_flush`, marks them saved and appends their saved record.
+    ///
+    /// The record is made durable lazily (by the next journal sync, within
+    /// `LAZY_SYNC_DELAY`): losing it in a crash only shows those regions as
+    /// "written" instead of "saved", never hides a change, and it keeps a
+    /// second device sync off every FLUSH.
     pub fn flush(&self, device_flush: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let started = Instant::now();
         let runs = self.written.take_runs();
-        let batch = if runs.is_empty() {
-            None
-        } else {
-            let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-            Some(self.committer().enqueue(Record::Saved {
-                epoch,
-                runs: runs.clone(),
-            }))
-        };
         self.record_flush_work(started.elapsed());
-        let result = device_flush().and_then(|()| match batch {
-            Some(batch) => self.committer().wait_for(batch?),
-            None => Ok(()),
-        });
-        match result {
-            Ok(()) => {
-                for run in runs {
-                    self.saved.set_run(run);
-                }
-                Ok(())
+        if let Err(error) = device_flush() {
+            // Not durable after all: they stay "written".
+            for run in runs {
+                self.written.set_run(run);
             }
-            Err(error) => {
-                // Not durable after all: they stay "written".
-                for run in runs {
-                    self.written.set_run(run);
-                }
-                Err(error)
-            }
+            return Err(error);
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        for run in &runs {
+            self.saved.set_run(*run);
+        }
+        let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let queued = self.committer().enqueue_lazy(Record::Saved { epoch, runs });
+        self.add_flush_work(started.elapsed());
+        queued
+    }
+
+    /// Adds to the newest flush sample (work done after the device flush).
+    fn add_flush_work(&self, work: Duration) {
+        let mut samples = self.flush_samples.lock().expect("flush samples lock");
+        let newest = (samples.next + FLUSH_SAMPLES_MAX - 1) % FLUSH_SAMPLES_MAX;
+        if let Some(sample) = samples.samples_ns.get_mut(newest) {
+            *sample += work.as_nanos() as u64;
         }
     }
 
