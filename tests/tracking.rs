@@ -389,3 +389,82 @@ fn foreign_state_is_reported_and_everything_counts_as_changed() {
         "belongs to another file",
     );
 }
+
+/// Status of each changed extent: (offset, status).
+fn change_statuses(image: &Path, since: &str) -> Vec<(u64, String)> {
+    let reply = blockwatch_json(&[
+        "changes",
+        image.to_str().unwrap(),
+        "--since",
+        since,
+        "--json",
+    ]);
+    reply["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn writes_become_saved_at_flush_or_with_fua() {
+    let dir = TempDir::new("tracking-saved");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "16M");
+    run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), "base"]);
+    // One libnbd connection kept open: plain write (written), FUA write
+    // (saved), then a flush makes the first one saved too.
+    let script = r#"
+import nbd, sys, subprocess
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"a" * 4096, 0)
+h.pwrite(b"b" * 4096, 1 << 20, nbd.CMD_FLAG_FUA)
+print(subprocess.run(sys.argv[2:], capture_output=True, text=True, check=True).stdout, end="")
+print("---")
+h.flush()
+print(subprocess.run(sys.argv[2:], capture_output=True, text=True, check=True).stdout, end="")
+h.shutdown()
+"#;
+    let uri = server.uri();
+    let out = run_program(
+        "/usr/bin/python3",
+        [
+            "-c",
+            script,
+            uri.as_str(),
+            BLOCKWATCH,
+            "changes",
+            image.to_str().unwrap(),
+            "--since",
+            "base",
+        ],
+    );
+    let (before, after) = out.split_once("---\n").expect("two listings");
+    let lines = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    assert_eq!(
+        lines(before),
+        [["0", "65536", "written"], ["1048576", "65536", "saved"]],
+        "{out}"
+    );
+    assert_eq!(
+        lines(after),
+        [["0", "65536", "saved"], ["1048576", "65536", "saved"]],
+        "{out}"
+    );
+    assert_eq!(
+        change_statuses(&image, "base"),
+        [(0, "saved".to_string()), (1 << 20, "saved".to_string())]
+    );
+    server.stop();
+}

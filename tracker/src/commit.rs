@@ -18,6 +18,9 @@ use crate::regions::{AtomicBitmap, RegionRun};
 /// comes along to sync them.
 pub const LAZY_SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Lazy records queued before the thread is woken to write them.
+const LAZY_RECORDS_MAX: usize = 4096;
+
 /// Runs queued before a writer waits for the current commit to finish
 /// instead of adding more (bounds the pending queue).
 const PENDING_RUNS_MAX: usize = 1 << 20;
@@ -108,22 +111,29 @@ impl Committer {
         self.queue(record, true)
     }
 
-    /// Queues a record that is appended at once but made durable only by the
-    /// next sync (a mark commit, a checkpoint, a stop, or `LAZY_SYNC_DELAY`
-    /// of quiet). For records whose loss in a crash errs on the safe side.
+    /// Queues a record that is written and made durable with the next sync
+    /// (a mark commit, a checkpoint, a stop, or after `LAZY_SYNC_DELAY`).
+    /// For records whose loss in a crash errs on the safe side.
     pub fn enqueue_lazy(&self, record: Record) -> io::Result<()> {
         self.queue(record, false).map(|_| ())
     }
 
     fn queue(&self, record: Record, sync: bool) -> io::Result<u64> {
-        let batch = {
+        let (batch, wake) = {
             let mut state = self.lock();
             check_failed(&state)?;
             state.pending_records.push(record);
             state.sync_required |= sync;
-            state.next_batch
+            (
+                state.next_batch,
+                sync || state.pending_records.len() >= LAZY_RECORDS_MAX,
+            )
         };
-        self.shared.work.notify_one();
+        // A lazy record does not wake the thread (that would cost a context
+        // switch per FLUSH): it goes out with the next commit or the delay.
+        if wake {
+            self.shared.work.notify_one();
+        }
         Ok(batch)
     }
 
@@ -189,14 +199,15 @@ fn commit_loop(shared: &Shared) {
     loop {
         let mut state = shared.state.lock().expect("journal state lock");
         let mut idle_sync = false;
-        while state.pending_marks.is_empty() && state.pending_records.is_empty() && !state.stop {
-            if state.unsynced {
+        while state.pending_marks.is_empty() && !state.sync_required && !state.stop {
+            if state.unsynced || !state.pending_records.is_empty() {
+                // Lazy records wait here for company, or for the delay.
                 let (guard, timeout) = shared
                     .work
                     .wait_timeout(state, LAZY_SYNC_DELAY)
                     .expect("journal state lock");
                 state = guard;
-                if timeout.timed_out() && state.unsynced {
+                if timeout.timed_out() {
                     idle_sync = true;
                     break;
                 }

@@ -85,9 +85,14 @@ impl BlockBackend for TrackedBackend {
         self.tracker.is_marked(offset, length) && self.inner.write_is_cheap(offset, length)
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.tracked(offset, buf.len() as u64, || {
-            self.inner.write_at(buf, offset, fua)
-        })
+        let length = buf.len() as u64;
+        if !fua {
+            return self.tracked(offset, length, || self.inner.write_at(buf, offset, false));
+        }
+        let _gate = self.tracker.enter();
+        self.tracker.ensure_marked(offset, length)?;
+        self.inner.write_at(buf, offset, true)?;
+        self.tracker.note_written_durably(offset, length)
     }
     fn flush(&self) -> io::Result<()> {
         let _gate = self.tracker.enter();

@@ -24,7 +24,8 @@ use crate::catalog::{Catalog, CatalogError, Checkpoint, CleanShutdown, Identity}
 use crate::commit::Committer;
 use crate::journal::{self, FileHeader, JournalError, JournalFile, JournalWriter, Record};
 use crate::regions::{
-    AtomicBitmap, GRANULARITY_DEFAULT_BYTES, Granularity, REGION_COUNT_MAX, runs_from_sorted,
+    AtomicBitmap, GRANULARITY_DEFAULT_BYTES, Granularity, REGION_COUNT_MAX, RegionRun,
+    runs_from_sorted,
 };
 
 pub const CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
@@ -500,6 +501,27 @@ impl Tracker {
             self.written
                 .set_run(self.granularity.run_of(offset_bytes, length_bytes));
         }
+    }
+
+    /// After a FUA write: its regions are saved, unless an earlier write to
+    /// them still waits for a flush (then the region as a whole is not).
+    pub fn note_written_durably(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
+        if length_bytes == 0 {
+            return Ok(());
+        }
+        let run = self.granularity.run_of(offset_bytes, length_bytes);
+        let runs: Vec<RegionRun> = runs_from_sorted(
+            (run.first_region..run.first_region + run.region_count)
+                .filter(|&region| !self.written.get(region)),
+        );
+        if runs.is_empty() {
+            return Ok(());
+        }
+        for run in &runs {
+            self.saved.set_run(*run);
+        }
+        let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.committer().enqueue_lazy(Record::Saved { epoch, runs })
     }
 
     /// Around a device flush: takes the regions written since the last one,
