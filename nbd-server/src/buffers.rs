@@ -129,6 +129,20 @@ impl OutBuf {
         &self.buf[..self.filled]
     }
 
+    /// Reuses `buf` (its length is kept initialised, grown to `bytes`).
+    pub fn from_vec(mut buf: Vec<u8>, bytes: usize) -> OutBuf {
+        if buf.len() < bytes {
+            buf.resize(bytes, 0);
+        }
+        OutBuf { buf, filled: 0 }
+    }
+
+    /// The filled bytes as a `Vec`, without copying them.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.truncate(self.filled);
+        self.buf
+    }
+
     pub fn len(&self) -> usize {
         self.filled
     }
@@ -160,6 +174,35 @@ impl OutBuf {
         let slice = &mut self.buf[self.filled..end];
         self.filled = end;
         slice
+    }
+}
+
+/// Large reply buffers, recycled between pool reads so that a 1 MiB read
+/// does not map, fault in and unmap fresh memory every time.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers a pool keeps; more are dropped.
+const POOLED_BUFFERS_MAX: usize = 16;
+
+impl BufferPool {
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .expect("buffer pool lock")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    pub fn put(&self, mut buf: Vec<u8>) {
+        let mut free = self.free.lock().expect("buffer pool lock");
+        if free.len() < POOLED_BUFFERS_MAX && buf.capacity() <= 64 * 1024 * 1024 {
+            // Keep the initialised length: OutBuf::from_vec relies on it.
+            buf.resize(buf.capacity(), 0);
+            free.push(buf);
+        }
     }
 }
 

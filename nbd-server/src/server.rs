@@ -101,6 +101,7 @@ impl Server {
                 _ = shutdown.changed() => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        enlarge_send_buffer(&stream);
                         let (reader, writer) = stream.into_split();
                         self.spawn_connection(reader, writer, "unix".to_string());
                     }
@@ -120,6 +121,7 @@ impl Server {
                     Ok((stream, peer)) => {
                         // Replies are written in batches already; Nagle would only delay them.
                         let _ = stream.set_nodelay(true);
+                        enlarge_send_buffer(&stream);
                         let (reader, writer) = stream.into_split();
                         self.spawn_connection(reader, writer, peer.to_string());
                     }
@@ -202,6 +204,28 @@ impl Server {
 
 /// A client that connects and says nothing is dropped after this long.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Socket send buffer asked for (the kernel caps it at net.core.wmem_max).
+/// The default (about 200 KiB) makes a 1 MiB READ reply take several
+/// wake-ups of the writer; a few MiB lets whole replies go in one write.
+const SEND_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
+
+fn enlarge_send_buffer(socket: &impl std::os::fd::AsRawFd) {
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int
+    // and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&SEND_BUFFER_BYTES as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot enlarge the socket send buffer");
+    }
+}
 
 async fn accept_error(error: io::Error) {
     // EMFILE and friends: back off rather than spin.

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
-use crate::buffers::{InBuf, OutBuf, Sink};
+use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
 use crate::handshake::Session;
 use crate::proto::*;
 use crate::server::BASE_ALLOCATION;
@@ -34,6 +34,10 @@ const OUT_FLUSH_BYTES: usize = 4 * 1024 * 1024;
 const HOLE_SCAN_MIN_BYTES: u64 = 64 * 1024;
 /// Holes/data runs looked up for one READ; the rest of the read is sent as data.
 const READ_SEGMENTS_MAX: usize = 64;
+/// Reads at least this long always run on the blocking pool (see `read`).
+const PARALLEL_READ_MIN_BYTES: u64 = 256 * 1024;
+/// Replies from the pool at least this long are written without a copy.
+const DIRECT_REPLY_MIN_BYTES: usize = 64 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
 const BLOCK_STATUS_EXTENTS_MAX: usize = 65536;
 
@@ -119,11 +123,21 @@ where
         tokio::select! {
             biased;
             Some(reply) = done_rx.recv(), if conn.async_in_flight > 0 => {
-                out.put(&reply);
-                conn.async_in_flight -= 1;
-                while let Ok(reply) = done_rx.try_recv() {
-                    out.put(&reply);
+                let mut next = Some(reply);
+                while let Some(reply) = next {
                     conn.async_in_flight -= 1;
+                    if reply.len() < DIRECT_REPLY_MIN_BYTES {
+                        out.put(&reply);
+                    } else {
+                        // Large replies go out as they are, not copied into `out`.
+                        if !out.is_empty() {
+                            writer.write_all(out.as_slice()).await?;
+                            out.clear();
+                        }
+                        writer.write_all(&reply).await?;
+                        conn.buffers.put(reply);
+                    }
+                    next = done_rx.try_recv().ok();
                 }
             }
             _ = shutdown.changed(), if reading => reading = false,
@@ -163,6 +177,7 @@ struct Connection {
     size_bytes: u64,
     done_tx: mpsc::Sender<Vec<u8>>,
     async_in_flight: usize,
+    buffers: Arc<BufferPool>,
 }
 
 impl Connection {
@@ -176,6 +191,7 @@ impl Connection {
             contexts: session.contexts.into(),
             done_tx,
             async_in_flight: 0,
+            buffers: Arc::default(),
         }
     }
 
@@ -346,21 +362,27 @@ impl Connection {
     /// Answers a READ from the page cache if it can, else on the blocking pool.
     fn read(&mut self, reply: ReplyTo, header: &RequestHeader, out: &mut OutBuf) {
         let df = header.flags & CMD_FLAG_DF != 0;
-        let mark = out.len();
-        match read_reply(&*self.backend, reply, header.length, df, out, true) {
-            Ok(true) => return,
-            Ok(false) => out.truncate(mark),
-            Err(e) => {
-                out.truncate(mark);
-                reply.io_error(out, &e);
-                return;
+        // Large reads go to the pool even when cached: the copy out of the
+        // page cache then runs on another core while this task keeps the
+        // socket busy.
+        if header.length < PARALLEL_READ_MIN_BYTES {
+            let mark = out.len();
+            match read_reply(&*self.backend, reply, header.length, df, out, true) {
+                Ok(true) => return,
+                Ok(false) => out.truncate(mark),
+                Err(e) => {
+                    out.truncate(mark);
+                    reply.io_error(out, &e);
+                    return;
+                }
             }
         }
         let length = header.length;
+        let pool = Arc::clone(&self.buffers);
         self.spawn(move |backend, out| {
-            let mut buffer = OutBuf::with_capacity(length as usize + 64);
+            let mut buffer = OutBuf::from_vec(pool.take(), length as usize + 64);
             match read_reply(backend, reply, length, df, &mut buffer, false) {
-                Ok(_) => out.extend_from_slice(buffer.as_slice()),
+                Ok(_) => *out = buffer.into_vec(),
                 Err(e) => reply.io_error(out, &e),
             }
         });

@@ -124,13 +124,16 @@ impl Committer {
             check_failed(&state)?;
             state.pending_records.push(record);
             state.sync_required |= sync;
+            let queued = state.pending_records.len();
             (
                 state.next_batch,
-                sync || state.pending_records.len() >= LAZY_RECORDS_MAX,
+                sync || queued == 1 || queued >= LAZY_RECORDS_MAX,
             )
         };
-        // A lazy record does not wake the thread (that would cost a context
-        // switch per FLUSH): it goes out with the next commit or the delay.
+        // A lazy record wakes the thread only when it is the first one
+        // queued (so the thread arms its timer) or the queue is long: not a
+        // context switch per FLUSH. It goes out with the next commit or the
+        // delay.
         if wake {
             self.shared.work.notify_one();
         }
@@ -151,6 +154,11 @@ impl Committer {
     /// (at a checkpoint, while writes are held at the gate).
     pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
         let mut state = self.lock();
+        if !state.pending_records.is_empty() {
+            // Lazy records belong to the old journal: write them now.
+            state.sync_required = true;
+            self.shared.work.notify_one();
+        }
         while state.busy || !state.pending_marks.is_empty() || !state.pending_records.is_empty() {
             check_failed(&state)?;
             state = self.shared.done.wait(state).expect("journal state lock");

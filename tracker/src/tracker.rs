@@ -534,7 +534,7 @@ impl Tracker {
     pub fn flush(&self, device_flush: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let started = Instant::now();
         let runs = self.written.take_runs();
-        self.record_flush_work(started.elapsed());
+        let mut work = started.elapsed();
         if let Err(error) = device_flush() {
             // Not durable after all: they stay "written".
             for run in runs {
@@ -542,26 +542,18 @@ impl Tracker {
             }
             return Err(error);
         }
-        if runs.is_empty() {
-            return Ok(());
-        }
         let started = Instant::now();
-        for run in &runs {
-            self.saved.set_run(*run);
+        let mut queued = Ok(());
+        if !runs.is_empty() {
+            for run in &runs {
+                self.saved.set_run(*run);
+            }
+            let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            queued = self.committer().enqueue_lazy(Record::Saved { epoch, runs });
         }
-        let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        let queued = self.committer().enqueue_lazy(Record::Saved { epoch, runs });
-        self.add_flush_work(started.elapsed());
+        work += started.elapsed();
+        self.record_flush_work(work);
         queued
-    }
-
-    /// Adds to the newest flush sample (work done after the device flush).
-    fn add_flush_work(&self, work: Duration) {
-        let mut samples = self.flush_samples.lock().expect("flush samples lock");
-        let newest = (samples.next + FLUSH_SAMPLES_MAX - 1) % FLUSH_SAMPLES_MAX;
-        if let Some(sample) = samples.samples_ns.get_mut(newest) {
-            *sample += work.as_nanos() as u64;
-        }
     }
 
     fn record_flush_work(&self, work: Duration) {
