@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
@@ -34,6 +34,9 @@ const OUT_FLUSH_BYTES: usize = 4 * 1024 * 1024;
 const HOLE_SCAN_MIN_BYTES: u64 = 64 * 1024;
 /// Holes/data runs looked up for one READ; the rest of the read is sent as data.
 const READ_SEGMENTS_MAX: usize = 64;
+/// WRITE payloads at least this long that go to the blocking pool are read
+/// into a buffer of their own (see `wants_owned_payload`).
+const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
 /// Reads at least this long always run on the blocking pool (see `read`).
 const PARALLEL_READ_MIN_BYTES: u64 = 256 * 1024;
 /// Replies from the pool at least this long are written without a copy.
@@ -75,6 +78,7 @@ where
     let mut disconnected = false;
     loop {
         let mut starved = false;
+        let mut owned_write = None;
         while !disconnected
             && conn.async_in_flight < ASYNC_IN_FLIGHT_MAX
             && out.len() < OUT_FLUSH_BYTES
@@ -95,6 +99,10 @@ where
             };
             let total = header_len + conn.payload_len(&header)?;
             if available.len() < total {
+                if conn.wants_owned_payload(&header) {
+                    owned_write = Some(header);
+                    break;
+                }
                 input.make_room(total);
                 starved = true;
                 break;
@@ -109,6 +117,20 @@ where
         if !out.is_empty() {
             writer.write_all(out.as_slice()).await?;
             out.clear();
+        }
+        if let Some(header) = owned_write {
+            // A large write bound for the blocking pool: its payload is read
+            // straight into a buffer of its own rather than into `input` and
+            // then copied out.
+            let mut data = conn.buffers.take();
+            let length = header.length as usize;
+            data.resize(length, 0);
+            let buffered = input.len() - header_len;
+            data[..buffered].copy_from_slice(&input.available()[header_len..]);
+            input.consume(input.len());
+            reader.read_exact(&mut data[buffered..]).await?;
+            conn.write_owned(&header, data);
+            continue;
         }
         if !reading && conn.async_in_flight == 0 && (disconnected || starved) {
             break;
@@ -231,15 +253,7 @@ impl Connection {
                     Err(e) => reply.io_error(out, &e),
                 }
             }
-            CMD_WRITE => {
-                let data = payload.to_vec();
-                self.spawn(
-                    move |backend, out| match backend.write_at(&data, offset, fua) {
-                        Ok(()) => reply.ok(out),
-                        Err(e) => reply.io_error(out, &e),
-                    },
-                );
-            }
+            CMD_WRITE => self.write_owned(header, payload.to_vec()),
             CMD_FLUSH => self.spawn(move |backend, out| match backend.flush() {
                 Ok(()) => reply.ok(out),
                 Err(e) => reply.io_error(out, &e),
@@ -282,6 +296,30 @@ impl Connection {
             _ => unreachable!("validate admits only known commands"),
         }
         Flow::Continue
+    }
+
+    /// Whether this request is a valid large WRITE that will run on the
+    /// blocking pool (FUA, or its regions wait for a tracking mark).
+    fn wants_owned_payload(&self, header: &RequestHeader) -> bool {
+        header.command == CMD_WRITE
+            && header.length >= OWNED_PAYLOAD_MIN_BYTES
+            && self.validate(header).is_ok()
+            && (header.flags & CMD_FLAG_FUA != 0
+                || !self.backend.write_is_cheap(header.offset, header.length))
+    }
+
+    /// Runs a (validated) WRITE whose payload it owns on the blocking pool.
+    fn write_owned(&mut self, header: &RequestHeader, data: Vec<u8>) {
+        let reply = ReplyTo::new(self.mode, header);
+        let (offset, fua) = (header.offset, header.flags & CMD_FLAG_FUA != 0);
+        let pool = Arc::clone(&self.buffers);
+        self.spawn(move |backend, out| {
+            match backend.write_at(&data, offset, fua) {
+                Ok(()) => reply.ok(out),
+                Err(e) => reply.io_error(out, &e),
+            }
+            pool.put(data);
+        });
     }
 
     /// Checks a request against the spec and what was advertised.

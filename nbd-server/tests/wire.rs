@@ -684,3 +684,33 @@ fn pipelined_large_reads_beyond_the_reply_batch_all_get_replies() {
         assert_eq!(seen, (0..24).collect::<Vec<u64>>());
     }
 }
+
+/// Large FUA writes are read into a buffer of their own; the payload may
+/// arrive in pieces, and requests pipelined behind it must still be served.
+#[test]
+fn large_fua_write_arriving_in_pieces_lands_whole() {
+    let server = TestServer::start(8 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    let data: Vec<u8> = (0..(3 << 20) / 2).map(|i| (i % 251) as u8).collect();
+    let mut frame = Vec::new();
+    RequestHeader {
+        flags: CMD_FLAG_FUA,
+        command: CMD_WRITE,
+        cookie: 1,
+        offset: 4096,
+        length: data.len() as u64,
+    }
+    .encode(false, &mut frame);
+    client.stream.write_all(&frame).unwrap();
+    for piece in data.chunks(100_000) {
+        client.stream.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    client.request(false, CMD_READ, 0, 2, 4096, 4096);
+    let mut replies = vec![client.reply(), client.reply()];
+    replies.sort_by_key(|r| r[0].cookie);
+    assert_eq!(replies[0][0].cookie, 1);
+    assert_eq!(error_of(&replies[0][0]), 0);
+    let on_disk = std::fs::read(&server.image).unwrap();
+    assert_eq!(&on_disk[4096..4096 + data.len()], &data[..]);
+}
