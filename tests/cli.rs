@@ -188,12 +188,24 @@ fn background_mode_writes_a_pidfile_and_stops_on_sigterm() {
     }
 }
 
+/// Runs a captive `blockwatch serve --run ...`, asserts success, returns stdout.
+fn captive_stdout(dir: &Path, args: &[&str]) -> String {
+    let result = blockwatch(dir, args);
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    assert!(
+        result.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn captive_run_passes_the_uri_and_returns_the_command_status() {
     require_tool("nbdinfo", "libnbd-bin");
     let dir = TempDir::new("cli-run");
     create_sparse_file(&dir.join("disk.img"), 4 << 20);
-    let result = blockwatch(
+    let stdout = captive_stdout(
         dir.path(),
         &[
             "serve",
@@ -202,18 +214,12 @@ fn captive_run_passes_the_uri_and_returns_the_command_status() {
             "disk.img",
         ],
     );
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
     assert!(stdout.contains("4194304"), "{stdout}");
     assert!(stdout.contains("export=[]"), "{stdout}");
     let result = blockwatch(dir.path(), &["serve", "--run", "exit 3", "disk.img"]);
     assert_eq!(result.status.code(), Some(3));
     // TCP on a port the kernel picks; $uri and $port name the real one.
-    let result = blockwatch(
+    let stdout = captive_stdout(
         dir.path(),
         &[
             "serve",
@@ -225,12 +231,6 @@ fn captive_run_passes_the_uri_and_returns_the_command_status() {
             "nbdinfo --size \"$uri\" && echo \"port=$port uri=$uri\"",
             "disk.img",
         ],
-    );
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&result.stderr)
     );
     assert!(stdout.contains("4194304"), "{stdout}");
     assert!(stdout.contains("uri=nbd://127.0.0.1:"), "{stdout}");

@@ -18,8 +18,8 @@ fn blockwatch_json(args: &[&str]) -> serde_json::Value {
     parse_json(&text, &format!("blockwatch {args:?}"))
 }
 
-/// Regions listed by `blockwatch changes --json`.
-fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
+/// The extents of `blockwatch changes --since SINCE --json`.
+fn change_extents(image: &Path, since: &str) -> Vec<serde_json::Value> {
     let reply = blockwatch_json(&[
         "changes",
         image.to_str().unwrap(),
@@ -27,9 +27,12 @@ fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
         since,
         "--json",
     ]);
-    reply["extents"]
-        .as_array()
-        .unwrap()
+    reply["extents"].as_array().unwrap().clone()
+}
+
+/// Regions listed by `blockwatch changes --json`.
+fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
+    change_extents(image, since)
         .iter()
         .flat_map(|e| {
             let offset = e["offset"].as_u64().unwrap();
@@ -392,16 +395,7 @@ fn foreign_state_is_reported_and_everything_counts_as_changed() {
 
 /// Status of each changed extent: (offset, status).
 fn change_statuses(image: &Path, since: &str) -> Vec<(u64, String)> {
-    let reply = blockwatch_json(&[
-        "changes",
-        image.to_str().unwrap(),
-        "--since",
-        since,
-        "--json",
-    ]);
-    reply["extents"]
-        .as_array()
-        .unwrap()
+    change_extents(image, since)
         .iter()
         .map(|e| {
             (

@@ -37,8 +37,6 @@ const READ_SEGMENTS_MAX: usize = 64;
 /// WRITE payloads at least this long that go to the blocking pool are read
 /// into a buffer of their own (see `wants_owned_payload`).
 const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
-/// Reads at least this long always run on the blocking pool (see `read`).
-const PARALLEL_READ_MIN_BYTES: u64 = 256 * 1024;
 /// Replies from the pool at least this long are written without a copy.
 const DIRECT_REPLY_MIN_BYTES: usize = 64 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
@@ -398,21 +396,18 @@ impl Connection {
     }
 
     /// Answers a READ from the page cache if it can, else on the blocking pool.
+    /// (Handing cached 1 MiB reads to the pool to copy on another core was
+    /// measured slower, 2.0-2.8 GiB/s against 4.1-4.5 GiB/s inline.)
     fn read(&mut self, reply: ReplyTo, header: &RequestHeader, out: &mut OutBuf) {
         let df = header.flags & CMD_FLAG_DF != 0;
-        // Large reads go to the pool even when cached: the copy out of the
-        // page cache then runs on another core while this task keeps the
-        // socket busy.
-        if header.length < PARALLEL_READ_MIN_BYTES {
-            let mark = out.len();
-            match read_reply(&*self.backend, reply, header.length, df, out, true) {
-                Ok(true) => return,
-                Ok(false) => out.truncate(mark),
-                Err(e) => {
-                    out.truncate(mark);
-                    reply.io_error(out, &e);
-                    return;
-                }
+        let mark = out.len();
+        match read_reply(&*self.backend, reply, header.length, df, out, true) {
+            Ok(true) => return,
+            Ok(false) => out.truncate(mark),
+            Err(e) => {
+                out.truncate(mark);
+                reply.io_error(out, &e);
+                return;
             }
         }
         let length = header.length;

@@ -332,7 +332,20 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
         }
     }
     let steps = setup.power.steps.load(Ordering::SeqCst) - start;
-    // Power off: drop the tracker without a clean close.
+    let context = format!("crash after step {crash_after:?} (torn {torn_fraction}/4)");
+    let reported = power_off_and_recover(setup, torn_fraction, &context);
+    assert!(
+        reported.is_subset(&touched),
+        "{context}: reported regions {reported:?} outside those the workload touched {touched:?}"
+    );
+    steps
+}
+
+/// Cuts power: every issued image write survives, the journal keeps what
+/// was synced plus `torn_fraction`/4 of what was not. Recovers, checks that
+/// every region that differs from the checkpoint's image is reported, and
+/// returns the reported regions.
+fn power_off_and_recover(setup: Setup, torn_fraction: u64, context: &str) -> BTreeSet<u64> {
     let crashed_image = setup.sim.live.lock().unwrap().clone();
     let journal = setup
         .journal
@@ -351,8 +364,8 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
         baseline,
         ..
     } = setup;
+    // Power off: the tracker goes without a clean close.
     drop(backend);
-    // The journal on "disk": what was synced, plus a torn piece of the rest.
     let mut on_disk = durable.clone();
     if live.len() > durable.len() && live[..durable.len()] == durable[..] {
         let pending = live.len() - durable.len();
@@ -367,10 +380,9 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
         .unwrap()
         .write_all_at_image(&crashed_image)
         .unwrap();
-
     let options = TrackerOptions {
-        image: image_path.clone(),
-        state_dir: Some(state_dir.clone()),
+        image: image_path,
+        state_dir: Some(state_dir),
         granularity_bytes: None,
         journal_wrapper: None,
     };
@@ -378,7 +390,7 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
     for warning in recovered.warnings() {
         assert!(
             warning.contains("torn journal tail"),
-            "unexpected distrust after a plain crash: {warning}"
+            "{context}: unexpected distrust after a plain crash: {warning}"
         );
     }
     let reported: BTreeSet<u64> = recovered
@@ -389,20 +401,12 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
         .collect();
     for region in 0..IMAGE_BYTES / REGION_BYTES {
         let range = (region * REGION_BYTES) as usize..((region + 1) * REGION_BYTES) as usize;
-        if baseline[range.clone()] != crashed_image[range] {
-            assert!(
-                reported.contains(&region),
-                "crash after step {crash_after:?} (torn {torn_fraction}/4): region {region} changed but was not reported; reported {reported:?}"
-            );
-        }
+        assert!(
+            baseline[range.clone()] == crashed_image[range] || reported.contains(&region),
+            "{context}: region {region} changed but was not reported; reported {reported:?}"
+        );
     }
-    assert!(
-        reported.is_subset(&touched),
-        "crash after step {crash_after:?}: reported regions {reported:?} outside those the workload touched {touched:?}"
-    );
-    drop(recovered);
-    drop(_dir);
-    steps
+    reported
 }
 
 #[test]
@@ -440,45 +444,7 @@ fn concurrent_writers_lose_nothing_at_a_crash() {
                 });
             }
         });
-        let crashed_image = setup.sim.live.lock().unwrap().clone();
-        let journal = setup.journal.lock().unwrap().clone().unwrap();
-        let durable = journal.durable.lock().unwrap().clone();
-        let Setup {
-            _dir,
-            image_path,
-            state_dir,
-            backend,
-            baseline,
-            ..
-        } = setup;
-        drop(backend);
-        std::fs::write(state_dir.join("journal"), &durable).unwrap();
-        File::options()
-            .write(true)
-            .open(&image_path)
-            .unwrap()
-            .write_all_at_image(&crashed_image)
-            .unwrap();
-        let options = TrackerOptions {
-            image: image_path,
-            state_dir: Some(state_dir),
-            granularity_bytes: None,
-            journal_wrapper: None,
-        };
-        let recovered = Tracker::open(&options, IMAGE_BYTES).unwrap();
-        let reported: BTreeSet<u64> = recovered
-            .changes("base", None)
-            .unwrap()
-            .iter()
-            .flat_map(|e| regions_of(e.offset_bytes, e.length_bytes))
-            .collect();
-        for region in 0..IMAGE_BYTES / REGION_BYTES {
-            let range = (region * REGION_BYTES) as usize..((region + 1) * REGION_BYTES) as usize;
-            assert!(
-                baseline[range.clone()] == crashed_image[range] || reported.contains(&region),
-                "crash after {crash_after}: region {region} changed but was not reported"
-            );
-        }
+        power_off_and_recover(setup, 0, &format!("concurrent crash after {crash_after}"));
     }
 }
 
