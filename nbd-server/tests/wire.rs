@@ -707,7 +707,7 @@ fn large_fua_write_arriving_in_pieces_lands_whole() {
         std::thread::sleep(Duration::from_millis(2));
     }
     client.request(false, CMD_READ, 0, 2, 4096, 4096);
-    let mut replies = vec![client.reply(), client.reply()];
+    let mut replies = [client.reply(), client.reply()];
     replies.sort_by_key(|r| r[0].cookie);
     assert_eq!(replies[0][0].cookie, 1);
     assert_eq!(error_of(&replies[0][0]), 0);
