@@ -1,0 +1,182 @@
+//! The ext4 reader against e2fsprogs' own answers: images built with
+//! `mkfs.ext4 -d` (1 KiB and 4 KiB blocks, with and without metadata_csum,
+//! a file big enough for a deep extent tree), every file's inode compared
+//! with `debugfs stat` and its extents with `debugfs ex`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tracker::ext4::{Ext4, FileExtent};
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(label: &str) -> TempDir {
+    let path = std::env::temp_dir().join(format!("ext4-test-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    TempDir(path)
+}
+
+fn tool(name: &str) -> String {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let path = format!("{dir}/{name}");
+        if Path::new(&path).exists() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: apt-get install -y e2fsprogs");
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let output = Command::new(tool("debugfs"))
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "debugfs -R {request:?} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Deterministic bytes.
+fn bytes(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A source tree: small files, a nested directory, a sparse file with many
+/// separate extents (enough for an extent tree of depth >= 1).
+fn populate(source: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    std::fs::create_dir_all(source.join("dir/sub")).unwrap();
+    for (index, size) in [1usize, 4095, 4096, 70_000, 1_500_000].iter().enumerate() {
+        let name = format!("file{index}.bin");
+        std::fs::write(source.join(&name), bytes(index as u64 + 1, *size)).unwrap();
+        files.push(format!("/{name}"));
+    }
+    for index in 0..40 {
+        let name = format!("dir/sub/n{index}.txt");
+        std::fs::write(
+            source.join(&name),
+            format!("note {index}\n").repeat(index * 50 + 1),
+        )
+        .unwrap();
+        files.push(format!("/{name}"));
+    }
+    // Data every other 64 KiB: mkfs copies it as separate extents.
+    let sparse = source.join("dir/sparse.img");
+    let file = std::fs::File::create(&sparse).unwrap();
+    for chunk in 0..400u64 {
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes(chunk + 99, 4096), chunk * 131_072)
+            .unwrap();
+    }
+    files.push("/dir/sparse.img".into());
+    files
+}
+
+/// Leaf extents from `debugfs ex`: lines whose level equals the tree depth.
+fn debugfs_extents(image: &Path, path: &str) -> Vec<FileExtent> {
+    let text = debugfs(image, &format!("ex {path}"));
+    let mut extents = Vec::new();
+    for line in text.lines().skip(1) {
+        // " 0/ 0   1/  1     0 -  1953  4679 -  6632   1954 Uninit"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let joined = line.replace('/', " / ");
+        let level: Vec<&str> = joined.split_whitespace().collect();
+        if level.len() < 3 || level[0] != level[2] {
+            continue; // an index node line
+        }
+        let numbers: Vec<u64> = fields.iter().filter_map(|f| f.parse().ok()).collect();
+        // level, depth, entry, entries, logical start, logical end, physical start, physical end, length
+        let dash_split: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(
+            dash_split.len() >= 9,
+            "unexpected debugfs line {line:?} ({numbers:?})"
+        );
+        extents.push(FileExtent {
+            logical_block: dash_split[4],
+            physical_block: dash_split[6],
+            block_count: dash_split[8],
+            uninitialized: line.contains("Uninit"),
+        });
+    }
+    extents
+}
+
+fn check_image(label: &str, mkfs_args: &[&str], size: &str) {
+    let dir = temp_dir(label);
+    let source = dir.0.join("source");
+    let files = populate(&source);
+    let image = dir.0.join("fs.img");
+    let status = Command::new(tool("mkfs.ext4"))
+        .args(["-q", "-F"])
+        .args(mkfs_args)
+        .arg("-d")
+        .arg(&source)
+        .arg(&image)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfs.ext4 {mkfs_args:?} failed");
+    let fs = Ext4::open(std::fs::File::open(&image).unwrap()).unwrap();
+    let mut deepest = 0;
+    for path in &files {
+        let number = fs.lookup(path).unwrap();
+        let stat = debugfs(&image, &format!("stat {path}"));
+        assert!(
+            stat.starts_with(&format!("Inode: {number} ")),
+            "{label}: {path}: we found inode {number}, debugfs says {}",
+            stat.lines().next().unwrap_or_default()
+        );
+        let inode = fs.inode(number).unwrap();
+        assert!(inode.is_regular());
+        let ours = fs.extents(&inode).unwrap();
+        let theirs = debugfs_extents(&image, path);
+        assert_eq!(ours, theirs, "{label}: extents of {path}");
+        let header = debugfs(&image, &format!("ex {path}"));
+        if let Some(line) = header.lines().nth(1) {
+            let depth: u32 = line
+                .split('/')
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            deepest = deepest.max(depth);
+        }
+        let names = debugfs(&image, &format!("ncheck {number}"));
+        assert!(
+            names.contains(&format!("/{}", path.trim_start_matches('/'))),
+            "{label}: ncheck {number}: {names}"
+        );
+    }
+    assert!(
+        deepest >= 1,
+        "{label}: no file had an extent tree deeper than the inode"
+    );
+}
+
+#[test]
+fn extents_match_debugfs_with_1k_blocks_and_metadata_csum() {
+    check_image("1k", &["-b", "1024", "-O", "metadata_csum,64bit"], "64M");
+}
+
+#[test]
+fn extents_match_debugfs_with_4k_blocks_without_metadata_csum() {
+    check_image("4k", &["-b", "4096", "-O", "^metadata_csum,^64bit"], "128M");
+}
