@@ -118,7 +118,6 @@ impl ControlServer {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -134,6 +133,8 @@ impl ControlServer {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
+            // The thread blocks in accept: one connection wakes it to see the flag.
+            let _ = UnixStream::connect(&self.path);
             let _ = thread.join();
         }
         let _ = std::fs::remove_file(&self.path);
@@ -147,15 +148,16 @@ impl Drop for ControlServer {
 }
 
 fn accept_loop(listener: &UnixListener, tracker: &Tracker, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
             Ok((stream, _)) => {
                 if let Err(error) = serve_connection(stream, tracker) {
                     tracing::info!(%error, "control connection ended");
                 }
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
             }
             Err(error) => {
                 tracing::warn!(%error, "control accept failed");
@@ -166,7 +168,6 @@ fn accept_loop(listener: &UnixListener, tracker: &Tracker, stop: &AtomicBool) {
 }
 
 fn serve_connection(stream: UnixStream, tracker: &Tracker) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
