@@ -10,12 +10,13 @@
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::journal::{JournalWriter, RUNS_PER_RECORD_MAX, Record};
 use crate::regions::{AtomicBitmap, RegionRun};
 
-/// How long lazily appended records may stay unsynced when nothing else
-/// comes along to sync them.
+/// How long lazy records may stay queued (unwritten) when nothing else
+/// comes along to write and sync them.
 pub const LAZY_SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Lazy records queued before the thread is woken to write them.
@@ -35,10 +36,8 @@ struct State {
     busy: bool,
     failed: Option<String>,
     stop: bool,
-    /// A queued record's writer waits for it: the batch must be synced.
+    /// A queued record's writer waits for it: write the batch now.
     sync_required: bool,
-    /// Lazy records were appended but not yet synced.
-    unsynced: bool,
     writer: Option<JournalWriter>,
 }
 
@@ -68,7 +67,6 @@ impl Committer {
                 failed: None,
                 stop: false,
                 sync_required: false,
-                unsynced: false,
                 writer: Some(writer),
             }),
             work: Condvar::new(),
@@ -206,32 +204,35 @@ fn check_failed(state: &State) -> io::Result<()> {
 fn commit_loop(shared: &Shared) {
     loop {
         let mut state = shared.state.lock().expect("journal state lock");
-        let mut idle_sync = false;
-        while state.pending_marks.is_empty() && !state.sync_required && !state.stop {
-            if state.unsynced || !state.pending_records.is_empty() {
-                // Lazy records wait here for company, or for the delay.
-                let (guard, timeout) = shared
-                    .work
-                    .wait_timeout(state, LAZY_SYNC_DELAY)
-                    .expect("journal state lock");
-                state = guard;
-                if timeout.timed_out() {
-                    idle_sync = true;
-                    break;
-                }
-            } else {
+        // Lazy records wait for company (a mark or a waited-for record), a
+        // long queue, a stop, or the delay counted from the first of them.
+        let mut deadline = None;
+        while state.pending_marks.is_empty()
+            && !state.sync_required
+            && !state.stop
+            && state.pending_records.len() < LAZY_RECORDS_MAX
+        {
+            if state.pending_records.is_empty() {
+                deadline = None;
                 state = shared.work.wait(state).expect("journal state lock");
+                continue;
             }
+            let due = *deadline.get_or_insert_with(|| Instant::now() + LAZY_SYNC_DELAY);
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            state = shared
+                .work
+                .wait_timeout(state, due - now)
+                .expect("journal state lock")
+                .0;
         }
-        let nothing_queued = state.pending_marks.is_empty() && state.pending_records.is_empty();
-        if nothing_queued && !idle_sync && !state.unsynced {
+        if state.pending_marks.is_empty() && state.pending_records.is_empty() {
             return; // stopping, nothing left
         }
         let marks = std::mem::take(&mut state.pending_marks);
         let mut records = std::mem::take(&mut state.pending_records);
-        // Marks (and waited-for records) need the sync before anyone wakes;
-        // lazy records alone are only appended; stopping syncs everything.
-        let must_sync = !marks.is_empty() || state.sync_required || state.stop || idle_sync;
         state.sync_required = false;
         let batch = state.next_batch;
         state.next_batch += 1;
@@ -247,9 +248,7 @@ fn commit_loop(shared: &Shared) {
                 runs: chunk.to_vec(),
             });
         }
-        let result = writer
-            .append(&records)
-            .and_then(|()| if must_sync { writer.sync() } else { Ok(()) });
+        let result = writer.append(&records).and_then(|()| writer.sync());
         if result.is_ok() {
             for run in &marks {
                 shared.marked.set_run(*run);
@@ -259,15 +258,10 @@ fn commit_loop(shared: &Shared) {
         state.writer = Some(writer);
         state.busy = false;
         match result {
-            Ok(()) => {
-                state.committed_batch = batch;
-                state.unsynced = !must_sync;
-            }
+            Ok(()) => state.committed_batch = batch,
             Err(error) => {
                 tracing::error!(%error, "journal commit failed: tracking refuses new first touches");
                 state.failed = Some(error.to_string());
-                // Nothing more can be made durable; do not retry forever.
-                state.unsynced = false;
             }
         }
         drop(state);
