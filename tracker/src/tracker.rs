@@ -266,11 +266,12 @@ impl Tracker {
                 Catalog::open(&catalog_path)?
             }
         };
-        let stored_shift = catalog
-            .identity()
+        let stored_identity = catalog.identity();
+        let first_use = !matches!(stored_identity, Ok(Some(_)));
+        let stored_shift = stored_identity
+            .as_ref()
             .ok()
-            .flatten()
-            .map(|i| i.granularity_shift);
+            .and_then(|identity| identity.map(|i| i.granularity_shift));
         let granularity_bytes = options
             .granularity_bytes
             .or(stored_shift.map(|shift| 1u64 << shift))
@@ -286,7 +287,7 @@ impl Tracker {
         }
         let image_metadata = std::fs::metadata(&image_path)?;
         let mut suspect = !warnings.is_empty();
-        let identity = match catalog.identity() {
+        let identity = match stored_identity {
             Ok(Some(identity)) => {
                 if identity.granularity_shift != granularity.shift() {
                     return Err(TrackerError::GranularityMismatch {
@@ -330,7 +331,6 @@ impl Tracker {
             inode: image_metadata.ino(),
             ..identity
         };
-        let first_use = catalog.identity().ok().flatten().is_none();
         let clean = match catalog.clean_shutdown() {
             Ok(marker) => marker,
             Err(error) => {
@@ -517,6 +517,11 @@ impl Tracker {
         if runs.is_empty() {
             return Ok(());
         }
+        self.record_saved(runs)
+    }
+
+    /// Marks regions saved and queues their (lazy) SAVED record.
+    fn record_saved(&self, runs: Vec<RegionRun>) -> io::Result<()> {
         for run in &runs {
             self.saved.set_run(*run);
         }
@@ -545,11 +550,7 @@ impl Tracker {
         let started = Instant::now();
         let mut queued = Ok(());
         if !runs.is_empty() {
-            for run in &runs {
-                self.saved.set_run(*run);
-            }
-            let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-            queued = self.committer().enqueue_lazy(Record::Saved { epoch, runs });
+            queued = self.record_saved(runs);
         }
         work += started.elapsed();
         self.record_flush_work(work);
@@ -594,6 +595,16 @@ impl Tracker {
         self.checkpoints.lock().expect("checkpoints lock").clone()
     }
 
+    /// The current generation's changed regions, and those of them whose
+    /// newest write is saved (saved and not written since).
+    fn current_generation(&self) -> (RoaringBitmap, RoaringBitmap) {
+        let as_bitmap = |bitmap: &AtomicBitmap| -> RoaringBitmap {
+            bitmap.iter_set().map(|region| region as u32).collect()
+        };
+        let saved = as_bitmap(&self.saved) - as_bitmap(&self.written);
+        (as_bitmap(&self.marked), saved)
+    }
+
     /// Closes the current generation under `name` and starts the next one,
     /// between requests.
     pub fn checkpoint(&self, name: &str) -> Result<Checkpoint, TrackerError> {
@@ -610,14 +621,7 @@ impl Tracker {
 
     fn switch_generation(&self, name: &str) -> Result<Checkpoint, TrackerError> {
         let generation = self.generation();
-        let changed: RoaringBitmap = self.marked.iter_set().map(|r| r as u32).collect();
-        let unsaved: RoaringBitmap = self.written.iter_set().map(|r| r as u32).collect();
-        let saved: RoaringBitmap = self
-            .saved
-            .iter_set()
-            .map(|r| r as u32)
-            .collect::<RoaringBitmap>()
-            - &unsaved;
+        let (changed, saved) = self.current_generation();
         let checkpoint = Checkpoint {
             name: name.to_string(),
             generation,
@@ -750,15 +754,7 @@ impl Tracker {
         // Newest generation first: it decides whether a region is saved.
         let mut generations: Vec<(RoaringBitmap, RoaringBitmap)> = Vec::new();
         if until_generation.is_none() {
-            let unsaved: RoaringBitmap = self.written.iter_set().map(|r| r as u32).collect();
-            let changed: RoaringBitmap = self.marked.iter_set().map(|r| r as u32).collect();
-            let saved = self
-                .saved
-                .iter_set()
-                .map(|r| r as u32)
-                .collect::<RoaringBitmap>()
-                - &unsaved;
-            generations.push((changed, saved));
+            generations.push(self.current_generation());
         }
         for checkpoint in checkpoints.iter().rev() {
             let in_range = checkpoint.generation > since_generation
