@@ -111,7 +111,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             };
             let tracker = Arc::new(
                 Tracker::open(&options, file.size_bytes())
-                    .map_err(|e| anyhow::anyhow!(tracker::tracker::error_chain(&e)))
                     .with_context(|| format!("cannot track {}", path.display()))?,
             );
             for warning in tracker.warnings() {

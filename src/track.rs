@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use tracker::control;
-use tracker::tracker::{default_state_dir, error_chain, state_is_locked};
+use tracker::tracker::{default_state_dir, state_is_locked};
 use tracker::{Tracker, TrackerOptions};
 
 const DEFAULT_IMAGE: &str = "blockwatch.img";
@@ -220,16 +220,13 @@ fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Va
         granularity_bytes: None,
         journal_wrapper: None,
     };
-    let tracker =
-        Tracker::open(&options, size_bytes).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let tracker = Tracker::open(&options, size_bytes)?;
     for warning in tracker.warnings() {
         eprintln!("blockwatch: {}: {warning}", image.display());
     }
     tracker.start();
     let reply = control::handle(&tracker, request);
-    tracker
-        .close()
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    tracker.close()?;
     Ok(reply)
 }
 

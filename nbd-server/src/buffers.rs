@@ -118,13 +118,6 @@ impl Default for OutBuf {
 }
 
 impl OutBuf {
-    pub fn with_capacity(bytes: usize) -> OutBuf {
-        OutBuf {
-            buf: vec![0; bytes],
-            filled: 0,
-        }
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         &self.buf[..self.filled]
     }

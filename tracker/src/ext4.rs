@@ -17,7 +17,6 @@ pub const SUPERBLOCK_OFFSET: u64 = 1024;
 const EXT4_MAGIC: u16 = 0xEF53;
 const EXTENT_MAGIC: u16 = 0xF30A;
 const INCOMPAT_64BIT: u32 = 0x80;
-const INCOMPAT_EXTENTS: u32 = 0x40;
 const INODE_FLAG_EXTENTS: u32 = 0x8_0000;
 const INODE_FLAG_INLINE_DATA: u32 = 0x1000_0000;
 /// ext4 extent trees are at most 5 levels deep.
@@ -341,14 +340,6 @@ impl<R: ReadAt> Ext4<R> {
                 .ok_or_else(|| Ext4Error::NotFound(path.to_string()))?;
         }
         Ok(number)
-    }
-
-    /// Whether the filesystem uses extents at all (ext4 or ext3 converted).
-    pub fn has_extents_feature(&self) -> Result<bool, Ext4Error> {
-        let mut sb = [0u8; 4];
-        self.device
-            .read_exact_at(&mut sb, SUPERBLOCK_OFFSET + 0x60)?;
-        Ok(le32(&sb) & INCOMPAT_EXTENTS != 0)
     }
 }
 
