@@ -8,13 +8,10 @@
 //! - `tracker.rs`: state directory, recovery, the write gate, checkpoints, queries.
 //! - `layer.rs`: `TrackedBackend`, the tracker as a `BlockBackend` layer.
 //! - `control.rs`: the control socket protocol (JSON lines) and its server.
-//! - `ext4.rs`: a read-only ext4 reader (superblock, groups, inodes, extent
-//!   trees, directories), the start of the file map.
 
 pub mod catalog;
 pub mod commit;
 pub mod control;
-pub mod ext4;
 pub mod journal;
 pub mod layer;
 pub mod regions;

@@ -13,6 +13,8 @@
 
 use std::io;
 
+pub use crate::read::ReadAt;
+
 pub const SUPERBLOCK_OFFSET: u64 = 1024;
 const EXT4_MAGIC: u16 = 0xEF53;
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -44,16 +46,6 @@ fn corrupt(what: impl Into<String>) -> Ext4Error {
     Ext4Error::Corrupt(what.into())
 }
 
-/// Positioned reads of the device or image holding the filesystem.
-pub trait ReadAt {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-}
-
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileExtent {
@@ -355,18 +347,7 @@ fn le32(bytes: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
-    struct Bytes(Vec<u8>);
-    impl ReadAt for Bytes {
-        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-            let slice = self
-                .0
-                .get(start..start + buf.len())
-                .ok_or(io::ErrorKind::UnexpectedEof)?;
-            buf.copy_from_slice(slice);
-            Ok(())
-        }
-    }
+    use crate::read::Bytes;
 
     #[test]
     fn garbage_is_not_ext4_and_truncation_is_an_error() {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tracker::ext4::{Ext4, FileExtent};
+use fsmap::ext4::{Ext4, FileExtent};
 
 struct TempDir(PathBuf);
 

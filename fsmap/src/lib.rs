@@ -1,0 +1,16 @@
+//! Which files own which blocks of a disk: a read-only ext2/3/4 parser of
+//! our own over positioned reads, with jbd2 journal replay (so a mounted,
+//! live filesystem reads as it really is) and MBR/GPT partition tables.
+//!
+//! Files and what each owns:
+//! - `read.rs`: the `ReadAt` trait, `Slice` (a partition) and `Overlay`
+//!   (the filesystem with committed journal blocks replaced).
+//! - `ext4.rs`: superblock, group descriptors, inodes, extent trees, block
+//!   maps, inline data, directories, metadata checksums.
+//! - `jbd2.rs`: journal replay (descriptor, commit and revoke blocks).
+//! - `partition.rs`: MBR (with extended partitions) and GPT tables.
+
+pub mod ext4;
+pub mod read;
+
+pub use read::{Bytes, Overlay, ReadAt, Replacement, Slice};
