@@ -1,0 +1,185 @@
+//! Directories: entries of linear and htree directories (an htree's index
+//! blocks read as empty entries, so a walk of every block finds every leaf
+//! entry) and of inline-data directories; path lookup.
+
+use super::{Ext4, Ext4Error, Inode, ReadAt, corrupt, crc32c_raw, le16, le32};
+
+/// Largest directory read whole.
+const DIRECTORY_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Path components followed in one lookup.
+const PATH_COMPONENTS_MAX: usize = 4096;
+const INCOMPAT_FILETYPE: u32 = 0x2;
+/// File type byte of the metadata_csum tail that ends a leaf block.
+const TAIL_FILE_TYPE: u8 = 0xDE;
+const XATTR_INDEX_SYSTEM: u8 = 7;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Raw bytes: ext4 names need not be UTF-8.
+    pub name: Vec<u8>,
+    pub inode: u32,
+    pub file_type: u8,
+}
+
+impl DirEntry {
+    pub fn is_dot_or_dotdot(&self) -> bool {
+        self.name == b"." || self.name == b".."
+    }
+}
+
+impl<R: ReadAt> Ext4<R> {
+    /// Entries of a directory, "." and ".." included when stored.
+    pub fn directory(&self, inode: &Inode) -> Result<Vec<DirEntry>, Ext4Error> {
+        if !inode.is_directory() {
+            return Err(corrupt(format!(
+                "inode {} is not a directory",
+                inode.number
+            )));
+        }
+        if inode.has_inline_data() {
+            return self.inline_directory(inode);
+        }
+        if inode.size_bytes > DIRECTORY_BYTES_MAX {
+            return Err(Ext4Error::Unsupported("directories over 256 MiB"));
+        }
+        let block_size = self.sb.block_size;
+        let block_total = inode.size_bytes.div_ceil(block_size);
+        let mut entries = Vec::new();
+        for extent in self.extents(inode)? {
+            if extent.uninitialized {
+                continue;
+            }
+            let within = block_total.saturating_sub(extent.logical_block);
+            for index in 0..extent.block_count.min(within) {
+                let block = self.read_block(extent.physical_block + index)?;
+                self.parse_leaf(inode, &block, &mut entries)?;
+            }
+        }
+        Ok(entries)
+    }
+
+    fn parse_leaf(
+        &self,
+        inode: &Inode,
+        block: &[u8],
+        entries: &mut Vec<DirEntry>,
+    ) -> Result<(), Ext4Error> {
+        let mut end = block.len();
+        if self.sb.metadata_csum() && has_csum_tail(block) {
+            end -= 12;
+            let seed = self.inode_seed(inode.number, inode.generation);
+            if le32(&block[end + 8..]) != crc32c_raw(seed, &block[..end]) {
+                return Err(corrupt(format!(
+                    "directory inode {}: leaf block checksum",
+                    inode.number
+                )));
+            }
+        }
+        self.parse_entries(inode.number, &block[..end], entries)
+    }
+
+    fn parse_entries(
+        &self,
+        directory: u32,
+        bytes: &[u8],
+        entries: &mut Vec<DirEntry>,
+    ) -> Result<(), Ext4Error> {
+        let filetype = self.sb.feature_incompat & INCOMPAT_FILETYPE != 0;
+        let mut at = 0usize;
+        while at + 8 <= bytes.len() {
+            let number = le32(&bytes[at..]);
+            let mut record_len = usize::from(le16(&bytes[at + 4..]));
+            if bytes.len() >= 65536 && (record_len == 0 || record_len == 65535) {
+                record_len = 65536; // how 64 KiB blocks spell a whole-block entry
+            }
+            let (name_len, file_type) = if filetype {
+                (usize::from(bytes[at + 6]), bytes[at + 7])
+            } else {
+                (usize::from(le16(&bytes[at + 6..])), 0)
+            };
+            if record_len < 8 || at + record_len > bytes.len() || 8 + name_len > record_len {
+                return Err(corrupt(format!(
+                    "directory inode {directory}: entry at {at}"
+                )));
+            }
+            if number != 0 && name_len > 0 {
+                if number > self.sb.inodes_count {
+                    return Err(corrupt(format!(
+                        "directory inode {directory}: inode {number}"
+                    )));
+                }
+                entries.push(DirEntry {
+                    name: bytes[at + 8..at + 8 + name_len].to_vec(),
+                    inode: number,
+                    file_type,
+                });
+            }
+            at += record_len;
+        }
+        Ok(())
+    }
+
+    /// An inline directory keeps its parent in the first 4 bytes of
+    /// `i_block`, entries in the rest, and more in the "system.data" xattr.
+    fn inline_directory(&self, inode: &Inode) -> Result<Vec<DirEntry>, Ext4Error> {
+        let area = inode.block_area();
+        let mut entries = vec![DirEntry {
+            name: b"..".to_vec(),
+            inode: le32(area),
+            file_type: 2,
+        }];
+        self.parse_entries(inode.number, &area[4..], &mut entries)?;
+        for (index, name, value) in inode.inline_xattrs() {
+            if index == XATTR_INDEX_SYSTEM && name == b"data" && !value.is_empty() {
+                self.parse_entries(inode.number, &value, &mut entries)?;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// A symlink's target (fast, inline or in a data block).
+    pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>, Ext4Error> {
+        if let Some(target) = inode.fast_symlink_target() {
+            return Ok(target.to_vec());
+        }
+        if !inode.is_symlink() || inode.size_bytes > self.sb.block_size {
+            return Err(corrupt(format!("inode {} is not a symlink", inode.number)));
+        }
+        if inode.has_inline_data() {
+            let size = inode.size_bytes as usize;
+            return Ok(inode.block_area()[..size.min(60)].to_vec());
+        }
+        let extents = self.extents(inode)?;
+        let first = extents
+            .first()
+            .ok_or_else(|| corrupt(format!("symlink {} has no block", inode.number)))?;
+        let block = self.read_block(first.physical_block)?;
+        Ok(block[..inode.size_bytes as usize].to_vec())
+    }
+
+    /// Resolves an absolute path to its inode number (symlinks are not
+    /// followed: the map wants the link itself).
+    pub fn lookup(&self, path: &str) -> Result<u32, Ext4Error> {
+        let mut number = 2; // the root directory
+        for (index, component) in path.split('/').filter(|c| !c.is_empty()).enumerate() {
+            if index >= PATH_COMPONENTS_MAX {
+                return Err(corrupt("path too deep"));
+            }
+            let directory = self.inode(number)?;
+            number = self
+                .directory(&directory)?
+                .into_iter()
+                .find(|entry| entry.name == component.as_bytes())
+                .map(|entry| entry.inode)
+                .ok_or_else(|| Ext4Error::NotFound(path.to_string()))?;
+        }
+        Ok(number)
+    }
+}
+
+/// Whether a directory block ends with the 12-byte checksum tail (a fake
+/// entry: inode 0, length 12, no name, type 0xDE).
+fn has_csum_tail(block: &[u8]) -> bool {
+    let tail = &block[block.len() - 12..];
+    le32(tail) == 0 && le16(&tail[4..]) == 12 && tail[6] == 0 && tail[7] == TAIL_FILE_TYPE
+}
