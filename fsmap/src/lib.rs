@@ -7,10 +7,17 @@
 //!   (the filesystem with committed journal blocks replaced).
 //! - `ext4.rs`: superblock, group descriptors, inodes, extent trees, block
 //!   maps, inline data, directories, metadata checksums.
+//! - `map.rs`: the file map: block -> owner, inode -> paths; full build
+//!   and incremental update.
+//! - `persist.rs`: a map saved beside a checkpoint (CRC-checked).
+//! - `diff.rs`: per-file changes between two maps (+ - R M ~).
 //! - `jbd2.rs`: journal replay (descriptor, commit and revoke blocks).
 //! - `partition.rs`: MBR (with extended partitions) and GPT tables.
 
+pub mod diff;
 pub mod ext4;
+pub mod map;
+pub mod persist;
 pub mod read;
 
 pub use read::{Bytes, Overlay, ReadAt, Replacement, Slice};

@@ -3,58 +3,14 @@
 //! a file big enough for a deep extent tree), every file's inode compared
 //! with `debugfs stat` and its extents with `debugfs ex`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
+use common::{bytes, debugfs, temp_dir, tool};
+
 use fsmap::ext4::{Ext4, FileExtent};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(label: &str) -> TempDir {
-    let path = std::env::temp_dir().join(format!("ext4-test-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    TempDir(path)
-}
-
-fn tool(name: &str) -> String {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let path = format!("{dir}/{name}");
-        if Path::new(&path).exists() {
-            return path;
-        }
-    }
-    panic!("{name} is not installed: apt-get install -y e2fsprogs");
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let output = Command::new(tool("debugfs"))
-        .args(["-R", request])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "debugfs -R {request:?} failed");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Deterministic bytes.
-fn bytes(seed: u64, length: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// A source tree: small files, a nested directory, a sparse file with many
 /// separate extents (enough for an extent tree of depth >= 1).

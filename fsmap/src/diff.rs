@@ -1,0 +1,228 @@
+//! Per-file changes between two maps of one filesystem, given the blocks
+//! the tracker saw change between them, like `zfs diff`: `+` created, `-`
+//! deleted, `R` renamed, `M` modified, and `~` for a file whose inode is
+//! unchanged but whose blocks share a changed region with other writes.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::map::{FileRecord, FsMap, Owner, Role};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChangeKind {
+    Created,
+    Deleted,
+    Renamed,
+    Modified,
+    /// The inode says nothing changed, but some of its blocks lie in
+    /// changed regions: a neighbour's write in the same region, or a write
+    /// that went around the filesystem. Listed so nothing is ever missed.
+    Shared,
+}
+
+impl ChangeKind {
+    pub fn symbol(self) -> char {
+        match self {
+            ChangeKind::Created => '+',
+            ChangeKind::Deleted => '-',
+            ChangeKind::Renamed => 'R',
+            ChangeKind::Modified => 'M',
+            ChangeKind::Shared => '~',
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChange {
+    pub kind: ChangeKind,
+    pub inode: u32,
+    /// Current paths (for a deleted file: the paths it had).
+    pub paths: Vec<String>,
+    /// Paths before a rename.
+    pub old_paths: Vec<String>,
+    /// Whether the contents or attributes changed too (a renamed file can
+    /// also be modified).
+    pub content_changed: bool,
+    pub is_directory: bool,
+    pub size_bytes: u64,
+    /// Bytes of the file's blocks inside changed regions.
+    pub changed_bytes: u64,
+    /// Its data blocks inside changed regions: (start block, count).
+    pub changed_blocks: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FsChanges {
+    pub files: Vec<FileChange>,
+    /// Changed metadata blocks by kind ("inode table", "journal",
+    /// "extent tree", "directory"...).
+    pub metadata_blocks: BTreeMap<&'static str, u64>,
+    /// Changed metadata blocks themselves: (start block, count).
+    pub metadata_runs: Vec<(u64, u64)>,
+    /// Changed blocks no inode or structure owns now (free space: deleted
+    /// files' old blocks, discards, writes the filesystem did not make).
+    pub unowned_blocks: u64,
+}
+
+/// What changed between `old` and `new`, where `changed` are the blocks
+/// (start, count) written between the two maps.
+pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
+    let mut out = FsChanges::default();
+    let overlap = attribute(new, changed, &mut out);
+    let mut seen = HashSet::new();
+    for (number, record) in &new.inodes {
+        if new.is_special(*number) || new.special_inodes.contains(number) {
+            continue;
+        }
+        seen.insert(*number);
+        let blocks = overlap.get(number).cloned().unwrap_or_default();
+        if let Some(change) = classify(old, new, old.inodes.get(number), record, blocks) {
+            out.files.push(change);
+        }
+        if let Some(previous) = old.inodes.get(number)
+            && previous.generation != record.generation
+        {
+            out.files.push(deleted(old, previous));
+        }
+    }
+    for (number, record) in &old.inodes {
+        if !seen.contains(number)
+            && !old.is_special(*number)
+            && !old.special_inodes.contains(number)
+        {
+            out.files.push(deleted(old, record));
+        }
+    }
+    out.files
+        .sort_by(|a, b| (&a.paths, a.kind, a.inode).cmp(&(&b.paths, b.kind, b.inode)));
+    out
+}
+
+fn classify(
+    old: &FsMap,
+    new: &FsMap,
+    previous: Option<&FileRecord>,
+    record: &FileRecord,
+    changed_blocks: Vec<(u64, u64)>,
+) -> Option<FileChange> {
+    let changed_bytes = changed_blocks.iter().map(|&(_, c)| c).sum::<u64>() * new.block_size;
+    let paths = new.paths(record.number);
+    let mut change = FileChange {
+        kind: ChangeKind::Modified,
+        inode: record.number,
+        paths,
+        old_paths: Vec::new(),
+        content_changed: true,
+        is_directory: record.is_directory(),
+        size_bytes: record.size_bytes,
+        changed_bytes,
+        changed_blocks,
+    };
+    match previous {
+        Some(previous) if previous.generation == record.generation => {
+            change.content_changed = content_changed(previous, record);
+            // Renamed when its own names changed; a file whose ancestor
+            // moved keeps its (directory, name) links and is not listed.
+            if old.links(record.number) != new.links(record.number) {
+                change.kind = ChangeKind::Renamed;
+                change.old_paths = old.paths(record.number);
+            } else if !change.content_changed {
+                if change.changed_bytes == 0 {
+                    return None;
+                }
+                change.kind = ChangeKind::Shared;
+            }
+        }
+        _ => change.kind = ChangeKind::Created,
+    }
+    Some(change)
+}
+
+/// Contents or attributes differ (ctime alone does not count: a rename or
+/// a new hard link updates it without changing the file).
+fn content_changed(old: &FileRecord, new: &FileRecord) -> bool {
+    old.size_bytes != new.size_bytes
+        || old.mtime != new.mtime
+        || old.extents != new.extents
+        || old.mode != new.mode
+        || old.uid != new.uid
+        || old.gid != new.gid
+        || old.xattr_block != new.xattr_block
+}
+
+fn deleted(old: &FsMap, record: &FileRecord) -> FileChange {
+    FileChange {
+        kind: ChangeKind::Deleted,
+        inode: record.number,
+        paths: old.paths(record.number),
+        old_paths: Vec::new(),
+        content_changed: true,
+        is_directory: record.is_directory(),
+        size_bytes: record.size_bytes,
+        changed_bytes: 0,
+        changed_blocks: Vec::new(),
+    }
+}
+
+/// Sorts the changed blocks among their owners in `new`: each inode's
+/// changed data blocks (returned), metadata counts and the unowned rest
+/// (into `out`).
+fn attribute(
+    new: &FsMap,
+    changed: &[(u64, u64)],
+    out: &mut FsChanges,
+) -> BTreeMap<u32, Vec<(u64, u64)>> {
+    let mut per_inode: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for &(start, count) in changed {
+        let mut covered: Vec<(u64, u64)> = Vec::new();
+        for (owner, run_start, run_count) in new.runs_in(start, count) {
+            covered.push((run_start, run_count));
+            let kind = match owner {
+                Owner::Inode(number, Role::Data) => {
+                    let is_directory = new
+                        .inodes
+                        .get(&number)
+                        .is_some_and(FileRecord::is_directory);
+                    if !is_directory {
+                        per_inode
+                            .entry(number)
+                            .or_default()
+                            .push((run_start, run_count));
+                        continue;
+                    }
+                    "directory"
+                }
+                Owner::Inode(_, Role::Map) => "extent tree or indirect block",
+                Owner::Inode(_, Role::Xattr) => "extended attributes",
+                Owner::Meta(kind) => kind.name(),
+            };
+            *out.metadata_blocks.entry(kind).or_default() += run_count;
+            out.metadata_runs.push((run_start, run_count));
+        }
+        out.unowned_blocks += count - covered_blocks(&mut covered);
+    }
+    out.metadata_runs = merge_runs(std::mem::take(&mut out.metadata_runs));
+    per_inode
+        .into_iter()
+        .map(|(n, runs)| (n, merge_runs(runs)))
+        .collect()
+}
+
+/// Blocks covered by the union of `runs`.
+fn covered_blocks(runs: &mut [(u64, u64)]) -> u64 {
+    merge_runs(runs.to_vec()).iter().map(|&(_, c)| c).sum()
+}
+
+/// Sorts and merges overlapping or touching runs.
+pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, count) in runs {
+        match out.last_mut() {
+            Some((last_start, last_count)) if *last_start + *last_count >= start => {
+                *last_count = (*last_count).max(start + count - *last_start);
+            }
+            _ => out.push((start, count)),
+        }
+    }
+    out
+}

@@ -1,0 +1,509 @@
+//! The file map of one filesystem: which inode or metadata owns each block,
+//! and which paths name each inode. Built once in full, then updated from
+//! the blocks that changed; two maps and the blocks changed between them
+//! give the per-file changes (`diff.rs`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::ext4::{Ext4, Ext4Error, FileExtent, Inode, MetaKind, MetaRun, ReadAt};
+
+/// Owner runs longer than this are split, so a range query only has to look
+/// this far back for a run that starts before it.
+pub const RUN_BLOCKS_MAX: u64 = 32768;
+/// Paths reported for one inode (hard links).
+const PATHS_PER_INODE_MAX: usize = 16;
+/// Directory levels followed when building a path.
+const PATH_DEPTH_MAX: usize = 4096;
+const ROOT_INODE: u32 = 2;
+
+/// What an inode's block is to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// File contents (or a directory's entries, a symlink's target).
+    Data,
+    /// Extent-tree nodes or indirect blocks.
+    Map,
+    /// The extended-attribute block.
+    Xattr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    Inode(u32, Role),
+    Meta(MetaKind),
+}
+
+/// What the map keeps of one inode: enough to tell whether it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub number: u32,
+    pub generation: u32,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub links: u16,
+    pub size_bytes: u64,
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub extents: Vec<FileExtent>,
+    pub map_blocks: Vec<(u64, u64)>,
+    pub xattr_block: Option<u64>,
+}
+
+impl FileRecord {
+    pub fn is_directory(&self) -> bool {
+        self.mode & 0xF000 == 0x4000
+    }
+    pub fn kind_char(&self) -> char {
+        match self.mode & 0xF000 {
+            0x4000 => '/',
+            0xA000 => '@',
+            0x8000 => 'F',
+            _ => '|',
+        }
+    }
+    /// Blocks holding the contents.
+    pub fn data_blocks(&self) -> u64 {
+        self.extents.iter().map(|e| e.block_count).sum()
+    }
+    fn owned_runs(&self) -> impl Iterator<Item = (u64, u64, Role)> + '_ {
+        let data = self
+            .extents
+            .iter()
+            .map(|e| (e.physical_block, e.block_count, Role::Data));
+        let map = self.map_blocks.iter().map(|&(s, c)| (s, c, Role::Map));
+        let xattr = self.xattr_block.map(|b| (b, 1, Role::Xattr));
+        data.chain(map).chain(xattr)
+    }
+}
+
+/// One filesystem's map.
+#[derive(Debug, Clone, Default)]
+pub struct FsMap {
+    pub block_size: u64,
+    pub blocks_count: u64,
+    pub uuid: [u8; 16],
+    /// Inodes below this (but the root) are the filesystem's own.
+    pub first_inode: u32,
+    pub journal_inode: u32,
+    /// Quota and orphan-file inodes the superblock names.
+    pub special_inodes: Vec<u32>,
+    /// Superblocks, descriptors, bitmaps, inode tables (`metadata_runs`).
+    pub meta_runs: Vec<MetaRun>,
+    pub inodes: HashMap<u32, FileRecord>,
+    /// Directory inode -> its entries (name, child), "." and ".." left out.
+    pub children: HashMap<u32, Vec<(Box<[u8]>, u32)>>,
+    /// Child inode -> the directories that name it.
+    pub(crate) parents: HashMap<u32, Vec<u32>>,
+    /// (start block, owner) -> block count. Runs never exceed RUN_BLOCKS_MAX.
+    pub(crate) owners: BTreeMap<(u64, Owner), u64>,
+    /// Inodes (or structures) that could not be read, and why.
+    pub problems: Vec<String>,
+}
+
+impl FsMap {
+    /// Reads the whole filesystem: every in-use inode, its blocks, every
+    /// directory, and the fixed metadata.
+    pub fn build<R: ReadAt>(fs: &Ext4<R>) -> Result<FsMap, Ext4Error> {
+        let mut map = FsMap {
+            block_size: fs.sb.block_size,
+            blocks_count: fs.sb.blocks_count,
+            uuid: fs.sb.uuid,
+            first_inode: fs.sb.first_inode,
+            journal_inode: if fs.sb.has_journal() {
+                fs.sb.journal_inode
+            } else {
+                0
+            },
+            special_inodes: fs.sb.special_inodes.clone(),
+            ..FsMap::default()
+        };
+        map.meta_runs = fs.metadata_runs();
+        for run in map.meta_runs.clone() {
+            map.insert_run(run.start_block, run.block_count, Owner::Meta(run.kind));
+        }
+        let mut directories = Vec::new();
+        for group in 0..fs.sb.group_count {
+            for read in fs.group_inodes(group)? {
+                match read {
+                    Ok(inode) => {
+                        if let Some(directory) = map.add_inode(fs, &inode) {
+                            directories.push(directory);
+                        }
+                    }
+                    Err((number, error)) => map.problems.push(format!("inode {number}: {error}")),
+                }
+            }
+        }
+        for inode in directories {
+            map.read_directory(fs, &inode);
+        }
+        Ok(map)
+    }
+
+    /// Records an in-use inode and its blocks; returns it back when it is
+    /// a directory whose entries still need reading.
+    fn add_inode<R: ReadAt>(&mut self, fs: &Ext4<R>, inode: &Inode) -> Option<Inode> {
+        let blocks = match fs.blocks(inode) {
+            Ok(blocks) => blocks,
+            Err(error) => {
+                self.problems
+                    .push(format!("inode {}: {error}", inode.number));
+                Default::default()
+            }
+        };
+        let record = FileRecord {
+            number: inode.number,
+            generation: inode.generation,
+            mode: inode.mode,
+            uid: inode.uid,
+            gid: inode.gid,
+            links: inode.links,
+            size_bytes: inode.size_bytes,
+            mtime: (inode.mtime_seconds, inode.mtime_nanoseconds),
+            ctime: (inode.ctime_seconds, inode.ctime_nanoseconds),
+            extents: blocks.data,
+            map_blocks: blocks.map,
+            xattr_block: blocks.xattr_block,
+        };
+        self.insert_record(record);
+        inode.is_directory().then(|| inode.clone())
+    }
+
+    /// Whether inode `number` is the filesystem's own (journal, resize,
+    /// quota, orphan file...) rather than a user's file.
+    pub fn is_special(&self, number: u32) -> bool {
+        number < self.first_inode && number != ROOT_INODE
+    }
+
+    fn insert_record(&mut self, record: FileRecord) {
+        let number = record.number;
+        self.inodes.insert(number, record);
+        self.index_record(number);
+    }
+
+    fn remove_record(&mut self, number: u32) -> Option<FileRecord> {
+        let record = self.inodes.remove(&number)?;
+        for (start, count, role) in record.owned_runs() {
+            self.remove_run(start, count, self.owner_for(number, role));
+        }
+        Some(record)
+    }
+
+    fn insert_run(&mut self, start: u64, count: u64, owner: Owner) {
+        let mut at = start;
+        while at < start + count {
+            let take = (start + count - at).min(RUN_BLOCKS_MAX);
+            self.owners.insert((at, owner), take);
+            at += take;
+        }
+    }
+
+    fn remove_run(&mut self, start: u64, count: u64, owner: Owner) {
+        let mut at = start;
+        while at < start + count {
+            self.owners.remove(&(at, owner));
+            at += (start + count - at).min(RUN_BLOCKS_MAX);
+        }
+    }
+
+    fn read_directory<R: ReadAt>(&mut self, fs: &Ext4<R>, inode: &Inode) {
+        let entries = match fs.directory(inode) {
+            Ok(entries) => entries,
+            Err(error) => {
+                self.problems
+                    .push(format!("directory {}: {error}", inode.number));
+                Vec::new()
+            }
+        };
+        let kept: Vec<(Box<[u8]>, u32)> = entries
+            .into_iter()
+            .filter(|entry| !entry.is_dot_or_dotdot())
+            .map(|entry| (entry.name.into_boxed_slice(), entry.inode))
+            .collect();
+        self.set_children(inode.number, kept);
+    }
+
+    /// Replaces a directory's entries, keeping the parent links in step.
+    pub(crate) fn set_children(&mut self, directory: u32, entries: Vec<(Box<[u8]>, u32)>) {
+        if let Some(old) = self.children.remove(&directory) {
+            for (_, child) in old {
+                if let Some(parents) = self.parents.get_mut(&child) {
+                    parents.retain(|&p| p != directory);
+                    if parents.is_empty() {
+                        self.parents.remove(&child);
+                    }
+                }
+            }
+        }
+        for (_, child) in &entries {
+            let parents = self.parents.entry(*child).or_default();
+            if !parents.contains(&directory) {
+                parents.push(directory);
+            }
+        }
+        if !entries.is_empty() {
+            self.children.insert(directory, entries);
+        }
+    }
+
+    /// Rebuilds the owner index from the records and the fixed metadata
+    /// runs (after loading a saved map).
+    pub(crate) fn index_records(&mut self) {
+        self.owners.clear();
+        for run in self.meta_runs.clone() {
+            self.insert_run(run.start_block, run.block_count, Owner::Meta(run.kind));
+        }
+        let numbers: Vec<u32> = self.inodes.keys().copied().collect();
+        for number in numbers {
+            self.index_record(number);
+        }
+    }
+
+    fn owner_for(&self, number: u32, role: Role) -> Owner {
+        if number == self.journal_inode && self.journal_inode != 0 {
+            Owner::Meta(MetaKind::Journal)
+        } else if self.is_special(number) || self.special_inodes.contains(&number) {
+            Owner::Meta(MetaKind::SpecialInode)
+        } else {
+            Owner::Inode(number, role)
+        }
+    }
+
+    fn index_record(&mut self, number: u32) {
+        let Some(record) = self.inodes.get(&number) else {
+            return;
+        };
+        let runs: Vec<_> = record
+            .owned_runs()
+            .map(|(start, count, role)| (start, count, self.owner_for(number, role)))
+            .collect();
+        for (start, count, owner) in runs {
+            self.insert_run(start, count, owner);
+        }
+    }
+
+    /// The parts of owner runs inside blocks [start, start + count):
+    /// (owner, first block, block count).
+    pub fn runs_in(&self, start: u64, count: u64) -> impl Iterator<Item = (Owner, u64, u64)> + '_ {
+        let end = start.saturating_add(count);
+        let lowest = Owner::Inode(0, Role::Data);
+        let from = (start.saturating_sub(RUN_BLOCKS_MAX - 1), lowest);
+        self.owners.range(from..(end, lowest)).filter_map(
+            move |(&(run_start, owner), &run_count)| {
+                let overlap_start = run_start.max(start);
+                let overlap_end = (run_start + run_count).min(end);
+                (overlap_end > overlap_start)
+                    .then(|| (owner, overlap_start, overlap_end - overlap_start))
+            },
+        )
+    }
+
+    /// Every owner of blocks [start, start + count), with how many of those
+    /// blocks it owns.
+    pub fn owners_of(&self, start: u64, count: u64) -> Vec<(Owner, u64)> {
+        let mut out: Vec<(Owner, u64)> = Vec::new();
+        for (owner, _, blocks) in self.runs_in(start, count) {
+            match out.iter_mut().find(|(o, _)| *o == owner) {
+                Some((_, total)) => *total += blocks,
+                None => out.push((owner, blocks)),
+            }
+        }
+        out
+    }
+
+    /// The (directory, name) pairs that name `number`, sorted.
+    pub fn links(&self, number: u32) -> Vec<(u32, &[u8])> {
+        let mut out = Vec::new();
+        for &parent in self
+            .parents
+            .get(&number)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            for (name, child) in self
+                .children
+                .get(&parent)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                if *child == number {
+                    out.push((parent, &name[..]));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Every path naming `number` ("/" for the root), at most
+    /// PATHS_PER_INODE_MAX of them. An inode no directory names (an orphan
+    /// kept open, or a directory lost by corruption) has none.
+    pub fn paths(&self, number: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut chain = Vec::new();
+        self.collect_paths(number, &mut chain, &mut out);
+        out.sort();
+        out
+    }
+
+    fn collect_paths(&self, number: u32, chain: &mut Vec<Vec<u8>>, out: &mut Vec<String>) {
+        if out.len() >= PATHS_PER_INODE_MAX || chain.len() > PATH_DEPTH_MAX {
+            return;
+        }
+        if number == ROOT_INODE {
+            let mut path = String::new();
+            for name in chain.iter().rev() {
+                path.push('/');
+                path.push_str(&String::from_utf8_lossy(name));
+            }
+            out.push(if path.is_empty() { "/".into() } else { path });
+            return;
+        }
+        let Some(parents) = self.parents.get(&number) else {
+            return;
+        };
+        for &parent in parents {
+            let Some(entries) = self.children.get(&parent) else {
+                continue;
+            };
+            for (name, _) in entries.iter().filter(|(_, child)| *child == number) {
+                chain.push(name.to_vec());
+                // A directory cycle (corruption) ends at the depth limit.
+                self.collect_paths(parent, chain, out);
+                chain.pop();
+            }
+        }
+    }
+
+    /// Brings the map up to date with `fs` after `changed` blocks (start,
+    /// count) were written: re-reads only the inodes in changed inode-table
+    /// blocks, the inodes whose mapping or directory blocks changed, and the
+    /// directories whose entries could have changed. Returns how many
+    /// inodes it re-read.
+    pub fn update<R: ReadAt>(
+        &mut self,
+        fs: &Ext4<R>,
+        changed: &[(u64, u64)],
+    ) -> Result<usize, Ext4Error> {
+        if fs.sb.block_size != self.block_size
+            || fs.sb.blocks_count != self.blocks_count
+            || fs.sb.uuid != self.uuid
+        {
+            *self = FsMap::build(fs)?;
+            return Ok(self.inodes.len());
+        }
+        let mut suspects: HashSet<u32> = HashSet::new();
+        let mut directories: HashSet<u32> = HashSet::new();
+        for &(start, count) in changed {
+            for (owner, _) in self.owners_of(start, count) {
+                match owner {
+                    Owner::Meta(MetaKind::InodeTable) => {
+                        suspects.extend(inodes_in_blocks(fs, start, count));
+                    }
+                    Owner::Inode(number, Role::Data) => {
+                        if self
+                            .inodes
+                            .get(&number)
+                            .is_some_and(FileRecord::is_directory)
+                        {
+                            directories.insert(number);
+                        }
+                    }
+                    Owner::Inode(number, _) => {
+                        suspects.insert(number);
+                    }
+                    Owner::Meta(_) => {}
+                }
+            }
+        }
+        let mut reread = 0;
+        let mut suspects: Vec<u32> = suspects.into_iter().collect();
+        suspects.sort_unstable();
+        for number in suspects {
+            reread += 1;
+            self.reread_inode(fs, number, &mut directories)?;
+        }
+        for number in directories {
+            if self
+                .inodes
+                .get(&number)
+                .is_some_and(FileRecord::is_directory)
+            {
+                match fs.inode(number) {
+                    Ok(inode) => self.read_directory(fs, &inode),
+                    Err(error) => self.problems.push(format!("directory {number}: {error}")),
+                }
+            }
+        }
+        Ok(reread)
+    }
+
+    fn reread_inode<R: ReadAt>(
+        &mut self,
+        fs: &Ext4<R>,
+        number: u32,
+        directories: &mut HashSet<u32>,
+    ) -> Result<(), Ext4Error> {
+        let in_use = fs.inode_in_use(number)?;
+        let inode = if in_use {
+            match fs.inode(number) {
+                Ok(inode) => Some(inode),
+                Err(error) => {
+                    self.problems.push(format!("inode {number}: {error}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let old = self.remove_record(number);
+        match inode {
+            Some(inode) => {
+                let was_directory = old.as_ref().is_some_and(FileRecord::is_directory);
+                let changed = old
+                    .as_ref()
+                    .is_none_or(|old| !same_inode_state(old, &inode));
+                if self.add_inode(fs, &inode).is_some() && (changed || !was_directory) {
+                    directories.insert(number);
+                }
+            }
+            None => {
+                if old.as_ref().is_some_and(FileRecord::is_directory) {
+                    self.set_children(number, Vec::new());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn same_inode_state(old: &FileRecord, inode: &Inode) -> bool {
+    old.generation == inode.generation
+        && old.size_bytes == inode.size_bytes
+        && old.mtime == (inode.mtime_seconds, inode.mtime_nanoseconds)
+        && old.ctime == (inode.ctime_seconds, inode.ctime_nanoseconds)
+}
+
+/// Inode numbers whose on-disk slots lie in blocks [start, start + count).
+fn inodes_in_blocks<R: ReadAt>(fs: &Ext4<R>, start: u64, count: u64) -> Vec<u32> {
+    let sb = &fs.sb;
+    let table_blocks = fs.inode_table_blocks();
+    let per_block = (sb.block_size / sb.inode_size).max(1);
+    let mut out = Vec::new();
+    for group in 0..sb.group_count {
+        let Some(desc) = fs.group(group) else { break };
+        let table_end = desc.inode_table + table_blocks;
+        let first = start.max(desc.inode_table);
+        let last = (start + count).min(table_end);
+        for block in first..last {
+            let slot = (block - desc.inode_table) * per_block;
+            for index in slot..slot + per_block {
+                if index < u64::from(sb.inodes_per_group) {
+                    out.push((group * u64::from(sb.inodes_per_group) + index + 1) as u32);
+                }
+            }
+        }
+    }
+    out
+}

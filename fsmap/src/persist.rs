@@ -1,0 +1,270 @@
+//! A map saved beside a checkpoint, so two checkpoints' maps can be
+//! compared long after the filesystem moved on. Format (docs/fsmap.md):
+//! a 64-byte header, the metadata runs, special inodes, inode records and
+//! directories, then a CRC-32C of everything before it. Little-endian.
+
+use crate::ext4::{FileExtent, MetaKind, MetaRun};
+use crate::map::{FileRecord, FsMap};
+
+const MAGIC: &[u8; 8] = b"BWFSMAP1";
+const VERSION: u32 = 1;
+const HEADER_BYTES: usize = 64;
+/// Smallest encodings, used to bound counts before allocating.
+const META_RUN_BYTES: usize = 17;
+const RECORD_BYTES_MIN: usize = 72;
+const EXTENT_BYTES: usize = 21;
+const DIRECTORY_BYTES_MIN: usize = 8;
+const ENTRY_BYTES_MIN: usize = 6;
+/// Longest name an ext4 directory entry can hold.
+const NAME_BYTES_MAX: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("saved file map is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("saved file map has version {0}; this blockwatch reads version {VERSION}")]
+    Version(u32),
+}
+
+pub fn encode(map: &FsMap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + map.inodes.len() * 96);
+    out.extend_from_slice(MAGIC);
+    put32(&mut out, VERSION);
+    put32(&mut out, map.block_size as u32);
+    put64(&mut out, map.blocks_count);
+    out.extend_from_slice(&map.uuid);
+    put32(&mut out, map.first_inode);
+    put32(&mut out, map.journal_inode);
+    put32(&mut out, map.inodes.len() as u32);
+    put32(&mut out, map.children.len() as u32);
+    put32(&mut out, map.meta_runs.len() as u32);
+    put32(&mut out, map.special_inodes.len() as u32);
+    debug_assert_eq!(out.len(), HEADER_BYTES);
+    for run in &map.meta_runs {
+        put64(&mut out, run.start_block);
+        put64(&mut out, run.block_count);
+        out.push(run.kind as u8);
+    }
+    for &number in &map.special_inodes {
+        put32(&mut out, number);
+    }
+    let mut numbers: Vec<&u32> = map.inodes.keys().collect();
+    numbers.sort_unstable();
+    for number in numbers {
+        encode_record(&mut out, &map.inodes[number]);
+    }
+    let mut directories: Vec<&u32> = map.children.keys().collect();
+    directories.sort_unstable();
+    for directory in directories {
+        let entries = &map.children[directory];
+        put32(&mut out, *directory);
+        put32(&mut out, entries.len() as u32);
+        for (name, child) in entries {
+            put32(&mut out, *child);
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name);
+        }
+    }
+    let crc = crc32c::crc32c(&out);
+    put32(&mut out, crc);
+    out
+}
+
+fn encode_record(out: &mut Vec<u8>, record: &FileRecord) {
+    put32(out, record.number);
+    put32(out, record.generation);
+    out.extend_from_slice(&record.mode.to_le_bytes());
+    out.extend_from_slice(&record.links.to_le_bytes());
+    put32(out, record.uid);
+    put32(out, record.gid);
+    put64(out, record.size_bytes);
+    put64(out, record.mtime.0 as u64);
+    put32(out, record.mtime.1);
+    put64(out, record.ctime.0 as u64);
+    put32(out, record.ctime.1);
+    put64(out, record.xattr_block.unwrap_or(0));
+    put32(out, record.extents.len() as u32);
+    put32(out, record.map_blocks.len() as u32);
+    for extent in &record.extents {
+        put64(out, extent.logical_block);
+        put64(out, extent.physical_block);
+        put32(out, extent.block_count as u32);
+        out.push(u8::from(extent.uninitialized));
+    }
+    for &(start, count) in &record.map_blocks {
+        put64(out, start);
+        put64(out, count);
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<FsMap, PersistError> {
+    if bytes.len() < HEADER_BYTES + 4 || &bytes[..8] != MAGIC {
+        return Err(PersistError::Corrupt("no header"));
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes(trailer.try_into().unwrap_or_default()) {
+        return Err(PersistError::Corrupt("checksum does not match"));
+    }
+    let mut cursor = Cursor { bytes: body, at: 8 };
+    let version = cursor.u32()?;
+    if version != VERSION {
+        return Err(PersistError::Version(version));
+    }
+    let mut map = FsMap {
+        block_size: u64::from(cursor.u32()?),
+        blocks_count: cursor.u64()?,
+        ..FsMap::default()
+    };
+    map.uuid.copy_from_slice(cursor.take(16)?);
+    map.first_inode = cursor.u32()?;
+    map.journal_inode = cursor.u32()?;
+    let record_count = cursor.count(RECORD_BYTES_MIN)?;
+    let directory_count = cursor.count(DIRECTORY_BYTES_MIN)?;
+    let meta_count = cursor.count(META_RUN_BYTES)?;
+    let special_count = cursor.count(4)?;
+    for _ in 0..meta_count {
+        let start_block = cursor.u64()?;
+        let block_count = cursor.u64()?;
+        let kind = meta_kind(cursor.take(1)?[0])?;
+        map.meta_runs.push(MetaRun {
+            start_block,
+            block_count,
+            kind,
+        });
+    }
+    for _ in 0..special_count {
+        map.special_inodes.push(cursor.u32()?);
+    }
+    for _ in 0..record_count {
+        let record = decode_record(&mut cursor)?;
+        map.inodes.insert(record.number, record);
+    }
+    for _ in 0..directory_count {
+        let directory = cursor.u32()?;
+        let entry_count = cursor.count(ENTRY_BYTES_MIN)?;
+        let mut entries = Vec::with_capacity(entry_count);
+        for _ in 0..entry_count {
+            let child = cursor.u32()?;
+            let length = usize::from(u16::from_le_bytes(
+                cursor.take(2)?.try_into().unwrap_or_default(),
+            ));
+            if length > NAME_BYTES_MAX {
+                return Err(PersistError::Corrupt("name too long"));
+            }
+            entries.push((cursor.take(length)?.into(), child));
+        }
+        map.set_children(directory, entries);
+    }
+    if cursor.at != body.len() {
+        return Err(PersistError::Corrupt("trailing bytes"));
+    }
+    map.index_records();
+    Ok(map)
+}
+
+fn decode_record(cursor: &mut Cursor) -> Result<FileRecord, PersistError> {
+    let number = cursor.u32()?;
+    let generation = cursor.u32()?;
+    let mode = cursor.u16()?;
+    let links = cursor.u16()?;
+    let uid = cursor.u32()?;
+    let gid = cursor.u32()?;
+    let size_bytes = cursor.u64()?;
+    let mtime = (cursor.u64()? as i64, cursor.u32()?);
+    let ctime = (cursor.u64()? as i64, cursor.u32()?);
+    let xattr_block = Some(cursor.u64()?).filter(|&b| b != 0);
+    let extent_count = cursor.count(EXTENT_BYTES)?;
+    let map_count = cursor.count(16)?;
+    let mut extents = Vec::with_capacity(extent_count);
+    for _ in 0..extent_count {
+        extents.push(FileExtent {
+            logical_block: cursor.u64()?,
+            physical_block: cursor.u64()?,
+            block_count: u64::from(cursor.u32()?),
+            uninitialized: cursor.take(1)?[0] != 0,
+        });
+    }
+    let mut map_blocks = Vec::with_capacity(map_count);
+    for _ in 0..map_count {
+        map_blocks.push((cursor.u64()?, cursor.u64()?));
+    }
+    Ok(FileRecord {
+        number,
+        generation,
+        mode,
+        uid,
+        gid,
+        links,
+        size_bytes,
+        mtime,
+        ctime,
+        extents,
+        map_blocks,
+        xattr_block,
+    })
+}
+
+fn meta_kind(byte: u8) -> Result<MetaKind, PersistError> {
+    Ok(match byte {
+        0 => MetaKind::Superblock,
+        1 => MetaKind::GroupDescriptors,
+        2 => MetaKind::ReservedGdt,
+        3 => MetaKind::BlockBitmap,
+        4 => MetaKind::InodeBitmap,
+        5 => MetaKind::InodeTable,
+        6 => MetaKind::Journal,
+        7 => MetaKind::Mmp,
+        8 => MetaKind::SpecialInode,
+        _ => return Err(PersistError::Corrupt("unknown metadata kind")),
+    })
+}
+
+fn put32(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, length: usize) -> Result<&'a [u8], PersistError> {
+        let end = self
+            .at
+            .checked_add(length)
+            .filter(|&end| end <= self.bytes.len());
+        let end = end.ok_or(PersistError::Corrupt("truncated"))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn u16(&mut self) -> Result<u16, PersistError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().unwrap_or_default(),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, PersistError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, PersistError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
+    }
+    /// A count of items of at least `item_bytes` each, refused when the
+    /// rest of the file could not hold that many.
+    fn count(&mut self, item_bytes: usize) -> Result<usize, PersistError> {
+        let count = self.u32()? as usize;
+        if count.saturating_mul(item_bytes) > self.bytes.len() - self.at {
+            return Err(PersistError::Corrupt("count larger than the file"));
+        }
+        Ok(count)
+    }
+}
