@@ -67,18 +67,24 @@ pub struct FsChanges {
 /// (start, count) written between the two maps.
 pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
     let mut out = FsChanges::default();
-    let overlap = attribute(new, changed, &mut out);
+    let mut overlap = attribute(new, changed, &mut out);
+    let relinked = relinked_inodes(old, new);
     let mut seen = HashSet::new();
     for (number, record) in &new.inodes {
         if new.is_special(*number) || new.special_inodes.contains(number) {
             continue;
         }
         seen.insert(*number);
-        let blocks = overlap.get(number).cloned().unwrap_or_default();
-        if let Some(change) = classify(old, new, old.inodes.get(number), record, blocks) {
+        let previous = old.inodes.get(number);
+        let blocks = overlap.remove(number).unwrap_or_default();
+        let quiet = previous == Some(record) && blocks.is_empty() && !relinked.contains(number);
+        if quiet && !(record.is_directory() && old.children.get(number) != new.children.get(number)) {
+            continue; // the common case, decided without building a path
+        }
+        if let Some(change) = classify(old, new, previous, record, blocks) {
             out.files.push(change);
         }
-        if let Some(previous) = old.inodes.get(number)
+        if let Some(previous) = previous
             && previous.generation != record.generation
         {
             out.files.push(deleted(old, previous));
@@ -94,6 +100,49 @@ pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
     }
     out.files
         .sort_by(|a, b| (&a.paths, a.kind, a.inode).cmp(&(&b.paths, b.kind, b.inode)));
+    out
+}
+
+/// Inodes named by an entry that one map has and the other lacks: the
+/// only candidates for a rename or a new hard link.
+fn relinked_inodes(old: &FsMap, new: &FsMap) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    let directories = old.children.keys().chain(new.children.keys());
+    for directory in directories {
+        let (before, after) = (old.children.get(directory), new.children.get(directory));
+        if before == after {
+            continue;
+        }
+        let before: HashSet<_> = before.into_iter().flatten().collect();
+        let after: HashSet<_> = after.into_iter().flatten().collect();
+        out.extend(before.symmetric_difference(&after).map(|(_, child)| *child));
+    }
+    out
+}
+
+/// Changes when no map was saved at the earlier point: every file whose
+/// blocks changed is listed as modified (creations, deletions and renames
+/// cannot be told apart without the earlier map).
+pub fn diff_without_old(new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
+    let mut out = FsChanges::default();
+    for (number, blocks) in attribute(new, changed, &mut out) {
+        let Some(record) = new.inodes.get(&number) else {
+            continue;
+        };
+        out.files.push(FileChange {
+            kind: ChangeKind::Modified,
+            inode: number,
+            paths: new.paths(number),
+            old_paths: Vec::new(),
+            content_changed: true,
+            is_directory: record.is_directory(),
+            size_bytes: record.size_bytes,
+            changed_bytes: blocks.iter().map(|&(_, c)| c).sum::<u64>() * new.block_size,
+            changed_blocks: blocks,
+        });
+    }
+    out.files
+        .sort_by(|a, b| (&a.paths, a.inode).cmp(&(&b.paths, b.inode)));
     out
 }
 
@@ -119,7 +168,9 @@ fn classify(
     };
     match previous {
         Some(previous) if previous.generation == record.generation => {
-            change.content_changed = content_changed(previous, record);
+            change.content_changed = content_changed(previous, record)
+                || record.is_directory()
+                    && old.children.get(&record.number) != new.children.get(&record.number);
             // Renamed when its own names changed; a file whose ancestor
             // moved keeps its (directory, name) links and is not listed.
             if old.links(record.number) != new.links(record.number) {

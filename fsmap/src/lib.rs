@@ -10,14 +10,21 @@
 //! - `map.rs`: the file map: block -> owner, inode -> paths; full build
 //!   and incremental update.
 //! - `persist.rs`: a map saved beside a checkpoint (CRC-checked).
+//! - `disk.rs`: a whole disk: partitions, each filesystem read through
+//!   its journal, mapped, updated, compared, saved.
 //! - `diff.rs`: per-file changes between two maps (+ - R M ~).
-//! - `jbd2.rs`: journal replay (descriptor, commit and revoke blocks).
+//! - `select.rs`: copy criteria (globs, sizes) and the copy set.
+//! - `jbd2.rs`: journal replay (descriptor, commit, revoke blocks, checksums).
 //! - `partition.rs`: MBR (with extended partitions) and GPT tables.
 
 pub mod diff;
+pub mod disk;
 pub mod ext4;
+pub mod jbd2;
 pub mod map;
+pub mod partition;
 pub mod persist;
 pub mod read;
+pub mod select;
 
 pub use read::{Bytes, Overlay, ReadAt, Replacement, Slice};

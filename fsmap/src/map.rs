@@ -8,13 +8,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::ext4::{Ext4, Ext4Error, FileExtent, Inode, MetaKind, MetaRun, ReadAt};
 
 /// Owner runs longer than this are split, so a range query only has to look
-/// this far back for a run that starts before it.
-pub const RUN_BLOCKS_MAX: u64 = 32768;
+/// this far back for a run that starts before it (a long window would scan
+/// every small file's run inside it).
+pub const RUN_BLOCKS_MAX: u64 = 256;
 /// Paths reported for one inode (hard links).
 const PATHS_PER_INODE_MAX: usize = 16;
 /// Directory levels followed when building a path.
 const PATH_DEPTH_MAX: usize = 4096;
 const ROOT_INODE: u32 = 2;
+/// Problems kept for reporting; the rest are counted out.
+const PROBLEMS_MAX: usize = 100;
+
+/// A directory's entries: (name, child inode).
+pub type DirEntries = Vec<(Box<[u8]>, u32)>;
 
 /// What an inode's block is to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,7 +98,7 @@ pub struct FsMap {
     pub meta_runs: Vec<MetaRun>,
     pub inodes: HashMap<u32, FileRecord>,
     /// Directory inode -> its entries (name, child), "." and ".." left out.
-    pub children: HashMap<u32, Vec<(Box<[u8]>, u32)>>,
+    pub children: HashMap<u32, DirEntries>,
     /// Child inode -> the directories that name it.
     pub(crate) parents: HashMap<u32, Vec<u32>>,
     /// (start block, owner) -> block count. Runs never exceed RUN_BLOCKS_MAX.
@@ -131,7 +137,7 @@ impl FsMap {
                             directories.push(directory);
                         }
                     }
-                    Err((number, error)) => map.problems.push(format!("inode {number}: {error}")),
+                    Err((number, error)) => map.problem(format!("inode {number}: {error}")),
                 }
             }
         }
@@ -168,6 +174,13 @@ impl FsMap {
         };
         self.insert_record(record);
         inode.is_directory().then(|| inode.clone())
+    }
+
+    /// Records something the map could not read (the first PROBLEMS_MAX).
+    fn problem(&mut self, text: String) {
+        if self.problems.len() < PROBLEMS_MAX {
+            self.problems.push(text);
+        }
     }
 
     /// Whether inode `number` is the filesystem's own (journal, resize,
@@ -432,7 +445,7 @@ impl FsMap {
             {
                 match fs.inode(number) {
                     Ok(inode) => self.read_directory(fs, &inode),
-                    Err(error) => self.problems.push(format!("directory {number}: {error}")),
+                    Err(error) => self.problem(format!("directory {number}: {error}")),
                 }
             }
         }
@@ -445,13 +458,14 @@ impl FsMap {
         number: u32,
         directories: &mut HashSet<u32>,
     ) -> Result<(), Ext4Error> {
-        let in_use = fs.inode_in_use(number)?;
-        let inode = if in_use {
+        let inode = if fs.inode_in_use(number)? {
             match fs.inode(number) {
                 Ok(inode) => Some(inode),
                 Err(error) => {
-                    self.problems.push(format!("inode {number}: {error}"));
-                    None
+                    // Read mid-update (a torn block, a stale checksum):
+                    // keep what the map knew rather than call it deleted.
+                    self.problem(format!("inode {number}: {error}"));
+                    return Ok(());
                 }
             }
         } else {

@@ -358,8 +358,11 @@ impl<R: ReadAt> Ext4<R> {
                         0
                     },
             };
-            let table_blocks = self.inode_table_blocks();
-            if group_desc.inode_table + table_blocks > sb.blocks_count
+            // A 64-bit descriptor can name a table near 2^64: add checked.
+            let table_end = group_desc
+                .inode_table
+                .checked_add(self.inode_table_blocks());
+            if table_end.is_none_or(|end| end > sb.blocks_count)
                 || group_desc.block_bitmap >= sb.blocks_count
                 || group_desc.inode_bitmap >= sb.blocks_count
             {
