@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// Serve without changed-block tracking.
     #[arg(long)]
     no_track: bool,
+    /// Track blocks only: no file map (ext2/3/4 files owning the changed
+    /// blocks), no maps saved at checkpoints.
+    #[arg(long)]
+    no_files: bool,
     /// Tracking state directory (default: IMAGE.blockwatch beside the image).
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
@@ -108,6 +112,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 state_dir: args.state.clone(),
                 granularity_bytes,
                 journal_wrapper: None,
+                files: !args.no_files,
             };
             let tracker = Arc::new(
                 Tracker::open(&options, file.size_bytes())
@@ -456,6 +461,9 @@ fn serve(
     let mut controls = Vec::with_capacity(trackers.len());
     for tracker in trackers {
         tracker.start();
+        if let Some(files) = tracker.files() {
+            files.build_in_background();
+        }
         controls.push(ControlServer::start(Arc::clone(tracker)).with_context(|| {
             format!(
                 "cannot open the control socket in {}",

@@ -57,6 +57,22 @@ pub struct ChangesArgs {
     /// Print nothing; exit 1 when nothing changed.
     #[arg(long, short)]
     quiet: bool,
+    /// List the files (ext2/3/4) that changed: + created, - deleted,
+    /// R renamed, M modified, ~ unchanged inode in a changed region.
+    #[arg(long)]
+    files: bool,
+    /// With --files: only files matching GLOB ("*.db", "/var/lib/**").
+    #[arg(long, value_name = "GLOB", requires = "files")]
+    include: Vec<String>,
+    /// With --files: leave out files matching GLOB.
+    #[arg(long, value_name = "GLOB", requires = "files")]
+    exclude: Vec<String>,
+    /// With --files: only files at least this large (e.g. 1M).
+    #[arg(long, value_name = "SIZE", requires = "files")]
+    min_size: Option<String>,
+    /// With --files: only files at most this large.
+    #[arg(long, value_name = "SIZE", requires = "files")]
+    max_size: Option<String>,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -127,6 +143,9 @@ pub fn checkpoints(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
+    if args.files {
+        return file_changes(args);
+    }
     let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let request = json!({"op": "changes", "since": args.since, "until": args.until});
     let reply = ask(&image, args.state.state.as_deref(), &request)?;
@@ -158,6 +177,89 @@ pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         reply["granularity"]
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let size = |text: &Option<String>| {
+        text.as_deref()
+            .map(crate::size::parse_size)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let request = json!({
+        "op": "changes", "files": true, "since": args.since, "until": args.until,
+        "include": args.include, "exclude": args.exclude,
+        "min_size": size(&args.min_size)?, "max_size": size(&args.max_size)?,
+    });
+    let reply = ask(&image, args.state.state.as_deref(), &request)?;
+    let files = reply["files"].as_array().cloned().unwrap_or_default();
+    if args.quiet {
+        return Ok(if files.is_empty() {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for note in reply["notes"].as_array().into_iter().flatten() {
+        eprintln!("blockwatch: {}", note.as_str().unwrap_or_default());
+    }
+    for file in &files {
+        println!("{}", file_line(file));
+    }
+    for fs in reply["filesystems"].as_array().into_iter().flatten() {
+        let metadata: Vec<String> = fs["metadata_bytes"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(kind, bytes)| format!("{kind} {bytes}"))
+            .collect();
+        let label = match fs["partition"].as_u64() {
+            Some(0) | None => "filesystem".to_string(),
+            Some(number) => format!("partition {number}"),
+        };
+        eprintln!(
+            "{label}: metadata changed: {}; changed bytes owned by nothing: {}",
+            if metadata.is_empty() {
+                "none".to_string()
+            } else {
+                metadata.join(", ")
+            },
+            fs["unowned_bytes"]
+        );
+    }
+    eprintln!(
+        "{} files listed; copy set {} bytes in {} ranges",
+        files.len(),
+        reply["copy_bytes"],
+        reply["copy_set"].as_array().map_or(0, Vec::len)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One `zfs diff`-like line: status, kind, path (old -> new for renames).
+fn file_line(file: &Value) -> String {
+    let text = |key: &str| file[key].as_str().unwrap_or_default().to_string();
+    let mut path = text("path");
+    if file["directory"] == json!(true) && !path.ends_with('/') {
+        path.push('/');
+    }
+    let status = text("status");
+    let detail = match status.as_str() {
+        "R" => format!("{} -> {path}", file["old_paths"][0].as_str().unwrap_or("?")),
+        _ => path,
+    };
+    let inode = &file["inode"];
+    match file["changed_bytes"].as_u64() {
+        Some(bytes) if bytes > 0 => {
+            format!("{status}\t{detail}\t(inode {inode}, {bytes} bytes in changed regions)")
+        }
+        _ => format!("{status}\t{detail}\t(inode {inode})"),
+    }
 }
 
 pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
@@ -219,6 +321,7 @@ fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Va
         state_dir: Some(state_dir.to_path_buf()),
         granularity_bytes: None,
         journal_wrapper: None,
+        files: true,
     };
     let tracker = Tracker::open(&options, size_bytes)?;
     for warning in tracker.warnings() {

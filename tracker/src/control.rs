@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::files::FileReport;
+use fsmap::select::Criteria;
 use serde_json::{Value, json};
 
 use crate::tracker::{Tracker, error_chain};
@@ -52,6 +54,14 @@ fn dispatch(tracker: &Tracker, request: &Value) -> Result<Value, String> {
         "checkpoints" => Ok(json!({
             "checkpoints": tracker.checkpoints().iter().map(|c| checkpoint_json(tracker, c)).collect::<Vec<_>>()
         })),
+        "changes" if request.get("files") == Some(&json!(true)) => {
+            let since = text("since").ok_or("changes needs \"since\"")?;
+            let criteria = criteria_of(request)?;
+            let report = tracker
+                .file_changes(since, text("until"), &criteria)
+                .map_err(failed)?;
+            Ok(file_report_json(since, text("until"), &report))
+        }
         "changes" => {
             let since = text("since").ok_or("changes needs \"since\"")?;
             let extents = tracker.changes(since, text("until")).map_err(failed)?;
@@ -87,12 +97,91 @@ fn dispatch(tracker: &Tracker, request: &Value) -> Result<Value, String> {
                 "last_shutdown": if status.clean_start { "clean" } else { "unclean or first start" },
                 "warnings": status.warnings,
                 "journal_failure": status.journal_failure,
+                "file_map": tracker.files().map(|files| {
+                    let stats = files.stats();
+                    json!({
+                        "build_ms": stats.build_ms,
+                        "last_update_us": stats.last_update_us,
+                        "last_update_inodes": stats.last_update_inodes,
+                        "attributed_flushes": stats.attributed_flushes,
+                        "unattributed_flushes": stats.unattributed_flushes,
+                    })
+                }),
             }}))
         }
         other => Err(format!(
             "unknown op {other:?}: use checkpoint, delete-checkpoint, checkpoints, changes or status"
         )),
     }
+}
+
+fn criteria_of(request: &Value) -> Result<Criteria, String> {
+    let strings = |key: &str| -> Vec<String> {
+        request
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let criteria = Criteria {
+        include: strings("include"),
+        exclude: strings("exclude"),
+        min_size_bytes: request.get("min_size").and_then(Value::as_u64),
+        max_size_bytes: request.get("max_size").and_then(Value::as_u64),
+    };
+    fsmap::select::validate(&criteria)?;
+    Ok(criteria)
+}
+
+fn file_report_json(since: &str, until: Option<&str>, report: &FileReport) -> Value {
+    let files: Vec<Value> = report
+        .listed()
+        .map(|(fs, change)| {
+            json!({
+                "status": change.kind.symbol().to_string(),
+                "path": change.paths.first(),
+                "paths": change.paths,
+                "old_paths": change.old_paths,
+                "inode": change.inode,
+                "partition": fs.partition,
+                "directory": change.is_directory,
+                "size": change.size_bytes,
+                "changed_bytes": change.changed_bytes,
+                "content_changed": change.content_changed,
+                "selected": report.criteria.selects(change),
+            })
+        })
+        .collect();
+    let filesystems: Vec<Value> = report
+        .filesystems
+        .iter()
+        .map(|fs| {
+            json!({
+                "partition": fs.partition,
+                "offset": fs.start_bytes,
+                "block_size": fs.block_size,
+                "metadata_bytes": fs.changes.metadata_blocks.iter()
+                    .map(|(kind, blocks)| (kind.to_string(), json!(blocks * fs.block_size)))
+                    .collect::<serde_json::Map<String, Value>>(),
+                "unowned_bytes": fs.changes.unowned_blocks * fs.block_size,
+            })
+        })
+        .collect();
+    let copy_bytes: u64 = report.copy_ranges.iter().map(|&(_, length)| length).sum();
+    json!({
+        "since": since,
+        "until": until,
+        "files": files,
+        "filesystems": filesystems,
+        "copy_set": report.copy_ranges.iter().map(|&(offset, length)| json!({"offset": offset, "length": length})).collect::<Vec<_>>(),
+        "copy_bytes": copy_bytes,
+        "notes": report.notes,
+    })
 }
 
 fn checkpoint_json(tracker: &Tracker, checkpoint: &crate::catalog::Checkpoint) -> Value {

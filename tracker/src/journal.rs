@@ -36,11 +36,23 @@ pub enum Record {
     MarkAll { reason: String },
     /// At flush `epoch`, these regions' writes were made durable.
     Saved { epoch: u64, runs: Vec<RegionRun> },
+    /// The files (partition, inode) that own flush `epoch`'s saved
+    /// regions, from the file map; `more` when there were more than
+    /// `SAVED_FILES_MAX`. Informational: replay never needs it.
+    SavedFiles {
+        epoch: u64,
+        files: Vec<(u32, u32)>,
+        more: bool,
+    },
 }
+
+/// Files one SAVED_FILES record lists.
+pub const SAVED_FILES_MAX: usize = 256;
 
 const KIND_MARK: u16 = 1;
 const KIND_MARK_ALL: u16 = 2;
 const KIND_SAVED: u16 = 3;
+const KIND_SAVED_FILES: u16 = 4;
 
 /// The journal file header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +118,20 @@ pub fn encode_record(record: &Record, sequence: u64, out: &mut Vec<u8>) {
             out.extend_from_slice(&epoch.to_le_bytes());
             put_runs(out, runs);
             KIND_SAVED
+        }
+        Record::SavedFiles { epoch, files, more } => {
+            assert!(
+                files.len() <= SAVED_FILES_MAX,
+                "too many files for one record"
+            );
+            out.extend_from_slice(&epoch.to_le_bytes());
+            out.extend_from_slice(&(files.len() as u32).to_le_bytes());
+            out.extend_from_slice(&u32::from(*more).to_le_bytes());
+            for (partition, inode) in files {
+                out.extend_from_slice(&partition.to_le_bytes());
+                out.extend_from_slice(&inode.to_le_bytes());
+            }
+            KIND_SAVED_FILES
         }
     };
     let payload_len = out.len() - start - RECORD_HEADER_LEN;
@@ -193,9 +219,29 @@ fn decode_record(bytes: &[u8], expected_sequence: u64) -> Result<(Record, usize)
             epoch: le64(payload.get(0..8).ok_or("short payload")?),
             runs: get_runs(&payload[8..])?,
         },
+        KIND_SAVED_FILES => get_saved_files(payload)?,
         _ => return Err("unknown record kind"),
     };
     Ok((record, total))
+}
+
+fn get_saved_files(payload: &[u8]) -> Result<Record, &'static str> {
+    let head = payload.get(0..16).ok_or("short payload")?;
+    let count = le32(&head[8..12]) as usize;
+    if count > SAVED_FILES_MAX || payload.len() < 16 + count * 8 {
+        return Err("file count does not fit the payload");
+    }
+    let files = (0..count)
+        .map(|i| {
+            let at = 16 + i * 8;
+            (le32(&payload[at..at + 4]), le32(&payload[at + 4..at + 8]))
+        })
+        .collect();
+    Ok(Record::SavedFiles {
+        epoch: le64(&head[0..8]),
+        files,
+        more: le32(&head[12..16]) != 0,
+    })
 }
 
 fn get_runs(payload: &[u8]) -> Result<Vec<RegionRun>, &'static str> {

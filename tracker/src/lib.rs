@@ -7,11 +7,14 @@
 //! - `catalog.rs`: the redb catalog: identity, clean-shutdown marker, checkpoints.
 //! - `tracker.rs`: state directory, recovery, the write gate, checkpoints, queries.
 //! - `layer.rs`: `TrackedBackend`, the tracker as a `BlockBackend` layer.
+//! - `files.rs`: the file map beside the tracker (fsmap): kept current
+//!   from saved regions, saved at checkpoints, used to attribute flushes.
 //! - `control.rs`: the control socket protocol (JSON lines) and its server.
 
 pub mod catalog;
 pub mod commit;
 pub mod control;
+pub mod files;
 pub mod journal;
 pub mod layer;
 pub mod regions;

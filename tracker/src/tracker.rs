@@ -22,11 +22,13 @@ use roaring::RoaringBitmap;
 
 use crate::catalog::{Catalog, CatalogError, Checkpoint, CleanShutdown, Identity};
 use crate::commit::Committer;
+use crate::files::{FileMap, FileReport};
 use crate::journal::{self, FileHeader, JournalError, JournalFile, JournalWriter, Record};
 use crate::regions::{
     AtomicBitmap, GRANULARITY_DEFAULT_BYTES, Granularity, REGION_COUNT_MAX, RegionRun,
     runs_from_sorted,
 };
+use fsmap::select::Criteria;
 
 pub const CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
 /// Longest checkpoint name (it becomes part of an NBD context name).
@@ -68,6 +70,10 @@ pub enum TrackerError {
         "checkpoint name {0:?} is not usable: use 1 to {CHECKPOINT_NAME_MAX} printable characters without spaces"
     )]
     BadCheckpointName(String),
+    #[error("this server keeps no file map (it was started with --no-files)")]
+    NoFileMap,
+    #[error("file map: {0}")]
+    FileMap(String),
     #[error("checkpoint {until:?} is not after {since:?}")]
     BadRange { since: String, until: String },
 }
@@ -81,6 +87,9 @@ pub struct TrackerOptions {
     /// Wraps each journal file the tracker writes (crash tests model power
     /// loss with it); None in production.
     pub journal_wrapper: Option<JournalWrapper>,
+    /// Keep a file map (ext2/3/4) beside the tracker: per-file changes,
+    /// maps saved at checkpoints, flushes attributed to files.
+    pub files: bool,
 }
 
 /// Turns the opened journal file into what the writer writes to.
@@ -221,6 +230,7 @@ pub struct Tracker {
     /// What recovery found that users should know.
     warnings: Vec<String>,
     clean_start: bool,
+    files: Option<Arc<FileMap>>,
 }
 
 #[derive(Debug, Default)]
@@ -400,6 +410,17 @@ impl Tracker {
         for warning in &warnings {
             tracing::warn!("{}: {warning}", image_path.display());
         }
+        let files = if options.files {
+            match FileMap::open(&image_path, size_bytes, &state_dir, granularity.bytes()) {
+                Ok(files) => Some(Arc::new(files)),
+                Err(error) => {
+                    tracing::warn!(%error, "no file map: changes are reported by block only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Tracker {
             state_dir,
             image_path,
@@ -423,6 +444,7 @@ impl Tracker {
             journal_wrapper: options.journal_wrapper.clone(),
             clean_start: clean.is_some() && !suspect,
             warnings,
+            files,
         })
     }
 
@@ -526,7 +548,18 @@ impl Tracker {
             self.saved.set_run(*run);
         }
         let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        self.committer().enqueue_lazy(Record::Saved { epoch, runs })
+        let attributed = self
+            .files
+            .as_ref()
+            .and_then(|files| files.note_saved(&runs));
+        self.committer()
+            .enqueue_lazy(Record::Saved { epoch, runs })?;
+        match attributed {
+            Some((files, more)) if !files.is_empty() => self
+                .committer()
+                .enqueue_lazy(Record::SavedFiles { epoch, files, more }),
+            _ => Ok(()),
+        }
     }
 
     /// Around a device flush: takes the regions written since the last one,
@@ -613,10 +646,40 @@ impl Tracker {
         if self.find(name).is_some() {
             return Err(TrackerError::DuplicateCheckpoint(name.to_string()));
         }
+        // The file map is brought up to date before the switch: whatever
+        // is written after it shows in the next map's inodes or blocks.
+        let map = self
+            .files
+            .as_ref()
+            .map(|files| (files, files.current(&self.unflushed_ranges())));
         self.gate.close();
         let result = self.switch_generation(name);
         self.gate.open();
+        if let (Ok(checkpoint), Some((files, map))) = (&result, map)
+            && let Some(disk) = map.as_ref()
+            && let Err(error) = files.save(checkpoint.generation, disk)
+        {
+            tracing::warn!(%error, "could not save the file map at checkpoint {name}");
+        }
         result
+    }
+
+    /// Regions written and not yet flushed, as byte ranges.
+    fn unflushed_ranges(&self) -> Vec<(u64, u64)> {
+        let region_bytes = self.granularity.bytes();
+        runs_from_sorted(self.written.iter_set())
+            .iter()
+            .map(|run| {
+                (
+                    run.first_region * region_bytes,
+                    run.region_count * region_bytes,
+                )
+            })
+            .collect()
+    }
+
+    pub fn files(&self) -> Option<&Arc<FileMap>> {
+        self.files.as_ref()
     }
 
     fn switch_generation(&self, name: &str) -> Result<Checkpoint, TrackerError> {
@@ -666,6 +729,9 @@ impl Tracker {
             .position(|c| c.name == name)
             .ok_or_else(|| TrackerError::UnknownCheckpoint(name.to_string()))?;
         let deleted = &checkpoints[index];
+        if let Some(files) = &self.files {
+            files.remove(deleted.generation);
+        }
         match checkpoints.get(index + 1) {
             Some(next) => {
                 let mut merged = next.clone();
@@ -771,6 +837,59 @@ impl Tracker {
             covered |= changed;
         }
         Ok(self.extents_of(&covered, &saved))
+    }
+
+    /// Which files changed since checkpoint `since` (up to `until`, or
+    /// now): the maps saved at the checkpoints (or the current map)
+    /// compared, with the changed regions as evidence.
+    pub fn file_changes(
+        &self,
+        since: &str,
+        until: Option<&str>,
+        criteria: &Criteria,
+    ) -> Result<FileReport, TrackerError> {
+        let extents = self.changes(since, until)?;
+        let files = self.files.as_ref().ok_or(TrackerError::NoFileMap)?;
+        let generation_of = |name: &str| self.find(name).map(|c| c.generation).unwrap_or_default();
+        let changed: Vec<(u64, u64)> = extents
+            .iter()
+            .map(|e| (e.offset_bytes, e.length_bytes))
+            .collect();
+        let mut notes = Vec::new();
+        let old = files.load(generation_of(since)).unwrap_or_else(|error| {
+            notes.push(format!(
+                "the file map saved at {since:?} is damaged ({error})"
+            ));
+            None
+        });
+        if old.is_none() && notes.is_empty() {
+            notes.push(format!("no file map was saved at {since:?}: files are listed from their changed blocks only (no +, -, R)"));
+        }
+        let loaded;
+        let guard;
+        let new = match until {
+            Some(until) => {
+                loaded = files
+                    .load(generation_of(until))
+                    .map_err(TrackerError::FileMap)?
+                    .ok_or_else(|| {
+                        TrackerError::FileMap(format!("no file map was saved at {until:?}"))
+                    })?;
+                &loaded
+            }
+            None => {
+                guard = files.current(&self.unflushed_ranges());
+                guard.as_ref().expect("current() leaves a map")
+            }
+        };
+        notes.extend(new.notes.iter().cloned());
+        Ok(FileReport::new(
+            new,
+            old.as_ref(),
+            &changed,
+            criteria,
+            notes,
+        ))
     }
 
     /// Turns region sets into byte extents, merging neighbours of equal status.
@@ -1104,6 +1223,8 @@ fn open_journal(
                     saved.set_run(*run);
                 }
             }
+            // Which files a flush saved is history for users, not state.
+            Record::SavedFiles { .. } => {}
         }
     }
     if suspect {

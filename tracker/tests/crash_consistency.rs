@@ -263,6 +263,7 @@ fn setup(label: &str) -> Setup {
         state_dir: Some(state_dir.clone()),
         granularity_bytes: Some(REGION_BYTES),
         journal_wrapper: Some(wrapper),
+        files: false,
     };
     let tracker = Arc::new(Tracker::open(&options, IMAGE_BYTES).unwrap());
     tracker.start();
@@ -385,6 +386,7 @@ fn power_off_and_recover(setup: Setup, torn_fraction: u64, context: &str) -> BTr
         state_dir: Some(state_dir),
         granularity_bytes: None,
         journal_wrapper: None,
+        files: false,
     };
     let recovered = Tracker::open(&options, IMAGE_BYTES).unwrap();
     for warning in recovered.warnings() {
