@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::map::{FileRecord, FsMap, Owner, Role};
+use crate::map::{FileRecord, FsMap, InodeMap, Owner, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ChangeKind {
@@ -69,16 +69,15 @@ pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
     let mut out = FsChanges::default();
     let mut overlap = attribute(new, changed, &mut out);
     let relinked = relinked_inodes(old, new);
-    let mut seen = HashSet::new();
     for (number, record) in &new.inodes {
         if new.is_special(*number) || new.special_inodes.contains(number) {
             continue;
         }
-        seen.insert(*number);
         let previous = old.inodes.get(number);
         let blocks = overlap.remove(number).unwrap_or_default();
         let quiet = previous == Some(record) && blocks.is_empty() && !relinked.contains(number);
-        if quiet && !(record.is_directory() && old.children.get(number) != new.children.get(number)) {
+        if quiet && !(record.is_directory() && old.children.get(number) != new.children.get(number))
+        {
             continue; // the common case, decided without building a path
         }
         if let Some(change) = classify(old, new, previous, record, blocks) {
@@ -91,7 +90,7 @@ pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
         }
     }
     for (number, record) in &old.inodes {
-        if !seen.contains(number)
+        if !new.inodes.contains_key(number)
             && !old.is_special(*number)
             && !old.special_inodes.contains(number)
         {
@@ -221,12 +220,17 @@ fn attribute(
     new: &FsMap,
     changed: &[(u64, u64)],
     out: &mut FsChanges,
-) -> BTreeMap<u32, Vec<(u64, u64)>> {
-    let mut per_inode: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+) -> InodeMap<Vec<(u64, u64)>> {
+    let mut per_inode: InodeMap<Vec<(u64, u64)>> = InodeMap::default();
     for &(start, count) in changed {
-        let mut covered: Vec<(u64, u64)> = Vec::new();
+        // Runs come sorted by start: sweep to count the blocks any owner
+        // covers, so what is left is unowned.
+        let mut covered_until = start;
+        let mut covered = 0;
         for (owner, run_start, run_count) in new.runs_in(start, count) {
-            covered.push((run_start, run_count));
+            let run_end = run_start + run_count;
+            covered += run_end.saturating_sub(covered_until.max(run_start));
+            covered_until = covered_until.max(run_end);
             let kind = match owner {
                 Owner::Inode(number, Role::Data) => {
                     let is_directory = new
@@ -249,18 +253,13 @@ fn attribute(
             *out.metadata_blocks.entry(kind).or_default() += run_count;
             out.metadata_runs.push((run_start, run_count));
         }
-        out.unowned_blocks += count - covered_blocks(&mut covered);
+        out.unowned_blocks += count - covered.min(count);
     }
     out.metadata_runs = merge_runs(std::mem::take(&mut out.metadata_runs));
+    for runs in per_inode.values_mut() {
+        *runs = merge_runs(std::mem::take(runs));
+    }
     per_inode
-        .into_iter()
-        .map(|(n, runs)| (n, merge_runs(runs)))
-        .collect()
-}
-
-/// Blocks covered by the union of `runs`.
-fn covered_blocks(runs: &mut [(u64, u64)]) -> u64 {
-    merge_runs(runs.to_vec()).iter().map(|&(_, c)| c).sum()
 }
 
 /// Sorts and merges overlapping or touching runs.

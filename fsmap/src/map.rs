@@ -4,6 +4,7 @@
 //! give the per-file changes (`diff.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::ext4::{Ext4, Ext4Error, FileExtent, Inode, MetaKind, MetaRun, ReadAt};
 
@@ -15,9 +16,35 @@ pub const RUN_BLOCKS_MAX: u64 = 256;
 const PATHS_PER_INODE_MAX: usize = 16;
 /// Directory levels followed when building a path.
 const PATH_DEPTH_MAX: usize = 4096;
+/// Directory steps one path query may take (a corrupt graph can branch).
+const PATH_STEPS_MAX: usize = 100_000;
 const ROOT_INODE: u32 = 2;
 /// Problems kept for reporting; the rest are counted out.
 const PROBLEMS_MAX: usize = 100;
+
+/// A map keyed by inode number. Inode numbers come from the image, but a
+/// crafted image can only make lookups slower, never wrong, so a cheap
+/// multiplicative hash replaces SipHash (whose cost showed in the diff).
+pub type InodeMap<V> = HashMap<u32, V, BuildHasherDefault<InodeHasher>>;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InodeHasher(u64);
+
+impl Hasher for InodeHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(byte)).wrapping_mul(0x517C_C1B7_2722_0A95);
+        }
+    }
+    fn write_u32(&mut self, value: u32) {
+        self.0 = (u64::from(value) ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
 
 /// A directory's entries: (name, child inode).
 pub type DirEntries = Vec<(Box<[u8]>, u32)>;
@@ -96,11 +123,12 @@ pub struct FsMap {
     pub special_inodes: Vec<u32>,
     /// Superblocks, descriptors, bitmaps, inode tables (`metadata_runs`).
     pub meta_runs: Vec<MetaRun>,
-    pub inodes: HashMap<u32, FileRecord>,
+    pub inodes: InodeMap<FileRecord>,
     /// Directory inode -> its entries (name, child), "." and ".." left out.
-    pub children: HashMap<u32, DirEntries>,
+    pub children: InodeMap<DirEntries>,
     /// Child inode -> the directories that name it.
-    pub(crate) parents: HashMap<u32, Vec<u32>>,
+    /// (directory, index into its entries) for each entry naming the child.
+    pub(crate) parents: InodeMap<Vec<(u32, u32)>>,
     /// (start block, owner) -> block count. Runs never exceed RUN_BLOCKS_MAX.
     pub(crate) owners: BTreeMap<(u64, Owner), u64>,
     /// Inodes (or structures) that could not be read, and why.
@@ -242,18 +270,18 @@ impl FsMap {
         if let Some(old) = self.children.remove(&directory) {
             for (_, child) in old {
                 if let Some(parents) = self.parents.get_mut(&child) {
-                    parents.retain(|&p| p != directory);
+                    parents.retain(|&(p, _)| p != directory);
                     if parents.is_empty() {
                         self.parents.remove(&child);
                     }
                 }
             }
         }
-        for (_, child) in &entries {
-            let parents = self.parents.entry(*child).or_default();
-            if !parents.contains(&directory) {
-                parents.push(directory);
-            }
+        for (index, (_, child)) in entries.iter().enumerate() {
+            self.parents
+                .entry(*child)
+                .or_default()
+                .push((directory, index as u32));
         }
         if !entries.is_empty() {
             self.children.insert(directory, entries);
@@ -327,26 +355,24 @@ impl FsMap {
 
     /// The (directory, name) pairs that name `number`, sorted.
     pub fn links(&self, number: u32) -> Vec<(u32, &[u8])> {
-        let mut out = Vec::new();
-        for &parent in self
+        let mut out: Vec<(u32, &[u8])> = self
             .parents
             .get(&number)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            for (name, child) in self
-                .children
-                .get(&parent)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                if *child == number {
-                    out.push((parent, &name[..]));
-                }
-            }
-        }
+            .into_iter()
+            .flatten()
+            .filter_map(|&(parent, index)| {
+                self.entry_name(parent, index).map(|name| (parent, name))
+            })
+            .collect();
         out.sort_unstable();
         out
+    }
+
+    fn entry_name(&self, directory: u32, index: u32) -> Option<&[u8]> {
+        self.children
+            .get(&directory)
+            .and_then(|entries| entries.get(index as usize))
+            .map(|(name, _)| &name[..])
     }
 
     /// Every path naming `number` ("/" for the root), at most
@@ -355,37 +381,45 @@ impl FsMap {
     pub fn paths(&self, number: u32) -> Vec<String> {
         let mut out = Vec::new();
         let mut chain = Vec::new();
-        self.collect_paths(number, &mut chain, &mut out);
+        let mut budget = PATH_STEPS_MAX;
+        self.collect_paths(number, &mut chain, &mut out, &mut budget);
         out.sort();
         out
     }
 
-    fn collect_paths(&self, number: u32, chain: &mut Vec<Vec<u8>>, out: &mut Vec<String>) {
-        if out.len() >= PATHS_PER_INODE_MAX || chain.len() > PATH_DEPTH_MAX {
+    /// Walks up from `number`; `chain` holds (inode, name) below it. A
+    /// directory already in the chain (a cycle, from corruption) is not
+    /// entered again, and `budget` bounds the walk on a corrupt graph.
+    fn collect_paths<'a>(
+        &'a self,
+        number: u32,
+        chain: &mut Vec<(u32, &'a [u8])>,
+        out: &mut Vec<String>,
+        budget: &mut usize,
+    ) {
+        if out.len() >= PATHS_PER_INODE_MAX || chain.len() > PATH_DEPTH_MAX || *budget == 0 {
             return;
         }
+        *budget -= 1;
         if number == ROOT_INODE {
             let mut path = String::new();
-            for name in chain.iter().rev() {
+            for (_, name) in chain.iter().rev() {
                 path.push('/');
                 path.push_str(&String::from_utf8_lossy(name));
             }
             out.push(if path.is_empty() { "/".into() } else { path });
             return;
         }
-        let Some(parents) = self.parents.get(&number) else {
-            return;
-        };
-        for &parent in parents {
-            let Some(entries) = self.children.get(&parent) else {
+        for &(parent, index) in self.parents.get(&number).into_iter().flatten() {
+            let Some(name) = self.entry_name(parent, index) else {
                 continue;
             };
-            for (name, _) in entries.iter().filter(|(_, child)| *child == number) {
-                chain.push(name.to_vec());
-                // A directory cycle (corruption) ends at the depth limit.
-                self.collect_paths(parent, chain, out);
-                chain.pop();
+            if chain.iter().any(|&(inode, _)| inode == parent) || parent == number {
+                continue;
             }
+            chain.push((number, name));
+            self.collect_paths(parent, chain, out, budget);
+            chain.pop();
         }
     }
 
