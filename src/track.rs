@@ -12,6 +12,20 @@ use tracker::control;
 use tracker::tracker::{default_state_dir, state_is_locked};
 use tracker::{Tracker, TrackerOptions};
 
+/// `println!` that treats a closed stdout (`| head`) as the reader being
+/// done: exit 0 rather than panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(error.into());
+        }
+    }};
+}
+
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 
 #[derive(Debug, Args)]
@@ -101,13 +115,13 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     };
     let reply = ask(&image, args.state.state.as_deref(), &request)?;
     match reply.get("checkpoint") {
-        Some(checkpoint) => println!(
+        Some(checkpoint) => out!(
             "checkpoint {} created (generation {}, {} bytes changed in it)",
             checkpoint["name"].as_str().unwrap_or_default(),
             checkpoint["generation"],
             checkpoint["changed_bytes"]
         ),
-        None => println!(
+        None => out!(
             "checkpoint {} deleted; its changes now count in the next one",
             request["name"].as_str().unwrap_or_default()
         ),
@@ -123,15 +137,18 @@ pub fn checkpoints(args: ListArgs) -> anyhow::Result<ExitCode> {
         &json!({"op": "checkpoints"}),
     )?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply["checkpoints"])?);
+        out!("{}", serde_json::to_string_pretty(&reply["checkpoints"])?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<24} {:>10} {:>12} {:>16}",
-        "NAME", "GENERATION", "CREATED", "CHANGED_BYTES"
+        "NAME",
+        "GENERATION",
+        "CREATED",
+        "CHANGED_BYTES"
     );
     for checkpoint in reply["checkpoints"].as_array().into_iter().flatten() {
-        println!(
+        out!(
             "{:<24} {:>10} {:>12} {:>16}",
             checkpoint["name"].as_str().unwrap_or_default(),
             checkpoint["generation"],
@@ -158,11 +175,11 @@ pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         });
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        out!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(ExitCode::SUCCESS);
     }
     for extent in &extents {
-        println!(
+        out!(
             "{:>16} {:>16} {}",
             extent["offset"],
             extent["length"],
@@ -202,14 +219,14 @@ fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         });
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        out!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(ExitCode::SUCCESS);
     }
     for note in reply["notes"].as_array().into_iter().flatten() {
         eprintln!("blockwatch: {}", note.as_str().unwrap_or_default());
     }
     for file in &files {
-        println!("{}", file_line(file));
+        out!("{}", file_line(file));
     }
     for fs in reply["filesystems"].as_array().into_iter().flatten() {
         let metadata: Vec<String> = fs["metadata_bytes"]
@@ -271,14 +288,14 @@ pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
     )?;
     let status = &reply["status"];
     if args.json {
-        println!("{}", serde_json::to_string_pretty(status)?);
+        out!("{}", serde_json::to_string_pretty(status)?);
         return Ok(ExitCode::SUCCESS);
     }
     for (key, value) in status.as_object().into_iter().flatten() {
         match value {
-            Value::String(text) => println!("{key}: {text}"),
-            Value::Array(items) if items.is_empty() => println!("{key}: none"),
-            other => println!("{key}: {other}"),
+            Value::String(text) => out!("{key}: {text}"),
+            Value::Array(items) if items.is_empty() => out!("{key}: none"),
+            other => out!("{key}: {other}"),
         }
     }
     Ok(ExitCode::SUCCESS)

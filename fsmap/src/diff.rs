@@ -197,6 +197,7 @@ fn content_changed(old: &FileRecord, new: &FileRecord) -> bool {
         || old.uid != new.uid
         || old.gid != new.gid
         || old.xattr_block != new.xattr_block
+        || old.xattr_checksum != new.xattr_checksum
 }
 
 fn deleted(old: &FsMap, record: &FileRecord) -> FileChange {

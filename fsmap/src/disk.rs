@@ -14,6 +14,8 @@ use crate::read::{Overlay, Replacement, Slice};
 const DISK_MAGIC: &[u8; 8] = b"BWDISKM1";
 /// Filesystems one disk map holds (a GPT may list many partitions).
 const FILESYSTEMS_MAX: usize = 128;
+/// Unreadable structures reported per filesystem.
+const NOTES_PER_FILESYSTEM_MAX: usize = 5;
 
 /// One filesystem found on the disk and its map.
 #[derive(Debug, Clone)]
@@ -87,9 +89,6 @@ impl DiskMap {
                 Ok((map, replay))
             }) {
                 Ok((map, replay)) => {
-                    for problem in map.problems.iter().take(5) {
-                        disk.notes.push(format!("{label}: {problem}"));
-                    }
                     disk.filesystems.push(MappedFs {
                         partition,
                         start_bytes,
@@ -253,6 +252,28 @@ impl DiskMap {
             });
         }
         Ok(disk)
+    }
+}
+
+impl DiskMap {
+    /// Notes, then what each filesystem's map could not read (the first
+    /// few per filesystem), for reports.
+    pub fn all_notes(&self) -> Vec<String> {
+        let mut out = self.notes.clone();
+        for mapped in &self.filesystems {
+            let problems = &mapped.map.problems;
+            for problem in problems.values().take(NOTES_PER_FILESYSTEM_MAX) {
+                out.push(format!("{}: {problem}", label(mapped.partition)));
+            }
+            if problems.len() > NOTES_PER_FILESYSTEM_MAX {
+                out.push(format!(
+                    "{}: and {} more unreadable structures",
+                    label(mapped.partition),
+                    problems.len() - NOTES_PER_FILESYSTEM_MAX
+                ));
+            }
+        }
+        out
     }
 }
 

@@ -81,6 +81,9 @@ pub struct FileRecord {
     pub extents: Vec<FileExtent>,
     pub map_blocks: Vec<(u64, u64)>,
     pub xattr_block: Option<u64>,
+    /// CRC-32C of the inode's in-body xattr area (xattrs, inline data), so
+    /// a changed attribute shows as a change.
+    pub xattr_checksum: u32,
 }
 
 impl FileRecord {
@@ -132,7 +135,9 @@ pub struct FsMap {
     /// (start block, owner) -> block count. Runs never exceed RUN_BLOCKS_MAX.
     pub(crate) owners: BTreeMap<(u64, Owner), u64>,
     /// Inodes (or structures) that could not be read, and why.
-    pub problems: Vec<String>,
+    /// Inode (or directory) number -> why it could not be read; cleared
+    /// when a later read succeeds.
+    pub problems: BTreeMap<u32, String>,
 }
 
 impl FsMap {
@@ -165,7 +170,7 @@ impl FsMap {
                             directories.push(directory);
                         }
                     }
-                    Err((number, error)) => map.problem(format!("inode {number}: {error}")),
+                    Err((number, error)) => map.problem(number, format!("inode {number}: {error}")),
                 }
             }
         }
@@ -181,8 +186,7 @@ impl FsMap {
         let blocks = match fs.blocks(inode) {
             Ok(blocks) => blocks,
             Err(error) => {
-                self.problems
-                    .push(format!("inode {}: {error}", inode.number));
+                self.problem(inode.number, format!("inode {}: {error}", inode.number));
                 Default::default()
             }
         };
@@ -199,15 +203,16 @@ impl FsMap {
             extents: blocks.data,
             map_blocks: blocks.map,
             xattr_block: blocks.xattr_block,
+            xattr_checksum: crc32c::crc32c(inode.inline_xattr_area()),
         };
         self.insert_record(record);
         inode.is_directory().then(|| inode.clone())
     }
 
     /// Records something the map could not read (the first PROBLEMS_MAX).
-    fn problem(&mut self, text: String) {
-        if self.problems.len() < PROBLEMS_MAX {
-            self.problems.push(text);
+    fn problem(&mut self, number: u32, text: String) {
+        if self.problems.len() < PROBLEMS_MAX || self.problems.contains_key(&number) {
+            self.problems.insert(number, text);
         }
     }
 
@@ -252,11 +257,13 @@ impl FsMap {
         let entries = match fs.directory(inode) {
             Ok(entries) => entries,
             Err(error) => {
-                self.problems
-                    .push(format!("directory {}: {error}", inode.number));
-                Vec::new()
+                // Most likely read mid-update: keep the entries the map
+                // had, rather than strip every child of its path.
+                self.problem(inode.number, format!("directory {}: {error}", inode.number));
+                return;
             }
         };
+        self.problems.remove(&inode.number);
         let kept: Vec<(Box<[u8]>, u32)> = entries
             .into_iter()
             .filter(|entry| !entry.is_dot_or_dotdot())
@@ -479,7 +486,7 @@ impl FsMap {
             {
                 match fs.inode(number) {
                     Ok(inode) => self.read_directory(fs, &inode),
-                    Err(error) => self.problem(format!("directory {number}: {error}")),
+                    Err(error) => self.problem(number, format!("directory {number}: {error}")),
                 }
             }
         }
@@ -498,13 +505,21 @@ impl FsMap {
                 Err(error) => {
                     // Read mid-update (a torn block, a stale checksum):
                     // keep what the map knew rather than call it deleted.
-                    self.problem(format!("inode {number}: {error}"));
+                    self.problem(number, format!("inode {number}: {error}"));
                     return Ok(());
                 }
             }
         } else {
             None
         };
+        if inode.is_some()
+            || self
+                .problems
+                .get(&number)
+                .is_some_and(|p| p.starts_with("inode"))
+        {
+            self.problems.remove(&number);
+        }
         let old = self.remove_record(number);
         match inode {
             Some(inode) => {

@@ -11,6 +11,7 @@ const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 64;
 /// Smallest encodings, used to bound counts before allocating.
 const META_RUN_BYTES: usize = 17;
+/// A record's fixed fields (no extents, no mapping runs).
 const RECORD_BYTES_MIN: usize = 72;
 const EXTENT_BYTES: usize = 21;
 const DIRECTORY_BYTES_MIN: usize = 8;
@@ -83,6 +84,7 @@ fn encode_record(out: &mut Vec<u8>, record: &FileRecord) {
     put64(out, record.ctime.0 as u64);
     put32(out, record.ctime.1);
     put64(out, record.xattr_block.unwrap_or(0));
+    put32(out, record.xattr_checksum);
     put32(out, record.extents.len() as u32);
     put32(out, record.map_blocks.len() as u32);
     for extent in &record.extents {
@@ -173,6 +175,7 @@ fn decode_record(cursor: &mut Cursor) -> Result<FileRecord, PersistError> {
     let mtime = (cursor.u64()? as i64, cursor.u32()?);
     let ctime = (cursor.u64()? as i64, cursor.u32()?);
     let xattr_block = Some(cursor.u64()?).filter(|&b| b != 0);
+    let xattr_checksum = cursor.u32()?;
     let extent_count = cursor.count(EXTENT_BYTES)?;
     let map_count = cursor.count(16)?;
     let mut extents = Vec::with_capacity(extent_count);
@@ -201,6 +204,7 @@ fn decode_record(cursor: &mut Cursor) -> Result<FileRecord, PersistError> {
         extents,
         map_blocks,
         xattr_block,
+        xattr_checksum,
     })
 }
 

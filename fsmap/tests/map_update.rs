@@ -80,7 +80,7 @@ fn check(label: &str, mkfs_args: &[&str]) {
         &format!(
             "write {} keep/new-file\nrm gone/remove-me\nrmdir gone\nmkdir made\n\
              ln link-target made/second-name\nsif link-target links_count 2\n\
-             ln keep/deep/rename-me made/renamed\nunlink keep/deep/rename-me\nsif keep/f7 mtime 20200101\n",
+             ln keep/deep/rename-me made/renamed\nunlink keep/deep/rename-me\nsif keep/f7 mtime 20200101\nea_set keep/f9 user.note hello\n",
             new_file.display()
         ),
     );
@@ -124,6 +124,9 @@ fn check(label: &str, mkfs_args: &[&str]) {
         .collect();
     let expected = [
         ('M', "/keep/f7"),
+        // An extended attribute stored in the inode body: the inode's
+        // other fields do not change, its xattr area does.
+        ('M', "/keep/f9"),
         ('+', "/keep/new-file"),
         ('-', "/gone/remove-me"),
         ('R', "/link-target"),

@@ -1,7 +1,9 @@
 //! Shared helpers for the end-to-end tests: a temporary directory that
 //! removes itself, a `blockwatch serve` process that is stopped with SIGTERM
 //! (and must exit 0), running the real NBD clients with readable failures,
-//! deterministic pseudo-random data, and checks that a client is installed.
+//! deterministic pseudo-random data, checks that a client is installed, and
+//! an export mounted the way a user without the kernel nbd module mounts
+//! one (nbdfuse, then `mount -o loop`), unmounted on drop.
 //!
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
@@ -513,4 +515,183 @@ pub fn assert_file_range(path: &Path, offset: u64, expected: &[u8]) {
 pub fn parse_json(text: &str, what: &str) -> serde_json::Value {
     serde_json::from_str(text)
         .unwrap_or_else(|e| panic!("{what} did not print valid JSON ({e}):\n{text}"))
+}
+
+/// Bounds on waiting for nbdfuse and for unmounts; no test asserts on timing.
+const NBDFUSE_START_LIMIT: Duration = Duration::from_secs(20);
+const UNMOUNT_LIMIT: Duration = Duration::from_secs(20);
+const MOUNT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// `nbdfuse DIR URI` running in the background: DIR/nbd is the export.
+/// Dropping it unmounts DIR (if still mounted) and reaps nbdfuse.
+#[derive(Debug)]
+pub struct FuseExport {
+    dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl FuseExport {
+    /// Starts nbdfuse and returns once DIR/nbd has the export's size.
+    pub fn start(dir: &Path, uri: &str, log: &Path, size_bytes: u64) -> FuseExport {
+        std::fs::create_dir_all(dir).expect("create the nbdfuse directory");
+        let log_file = File::create(log).expect("create the nbdfuse log");
+        let child = Command::new("nbdfuse")
+            .arg(dir)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nbdfuse: {e}"));
+        let mut export = FuseExport {
+            dir: dir.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        };
+        export.wait_for_file(size_bytes);
+        export
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.join("nbd")
+    }
+
+    fn wait_for_file(&mut self, size_bytes: u64) {
+        let started = Instant::now();
+        loop {
+            let child = self.child.as_mut().expect("nbdfuse is running");
+            if let Some(status) = child.try_wait().expect("poll nbdfuse") {
+                self.child = None;
+                panic!(
+                    "nbdfuse exited with {} before {} appeared:\n{}",
+                    status_text(status),
+                    self.file().display(),
+                    self.log_text()
+                );
+            }
+            if std::fs::metadata(self.file()).is_ok_and(|m| m.len() == size_bytes) {
+                return;
+            }
+            assert!(
+                started.elapsed() < NBDFUSE_START_LIMIT,
+                "{} did not appear within {NBDFUSE_START_LIMIT:?}:\n{}",
+                self.file().display(),
+                self.log_text()
+            );
+            std::thread::sleep(MOUNT_POLL_INTERVAL);
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts and asserts that nbdfuse then exits 0.
+    pub fn unmount(mut self) {
+        let mut child = self.child.take().expect("nbdfuse is running");
+        unmount_with_retries(&mut fusermount_command(&self.dir));
+        let status = wait_bounded(&mut child, UNMOUNT_LIMIT)
+            .unwrap_or_else(|| panic!("nbdfuse did not exit after unmount:\n{}", self.log_text()));
+        assert!(
+            status.success(),
+            "nbdfuse exited with {} after unmount:\n{}",
+            status_text(status),
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for FuseExport {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Cleanup after a failure: best effort, never a second panic.
+            let _ = output(&mut fusermount_command(&self.dir));
+            if wait_bounded(&mut child, UNMOUNT_LIMIT).is_none() {
+                let _ = output(Command::new("umount").arg("-l").arg(&self.dir));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn fusermount_command(dir: &Path) -> Command {
+    let mut command = Command::new("fusermount3");
+    command.arg("-u").arg(dir);
+    command
+}
+
+/// `mount -o loop FILE DIR`; dropping it unmounts DIR if still mounted.
+#[derive(Debug)]
+pub struct LoopMount {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl LoopMount {
+    pub fn mount(file: &Path, dir: &Path) -> LoopMount {
+        std::fs::create_dir_all(dir).expect("create the mount point");
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(file)
+            .arg(dir));
+        LoopMount {
+            dir: dir.to_owned(),
+            mounted: true,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn unmount(mut self) {
+        unmount_with_retries(Command::new("umount").arg(&self.dir));
+        self.mounted = false;
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let unmounted = output(Command::new("umount").arg(&self.dir));
+            if !unmounted.status.success() {
+                let _ = output(Command::new("umount").arg("-l").arg(&self.dir));
+            }
+        }
+    }
+}
+
+/// Unmounting can briefly fail with EBUSY while the kernel lets go of a
+/// loop device; retry for a bounded time, then fail with the last error.
+fn unmount_with_retries(command: &mut Command) {
+    let started = Instant::now();
+    loop {
+        let result = output(command);
+        if result.status.success() {
+            return;
+        }
+        assert!(
+            started.elapsed() < UNMOUNT_LIMIT,
+            "{} kept failing ({}): {}",
+            describe(command),
+            status_text(result.status),
+            String::from_utf8_lossy(&result.stderr)
+        );
+        std::thread::sleep(MOUNT_POLL_INTERVAL);
+    }
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(MOUNT_POLL_INTERVAL);
+    }
 }

@@ -882,7 +882,7 @@ impl Tracker {
                 guard.as_ref().expect("current() leaves a map")
             }
         };
-        notes.extend(new.notes.iter().cloned());
+        notes.extend(new.all_notes());
         Ok(FileReport::new(
             new,
             old.as_ref(),

@@ -12,6 +12,8 @@ const INCOMPAT_FILETYPE: u32 = 0x2;
 /// File type byte of the metadata_csum tail that ends a leaf block.
 const TAIL_FILE_TYPE: u8 = 0xDE;
 const XATTR_INDEX_SYSTEM: u8 = 7;
+/// i_flags: the directory is hash-indexed (htree).
+const FLAG_INDEX: u32 = 0x1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
@@ -44,6 +46,11 @@ impl<R: ReadAt> Ext4<R> {
         }
         let block_size = self.sb.block_size;
         let block_total = inode.size_bytes.div_ceil(block_size);
+        // Extents that overlap (corruption) would read the same logical
+        // blocks again, up to 32768 blocks per extent: read no more blocks
+        // than the directory's size holds.
+        let mut blocks_left = block_total;
+        let indexed = inode.flags & FLAG_INDEX != 0;
         let mut entries = Vec::new();
         for extent in self.extents(inode)? {
             if extent.uninitialized {
@@ -51,7 +58,19 @@ impl<R: ReadAt> Ext4<R> {
             }
             let within = block_total.saturating_sub(extent.logical_block);
             for index in 0..extent.block_count.min(within) {
+                blocks_left = blocks_left.checked_sub(1).ok_or_else(|| {
+                    corrupt(format!("directory inode {}: extents overlap", inode.number))
+                })?;
                 let block = self.read_block(extent.physical_block + index)?;
+                let logical = extent.logical_block + index;
+                if indexed && (logical == 0 || is_index_node(&block)) {
+                    // The htree root ("." and "..", whose record spans the
+                    // index and may hide a stale leaf tail) or an interior
+                    // node: no entries beyond "." and "..".
+                    let head = &block[..block.len().min(24)];
+                    self.parse_entries(inode.number, head, &mut entries, true)?;
+                    continue;
+                }
                 self.parse_leaf(inode, &block, &mut entries)?;
             }
         }
@@ -75,14 +94,17 @@ impl<R: ReadAt> Ext4<R> {
                 )));
             }
         }
-        self.parse_entries(inode.number, &block[..end], entries)
+        self.parse_entries(inode.number, &block[..end], entries, false)
     }
 
+    /// Entries packed in `bytes`. With `truncated`, a record may run past
+    /// the end of `bytes` (only the start of an htree root is passed).
     fn parse_entries(
         &self,
         directory: u32,
         bytes: &[u8],
         entries: &mut Vec<DirEntry>,
+        truncated: bool,
     ) -> Result<(), Ext4Error> {
         let filetype = self.sb.feature_incompat & INCOMPAT_FILETYPE != 0;
         let mut at = 0usize;
@@ -97,7 +119,12 @@ impl<R: ReadAt> Ext4<R> {
             } else {
                 (usize::from(le16(&bytes[at + 6..])), 0)
             };
-            if record_len < 8 || at + record_len > bytes.len() || 8 + name_len > record_len {
+            let overruns = at + record_len > bytes.len() && !truncated;
+            if record_len < 8
+                || overruns
+                || 8 + name_len > record_len
+                || at + 8 + name_len > bytes.len()
+            {
                 return Err(corrupt(format!(
                     "directory inode {directory}: entry at {at}"
                 )));
@@ -128,10 +155,10 @@ impl<R: ReadAt> Ext4<R> {
             inode: le32(area),
             file_type: 2,
         }];
-        self.parse_entries(inode.number, &area[4..], &mut entries)?;
+        self.parse_entries(inode.number, &area[4..], &mut entries, false)?;
         for (index, name, value) in inode.inline_xattrs() {
             if index == XATTR_INDEX_SYSTEM && name == b"data" && !value.is_empty() {
-                self.parse_entries(inode.number, &value, &mut entries)?;
+                self.parse_entries(inode.number, &value, &mut entries, false)?;
             }
         }
         Ok(entries)
@@ -175,6 +202,13 @@ impl<R: ReadAt> Ext4<R> {
         }
         Ok(number)
     }
+}
+
+/// Whether a block of an indexed directory is an htree interior node: one
+/// empty entry spanning the whole block, the index hidden inside it.
+fn is_index_node(block: &[u8]) -> bool {
+    let record_len = usize::from(le16(&block[4..]));
+    le32(block) == 0 && (record_len == block.len() || block.len() == 65536 && record_len == 0)
 }
 
 /// Whether a directory block ends with the 12-byte checksum tail (a fake

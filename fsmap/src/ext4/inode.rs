@@ -1,6 +1,8 @@
 //! Inodes and the blocks they own: extent trees, legacy block maps, inline
 //! data and xattr blocks, with the metadata_csum checks of each.
 
+use std::collections::HashSet;
+
 use super::{Ext4, Ext4Error, GROUP_INODE_UNINIT, ReadAt, corrupt, crc32c_raw, le16, le32};
 
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -103,6 +105,16 @@ impl Inode {
     pub fn fast_symlink_target(&self) -> Option<&[u8]> {
         (self.is_symlink() && !self.has_block_map() && !self.has_inline_data())
             .then(|| &self.block_area()[..(self.size_bytes as usize).min(60)])
+    }
+
+    /// The bytes after the inode's fixed fields: in-body xattrs (and so
+    /// inline data beyond i_block).
+    pub fn inline_xattr_area(&self) -> &[u8] {
+        if self.raw.len() <= GOOD_OLD_INODE_SIZE {
+            return &[];
+        }
+        let start = GOOD_OLD_INODE_SIZE + usize::from(le16(&self.raw[0x80..]));
+        self.raw.get(start..).unwrap_or_default()
     }
 
     /// Extended attributes stored in the inode body: (name index, name, value).
@@ -324,7 +336,10 @@ impl<R: ReadAt> Ext4<R> {
             return Ok(out);
         }
         // i_blocks bounds how many blocks a sane inode can reference.
-        let mut budget = (inode.sectors * 512 / self.sb.block_size + 1).min(MAP_BLOCKS_MAX * 256);
+        let mut budget = Budget {
+            blocks_left: (inode.sectors * 512 / self.sb.block_size + 1).min(MAP_BLOCKS_MAX * 256),
+            map_blocks_seen: HashSet::new(),
+        };
         if inode.flags & FLAG_EXTENTS != 0 {
             let root = inode.block_area().to_vec();
             self.walk_extent_node(inode, &root, None, &mut out, &mut budget)?;
@@ -341,7 +356,7 @@ impl<R: ReadAt> Ext4<R> {
         node: &[u8],
         parent_depth: Option<u16>,
         out: &mut InodeBlocks,
-        budget: &mut u64,
+        budget: &mut Budget,
     ) -> Result<(), Ext4Error> {
         let number = inode.number;
         if node.len() < 12 || le16(node) != EXTENT_MAGIC {
@@ -369,9 +384,7 @@ impl<R: ReadAt> Ext4<R> {
                 continue;
             }
             let child = u64::from(le32(&entry[4..])) | (u64::from(le16(&entry[8..])) << 32);
-            *budget = budget
-                .checked_sub(1)
-                .ok_or_else(|| corrupt(format!("inode {number}: more map blocks than i_blocks")))?;
+            budget.take(number, child, true)?;
             let block = self.read_block(child)?;
             out.map.push((child, 1));
             self.walk_extent_node(inode, &block, Some(depth), out, budget)?;
@@ -404,7 +417,7 @@ impl<R: ReadAt> Ext4<R> {
         &self,
         inode: &Inode,
         out: &mut InodeBlocks,
-        budget: &mut u64,
+        budget: &mut Budget,
     ) -> Result<(), Ext4Error> {
         let area = inode.block_area();
         let per_block = self.sb.block_size / 4;
@@ -432,7 +445,7 @@ impl<R: ReadAt> Ext4<R> {
         logical: u64,
         runs: &mut Runs,
         out: &mut InodeBlocks,
-        budget: &mut u64,
+        budget: &mut Budget,
     ) -> Result<(), Ext4Error> {
         let number = inode.number;
         if pointer >= self.sb.blocks_count {
@@ -440,9 +453,7 @@ impl<R: ReadAt> Ext4<R> {
                 "inode {number}: block {pointer} past the end"
             )));
         }
-        *budget = budget
-            .checked_sub(1)
-            .ok_or_else(|| corrupt(format!("inode {number}: more blocks than i_blocks")))?;
+        budget.take(number, pointer, level > 0)?;
         if level == 0 {
             runs.push(logical, pointer);
             return Ok(());
@@ -456,6 +467,33 @@ impl<R: ReadAt> Ext4<R> {
                 let at = logical + index as u64 * span;
                 self.walk_pointer(inode, child, level - 1, at, runs, out, budget)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// What one inode's walk may still read: the blocks its i_blocks leaves,
+/// and the mapping blocks (extent-tree nodes, indirect blocks) read so far.
+/// A tree never shares a node, so a mapping block met twice is corruption;
+/// without the check, one indirect block naming itself is walked
+/// per_block^level times and makes an extent of every step.
+struct Budget {
+    blocks_left: u64,
+    map_blocks_seen: HashSet<u64>,
+}
+
+impl Budget {
+    /// Takes `block` of inode `number` from the budget; `map_block`: it is
+    /// about to be read as a mapping block.
+    fn take(&mut self, number: u32, block: u64, map_block: bool) -> Result<(), Ext4Error> {
+        self.blocks_left = self
+            .blocks_left
+            .checked_sub(1)
+            .ok_or_else(|| corrupt(format!("inode {number}: more blocks than i_blocks")))?;
+        if map_block && !self.map_blocks_seen.insert(block) {
+            return Err(corrupt(format!(
+                "inode {number}: mapping block {block} reached twice"
+            )));
         }
         Ok(())
     }

@@ -136,7 +136,13 @@ impl Superblock {
         let inodes_per_group = le32(&sb[0x28..]);
         let inodes_count = le32(&sb[0x00..]);
         let first_data_block = u64::from(le32(&sb[0x14..]));
-        if blocks_per_group == 0 || inodes_per_group == 0 || blocks_per_group > 8 * block_size {
+        // Each group's block and inode bitmaps are one block each (the
+        // kernel refuses the same).
+        if blocks_per_group == 0
+            || inodes_per_group == 0
+            || blocks_per_group > 8 * block_size
+            || u64::from(inodes_per_group) > 8 * block_size
+        {
             return Err(corrupt("blocks or inodes per group out of range"));
         }
         if !(128..=block_size).contains(&inode_size) || !inode_size.is_power_of_two() {
@@ -149,10 +155,15 @@ impl Superblock {
             return Err(corrupt("block count"));
         }
         let group_count = (blocks_count - first_data_block).div_ceil(blocks_per_group);
+        // Every group holds inodes_per_group inodes, so the total is exact
+        // (the kernel refuses any other); it also keeps every inode number
+        // a group computes within u32.
         if group_count > GROUP_COUNT_MAX
-            || group_count * u64::from(inodes_per_group) < u64::from(inodes_count)
+            || group_count * u64::from(inodes_per_group) != u64::from(inodes_count)
         {
-            return Err(corrupt("group count does not cover the inodes"));
+            return Err(corrupt(format!(
+                "{group_count} groups of {inodes_per_group} inodes are not {inodes_count}"
+            )));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&sb[0x68..0x78]);
@@ -509,6 +520,7 @@ mod tests {
         raw[0x04..0x08].copy_from_slice(&100_000u32.to_le_bytes());
         raw[0x20..0x24].copy_from_slice(&8192u32.to_le_bytes());
         raw[0x28..0x2C].copy_from_slice(&16u32.to_le_bytes());
+        raw[0x00..0x04].copy_from_slice(&(13 * 16u32).to_le_bytes()); // 13 groups
         raw[0x64..0x68].copy_from_slice(&RO_COMPAT_SPARSE_SUPER.to_le_bytes());
         raw[0x14] = 1;
         let sb = Superblock::parse(&raw).unwrap();
