@@ -64,6 +64,9 @@ impl MappedFs {
 #[derive(Debug, Clone, Default)]
 pub struct DiskMap {
     pub filesystems: Vec<MappedFs>,
+    /// Every partition's (start, length) in bytes; the whole disk when it
+    /// has no table.
+    pub partitions: Vec<(u64, u64)>,
     pub notes: Vec<String>,
 }
 
@@ -75,9 +78,12 @@ impl DiskMap {
     /// cannot read becomes a note.
     pub fn build<R: ReadAt + Clone>(device: R, size_bytes: u64) -> DiskMap {
         let mut disk = DiskMap::default();
-        for (partition, start_bytes, length_bytes) in
-            candidates(&device, size_bytes, &mut disk.notes)
-        {
+        let candidates = candidates(&device, size_bytes, &mut disk.notes);
+        disk.partitions = candidates
+            .iter()
+            .map(|&(_, start, length)| (start, length))
+            .collect();
+        for (partition, start_bytes, length_bytes) in candidates {
             let slice = Slice {
                 inner: device.clone(),
                 start_bytes,
@@ -152,6 +158,26 @@ impl DiskMap {
         Ok(reread)
     }
 
+    /// Whether `changed` (disk byte ranges) calls for a full rebuild
+    /// rather than an update: nothing was mapped (a filesystem may have
+    /// been made since), or bytes outside every partition were written
+    /// (where the MBR, EBRs and GPT copies live: the table may differ).
+    pub fn needs_rebuild(&self, changed: &[(u64, u64)]) -> bool {
+        if changed.is_empty() {
+            return false;
+        }
+        if self.filesystems.is_empty() {
+            return true;
+        }
+        changed.iter().any(|&(offset, length)| {
+            let end = offset.saturating_add(length);
+            !self
+                .partitions
+                .iter()
+                .any(|&(start, size)| start <= offset && end <= start + size)
+        })
+    }
+
     /// Per-filesystem changes between `old` (an earlier map of this disk,
     /// or none) and `self`, given the disk byte ranges changed in between.
     pub fn diff(
@@ -168,9 +194,12 @@ impl DiskMap {
                     })
                 });
                 let blocks = mapped.blocks_of(changed);
-                let changes = match previous {
-                    Some(previous) => diff::diff(&previous.map, &mapped.map, &blocks),
-                    None => diff::diff_without_old(&mapped.map, &blocks),
+                let changes = match (old, previous) {
+                    (_, Some(previous)) => diff::diff(&previous.map, &mapped.map, &blocks),
+                    // The earlier map had no such filesystem (a blank disk
+                    // then, or it was made again): everything in it is new.
+                    (Some(_), None) => diff::diff(&FsMap::default(), &mapped.map, &blocks),
+                    (None, None) => diff::diff_without_old(&mapped.map, &blocks),
                 };
                 (mapped, changes)
             })

@@ -140,6 +140,10 @@ impl FileMap {
             Some(disk) if !pending.overflowed => {
                 let mut ranges = pending.ranges;
                 ranges.extend_from_slice(unflushed);
+                if disk.needs_rebuild(&ranges) {
+                    *map = Some(self.build());
+                    return map;
+                }
                 match disk.update(Arc::clone(&self.image), &ranges) {
                     Ok(inodes) => {
                         self.last_update_inodes
