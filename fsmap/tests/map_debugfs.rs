@@ -37,6 +37,14 @@ fn populate(source: &Path) {
     std::fs::hard_link(source.join("a/b/c/f3"), source.join("a/hard-link-to-f3")).unwrap();
     std::os::unix::fs::symlink("f2", source.join("a/b/c/short-link")).unwrap();
     std::os::unix::fs::symlink("x".repeat(200), source.join("a/long-link")).unwrap();
+    // A sparse 6 GiB file with 300 separate pieces: logical blocks past
+    // 2^20, and more extents than the inode holds (an extent tree).
+    let huge = std::fs::File::create(source.join("a/huge-sparse")).unwrap();
+    huge.set_len(6 << 30).unwrap();
+    for piece in 0..300u64 {
+        let at = piece * ((6 << 30) / 300);
+        std::os::unix::fs::FileExt::write_all_at(&huge, &bytes(piece + 500, 4096), at).unwrap();
+    }
 }
 
 fn mkfs(image: &Path, source: &Path, args: &[&str], size: &str) {
@@ -249,6 +257,15 @@ fn map_matches_debugfs_on_ext4_4k_without_metadata_csum() {
         "ext4-4k",
         &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum,^64bit"],
         "128M",
+    );
+}
+
+#[test]
+fn map_matches_debugfs_on_a_2g_64bit_ext4_with_flex_groups() {
+    check(
+        "ext4-2g",
+        &["-t", "ext4", "-O", "64bit,metadata_csum", "-G", "4"],
+        "2G",
     );
 }
 
