@@ -130,7 +130,10 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn checkpoints(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let reply = ask(
         &image,
         args.state.state.as_deref(),
@@ -163,20 +166,15 @@ pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
     if args.files {
         return file_changes(args);
     }
-    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let request = json!({"op": "changes", "since": args.since, "until": args.until});
     let reply = ask(&image, args.state.state.as_deref(), &request)?;
     let extents = reply["extents"].as_array().cloned().unwrap_or_default();
-    if args.quiet {
-        return Ok(if extents.is_empty() {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        });
-    }
-    if args.json {
-        out!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(ExitCode::SUCCESS);
+    if let Some(code) = quiet_or_json(&args, &reply, extents.is_empty())? {
+        return Ok(code);
     }
     for extent in &extents {
         out!(
@@ -196,8 +194,32 @@ pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--quiet` (exit 1 when nothing changed) and `--json` (the reply as
+/// is); None when the caller prints text.
+fn quiet_or_json(
+    args: &ChangesArgs,
+    reply: &Value,
+    nothing_changed: bool,
+) -> anyhow::Result<Option<ExitCode>> {
+    if args.quiet {
+        return Ok(Some(if nothing_changed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }));
+    }
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(reply)?);
+        return Ok(Some(ExitCode::SUCCESS));
+    }
+    Ok(None)
+}
+
 fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
-    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let size = |text: &Option<String>| {
         text.as_deref()
             .map(crate::size::parse_size)
@@ -211,16 +233,8 @@ fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
     });
     let reply = ask(&image, args.state.state.as_deref(), &request)?;
     let files = reply["files"].as_array().cloned().unwrap_or_default();
-    if args.quiet {
-        return Ok(if files.is_empty() {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        });
-    }
-    if args.json {
-        out!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(ExitCode::SUCCESS);
+    if let Some(code) = quiet_or_json(&args, &reply, files.is_empty())? {
+        return Ok(code);
     }
     for note in reply["notes"].as_array().into_iter().flatten() {
         eprintln!("blockwatch: {}", note.as_str().unwrap_or_default());
@@ -280,7 +294,10 @@ fn file_line(file: &Value) -> String {
 }
 
 pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let reply = ask(
         &image,
         args.state.state.as_deref(),

@@ -11,6 +11,10 @@
 //!
 //! Needs root (mount -o loop) and e2fsprogs.
 
+mod common;
+
+use common::{bytes, tool};
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -99,16 +103,6 @@ fn require_root() {
     );
 }
 
-fn tool(name: &str) -> String {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let path = format!("{dir}/{name}");
-        if Path::new(&path).exists() {
-            return path;
-        }
-    }
-    panic!("{name} is not installed: apt-get install -y e2fsprogs");
-}
-
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("start a command");
     assert!(
@@ -118,19 +112,6 @@ fn run(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Deterministic bytes (xorshift64), so a failure reproduces.
-fn bytes(seed: u64, length: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 fn write_file(path: &Path, data: &[u8]) {
