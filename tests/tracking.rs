@@ -316,12 +316,21 @@ fn kill_9_under_random_writes_loses_no_change() {
 
 /// Damaged state must be reported and make every region count as changed.
 fn assert_all_changed_after(setup: impl FnOnce(&Path, &Path), expect: &str) {
+    assert_all_changed_after_stop(false, setup, expect);
+}
+
+/// The same after the server stops cleanly, or is killed (`crash`).
+fn assert_all_changed_after_stop(crash: bool, setup: impl FnOnce(&Path, &Path), expect: &str) {
     let dir = TempDir::new("tracking-damage");
     let image = dir.join("disk.img");
     let server = Server::start_with_size(dir.path(), &image, "8M");
     run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), "base"]);
     qemu_io(&server.uri(), &["write -P 1 0 4k"]);
-    server.stop();
+    if crash {
+        server.kill();
+    } else {
+        server.stop();
+    }
     let state = dir.join("disk.img.blockwatch");
     setup(&image, &state);
     let out = output(&mut command(
@@ -376,6 +385,27 @@ fn image_changed_offline_is_reported_and_everything_counts_as_changed() {
             write_at(image, 1 << 20, b"changed behind the tracker's back");
         },
         "modified while no server ran",
+    );
+}
+
+#[test]
+fn image_changed_after_a_crash_is_reported_and_everything_counts_as_changed() {
+    require_tool("qemu-io", "qemu-utils");
+    assert_all_changed_after_stop(
+        true,
+        |image, _| {
+            write_at(image, 1 << 20, b"changed behind the tracker's back");
+            // As if written a minute after the crash (no sleep in tests):
+            // later than the last heartbeat plus its slack.
+            let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+            std::fs::File::options()
+                .write(true)
+                .open(image)
+                .unwrap()
+                .set_modified(later)
+                .unwrap();
+        },
+        "modified after the server stopped",
     );
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use roaring::RoaringBitmap;
 
+use crate::alive::{self, Heartbeat};
 use crate::catalog::{Catalog, CatalogError, Checkpoint, CleanShutdown, Identity};
 use crate::commit::Committer;
 use crate::files::{FileMap, FileReport};
@@ -231,6 +232,7 @@ pub struct Tracker {
     warnings: Vec<String>,
     clean_start: bool,
     files: Option<Arc<FileMap>>,
+    heartbeat: Mutex<Option<Heartbeat>>,
 }
 
 #[derive(Debug, Default)]
@@ -349,6 +351,19 @@ impl Tracker {
                 None
             }
         };
+        if clean.is_none()
+            && !first_use
+            && let Some(heartbeat_ns) = alive::last(&state_dir)
+            && mtime_ns(&image_metadata)
+                > i128::from(heartbeat_ns) + alive::SLACK.as_nanos() as i128
+        {
+            warnings.push(format!(
+                "the image was modified after the server stopped without a clean shutdown \
+                 (last alive {} s before the image's last change): every region is treated as changed",
+                (mtime_ns(&image_metadata) - i128::from(heartbeat_ns)) / 1_000_000_000
+            ));
+            suspect = true;
+        }
         if let Some(marker) = &clean
             && (marker.image_mtime_ns != mtime_ns(&image_metadata)
                 || marker.size_bytes != size_bytes)
@@ -445,6 +460,7 @@ impl Tracker {
             clean_start: clean.is_some() && !suspect,
             warnings,
             files,
+            heartbeat: Mutex::new(None),
         })
     }
 
@@ -461,6 +477,12 @@ impl Tracker {
             self.committer.set(committer).is_ok(),
             "Tracker::start is called once"
         );
+        match Heartbeat::start(&self.state_dir) {
+            Ok(heartbeat) => *self.heartbeat.lock().expect("heartbeat lock") = Some(heartbeat),
+            // Without it a crash followed by an offline change goes
+            // unnoticed; say so, keep serving.
+            Err(error) => tracing::warn!(%error, "cannot start the heartbeat"),
+        }
     }
 
     fn committer(&self) -> &Committer {
@@ -999,6 +1021,9 @@ impl Tracker {
     /// image's mtime so an offline change is noticed next time.
     pub fn close(&self) -> Result<(), TrackerError> {
         self.gate.close();
+        if let Some(mut heartbeat) = self.heartbeat.lock().expect("heartbeat lock").take() {
+            heartbeat.stop();
+        }
         if let Some(committer) = self.committer.get() {
             committer.stop();
             if committer.failure().is_some() {
