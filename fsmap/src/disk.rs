@@ -239,6 +239,7 @@ impl DiskMap {
             out.extend_from_slice(&(map.len() as u64).to_le_bytes());
             out.extend_from_slice(&map);
         }
+        crate::persist::put_notes(&mut out, self.notes.iter().map(|note| (0, note.as_str())));
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -280,6 +281,11 @@ impl DiskMap {
                 journal_transactions: 0,
             });
         }
+        let (notes, used) = crate::persist::get_notes(&body[at..])?;
+        if at + used != body.len() {
+            return Err(Corrupt("trailing bytes in the disk map"));
+        }
+        disk.notes = notes.into_iter().map(|(_, text)| text).collect();
         Ok(disk)
     }
 }

@@ -66,9 +66,58 @@ pub fn encode(map: &FsMap) -> Vec<u8> {
             out.extend_from_slice(name);
         }
     }
+    put_notes(
+        &mut out,
+        map.problems
+            .iter()
+            .map(|(number, text)| (*number, text.as_str())),
+    );
     let crc = crc32c::crc32c(&out);
     put32(&mut out, crc);
     out
+}
+
+/// Notes kept in a saved map (the map's unreadable structures, a disk's
+/// notes) and the longest one, in bytes.
+pub const NOTES_MAX: usize = 128;
+const NOTE_BYTES_MAX: usize = 1024;
+
+/// u32 count, then (u32 key, u16 length, UTF-8 bytes) each.
+pub(crate) fn put_notes<'a>(out: &mut Vec<u8>, notes: impl Iterator<Item = (u32, &'a str)>) {
+    let notes: Vec<(u32, &str)> = notes.take(NOTES_MAX).collect();
+    put32(out, notes.len() as u32);
+    for (key, text) in notes {
+        let mut end = text.len().min(NOTE_BYTES_MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        put32(out, key);
+        out.extend_from_slice(&(end as u16).to_le_bytes());
+        out.extend_from_slice(&text.as_bytes()[..end]);
+    }
+}
+
+/// Reads what `put_notes` wrote at the start of `bytes`; returns the notes
+/// and how many bytes they took.
+pub(crate) fn get_notes(bytes: &[u8]) -> Result<(Vec<(u32, String)>, usize), PersistError> {
+    let mut cursor = Cursor { bytes, at: 0 };
+    let count = cursor.count(6)?;
+    if count > NOTES_MAX {
+        return Err(PersistError::Corrupt("too many notes"));
+    }
+    let mut notes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = cursor.u32()?;
+        let length = usize::from(cursor.u16()?);
+        if length > NOTE_BYTES_MAX {
+            return Err(PersistError::Corrupt("note too long"));
+        }
+        notes.push((
+            key,
+            String::from_utf8_lossy(cursor.take(length)?).into_owned(),
+        ));
+    }
+    Ok((notes, cursor.at))
 }
 
 fn encode_record(out: &mut Vec<u8>, record: &FileRecord) {
@@ -157,6 +206,9 @@ pub fn decode(bytes: &[u8]) -> Result<FsMap, PersistError> {
         }
         map.set_children(directory, entries);
     }
+    let (problems, used) = get_notes(&body[cursor.at..])?;
+    map.problems = problems.into_iter().collect();
+    cursor.at += used;
     if cursor.at != body.len() {
         return Err(PersistError::Corrupt("trailing bytes"));
     }

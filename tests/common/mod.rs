@@ -631,9 +631,16 @@ pub struct LoopMount {
 
 impl LoopMount {
     pub fn mount(file: &Path, dir: &Path) -> LoopMount {
+        LoopMount::mount_with_options(file, dir, "loop")
+    }
+
+    /// `mount -o OPTIONS FILE DIR`, for example
+    /// `loop,offset=BYTES,sizelimit=BYTES` for a filesystem inside one
+    /// partition of a whole-disk image.
+    pub fn mount_with_options(file: &Path, dir: &Path, options: &str) -> LoopMount {
         std::fs::create_dir_all(dir).expect("create the mount point");
         run(Command::new("mount")
-            .args(["-o", "loop"])
+            .args(["-o", options])
             .arg(file)
             .arg(dir));
         LoopMount {

@@ -526,4 +526,73 @@ mod tests {
             "record length over the limit"
         );
     }
+
+    #[test]
+    fn saved_files_round_trip_and_more_than_the_maximum_is_refused() {
+        let most: Vec<(u32, u32)> = (0..SAVED_FILES_MAX as u32)
+            .map(|index| (index % 5, index * 7 + 11))
+            .collect();
+        let cases = [
+            Record::SavedFiles {
+                epoch: 0,
+                files: vec![],
+                more: false,
+            },
+            Record::SavedFiles {
+                epoch: 42,
+                files: vec![(0, 2), (1, 12), (128, u32::MAX)],
+                more: false,
+            },
+            Record::SavedFiles {
+                epoch: u64::MAX,
+                files: most,
+                more: true,
+            },
+        ];
+        for (index, record) in cases.iter().enumerate() {
+            let sequence = index as u64 + 5;
+            let mut bytes = Vec::new();
+            encode_record(record, sequence, &mut bytes);
+            assert_eq!(bytes.len() % 8, 0, "case {index}: records are padded to 8");
+            assert_eq!(
+                decode_record(&bytes, sequence),
+                Ok((record.clone(), bytes.len())),
+                "case {index}"
+            );
+        }
+
+        // A record that is well formed (checksum, length, sequence) but
+        // lists `count` files: built by hand, as encode_record refuses to.
+        let saved_files_bytes = |count: usize| {
+            let mut payload = Vec::new();
+            payload.extend_from_slice(&9u64.to_le_bytes());
+            payload.extend_from_slice(&(count as u32).to_le_bytes());
+            payload.extend_from_slice(&1u32.to_le_bytes());
+            for inode in 0..count as u32 {
+                payload.extend_from_slice(&1u32.to_le_bytes());
+                payload.extend_from_slice(&(inode + 11).to_le_bytes());
+            }
+            let mut bytes = vec![0u8; RECORD_HEADER_LEN];
+            bytes[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+            bytes[4..6].copy_from_slice(&KIND_SAVED_FILES.to_le_bytes());
+            bytes[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes[16..24].copy_from_slice(&1u64.to_le_bytes());
+            let crc = record_crc(&bytes, &payload);
+            bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            bytes.resize(bytes.len().next_multiple_of(8), 0);
+            bytes
+        };
+        // The hand-built layout is right: at the maximum it decodes.
+        match decode_record(&saved_files_bytes(SAVED_FILES_MAX), 1) {
+            Ok((Record::SavedFiles { epoch, files, more }, _)) => {
+                assert_eq!((epoch, files.len(), more), (9, SAVED_FILES_MAX, true));
+            }
+            other => panic!("a hand-built record at the maximum must decode: {other:?}"),
+        }
+        assert_eq!(
+            decode_record(&saved_files_bytes(SAVED_FILES_MAX + 1), 1).unwrap_err(),
+            "file count does not fit the payload"
+        );
+    }
 }
