@@ -386,48 +386,55 @@ impl FsMap {
     /// PATHS_PER_INODE_MAX of them. An inode no directory names (an orphan
     /// kept open, or a directory lost by corruption) has none.
     pub fn paths(&self, number: u32) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut chain = Vec::new();
-        let mut budget = PATH_STEPS_MAX;
-        self.collect_paths(number, &mut chain, &mut out, &mut budget);
+        let mut out = self.walk_up(number);
         out.sort();
         out
     }
 
-    /// Walks up from `number`; `chain` holds (inode, name) below it. A
-    /// directory already in the chain (a cycle, from corruption) is not
-    /// entered again, and `budget` bounds the walk on a corrupt graph.
-    fn collect_paths<'a>(
-        &'a self,
-        number: u32,
-        chain: &mut Vec<(u32, &'a [u8])>,
-        out: &mut Vec<String>,
-        budget: &mut usize,
-    ) {
-        if out.len() >= PATHS_PER_INODE_MAX || chain.len() > PATH_DEPTH_MAX || *budget == 0 {
-            return;
-        }
-        *budget -= 1;
-        if number == ROOT_INODE {
-            let mut path = String::new();
-            for (_, name) in chain.iter().rev() {
-                path.push('/');
-                path.push_str(&String::from_utf8_lossy(name));
+    /// Walks from `number` up to the root along every parent link, with an
+    /// explicit stack (a deep tree must not overflow the thread's stack).
+    /// A directory already on the chain (a cycle, from corruption) is not
+    /// entered again; PATH_STEPS_MAX bounds the walk on a corrupt graph.
+    fn walk_up(&self, number: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut budget = PATH_STEPS_MAX;
+        // (inode, next parent link to try); names[k] is frames[k]'s name
+        // in frames[k + 1].
+        let mut frames: Vec<(u32, usize)> = vec![(number, 0)];
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut on_chain: HashSet<u32> = HashSet::from([number]);
+        while let Some(&(node, next)) = frames.last() {
+            if out.len() >= PATHS_PER_INODE_MAX || budget == 0 {
+                break;
             }
-            out.push(if path.is_empty() { "/".into() } else { path });
-            return;
-        }
-        for &(parent, index) in self.parents.get(&number).into_iter().flatten() {
+            budget -= 1;
+            let parents = self
+                .parents
+                .get(&node)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if node == ROOT_INODE || next >= parents.len() || frames.len() > PATH_DEPTH_MAX {
+                if node == ROOT_INODE {
+                    out.push(path_of(&names));
+                }
+                on_chain.remove(&node);
+                frames.pop();
+                names.pop();
+                continue;
+            }
+            if let Some(top) = frames.last_mut() {
+                top.1 += 1;
+            }
+            let (parent, index) = parents[next];
             let Some(name) = self.entry_name(parent, index) else {
                 continue;
             };
-            if chain.iter().any(|&(inode, _)| inode == parent) || parent == number {
-                continue;
+            if on_chain.insert(parent) {
+                names.push(name);
+                frames.push((parent, 0));
             }
-            chain.push((number, name));
-            self.collect_paths(parent, chain, out, budget);
-            chain.pop();
         }
+        out
     }
 
     /// Brings the map up to date with `fs` after `changed` blocks (start,
@@ -541,6 +548,19 @@ impl FsMap {
     }
 }
 
+/// "/a/b" from names listed child first; "/" for none.
+fn path_of(names: &[&[u8]]) -> String {
+    if names.is_empty() {
+        return "/".into();
+    }
+    let mut path = String::new();
+    for name in names.iter().rev() {
+        path.push('/');
+        path.push_str(&String::from_utf8_lossy(name));
+    }
+    path
+}
+
 fn same_inode_state(old: &FileRecord, inode: &Inode) -> bool {
     old.generation == inode.generation
         && old.size_bytes == inode.size_bytes
@@ -569,4 +589,64 @@ fn inodes_in_blocks<R: ReadAt>(fs: &Ext4<R>, start: u64, count: u64) -> Vec<u32>
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain_map(depth: u32) -> FsMap {
+        let mut map = FsMap::default();
+        let mut parent = ROOT_INODE;
+        for level in 0..depth {
+            let child = 100 + level;
+            map.set_children(
+                parent,
+                vec![(format!("d{level}").into_bytes().into(), child)],
+            );
+            parent = child;
+        }
+        map
+    }
+
+    #[test]
+    fn a_directory_chain_deeper_than_the_stack_allows_recursion_is_walked_in_a_loop() {
+        // A 64 KiB stack: a recursive walk of thousands of levels would
+        // overflow it and abort the process.
+        let paths = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(|| {
+                let map = chain_map(5000);
+                (
+                    map.paths(100 + 3000).len(),
+                    map.paths(100 + 4999).len(),
+                    map.paths(100 + 2)[0].clone(),
+                )
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(paths.0, 1, "3001 levels are within PATH_DEPTH_MAX");
+        assert_eq!(paths.1, 0, "5000 levels are past PATH_DEPTH_MAX: no path");
+        assert_eq!(paths.2, "/d0/d1/d2");
+    }
+
+    #[test]
+    fn hard_links_give_every_path_and_a_cycle_ends() {
+        let mut map = FsMap::default();
+        map.set_children(
+            ROOT_INODE,
+            vec![(b"a".to_vec().into(), 20), (b"b".to_vec().into(), 21)],
+        );
+        map.set_children(20, vec![(b"f".to_vec().into(), 30)]);
+        map.set_children(
+            21,
+            vec![(b"g".to_vec().into(), 30), (b"loop".to_vec().into(), 22)],
+        );
+        // A corrupt cycle: 22 names 21 names 22.
+        map.set_children(22, vec![(b"back".to_vec().into(), 21)]);
+        assert_eq!(map.paths(30), vec!["/a/f".to_string(), "/b/g".to_string()]);
+        assert_eq!(map.paths(22), vec!["/b/loop".to_string()]);
+        assert_eq!(map.paths(ROOT_INODE), vec!["/".to_string()]);
+    }
 }
