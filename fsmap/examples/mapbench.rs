@@ -23,7 +23,9 @@ fn resident_kib(field: &str) -> u64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let image = args.get(1).expect("usage: mapbench IMAGE [REGIONS] [REGION_BYTES]");
+    let image = args
+        .get(1)
+        .expect("usage: mapbench IMAGE [REGIONS] [REGION_BYTES]");
     let region_count: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let region_bytes: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(65536);
     let file = Arc::new(std::fs::File::open(image).expect("open the image"));
@@ -38,7 +40,10 @@ fn main() {
     println!("build_ms {build_ms:.1}");
     println!("inodes {inodes}");
     println!("map_resident_mib {:.1}", map_kib as f64 / 1024.0);
-    println!("peak_resident_mib {:.1}", resident_kib("VmHWM:") as f64 / 1024.0);
+    println!(
+        "peak_resident_mib {:.1}",
+        resident_kib("VmHWM:") as f64 / 1024.0
+    );
     for note in &disk.notes {
         println!("note {note}");
     }
@@ -56,7 +61,10 @@ fn main() {
         .collect();
     regions.sort_unstable();
     regions.dedup();
-    let changed: Vec<(u64, u64)> = regions.iter().map(|r| (r * region_bytes, region_bytes)).collect();
+    let changed: Vec<(u64, u64)> = regions
+        .iter()
+        .map(|r| (r * region_bytes, region_bytes))
+        .collect();
     // Medians of five runs each.
     let median_ms = |mut samples: Vec<f64>| {
         samples.sort_by(f64::total_cmp);
@@ -84,13 +92,19 @@ fn main() {
     );
     let files: usize = report.iter().map(|(_, c)| c.files.len()).sum();
     println!("attribute_regions {}", changed.len());
-    println!("attribute_owners_ms_median {owners_ms:.2} ({} inodes)", owners.len());
+    println!(
+        "attribute_owners_ms_median {owners_ms:.2} ({} inodes)",
+        owners.len()
+    );
     println!("attribute_files_ms_median {files_ms:.2} ({files} files listed)");
 
     // Peer: e2fsprogs answering the same question for the same blocks
     // (debugfs icheck, first block of each region).
     let block_size = disk.filesystems.first().map_or(4096, |f| f.map.block_size);
-    let blocks: Vec<String> = regions.iter().map(|r| (r * region_bytes / block_size).to_string()).collect();
+    let blocks: Vec<String> = regions
+        .iter()
+        .map(|r| (r * region_bytes / block_size).to_string())
+        .collect();
     let started = Instant::now();
     let peer = Command::new("debugfs")
         .args(["-R", &format!("icheck {}", blocks.join(" ")), image])
@@ -106,7 +120,12 @@ fn main() {
     std::fs::write(&new_file, vec![7u8; 10_000]).expect("write a file");
     let name = format!("mapbench-new-{}", std::process::id());
     let changed = Command::new("debugfs")
-        .args(["-w", "-R", &format!("write {} {name}", new_file.display()), image])
+        .args([
+            "-w",
+            "-R",
+            &format!("write {} {name}", new_file.display()),
+            image,
+        ])
         .output()
         .is_ok_and(|o| o.status.success());
     let _ = std::fs::remove_file(&new_file);
@@ -128,5 +147,7 @@ fn main() {
     println!("update_changed_ranges {}", runs.len());
     println!("update_us {update_us:.0} ({reread} inodes re-read)");
     // Undo, so the image can be measured again.
-    let _ = Command::new("debugfs").args(["-w", "-R", &format!("rm {name}"), image]).output();
+    let _ = Command::new("debugfs")
+        .args(["-w", "-R", &format!("rm {name}"), image])
+        .output();
 }
