@@ -460,6 +460,12 @@ fn check_baseline_details(reply: &Value) {
     );
     assert_eq!(big["size"], 2 * MIB, "{text}");
     assert_eq!(big["content_changed"], true, "{text}");
+    // Where in the file: blocks 100..103, as byte ranges of the file.
+    assert_eq!(
+        big["changed_ranges"],
+        serde_json::json!([{"offset": 100 * BLOCK_BYTES, "length": BIG_OVERWRITE_BLOCKS * BLOCK_BYTES}]),
+        "{text}"
+    );
     let appended = entry(reply, "/docs/note-03.txt");
     assert_eq!(appended["changed_bytes"], BLOCK_BYTES, "{text}");
     assert_eq!(appended["size"], 100 + 3 * 97 + 123, "{text}");

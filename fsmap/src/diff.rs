@@ -48,6 +48,8 @@ pub struct FileChange {
     pub changed_bytes: u64,
     /// Its data blocks inside changed regions: (start block, count).
     pub changed_blocks: Vec<(u64, u64)>,
+    /// The same as byte ranges within the file: (offset, length).
+    pub changed_file_ranges: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -137,6 +139,7 @@ pub fn diff_without_old(new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
             is_directory: record.is_directory(),
             size_bytes: record.size_bytes,
             changed_bytes: blocks.iter().map(|&(_, c)| c).sum::<u64>() * new.block_size,
+            changed_file_ranges: file_ranges(record, &blocks, new.block_size),
             changed_blocks: blocks,
         });
     }
@@ -163,6 +166,7 @@ fn classify(
         is_directory: record.is_directory(),
         size_bytes: record.size_bytes,
         changed_bytes,
+        changed_file_ranges: file_ranges(record, &changed_blocks, new.block_size),
         changed_blocks,
     };
     match previous {
@@ -185,6 +189,26 @@ fn classify(
         _ => change.kind = ChangeKind::Created,
     }
     Some(change)
+}
+
+/// Physical block runs of a file turned into byte ranges of the file,
+/// through its extents; merged and sorted.
+fn file_ranges(record: &FileRecord, blocks: &[(u64, u64)], block_size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(start, count) in blocks {
+        for extent in &record.extents {
+            let from = start.max(extent.physical_block);
+            let to = (start + count).min(extent.physical_block + extent.block_count);
+            if to > from {
+                let logical = extent.logical_block + (from - extent.physical_block);
+                out.push((logical, to - from));
+            }
+        }
+    }
+    merge_runs(out)
+        .into_iter()
+        .map(|(logical, count)| (logical * block_size, count * block_size))
+        .collect()
 }
 
 /// Contents or attributes differ (ctime alone does not count: a rename or
@@ -211,6 +235,7 @@ fn deleted(old: &FsMap, record: &FileRecord) -> FileChange {
         size_bytes: record.size_bytes,
         changed_bytes: 0,
         changed_blocks: Vec::new(),
+        changed_file_ranges: Vec::new(),
     }
 }
 

@@ -198,6 +198,7 @@ mod tests {
             size_bytes,
             changed_bytes: 4096,
             changed_blocks: vec![(100, 1)],
+            changed_file_ranges: vec![(0, 4096)],
         };
         let criteria = Criteria {
             include: vec!["*.db".into()],

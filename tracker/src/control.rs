@@ -152,6 +152,9 @@ fn file_report_json(since: &str, until: Option<&str>, report: &FileReport) -> Va
                 "directory": change.is_directory,
                 "size": change.size_bytes,
                 "changed_bytes": change.changed_bytes,
+                "changed_ranges": change.changed_file_ranges.iter()
+                    .map(|&(offset, length)| json!({"offset": offset, "length": length}))
+                    .collect::<Vec<_>>(),
                 "content_changed": change.content_changed,
                 "selected": report.criteria.selects(change),
             })
