@@ -95,8 +95,27 @@ impl BlockBackend for TrackedBackend {
         self.tracker.note_written_durably(offset, length)
     }
     fn flush(&self) -> io::Result<()> {
-        let _gate = self.tracker.enter();
-        self.tracker.flush(|| self.inner.flush())
+        let result = {
+            let _gate = self.tracker.enter();
+            self.tracker.flush(|| self.inner.flush())
+        };
+        if self.tracker.journal_wants_compaction() {
+            // Off the request path: it closes the gate, so it must not run
+            // on a thread that holds it.
+            let tracker = Arc::clone(&self.tracker);
+            let spawned = std::thread::Builder::new()
+                .name("blockwatch-compact".into())
+                .spawn(move || {
+                    if let Err(error) = tracker.compact_journal() {
+                        tracing::warn!(error = %crate::tracker::error_chain(&error), "journal compaction failed");
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "could not start journal compaction");
+                self.tracker.cancel_compaction();
+            }
+        }
+        result
     }
     fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
         self.tracked(offset, length, || self.inner.trim(offset, length, fua))

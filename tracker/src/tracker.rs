@@ -36,6 +36,9 @@ pub const CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
 pub const CHECKPOINT_NAME_MAX: usize = 200;
 /// Flush samples kept for the histogram.
 const FLUSH_SAMPLES_MAX: usize = 65536;
+/// A journal past this size is rewritten as a snapshot of the current
+/// generation (saved records accumulate at every flush between checkpoints).
+pub const JOURNAL_COMPACT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
@@ -233,6 +236,8 @@ pub struct Tracker {
     clean_start: bool,
     files: Option<Arc<FileMap>>,
     heartbeat: Mutex<Option<Heartbeat>>,
+    /// A journal compaction is queued or running.
+    compacting: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -461,6 +466,7 @@ impl Tracker {
             warnings,
             files,
             heartbeat: Mutex::new(None),
+            compacting: AtomicBool::new(false),
         })
     }
 
@@ -684,6 +690,70 @@ impl Tracker {
             tracing::warn!(%error, "could not save the file map at checkpoint {name}");
         }
         result
+    }
+
+    /// Whether the journal has grown past JOURNAL_COMPACT_BYTES; the caller
+    /// then runs `compact_journal` off the request path.
+    pub fn journal_wants_compaction(&self) -> bool {
+        self.committer
+            .get()
+            .is_some_and(|c| c.journal_size_bytes() > JOURNAL_COMPACT_BYTES)
+            && !self.compacting.swap(true, Ordering::SeqCst)
+    }
+
+    /// Clears the queued-compaction flag when the compaction could not be
+    /// started, so a later flush asks again.
+    pub fn cancel_compaction(&self) {
+        self.compacting.store(false, Ordering::SeqCst);
+    }
+
+    /// Rewrites the journal as the current generation's snapshot (its
+    /// marked and saved regions), between requests. The new file is
+    /// complete and synced before the writer switches to it, and renamed
+    /// over the old one only after the old one took every queued record:
+    /// a crash at any point leaves one whole journal saying at least as
+    /// much as before.
+    pub fn compact_journal(&self) -> Result<(), TrackerError> {
+        let _operation = self.operations.lock().expect("operations lock");
+        self.gate.close();
+        let result = self.write_compacted_journal();
+        self.gate.open();
+        self.compacting.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn write_compacted_journal(&self) -> Result<(), TrackerError> {
+        let path = self.state_dir.join("journal");
+        let new_path = path.with_extension("new");
+        let header = FileHeader {
+            generation: self.generation(),
+            granularity_shift: self.granularity.shift(),
+            image_id: self.image_id,
+        };
+        let mut writer = create_journal(&new_path, &header, self.journal_wrapper.as_ref())?;
+        let marked = runs_from_sorted(self.marked.iter_set());
+        let saved = runs_from_sorted(self.saved.iter_set());
+        let epoch = self.flush_epoch.load(Ordering::SeqCst);
+        let mut records: Vec<Record> = marked
+            .chunks(journal::RUNS_PER_RECORD_MAX)
+            .map(|chunk| Record::Mark {
+                runs: chunk.to_vec(),
+            })
+            .collect();
+        records.extend(
+            saved
+                .chunks(journal::RUNS_PER_RECORD_MAX)
+                .map(|chunk| Record::Saved {
+                    epoch,
+                    runs: chunk.to_vec(),
+                }),
+        );
+        writer.append(&records)?;
+        writer.sync()?;
+        self.committer().replace_writer(writer)?;
+        std::fs::rename(&new_path, &path)?;
+        sync_dir(&path)?;
+        Ok(())
     }
 
     /// Regions written and not yet flushed, as byte ranges.
