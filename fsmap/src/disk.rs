@@ -266,6 +266,10 @@ impl DiskMap {
                 u64::from_le_bytes(header[from..from + 8].try_into().unwrap_or_default())
             };
             let partition = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
+            let (start_bytes, length_bytes) = (word(4), word(12));
+            if start_bytes.checked_add(length_bytes).is_none() {
+                return Err(Corrupt("filesystem ends past 2^64 bytes"));
+            }
             let map_len = usize::try_from(word(20)).map_err(|_| Corrupt("map length"))?;
             at += 28;
             let map_bytes = body
@@ -274,8 +278,8 @@ impl DiskMap {
             at += map_len;
             disk.filesystems.push(MappedFs {
                 partition,
-                start_bytes: word(4),
-                length_bytes: word(12),
+                start_bytes,
+                length_bytes,
                 map: crate::persist::decode(map_bytes)?,
                 replaced: BTreeMap::new(),
                 journal_transactions: 0,
@@ -394,4 +398,33 @@ fn journal_moved(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filesystem_ending_past_2_pow_64_bytes_is_corrupt_not_an_overflow() {
+        // Found while writing the saved_map fuzz target: `blocks_of` on the
+        // decoded map added the filesystem's start and length and overflowed.
+        let map = FsMap {
+            block_size: 4096,
+            blocks_count: 16,
+            ..FsMap::default()
+        };
+        let disk = DiskMap {
+            filesystems: vec![MappedFs {
+                partition: 1,
+                start_bytes: u64::MAX - 4095,
+                length_bytes: 16 * 4096,
+                map,
+                replaced: BTreeMap::new(),
+                journal_transactions: 0,
+            }],
+            ..DiskMap::default()
+        };
+        let error = DiskMap::decode(&disk.encode()).expect_err("the disk map decoded");
+        assert!(error.to_string().contains("past 2^64"), "{error}");
+    }
 }

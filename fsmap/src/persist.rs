@@ -3,8 +3,8 @@
 //! a 64-byte header, the metadata runs, special inodes, inode records and
 //! directories, then a CRC-32C of everything before it. Little-endian.
 
-use crate::ext4::{FileExtent, MetaKind, MetaRun};
-use crate::map::{FileRecord, FsMap};
+use crate::ext4::{EXTENT_BLOCKS_MAX, FileExtent, MetaKind, MetaRun};
+use crate::map::{FileRecord, FsMap, RUN_BLOCKS_MAX};
 
 const MAGIC: &[u8; 8] = b"BWFSMAP1";
 const VERSION: u32 = 1;
@@ -18,6 +18,21 @@ const DIRECTORY_BYTES_MIN: usize = 8;
 const ENTRY_BYTES_MIN: usize = 6;
 /// Longest name an ext4 directory entry can hold.
 const NAME_BYTES_MAX: usize = 255;
+/// Block sizes ext4 allows (a power of two in between), as a built map has.
+const BLOCK_SIZE_MIN_BYTES: u64 = 1024;
+const BLOCK_SIZE_MAX_BYTES: u64 = 65536;
+/// ext4 logical block numbers are 32-bit.
+const LOGICAL_BLOCKS_MAX: u64 = 1 << 32;
+/// The owner index of a loaded map is rebuilt from its runs' counts, one
+/// entry per RUN_BLOCKS_MAX blocks, so a few bytes claiming a long run
+/// could make loading loop and allocate for hours. A map's runs may need
+/// OWNER_RUNS_BASE entries plus, on average, as many as a run of
+/// EXTENT_BLOCKS_MAX blocks does: 128 for each run, at least 16 bytes.
+/// A map built from ext4 needs fewer: no extent is longer, and each group's
+/// metadata runs (two bitmaps and an inode table) average less unless its
+/// inodes are over 8 KiB. The base is for a small map with a long run.
+const OWNER_RUNS_PER_RUN_MAX: u64 = EXTENT_BLOCKS_MAX / RUN_BLOCKS_MAX;
+const OWNER_RUNS_BASE: u64 = 1 << 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -166,6 +181,16 @@ pub fn decode(bytes: &[u8]) -> Result<FsMap, PersistError> {
         blocks_count: cursor.u64()?,
         ..FsMap::default()
     };
+    // What the diff computes from these (byte offsets and lengths) must
+    // fit, as it does for a map built from a filesystem.
+    if !(BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES).contains(&map.block_size)
+        || !map.block_size.is_power_of_two()
+    {
+        return Err(PersistError::Corrupt("block size"));
+    }
+    if map.blocks_count.checked_mul(map.block_size).is_none() {
+        return Err(PersistError::Corrupt("block count past 2^64 bytes"));
+    }
     map.uuid.copy_from_slice(cursor.take(16)?);
     map.first_inode = cursor.u32()?;
     map.journal_inode = cursor.u32()?;
@@ -212,8 +237,43 @@ pub fn decode(bytes: &[u8]) -> Result<FsMap, PersistError> {
     if cursor.at != body.len() {
         return Err(PersistError::Corrupt("trailing bytes"));
     }
+    check_owner_runs(&map)?;
     map.index_records();
     Ok(map)
+}
+
+/// Refuses a map whose owner index could not be rebuilt: a block run that
+/// ends past 2^64, or runs longer than OWNER_RUNS_PER_RUN_MAX allows.
+/// Only the runs the map kept count (not those of a record a later one
+/// with the same number replaced), so a map that loads saves as one that
+/// loads.
+fn check_owner_runs(map: &FsMap) -> Result<(), PersistError> {
+    let meta = map
+        .meta_runs
+        .iter()
+        .map(|run| (run.start_block, run.block_count));
+    let records = map.inodes.values().flat_map(|record| {
+        let data = record
+            .extents
+            .iter()
+            .map(|extent| (extent.physical_block, extent.block_count));
+        let xattr = record.xattr_block.map(|block| (block, 1));
+        data.chain(record.map_blocks.iter().copied()).chain(xattr)
+    });
+    let (mut run_count, mut owner_runs) = (0u64, 0u64);
+    for (start, count) in meta.chain(records) {
+        if start.checked_add(count).is_none() {
+            return Err(PersistError::Corrupt("block run ends past 2^64"));
+        }
+        run_count += 1;
+        owner_runs = owner_runs.saturating_add(count.div_ceil(RUN_BLOCKS_MAX));
+    }
+    if owner_runs > OWNER_RUNS_BASE + OWNER_RUNS_PER_RUN_MAX * run_count {
+        return Err(PersistError::Corrupt(
+            "block runs longer than ext4 makes them (OWNER_RUNS_PER_RUN_MAX)",
+        ));
+    }
+    Ok(())
 }
 
 fn decode_record(cursor: &mut Cursor) -> Result<FileRecord, PersistError> {
@@ -232,12 +292,16 @@ fn decode_record(cursor: &mut Cursor) -> Result<FileRecord, PersistError> {
     let map_count = cursor.count(16)?;
     let mut extents = Vec::with_capacity(extent_count);
     for _ in 0..extent_count {
-        extents.push(FileExtent {
+        let extent = FileExtent {
             logical_block: cursor.u64()?,
             physical_block: cursor.u64()?,
             block_count: u64::from(cursor.u32()?),
             uninitialized: cursor.take(1)?[0] != 0,
-        });
+        };
+        if extent.logical_block >= LOGICAL_BLOCKS_MAX {
+            return Err(PersistError::Corrupt("extent at a logical block past 2^32"));
+        }
+        extents.push(extent);
     }
     let mut map_blocks = Vec::with_capacity(map_count);
     for _ in 0..map_count {
@@ -322,5 +386,156 @@ impl<'a> Cursor<'a> {
             return Err(PersistError::Corrupt("count larger than the file"));
         }
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_with_blocks(blocks_count: u64) -> FsMap {
+        FsMap {
+            block_size: 4096,
+            blocks_count,
+            ..FsMap::default()
+        }
+    }
+
+    fn file_record(number: u32, extents: Vec<FileExtent>) -> FileRecord {
+        FileRecord {
+            number,
+            generation: 0,
+            mode: 0x8000,
+            uid: 0,
+            gid: 0,
+            links: 1,
+            size_bytes: 0,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            extents,
+            map_blocks: Vec::new(),
+            xattr_block: None,
+            xattr_checksum: 0,
+        }
+    }
+
+    fn decode_error(map: &FsMap) -> String {
+        match decode(&encode(map)) {
+            Ok(_) => panic!("the map decoded"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_metadata_run_of_2_pow_57_blocks_is_refused_not_indexed_for_hours() {
+        // The saved_map fuzz target's first timeout: a mutated count made
+        // loading a 6 KiB map insert 2^49 owner runs.
+        let mut map = map_with_blocks(1 << 48);
+        map.meta_runs.push(MetaRun {
+            start_block: 3,
+            block_count: (1 << 57) + 127,
+            kind: MetaKind::GroupDescriptors,
+        });
+        assert!(decode_error(&map).contains("OWNER_RUNS_PER_RUN_MAX"));
+    }
+
+    #[test]
+    fn extents_longer_than_their_bytes_allow_are_refused_and_real_ones_load() {
+        // 64 extents of 32768 blocks, as long as ext4 makes them, load; the
+        // same extents 16 times as long need more index entries than
+        // OWNER_RUNS_BASE and OWNER_RUNS_PER_RUN_MAX allow.
+        let mut map = map_with_blocks(1 << 32);
+        let extents = |blocks: u64| {
+            (0..64)
+                .map(|index| FileExtent {
+                    logical_block: index * blocks,
+                    physical_block: index * blocks,
+                    block_count: blocks,
+                    uninitialized: false,
+                })
+                .collect()
+        };
+        map.inodes.insert(12, file_record(12, extents(32768)));
+        assert_eq!(decode(&encode(&map)).unwrap().inodes[&12].extents.len(), 64);
+        map.inodes.insert(12, file_record(12, extents(32768 * 16)));
+        assert!(decode_error(&map).contains("OWNER_RUNS_PER_RUN_MAX"));
+    }
+
+    #[test]
+    fn a_block_run_ending_past_2_pow_64_is_corrupt_not_an_overflow() {
+        let mut map = map_with_blocks(1 << 48);
+        map.meta_runs.push(MetaRun {
+            start_block: u64::MAX - 1,
+            block_count: 2,
+            kind: MetaKind::Superblock,
+        });
+        assert!(decode_error(&map).contains("past 2^64"));
+    }
+
+    #[test]
+    fn an_extent_past_logical_block_2_pow_32_is_corrupt_not_an_overflow_in_the_diff() {
+        // The saved_map fuzz target's first panic: the diff turned the
+        // extent's logical block into a byte offset and overflowed.
+        let mut map = map_with_blocks(1 << 20);
+        let extent = FileExtent {
+            logical_block: 1 << 60,
+            physical_block: 100,
+            block_count: 1,
+            uninitialized: false,
+        };
+        map.inodes.insert(12, file_record(12, vec![extent]));
+        assert!(decode_error(&map).contains("logical block"));
+        map.inodes.get_mut(&12).unwrap().extents[0].logical_block = u64::from(u32::MAX);
+        let loaded = decode(&encode(&map)).expect("the last 32-bit logical block decodes");
+        let changes = crate::diff::diff_without_old(&loaded, &[(0, 1 << 20)]);
+        assert_eq!(
+            changes.files[0].changed_file_ranges,
+            [(u64::from(u32::MAX) * 4096, 4096)]
+        );
+    }
+
+    #[test]
+    fn a_block_size_outside_ext4s_range_is_corrupt_not_a_division_by_zero() {
+        for block_size in [0, 512, 1000, 3072, 1 << 17] {
+            let mut map = map_with_blocks(1 << 20);
+            map.block_size = block_size;
+            assert_eq!(decode_error(&map), "saved file map is corrupt: block size");
+        }
+        let mut map = map_with_blocks(1 << 50);
+        map.block_size = 65536;
+        assert!(decode_error(&map).contains("block count"));
+    }
+
+    #[test]
+    fn a_map_whose_record_a_later_one_replaces_saves_as_one_that_loads() {
+        // The saved_map fuzz target's round trip, when the bound was per
+        // byte of the map: a replaced record's bytes counted when the map
+        // loaded, and were gone when it was saved again.
+        let extent = |physical_block, block_count| FileExtent {
+            logical_block: 0,
+            physical_block,
+            block_count,
+            uninitialized: false,
+        };
+        let mut map = map_with_blocks(1 << 32);
+        let short: Vec<FileExtent> = (0..100).map(|block| extent(block, 1)).collect();
+        map.inodes.insert(12, file_record(12, short));
+        // As many index entries as one run may have.
+        let longest = (OWNER_RUNS_BASE + OWNER_RUNS_PER_RUN_MAX) * RUN_BLOCKS_MAX;
+        map.inodes
+            .insert(13, file_record(13, vec![extent(1000, longest)]));
+        let mut bytes = encode(&map);
+        // Records are sorted by number: make the first one 13 too.
+        assert_eq!(bytes[HEADER_BYTES..HEADER_BYTES + 4], 12u32.to_le_bytes());
+        bytes[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&13u32.to_le_bytes());
+        let body = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        let loaded = decode(&bytes).expect("the map loads");
+        assert_eq!(loaded.inodes[&13].extents, [extent(1000, longest)]);
+        let saved = encode(&loaded);
+        assert!(saved.len() < bytes.len());
+        let again = decode(&saved).expect("the map saved again loads");
+        assert_eq!(encode(&again), saved);
     }
 }
