@@ -2,12 +2,13 @@
 //! ext2/3/4 filesystem on it a file map read through its journal, so a
 //! mounted, live filesystem reads as what it really holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasherDefault;
 
 use crate::diff::{self, FsChanges};
 use crate::ext4::{Ext4, Ext4Error, ReadAt};
 use crate::jbd2;
-use crate::map::FsMap;
+use crate::map::{FsMap, InodeHasher};
 use crate::partition::{self, Table};
 use crate::read::{Overlay, Replacement, Slice};
 
@@ -210,7 +211,8 @@ impl DiskMap {
     /// most `limit` of them; the bool says whether there were more.
     pub fn owners(&self, changed: &[(u64, u64)], limit: usize) -> (Vec<(u32, u32)>, bool) {
         let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // Called on every FLUSH: the cheap inode hasher, not SipHash.
+        let mut seen: HashSet<(u32, u32), BuildHasherDefault<InodeHasher>> = HashSet::default();
         for mapped in &self.filesystems {
             for (start, count) in mapped.blocks_of(changed) {
                 for (owner, _, _) in mapped.map.runs_in(start, count) {

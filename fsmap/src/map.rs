@@ -11,7 +11,7 @@ use crate::ext4::{Ext4, Ext4Error, FileExtent, Inode, MetaKind, MetaRun, ReadAt}
 /// Owner runs longer than this are split, so a range query only has to look
 /// this far back for a run that starts before it (a long window would scan
 /// every small file's run inside it).
-pub const RUN_BLOCKS_MAX: u64 = 256;
+pub const RUN_BLOCKS_MAX: u64 = 32;
 /// Paths reported for one inode (hard links).
 const PATHS_PER_INODE_MAX: usize = 16;
 /// Directory levels followed when building a path.

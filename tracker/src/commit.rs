@@ -6,6 +6,11 @@
 //! While one commit syncs, the next batch fills: many first touches share
 //! one `fdatasync` (as dm-era does). A failed commit poisons the journal:
 //! every later first touch fails, so no write is ever issued unmarked.
+//!
+//! After a batch is written and its waiters woken, the thread asks the
+//! optional annotator which files own each SAVED record's regions and
+//! queues the answers as lazy SAVED_FILES records: the file map's work
+//! never runs on a FLUSH or delays a first touch.
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -41,12 +46,26 @@ struct State {
     writer: Option<JournalWriter>,
 }
 
-#[derive(Debug)]
+/// Names the files (partition, inode) that own saved regions, at most
+/// SAVED_FILES_MAX, and whether there were more; None when it cannot say
+/// now (no map yet, or the map is busy).
+pub type Annotator = Arc<dyn Fn(&[RegionRun]) -> Option<(Vec<(u32, u32)>, bool)> + Send + Sync>;
+
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
     done: Condvar,
     marked: Arc<AtomicBitmap>,
+    annotator: Option<Annotator>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("state", &self.state)
+            .field("annotated", &self.annotator.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -56,7 +75,11 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(writer: JournalWriter, marked: Arc<AtomicBitmap>) -> Committer {
+    pub fn start(
+        writer: JournalWriter,
+        marked: Arc<AtomicBitmap>,
+        annotator: Option<Annotator>,
+    ) -> Committer {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending_marks: Vec::new(),
@@ -72,6 +95,7 @@ impl Committer {
             work: Condvar::new(),
             done: Condvar::new(),
             marked,
+            annotator,
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -113,19 +137,31 @@ impl Committer {
     /// (a mark commit, a checkpoint, a stop, or after `LAZY_SYNC_DELAY`).
     /// For records whose loss in a crash errs on the safe side.
     pub fn enqueue_lazy(&self, record: Record) -> io::Result<()> {
-        self.queue(record, false).map(|_| ())
+        self.queue_all(std::iter::once(record), false).map(|_| ())
+    }
+
+    /// Several lazy records under one lock (a flush's SAVED and
+    /// SAVED_FILES).
+    pub fn enqueue_lazy_all(&self, records: impl IntoIterator<Item = Record>) -> io::Result<()> {
+        self.queue_all(records, false).map(|_| ())
     }
 
     fn queue(&self, record: Record, sync: bool) -> io::Result<u64> {
+        self.queue_all(std::iter::once(record), sync)
+    }
+
+    fn queue_all(&self, records: impl IntoIterator<Item = Record>, sync: bool) -> io::Result<u64> {
         let (batch, wake) = {
             let mut state = self.lock();
             check_failed(&state)?;
-            state.pending_records.push(record);
+            let before = state.pending_records.len();
+            state.pending_records.extend(records);
+            let first = before == 0 && !state.pending_records.is_empty();
             state.sync_required |= sync;
             let queued = state.pending_records.len();
             (
                 state.next_batch,
-                sync || queued == 1 || queued >= LAZY_RECORDS_MAX,
+                sync || first || queued >= LAZY_RECORDS_MAX,
             )
         };
         // A lazy record wakes the thread only when it is the first one
@@ -264,7 +300,38 @@ fn commit_loop(shared: &Shared) {
                 state.failed = Some(error.to_string());
             }
         }
+        let written = state.failed.is_none();
         drop(state);
         shared.done.notify_all();
+        if written {
+            annotate(shared, &records);
+        }
+    }
+}
+
+/// Queues a SAVED_FILES record for each SAVED record just written, as
+/// lazy records for the next commit.
+fn annotate(shared: &Shared, records: &[Record]) {
+    let Some(annotator) = &shared.annotator else {
+        return;
+    };
+    let annotations: Vec<Record> = records
+        .iter()
+        .filter_map(|record| match record {
+            Record::Saved { epoch, runs } => annotator(runs)
+                .filter(|(files, _)| !files.is_empty())
+                .map(|(files, more)| Record::SavedFiles {
+                    epoch: *epoch,
+                    files,
+                    more,
+                }),
+            _ => None,
+        })
+        .collect();
+    if !annotations.is_empty() {
+        let mut state = shared.state.lock().expect("journal state lock");
+        state.pending_records.extend(annotations);
+        drop(state);
+        shared.work.notify_one();
     }
 }

@@ -7,9 +7,9 @@
 //! checkpoint the map is brought up to date *before* the generation
 //! switches and saved under the closed generation, so a file changed
 //! after the saved map shows up either in its inode or in its blocks.
-//! At each flush the saved regions are attributed to files from the map
-//! as it stands (if it is busy being updated, that flush goes
-//! unattributed rather than waiting).
+//! After the journal thread writes a flush's SAVED record it asks the map
+//! which files own those regions (`attribute`); if the map is busy being
+//! updated, that flush goes unattributed rather than waiting.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -93,28 +93,41 @@ impl FileMap {
         }
     }
 
-    /// Notes regions a flush saved, and returns the files that own them
-    /// (partition, inode), at most SAVED_FILES_MAX, and whether there were
-    /// more; None when the map is not ready or busy.
-    pub fn note_saved(&self, runs: &[RegionRun]) -> Option<(Vec<(u32, u32)>, bool)> {
+    /// Notes regions a flush saved, for the next update of the map (a
+    /// short lock; the FLUSH path calls it).
+    pub fn note_saved(&self, runs: &[RegionRun]) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        if pending.ranges.len() + runs.len() > PENDING_RANGES_MAX {
+            pending.overflowed = true;
+            pending.ranges.clear();
+            return;
+        }
+        for run in runs {
+            pending.ranges.push((
+                run.first_region * self.region_bytes,
+                run.region_count * self.region_bytes,
+            ));
+        }
+    }
+
+    /// The files (partition, inode) that own saved regions, at most
+    /// SAVED_FILES_MAX, and whether there were more; None when the map is
+    /// not built yet or busy (then that flush goes unattributed). Called
+    /// by the journal thread after the SAVED record is written.
+    pub fn attribute(
+        &self,
+        runs: &[RegionRun],
+        region_bytes: u64,
+    ) -> Option<(Vec<(u32, u32)>, bool)> {
         let ranges: Vec<(u64, u64)> = runs
             .iter()
             .map(|run| {
                 (
-                    run.first_region * self.region_bytes,
-                    run.region_count * self.region_bytes,
+                    run.first_region * region_bytes,
+                    run.region_count * region_bytes,
                 )
             })
             .collect();
-        {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if pending.ranges.len() + ranges.len() > PENDING_RANGES_MAX {
-                pending.overflowed = true;
-                pending.ranges.clear();
-            } else {
-                pending.ranges.extend_from_slice(&ranges);
-            }
-        }
         let attributed = match self.map.try_lock() {
             Ok(map) => map
                 .as_ref()

@@ -478,7 +478,12 @@ impl Tracker {
             .expect("journal lock")
             .take()
             .expect("Tracker::start is called once");
-        let committer = Committer::start(writer, Arc::clone(&self.marked));
+        let annotator: Option<crate::commit::Annotator> = self.files.clone().map(|files| {
+            let region_bytes = self.granularity.bytes();
+            Arc::new(move |runs: &[RegionRun]| files.attribute(runs, region_bytes))
+                as crate::commit::Annotator
+        });
+        let committer = Committer::start(writer, Arc::clone(&self.marked), annotator);
         assert!(
             self.committer.set(committer).is_ok(),
             "Tracker::start is called once"
@@ -576,18 +581,10 @@ impl Tracker {
             self.saved.set_run(*run);
         }
         let epoch = self.flush_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        let attributed = self
-            .files
-            .as_ref()
-            .and_then(|files| files.note_saved(&runs));
-        self.committer()
-            .enqueue_lazy(Record::Saved { epoch, runs })?;
-        match attributed {
-            Some((files, more)) if !files.is_empty() => self
-                .committer()
-                .enqueue_lazy(Record::SavedFiles { epoch, files, more }),
-            _ => Ok(()),
+        if let Some(files) = &self.files {
+            files.note_saved(&runs);
         }
+        self.committer().enqueue_lazy(Record::Saved { epoch, runs })
     }
 
     /// Around a device flush: takes the regions written since the last one,
