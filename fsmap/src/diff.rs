@@ -100,7 +100,7 @@ pub fn diff(old: &FsMap, new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
         }
     }
     out.files
-        .sort_by(|a, b| (&a.paths, a.kind, a.inode).cmp(&(&b.paths, b.kind, b.inode)));
+        .sort_unstable_by(|a, b| (&a.paths, a.kind, a.inode).cmp(&(&b.paths, b.kind, b.inode)));
     out
 }
 
@@ -144,7 +144,7 @@ pub fn diff_without_old(new: &FsMap, changed: &[(u64, u64)]) -> FsChanges {
         });
     }
     out.files
-        .sort_by(|a, b| (&a.paths, a.inode).cmp(&(&b.paths, b.inode)));
+        .sort_unstable_by(|a, b| (&a.paths, a.inode).cmp(&(&b.paths, b.inode)));
     out
 }
 
