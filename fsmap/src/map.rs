@@ -18,6 +18,8 @@ const PATHS_PER_INODE_MAX: usize = 16;
 const PATH_DEPTH_MAX: usize = 4096;
 /// Directory steps one path query may take (a corrupt graph can branch).
 const PATH_STEPS_MAX: usize = 100_000;
+/// Chain depth up to which a cycle check scans the chain instead of a set.
+const CHAIN_SCAN_MAX: usize = 32;
 const ROOT_INODE: u32 = 2;
 /// Problems kept for reporting; the rest are counted out.
 const PROBLEMS_MAX: usize = 100;
@@ -402,7 +404,9 @@ impl FsMap {
         // in frames[k + 1].
         let mut frames: Vec<(u32, usize)> = vec![(number, 0)];
         let mut names: Vec<&[u8]> = Vec::new();
-        let mut on_chain: HashSet<u32> = HashSet::from([number]);
+        // Directories on the chain: a scan of `frames` while it is short
+        // (every real path), a set once it is deep (a crafted chain).
+        let mut on_chain: Option<HashSet<u32>> = None;
         while let Some(&(node, next)) = frames.last() {
             if out.len() >= PATHS_PER_INODE_MAX || budget == 0 {
                 break;
@@ -417,7 +421,9 @@ impl FsMap {
                 if node == ROOT_INODE {
                     out.push(path_of(&names));
                 }
-                on_chain.remove(&node);
+                if let Some(set) = &mut on_chain {
+                    set.remove(&node);
+                }
                 frames.pop();
                 names.pop();
                 continue;
@@ -429,9 +435,22 @@ impl FsMap {
             let Some(name) = self.entry_name(parent, index) else {
                 continue;
             };
-            if on_chain.insert(parent) {
+            let seen = match &on_chain {
+                Some(set) => set.contains(&parent),
+                None => frames.iter().any(|&(inode, _)| inode == parent),
+            };
+            if !seen {
                 names.push(name);
                 frames.push((parent, 0));
+                match &mut on_chain {
+                    Some(set) => {
+                        set.insert(parent);
+                    }
+                    None if frames.len() > CHAIN_SCAN_MAX => {
+                        on_chain = Some(frames.iter().map(|&(inode, _)| inode).collect());
+                    }
+                    None => {}
+                }
             }
         }
         out
