@@ -16,8 +16,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{
-    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, command, create_sparse_file, is_root,
-    output, parse_json, pseudo_random_bytes, require_tool, run_program, write_random_file,
+    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, command, create_sparse_file, entry,
+    files, is_root, lines, output, parse_json, pretty, pseudo_random_bytes, ranges, require_tool,
+    run_program, write_random_file,
 };
 use serde_json::Value;
 
@@ -251,83 +252,20 @@ impl LiveExt4 {
     }
 }
 
-fn ranges(extents: &Value) -> Vec<(u64, u64)> {
-    extents
-        .as_array()
-        .expect("an array of ranges")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().expect("offset"),
-                e["length"].as_u64().expect("length"),
-            )
-        })
-        .collect()
-}
-
-fn files(reply: &Value) -> &Vec<Value> {
-    reply["files"].as_array().expect("\"files\" is an array")
-}
-
-/// One line per listed change, readable in a failed assertion: status,
-/// every current path (directories end in '/'), and "<- old paths" when
-/// there are any.
+/// `common::change_line`, after checking that the change's "path" is one
+/// of its "paths".
 fn change_line(file: &Value) -> String {
-    let strings = |key: &str| -> Vec<String> {
-        let mut items: Vec<String> = file[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("{key} is not an array in {file}"))
-            .iter()
-            .map(|p| p.as_str().expect("a path").to_string())
-            .collect();
-        items.sort();
-        items
-    };
-    let mut paths = strings("paths");
-    assert!(
-        paths.iter().any(|p| file["path"] == p.as_str()) || paths.is_empty(),
-        "\"path\" is not one of \"paths\": {file}"
-    );
-    if paths.is_empty() {
-        // Shown as such so a wrong listing still compares whole.
-        paths.push(format!("(no path: inode {})", file["inode"]));
+    if let Some(paths) = file["paths"].as_array() {
+        assert!(
+            paths.is_empty() || paths.contains(&file["path"]),
+            "\"path\" is not one of \"paths\": {file}"
+        );
     }
-    if file["directory"] == true {
-        for path in paths.iter_mut().filter(|p| *p != "/") {
-            path.push('/');
-        }
-    }
-    let status = file["status"].as_str().expect("a status");
-    let mut line = format!("{status} {}", paths.join(" "));
-    let old_paths = strings("old_paths");
-    if !old_paths.is_empty() {
-        line.push_str(&format!(" <- {}", old_paths.join(" ")));
-    }
-    line
+    common::change_line(file)
 }
 
 fn change_lines(reply: &Value) -> BTreeSet<String> {
     files(reply).iter().map(change_line).collect()
-}
-
-fn lines(expected: &[&str]) -> BTreeSet<String> {
-    expected.iter().map(|line| line.to_string()).collect()
-}
-
-/// The listed change whose paths include `path`.
-fn entry<'a>(reply: &'a Value, path: &str) -> &'a Value {
-    files(reply)
-        .iter()
-        .find(|f| {
-            f["paths"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p == path))
-        })
-        .unwrap_or_else(|| panic!("{path} is not listed:\n{reply:#}"))
-}
-
-fn pretty(reply: &Value) -> String {
-    serde_json::to_string_pretty(reply).expect("JSON")
 }
 
 /// A tree of about 50 small files, a 2 MiB file, and files that are

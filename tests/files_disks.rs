@@ -10,15 +10,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{
-    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, command, create_sparse_file, is_root,
-    output, parse_json, pseudo_random_bytes, require_tool, run_program, write_at,
-    write_random_file,
+    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, change_lines, command,
+    create_sparse_file, entry, files, is_root, lines, output, parse_json, pretty,
+    pseudo_random_bytes, ranges, require_tool, run_program, write_at, write_random_file,
 };
 use serde_json::{Value, json};
 
@@ -375,20 +374,6 @@ fn file_changes(image: &Path, args: &[&str]) -> Value {
     parse_json(&text, &format!("blockwatch {}", all.join(" ")))
 }
 
-fn ranges(extents: &Value) -> Vec<(u64, u64)> {
-    extents
-        .as_array()
-        .expect("an array of ranges")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().expect("offset"),
-                e["length"].as_u64().expect("length"),
-            )
-        })
-        .collect()
-}
-
 /// Whether disk bytes `[offset, offset + length)` lie inside one range.
 fn covered(ranges: &[(u64, u64)], offset: u64, length: u64) -> bool {
     ranges
@@ -410,68 +395,6 @@ fn outside(ranges: &[(u64, u64)], start: u64, length: u64) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-fn files(reply: &Value) -> &Vec<Value> {
-    reply["files"].as_array().expect("\"files\" is an array")
-}
-
-/// One line per listed change: status, current paths (directories end in
-/// '/'), and "<- old paths" when there are any.
-fn change_line(file: &Value) -> String {
-    let strings = |key: &str| -> Vec<String> {
-        let mut items: Vec<String> = file[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("{key} is not an array in {file}"))
-            .iter()
-            .map(|p| p.as_str().expect("a path").to_string())
-            .collect();
-        items.sort();
-        items
-    };
-    let mut paths = strings("paths");
-    if paths.is_empty() {
-        paths.push(format!("(no path: inode {})", file["inode"]));
-    }
-    if file["directory"] == true {
-        for path in paths.iter_mut().filter(|p| *p != "/") {
-            path.push('/');
-        }
-    }
-    let mut line = format!(
-        "{} {}",
-        file["status"].as_str().expect("a status"),
-        paths.join(" ")
-    );
-    let old_paths = strings("old_paths");
-    if !old_paths.is_empty() {
-        line.push_str(&format!(" <- {}", old_paths.join(" ")));
-    }
-    line
-}
-
-fn change_lines(reply: &Value) -> BTreeSet<String> {
-    files(reply).iter().map(change_line).collect()
-}
-
-fn lines(expected: &[&str]) -> BTreeSet<String> {
-    expected.iter().map(|line| line.to_string()).collect()
-}
-
-/// The listed change whose paths include `path`.
-fn entry<'a>(reply: &'a Value, path: &str) -> &'a Value {
-    files(reply)
-        .iter()
-        .find(|f| {
-            f["paths"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p == path))
-        })
-        .unwrap_or_else(|| panic!("{path} is not listed:\n{reply:#}"))
-}
-
-fn pretty(reply: &Value) -> String {
-    serde_json::to_string_pretty(reply).expect("JSON")
 }
 
 /// Small files, a 1 MiB file, and files deleted and renamed after c1.

@@ -15,25 +15,24 @@
 //! reach every parser.
 //!
 //! Each case runs `common/exercise.rs` under `catch_unwind`, with a
-//! counting allocator and a clock, and every failure is reported at the end
-//! with its image, case number, seed and mutation.
+//! counting allocator and a clock (`common/harness.rs`), and every failure
+//! is reported at the end with its image, case number, seed and mutation.
 
 #[path = "common/exercise.rs"]
 mod exercise;
+#[path = "common/harness.rs"]
+mod harness;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fsmap::ext4::{Ext4, MetaKind, crc32c_raw};
 use fsmap::map::FsMap;
 use fsmap::read::Bytes;
+use harness::{Xorshift, case_seed};
 
 /// Memory one case may hold at once beyond what it started with; the
 /// images are 8-12 MiB, so anything near this is an allocation sized from
@@ -42,104 +41,11 @@ const CASE_PEAK_BYTES_MAX: isize = 64 << 20;
 /// Time one case may take in a debug build; a healthy one takes
 /// milliseconds, so a case this slow is a hang in all but name.
 const CASE_DURATION_MAX: Duration = Duration::from_secs(10);
-/// Failures listed in full in the assertion message.
-const FAILURES_SHOWN_MAX: usize = 20;
 const SUPERBLOCK_OFFSET: usize = 1024;
 const SUPERBLOCK_CHECKSUM_AT: usize = 0x3FC;
 
-// ---------------------------------------------------------------------------
-// Memory accounting: a global allocator that counts each thread's live bytes.
-
-struct CountingAllocator;
-
-thread_local! {
-    static LIVE_BYTES: Cell<isize> = const { Cell::new(0) };
-    static PEAK_BYTES: Cell<isize> = const { Cell::new(0) };
-    static CAPTURING_PANICS: Cell<bool> = const { Cell::new(false) };
-    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-fn count_bytes(delta: isize) {
-    // try_with: the allocator also runs while thread-locals are torn down.
-    let _ = LIVE_BYTES.try_with(|live| {
-        let now = live.get() + delta;
-        live.set(now);
-        let _ = PEAK_BYTES.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; the
-// counting only touches const-initialised thread-locals without
-// destructors, which never allocate.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_bytes(layout.size() as isize);
-        // SAFETY: the caller's guarantees about `layout` are passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_bytes(layout.size() as isize);
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        count_bytes(-(layout.size() as isize));
-        // SAFETY: `pointer` came from `System` with this `layout`.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_bytes(new_size as isize - layout.size() as isize);
-        // SAFETY: `pointer` came from `System` with this `layout`.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Panics inside a case are recorded for the report instead of printed.
-fn install_panic_capture() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if CAPTURING_PANICS.with(Cell::get) {
-                LAST_PANIC.with(|last| *last.borrow_mut() = info.to_string());
-            } else {
-                default(info);
-            }
-        }));
-    });
-}
-
-/// What one case did: how far it got, or how it failed.
-struct Outcome {
-    reached: Result<exercise::Reached, String>,
-    peak_bytes: isize,
-    duration: Duration,
-}
-
-fn run_case(image: &Bytes, earlier: &FsMap, changed: &[(u64, u64)]) -> Outcome {
-    let start_bytes = LIVE_BYTES.with(Cell::get);
-    PEAK_BYTES.with(|peak| peak.set(start_bytes));
-    CAPTURING_PANICS.with(|capturing| capturing.set(true));
-    let started = Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        exercise::exercise(image, Some(earlier), changed)
-    }));
-    let duration = started.elapsed();
-    CAPTURING_PANICS.with(|capturing| capturing.set(false));
-    let peak_bytes = PEAK_BYTES.with(Cell::get) - start_bytes;
-    let reached = result.map_err(|_| LAST_PANIC.with(|last| last.take()));
-    Outcome {
-        reached,
-        peak_bytes,
-        duration,
-    }
-}
+static ALLOCATOR: harness::CountingAllocator = harness::CountingAllocator;
 
 // ---------------------------------------------------------------------------
 // The images.
@@ -171,31 +77,6 @@ fn tool(name: &str) -> String {
         }
     }
     panic!("{name} is not installed: apt-get install -y e2fsprogs");
-}
-
-/// Deterministic pseudo-random numbers (xorshift64), so that every case
-/// can be run again from its seed.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn new(seed: u64) -> Xorshift {
-        Xorshift(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound.max(1) as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn bytes(&mut self, length: usize) -> Vec<u8> {
-        (0..length).map(|_| self.next() as u8).collect()
-    }
 }
 
 /// The source tree every image is built from.
@@ -547,15 +428,6 @@ fn undo(work: &mut Vec<u8>, pristine: &[u8], mutation: &Mutation) {
 // ---------------------------------------------------------------------------
 // The runs.
 
-/// Seed of case `index` of image `label`: FNV-1a of the label, mixed.
-fn case_seed(label: &str, index: usize) -> u64 {
-    let mut hash = 0xCBF2_9CE4_8422_2325u64;
-    for byte in label.bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3);
-    }
-    hash ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 #[derive(Debug, Default)]
 struct Tally {
     opened: usize,
@@ -567,7 +439,7 @@ struct Tally {
 }
 
 fn check_image(spec: &ImageSpec) -> Tally {
-    install_panic_capture();
+    harness::install_panic_capture();
     let pristine = make_image(spec);
     let layout = structures(&Bytes(pristine.clone()));
     let earlier = FsMap::build(&Ext4::open(Bytes(pristine.clone())).unwrap()).unwrap();
@@ -584,18 +456,9 @@ fn check_image(spec: &ImageSpec) -> Tally {
         let mutation = mutation(&mut Xorshift::new(seed), &layout, &pristine);
         apply(&mut work.0, &mutation);
         let changed = mutation.changed_blocks(layout.block_size, layout.blocks_count);
-        let outcome = run_case(&work, &earlier, &changed);
+        let outcome = harness::run_case(|| exercise::exercise(&work, Some(&earlier), &changed));
         undo(&mut work.0, &pristine, &mutation);
-        let failure = match &outcome.reached {
-            Err(panic) => Some(format!("panicked: {panic}")),
-            Ok(_) if outcome.peak_bytes > CASE_PEAK_BYTES_MAX => {
-                Some(format!("held {} MiB at once", outcome.peak_bytes >> 20))
-            }
-            Ok(_) if outcome.duration > CASE_DURATION_MAX => {
-                Some(format!("took {:?}", outcome.duration))
-            }
-            Ok(_) => None,
-        };
+        let failure = outcome.failure(CASE_PEAK_BYTES_MAX, CASE_DURATION_MAX);
         if let Some(failure) = failure {
             let what = &mutation.what;
             let writes: Vec<(usize, &[u8])> = mutation
@@ -608,7 +471,7 @@ fn check_image(spec: &ImageSpec) -> Tally {
                 spec.label
             ));
         }
-        let reached = outcome.reached.unwrap_or_default();
+        let reached = outcome.result.unwrap_or_default();
         tally.opened += usize::from(reached.opened);
         tally.mapped += usize::from(reached.mapped);
         tally.updated += usize::from(reached.updated);
@@ -635,19 +498,14 @@ fn report(spec: &ImageSpec, tally: &Tally) {
         tally.peak_bytes_max >> 10,
         tally.duration_max
     );
-    let shown: Vec<&String> = tally.failures.iter().take(FAILURES_SHOWN_MAX).collect();
-    assert!(
-        tally.failures.is_empty(),
-        "{} of {} damaged {} images failed:\n{}",
-        tally.failures.len(),
-        spec.cases,
-        spec.label,
-        shown
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    harness::assert_no_failures(&tally.failures, || {
+        format!(
+            "{} of {} damaged {} images failed",
+            tally.failures.len(),
+            spec.cases,
+            spec.label
+        )
+    });
 }
 
 /// Mutations must reach past the checks at open into the parsers, or the

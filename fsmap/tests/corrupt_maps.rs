@@ -14,23 +14,22 @@
 //! reaches the decoders.
 //!
 //! Each case runs `common/map_exercise.rs` under `catch_unwind`, with a
-//! counting allocator and a clock; every failure is reported at the end
-//! with its map, case number, seed and mutation.
+//! counting allocator and a clock (`common/harness.rs`); every failure is
+//! reported at the end with its map, case number, seed and mutation.
 
 mod common;
+#[path = "common/harness.rs"]
+mod harness;
 #[path = "common/map_exercise.rs"]
 mod map_exercise;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, RefCell};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{temp_dir, tool};
 use fsmap::disk::DiskMap;
+use harness::{FAILURES_SHOWN_MAX, Xorshift, case_seed};
 
 /// Memory one case may hold at once beyond what it started with; the maps
 /// are a few KiB, so anything near this was sized from a corrupt field.
@@ -38,101 +37,12 @@ const CASE_PEAK_BYTES_MAX: isize = 64 << 20;
 /// Time one case may take in a debug build; a healthy one takes a
 /// millisecond or two.
 const CASE_DURATION_MAX: Duration = Duration::from_secs(2);
-const FAILURES_SHOWN_MAX: usize = 20;
 const HEADER_BYTES: usize = 64;
 const DISK_HEADER_BYTES: usize = 12;
 const FILESYSTEM_HEADER_BYTES: usize = 28;
 
-// ---------------------------------------------------------------------------
-// Memory accounting: a global allocator that counts each thread's live bytes.
-
-struct CountingAllocator;
-
-thread_local! {
-    static LIVE_BYTES: Cell<isize> = const { Cell::new(0) };
-    static PEAK_BYTES: Cell<isize> = const { Cell::new(0) };
-    static CAPTURING_PANICS: Cell<bool> = const { Cell::new(false) };
-    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-fn count_bytes(delta: isize) {
-    // try_with: the allocator also runs while thread-locals are torn down.
-    let _ = LIVE_BYTES.try_with(|live| {
-        let now = live.get() + delta;
-        live.set(now);
-        let _ = PEAK_BYTES.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; the
-// counting only touches const-initialised thread-locals without
-// destructors, which never allocate.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_bytes(layout.size() as isize);
-        // SAFETY: the caller's guarantees about `layout` are passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_bytes(layout.size() as isize);
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        count_bytes(-(layout.size() as isize));
-        // SAFETY: `pointer` came from `System` with this `layout`.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_bytes(new_size as isize - layout.size() as isize);
-        // SAFETY: `pointer` came from `System` with this `layout`.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Panics inside a case are recorded for the report instead of printed.
-fn install_panic_capture() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if CAPTURING_PANICS.with(Cell::get) {
-                LAST_PANIC.with(|last| *last.borrow_mut() = info.to_string());
-            } else {
-                default(info);
-            }
-        }));
-    });
-}
-
-/// What one case did: which decoders took it, or how it failed.
-struct Outcome {
-    decoded: Result<map_exercise::Decoded, String>,
-    peak_bytes: isize,
-    duration: Duration,
-}
-
-fn run_case(bytes: &[u8]) -> Outcome {
-    let start_bytes = LIVE_BYTES.with(Cell::get);
-    PEAK_BYTES.with(|peak| peak.set(start_bytes));
-    CAPTURING_PANICS.with(|capturing| capturing.set(true));
-    let started = Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(|| map_exercise::exercise(bytes)));
-    let duration = started.elapsed();
-    CAPTURING_PANICS.with(|capturing| capturing.set(false));
-    let peak_bytes = PEAK_BYTES.with(Cell::get) - start_bytes;
-    Outcome {
-        decoded: result.map_err(|_| LAST_PANIC.with(|last| last.take())),
-        peak_bytes,
-        duration,
-    }
-}
+static ALLOCATOR: harness::CountingAllocator = harness::CountingAllocator;
 
 // ---------------------------------------------------------------------------
 // The maps.
@@ -301,25 +211,6 @@ fn le64(bytes: &[u8], at: usize) -> u64 {
 // ---------------------------------------------------------------------------
 // Mutations.
 
-/// Deterministic pseudo-random numbers (xorshift64), so that every case
-/// can be run again from its seed.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn new(seed: u64) -> Xorshift {
-        Xorshift(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound.max(1) as u64) as usize
-    }
-}
-
 /// Values at the edges of what the fields hold, and some of the map's own.
 fn interesting(random: &mut Xorshift, bytes: &[u8]) -> u64 {
     let values = [
@@ -400,22 +291,13 @@ fn mutate(random: &mut Xorshift, bytes: &mut Vec<u8>, fields: &[(usize, usize)])
     what
 }
 
-/// Seed of case `index` of map `label`: FNV-1a of the label, mixed.
-fn case_seed(label: &str, index: usize) -> u64 {
-    let mut hash = 0xCBF2_9CE4_8422_2325u64;
-    for byte in label.bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3);
-    }
-    hash ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 // ---------------------------------------------------------------------------
 // The runs.
 
 /// Damages `pristine` `cases` times and runs each case; fails listing
 /// every case that panicked, held too much memory or took too long.
 fn check_saved_map(label: &str, pristine: &[u8], cases: usize) {
-    install_panic_capture();
+    harness::install_panic_capture();
     let healthy = map_exercise::exercise(pristine);
     assert!(
         healthy.filesystem_map || healthy.disk_map,
@@ -428,37 +310,22 @@ fn check_saved_map(label: &str, pristine: &[u8], cases: usize) {
         let seed = case_seed(label, index);
         let mut bytes = pristine.to_vec();
         let what = mutate(&mut Xorshift::new(seed), &mut bytes, &fields);
-        let outcome = run_case(&map_exercise::with_checksums(&bytes));
-        let failure = match &outcome.decoded {
-            Err(panic) => Some(format!("panicked: {panic}")),
-            Ok(_) if outcome.peak_bytes > CASE_PEAK_BYTES_MAX => {
-                Some(format!("held {} MiB at once", outcome.peak_bytes >> 20))
-            }
-            Ok(_) if outcome.duration > CASE_DURATION_MAX => {
-                Some(format!("took {:?}", outcome.duration))
-            }
-            Ok(result) => {
-                decoded += usize::from(result.filesystem_map || result.disk_map);
-                None
-            }
-        };
-        if let Some(failure) = failure {
+        let with_checksums = map_exercise::with_checksums(&bytes);
+        let outcome = harness::run_case(|| map_exercise::exercise(&with_checksums));
+        if let Some(failure) = outcome.failure(CASE_PEAK_BYTES_MAX, CASE_DURATION_MAX) {
             failures.push(format!(
                 "{label} case {index} (seed {seed:#x}): {what}{failure}"
             ));
+        } else if let Ok(result) = &outcome.result {
+            decoded += usize::from(result.filesystem_map || result.disk_map);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {cases} damaged {label}s failed; the first {FAILURES_SHOWN_MAX}:\n{}",
-        failures.len(),
-        failures
-            .iter()
-            .take(FAILURES_SHOWN_MAX)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    harness::assert_no_failures(&failures, || {
+        format!(
+            "{} of {cases} damaged {label}s failed; the first {FAILURES_SHOWN_MAX}",
+            failures.len()
+        )
+    });
     // The mutations must reach past the decoders' first checks, or this
     // test would pass without testing anything.
     assert!(

@@ -8,6 +8,7 @@
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// The binary under test, built by cargo for the integration tests.
 pub const BLOCKWATCH: &str = env!("CARGO_BIN_EXE_blockwatch");
@@ -515,6 +518,88 @@ pub fn assert_file_range(path: &Path, offset: u64, expected: &[u8]) {
 pub fn parse_json(text: &str, what: &str) -> serde_json::Value {
     serde_json::from_str(text)
         .unwrap_or_else(|e| panic!("{what} did not print valid JSON ({e}):\n{text}"))
+}
+
+// ---------------------------------------------------------------------------
+// Replies of `blockwatch changes --files --json`.
+
+/// (offset, length) of each range in a JSON array of ranges.
+pub fn ranges(extents: &Value) -> Vec<(u64, u64)> {
+    extents
+        .as_array()
+        .expect("an array of ranges")
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().expect("offset"),
+                e["length"].as_u64().expect("length"),
+            )
+        })
+        .collect()
+}
+
+/// The listed changes of a reply.
+pub fn files(reply: &Value) -> &Vec<Value> {
+    reply["files"].as_array().expect("\"files\" is an array")
+}
+
+/// One line per listed change, readable in a failed assertion: status,
+/// every current path (directories end in '/'), and "<- old paths" when
+/// there are any.
+pub fn change_line(file: &Value) -> String {
+    let strings = |key: &str| -> Vec<String> {
+        let mut items: Vec<String> = file[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} is not an array in {file}"))
+            .iter()
+            .map(|p| p.as_str().expect("a path").to_string())
+            .collect();
+        items.sort();
+        items
+    };
+    let mut paths = strings("paths");
+    if paths.is_empty() {
+        // Shown as such so a wrong listing still compares whole.
+        paths.push(format!("(no path: inode {})", file["inode"]));
+    }
+    if file["directory"] == true {
+        for path in paths.iter_mut().filter(|p| *p != "/") {
+            path.push('/');
+        }
+    }
+    let status = file["status"].as_str().expect("a status");
+    let mut line = format!("{status} {}", paths.join(" "));
+    let old_paths = strings("old_paths");
+    if !old_paths.is_empty() {
+        line.push_str(&format!(" <- {}", old_paths.join(" ")));
+    }
+    line
+}
+
+/// `change_line` of every listed change.
+pub fn change_lines(reply: &Value) -> BTreeSet<String> {
+    files(reply).iter().map(change_line).collect()
+}
+
+/// Expected change lines, to compare with `change_lines`.
+pub fn lines(expected: &[&str]) -> BTreeSet<String> {
+    expected.iter().map(|line| line.to_string()).collect()
+}
+
+/// The listed change whose paths include `path`.
+pub fn entry<'a>(reply: &'a Value, path: &str) -> &'a Value {
+    files(reply)
+        .iter()
+        .find(|f| {
+            f["paths"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == path))
+        })
+        .unwrap_or_else(|| panic!("{path} is not listed:\n{reply:#}"))
+}
+
+pub fn pretty(reply: &Value) -> String {
+    serde_json::to_string_pretty(reply).expect("JSON")
 }
 
 /// Bounds on waiting for nbdfuse and for unmounts; no test asserts on timing.
