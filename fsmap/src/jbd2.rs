@@ -35,7 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
-use crate::ext4::FileExtent;
+use crate::ext4::{FileExtent, crc32c_raw};
 use crate::read::{JBD2_MAGIC, ReadAt, Replacement};
 
 const BLOCK_TYPE_DESCRIPTOR: u32 = 1;
@@ -869,13 +869,6 @@ fn checksum_with_hole(seed: u32, data: &[u8], hole: usize) -> u32 {
     crc32c_raw(crc, &data[hole + 4..])
 }
 
-/// jbd2's crc32c: no inversion on the way in or out, the seed as given.
-/// The crate inverts both (`crc32c_append(crc, data)` is
-/// `!raw(!crc, data)`), so invert around it.
-fn crc32c_raw(seed: u32, data: &[u8]) -> u32 {
-    !crc32c::crc32c_append(!seed, data)
-}
-
 /// The kernel's crc32_be (checksum v1): polynomial 0x04C11DB7, most
 /// significant bit first, no inversion. Only old journals use it, so a
 /// bitwise loop is fast enough.
@@ -915,6 +908,7 @@ mod tests {
     use super::*;
 
     use crate::read::{Bytes, Overlay};
+    use crate::testing::Random;
 
     const BLOCK_BYTES: usize = 1024;
     /// Where the journal starts on the test device; the blocks before it
@@ -1609,19 +1603,6 @@ mod tests {
         assert_eq!(!crc32c_raw(!0, b"123456789"), 0xE306_9283);
         assert!(sequence_after(0, u32::MAX));
         assert!(!sequence_after(u32::MAX, 0));
-    }
-
-    /// Deterministic pseudo-random numbers (xorshift64), so a failure
-    /// reproduces.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
     }
 
     /// A journal with every kind of block: two transactions, a revoke, an

@@ -14,6 +14,7 @@
 //!   its journal, mapped, updated, compared, saved.
 //! - `diff.rs`: per-file changes between two maps (+ - R M ~).
 //! - `select.rs`: copy criteria (globs, sizes) and the copy set.
+//! - `testing.rs`: what the unit tests share (a seeded xorshift).
 //! - `jbd2.rs`: journal replay (descriptor, commit, revoke blocks, checksums).
 //! - `partition.rs`: MBR (with extended partitions) and GPT tables.
 
@@ -26,5 +27,7 @@ pub mod partition;
 pub mod persist;
 pub mod read;
 pub mod select;
+#[cfg(test)]
+mod testing;
 
 pub use read::{Bytes, Overlay, ReadAt, Replacement, Slice};

@@ -743,8 +743,9 @@ fn parse_gpt_entry(
 // ---------------------------------------------------------------- bytes
 
 /// IEEE CRC-32 (reflected polynomial 0xEDB88320), as GPT uses; not the
-/// CRC-32C the ext4 metadata checksums use.
-fn crc32(bytes: &[u8]) -> u32 {
+/// CRC-32C the ext4 metadata checksums use. Public so tools that build or
+/// repair GPTs (the fuzz target) use the same one.
+pub fn crc32(bytes: &[u8]) -> u32 {
     !bytes.iter().fold(!0u32, |crc, &byte| {
         CRC32_TABLE[((crc ^ u32::from(byte)) & 0xFF) as usize] ^ (crc >> 8)
     })
@@ -789,6 +790,7 @@ mod tests {
     use super::*;
 
     use crate::read::Bytes;
+    use crate::testing::Random;
 
     const EFI_SYSTEM_GUID: [u8; 16] = [
         0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9,
@@ -1253,21 +1255,6 @@ mod tests {
     }
 
     // ------------------------------------------------------ garbage
-
-    /// Deterministic pseudo-random numbers (xorshift64).
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, bound: u64) -> u64 {
-            self.next() % bound
-        }
-    }
 
     /// Whatever the input, no panic, and whatever is reported lies inside
     /// the device.

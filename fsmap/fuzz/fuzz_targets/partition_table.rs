@@ -135,11 +135,11 @@ impl Disk {
         {
             let mut entries = vec![0u8; entries_bytes as usize];
             if self.read_exact_at(&mut entries, entries_offset).is_ok() {
-                header[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
+                header[88..92].copy_from_slice(&partition::crc32(&entries).to_le_bytes());
             }
         }
         header[16..20].fill(0);
-        let crc = crc32(&header[..header_bytes]);
+        let crc = partition::crc32(&header[..header_bytes]);
         header[16..20].copy_from_slice(&crc.to_le_bytes());
         self.write_at(&header[..GPT_HEADER_BYTES_MIN.max(header_bytes)], offset);
     }
@@ -191,35 +191,6 @@ fn claimed_bytes(head: &[u8]) -> u64 {
         }
     }
     claimed
-}
-
-/// IEEE CRC-32 (reflected polynomial 0xEDB88320), as GPT uses.
-fn crc32(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(!0u32, |crc, &byte| {
-        CRC32_TABLE[((crc ^ u32::from(byte)) & 0xFF) as usize] ^ (crc >> 8)
-    })
-}
-
-const CRC32_TABLE: [u32; 256] = crc32_table();
-
-const fn crc32_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut index = 0;
-    while index < 256 {
-        let mut value = index as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            value = if value & 1 == 1 {
-                (value >> 1) ^ 0xEDB8_8320
-            } else {
-                value >> 1
-            };
-            bit += 1;
-        }
-        table[index] = value;
-        index += 1;
-    }
-    table
 }
 
 fn le32(bytes: &[u8], at: usize) -> u32 {
