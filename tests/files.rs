@@ -13,12 +13,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 
 use common::{
-    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, command, create_sparse_file, entry,
-    files, is_root, lines, output, parse_json, pretty, pseudo_random_bytes, ranges, require_tool,
-    run_program, write_random_file,
+    BLOCKWATCH, LiveFs, MIB, TempDir, create_sparse_file, entry, files, is_root, lines, parse_json,
+    pretty, ranges, require_tool, run_program, write_random_file,
 };
 use serde_json::Value;
 
@@ -36,14 +34,18 @@ fn skipped_unless_root() -> bool {
 }
 
 /// An ext4 image served by blockwatch, exposed by nbdfuse and mounted
-/// through a loop device. Fields drop in declaration order: the mount,
-/// then nbdfuse, then the server, then the directory.
+/// through a loop device (`LiveFs`), and the directory holding it all,
+/// removed last.
 struct LiveExt4 {
-    mount: Option<LoopMount>,
-    fuse: Option<FuseExport>,
-    server: Option<Server>,
-    image: PathBuf,
+    live: LiveFs,
     dir: TempDir,
+}
+
+impl std::ops::Deref for LiveExt4 {
+    type Target = LiveFs;
+    fn deref(&self) -> &LiveFs {
+        &self.live
+    }
 }
 
 impl LiveExt4 {
@@ -72,103 +74,8 @@ impl LiveExt4 {
                 image.as_os_str(),
             ],
         );
-        let server = Server::start(dir.path(), &[&image], server_args);
-        let fuse = FuseExport::start(
-            &dir.join("fuse"),
-            &server.uri(),
-            &dir.join("nbdfuse.log"),
-            IMAGE_SIZE_BYTES,
-        );
-        let mount = LoopMount::mount(&fuse.file(), &dir.join("mnt"));
-        LiveExt4 {
-            mount: Some(mount),
-            fuse: Some(fuse),
-            server: Some(server),
-            image,
-            dir,
-        }
-    }
-
-    fn mount_dir(&self) -> &Path {
-        self.mount.as_ref().expect("mounted").dir()
-    }
-
-    /// `relative` ("/docs/a.txt") inside the mounted filesystem.
-    fn path(&self, relative: &str) -> PathBuf {
-        self.mount_dir().join(relative.trim_start_matches('/'))
-    }
-
-    fn mkdir(&self, relative: &str) {
-        std::fs::create_dir_all(self.path(relative)).expect("create a directory");
-    }
-
-    fn write(&self, relative: &str, seed: u64, length_bytes: u64) {
-        write_random_file(&self.path(relative), seed, length_bytes as usize);
-    }
-
-    fn append(&self, relative: &str, seed: u64, length_bytes: u64) {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.path(relative))
-            .unwrap_or_else(|e| panic!("cannot open {relative} to append: {e}"));
-        file.write_all(&pseudo_random_bytes(seed, length_bytes as usize))
-            .unwrap_or_else(|e| panic!("cannot append to {relative}: {e}"));
-    }
-
-    fn remove(&self, relative: &str) {
-        std::fs::remove_file(self.path(relative))
-            .unwrap_or_else(|e| panic!("cannot remove {relative}: {e}"));
-    }
-
-    fn rename(&self, from: &str, to: &str) {
-        std::fs::rename(self.path(from), self.path(to))
-            .unwrap_or_else(|e| panic!("cannot rename {from} to {to}: {e}"));
-    }
-
-    /// syncfs(2): every dirty page written and the journal committed, all
-    /// the way through the loop device and nbdfuse to the server. It also
-    /// writes the committed metadata to its place on the disk.
-    fn sync(&self) {
-        run_program("sync", ["-f".as_ref(), self.mount_dir().as_os_str()]);
-    }
-
-    /// fsync(2) of each path: its data written and the journal committed,
-    /// while the metadata blocks themselves stay dirty in the kernel for
-    /// about 30 s (dirty_expire_centisecs), so on the disk the newest
-    /// inodes and directory blocks are only in the jbd2 journal.
-    fn fsync(&self, relatives: &[&str]) {
-        let paths: Vec<PathBuf> = relatives.iter().map(|r| self.path(r)).collect();
-        run_program("sync", &paths);
-    }
-
-    /// Whether debugfs, which reads the image as it lies on the disk
-    /// without replaying the journal, finds `relative`.
-    fn in_place_has(&self, relative: &str) -> bool {
-        let request = format!("stat {relative}");
-        let result = output(&mut command(
-            "debugfs",
-            [
-                "-c".as_ref(),
-                "-R".as_ref(),
-                request.as_ref(),
-                self.image.as_os_str(),
-            ],
-        ));
-        let stderr = String::from_utf8_lossy(&result.stderr);
-        assert!(
-            result.status.success(),
-            "debugfs -c -R '{request}' failed: {stderr}"
-        );
-        !stderr.contains("File not found")
-    }
-
-    fn checkpoint(&self, name: &str) {
-        run_program(BLOCKWATCH, ["checkpoint", self.image_arg(), name]);
-    }
-
-    fn image_arg(&self) -> &str {
-        self.image.to_str().expect("a UTF-8 temporary path")
+        let live = LiveFs::start(&dir, &image, server_args, IMAGE_SIZE_BYTES, "loop", 0);
+        LiveExt4 { live, dir }
     }
 
     /// `blockwatch changes IMAGE --files --json ARGS...`.
@@ -246,9 +153,7 @@ impl LiveExt4 {
 
     /// Unmounts, stops nbdfuse and the server, each asserting success.
     fn finish(mut self) {
-        self.mount.take().expect("mounted").unmount();
-        self.fuse.take().expect("nbdfuse running").unmount();
-        self.server.take().expect("server running").stop();
+        self.live.stop();
     }
 }
 

@@ -11,13 +11,13 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{
-    BLOCKWATCH, FuseExport, LoopMount, MIB, Server, TempDir, change_lines, command,
-    create_sparse_file, entry, files, is_root, lines, output, parse_json, pretty,
-    pseudo_random_bytes, ranges, require_tool, run_program, write_at, write_random_file,
+    BLOCKWATCH, LiveFs, MIB, Server, TempDir, change_lines, create_sparse_file, entry, files,
+    is_root, lines, parse_json, pretty, pseudo_random_bytes, ranges, require_tool, run_program,
+    write_at,
 };
 use serde_json::{Value, json};
 
@@ -191,16 +191,19 @@ fn make_disk(image: &Path, size_bytes: u64, table: Table) -> Layout {
 }
 
 /// An ext4 on a disk image, served by blockwatch, exposed by nbdfuse and
-/// mounted through a loop device at the filesystem's offset. Fields drop
-/// in declaration order: the mount, nbdfuse, the server, the directory.
+/// mounted through a loop device at the filesystem's offset (`LiveFs`),
+/// with the disk's layout, and the directory holding it all, removed last.
 struct LiveDisk {
-    mount: Option<LoopMount>,
-    fuse: Option<FuseExport>,
-    server: Option<Server>,
-    image: PathBuf,
+    live: LiveFs,
     layout: Layout,
-    /// Holds the image and the state; removed last.
     _dir: TempDir,
+}
+
+impl std::ops::Deref for LiveDisk {
+    type Target = LiveFs;
+    fn deref(&self) -> &LiveFs {
+        &self.live
+    }
 }
 
 impl LiveDisk {
@@ -214,83 +217,23 @@ impl LiveDisk {
         let dir = TempDir::new(label);
         let image = dir.join("disk.img");
         let layout = make_disk(&image, size_bytes, table);
-        let server = Server::start(dir.path(), &[&image], &["--granularity", "4K"]);
-        let fuse = FuseExport::start(
-            &dir.join("fuse"),
-            &server.uri(),
-            &dir.join("nbdfuse.log"),
-            size_bytes,
-        );
         let options = format!(
             "loop,offset={},sizelimit={}",
             layout.filesystem.offset_bytes, layout.filesystem.length_bytes
         );
-        let mount = LoopMount::mount_with_options(&fuse.file(), &dir.join("mnt"), &options);
+        let live = LiveFs::start(
+            &dir,
+            &image,
+            &["--granularity", "4K"],
+            size_bytes,
+            &options,
+            layout.filesystem.offset_bytes,
+        );
         LiveDisk {
-            mount: Some(mount),
-            fuse: Some(fuse),
-            server: Some(server),
-            image,
+            live,
             layout,
             _dir: dir,
         }
-    }
-
-    fn mount_dir(&self) -> &Path {
-        self.mount.as_ref().expect("mounted").dir()
-    }
-
-    /// `relative` ("/docs/a.txt") inside the mounted filesystem.
-    fn path(&self, relative: &str) -> PathBuf {
-        self.mount_dir().join(relative.trim_start_matches('/'))
-    }
-
-    fn mkdir(&self, relative: &str) {
-        std::fs::create_dir_all(self.path(relative)).expect("create a directory");
-    }
-
-    fn write(&self, relative: &str, seed: u64, length_bytes: u64) {
-        write_random_file(&self.path(relative), seed, length_bytes as usize);
-    }
-
-    fn append(&self, relative: &str, seed: u64, length_bytes: u64) {
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.path(relative))
-            .unwrap_or_else(|e| panic!("cannot open {relative} to append: {e}"));
-        file.write_all(&pseudo_random_bytes(seed, length_bytes as usize))
-            .unwrap_or_else(|e| panic!("cannot append to {relative}: {e}"));
-    }
-
-    /// syncfs(2): data, journal and metadata in place, through to the server.
-    fn sync(&self) {
-        run_program("sync", ["-f".as_ref(), self.mount_dir().as_os_str()]);
-    }
-
-    /// fsync(2) of each path: data written and the journal committed, while
-    /// the metadata blocks stay dirty in the kernel for about 30 s, so on
-    /// the disk the newest inodes and directories are only in the journal.
-    fn fsync(&self, relatives: &[&str]) {
-        let paths: Vec<PathBuf> = relatives.iter().map(|r| self.path(r)).collect();
-        run_program("sync", &paths);
-    }
-
-    /// Whether debugfs, which reads the filesystem as it lies on the disk
-    /// without replaying the journal, finds `relative`.
-    fn in_place_has(&self, relative: &str) -> bool {
-        let request = format!("stat {relative}");
-        let device = format!(
-            "{}?offset={}",
-            self.image.display(),
-            self.layout.filesystem.offset_bytes
-        );
-        let result = output(&mut command("debugfs", ["-c", "-R", &request, &device]));
-        let stderr = String::from_utf8_lossy(&result.stderr);
-        assert!(
-            result.status.success(),
-            "debugfs -c -R '{request}' {device} failed: {stderr}"
-        );
-        !stderr.contains("File not found")
     }
 
     /// Writes `data` at disk byte `offset` through the NBD export (the
@@ -304,14 +247,6 @@ impl LiveDisk {
         file.write_all_at(data, offset)
             .expect("write through nbdfuse");
         file.sync_all().expect("fsync the nbdfuse file");
-    }
-
-    fn checkpoint(&self, name: &str) {
-        run_program(BLOCKWATCH, ["checkpoint", self.image_arg(), name]);
-    }
-
-    fn image_arg(&self) -> &str {
-        self.image.to_str().expect("a UTF-8 temporary path")
     }
 
     /// `blockwatch changes IMAGE --files --json ARGS...`.
@@ -358,9 +293,7 @@ impl LiveDisk {
     /// Unmounts, stops nbdfuse and the server, each asserting success;
     /// the image and its state stay until the value is dropped.
     fn stop(&mut self) {
-        self.mount.take().expect("mounted").unmount();
-        self.fuse.take().expect("nbdfuse running").unmount();
-        self.server.take().expect("server running").stop();
+        self.live.stop();
     }
 }
 

@@ -787,3 +787,131 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         std::thread::sleep(MOUNT_POLL_INTERVAL);
     }
 }
+
+/// A filesystem on a served image: blockwatch serves the image, nbdfuse
+/// exposes it as a file, and a loop device mounts the filesystem found at
+/// `fs_offset_bytes`. Fields drop in declaration order: the mount, then
+/// nbdfuse, then the server. The tests' own fixtures wrap it.
+pub struct LiveFs {
+    pub mount: Option<LoopMount>,
+    pub fuse: Option<FuseExport>,
+    pub server: Option<Server>,
+    pub image: PathBuf,
+    /// Where the filesystem starts on the disk (0: the whole disk).
+    pub fs_offset_bytes: u64,
+}
+
+impl LiveFs {
+    /// Serves `image` (of `size_bytes`) from `dir` with `server_args`,
+    /// exposes it with nbdfuse and mounts it with `mount_options`.
+    pub fn start(
+        dir: &TempDir,
+        image: &Path,
+        server_args: &[&str],
+        size_bytes: u64,
+        mount_options: &str,
+        fs_offset_bytes: u64,
+    ) -> LiveFs {
+        let server = Server::start(dir.path(), &[image], server_args);
+        let fuse = FuseExport::start(
+            &dir.join("fuse"),
+            &server.uri(),
+            &dir.join("nbdfuse.log"),
+            size_bytes,
+        );
+        let mount = LoopMount::mount_with_options(&fuse.file(), &dir.join("mnt"), mount_options);
+        LiveFs {
+            mount: Some(mount),
+            fuse: Some(fuse),
+            server: Some(server),
+            image: image.to_path_buf(),
+            fs_offset_bytes,
+        }
+    }
+
+    pub fn mount_dir(&self) -> &Path {
+        self.mount.as_ref().expect("mounted").dir()
+    }
+
+    /// `relative` ("/docs/a.txt") inside the mounted filesystem.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.mount_dir().join(relative.trim_start_matches('/'))
+    }
+
+    pub fn mkdir(&self, relative: &str) {
+        std::fs::create_dir_all(self.path(relative)).expect("create a directory");
+    }
+
+    pub fn write(&self, relative: &str, seed: u64, length_bytes: u64) {
+        write_random_file(&self.path(relative), seed, length_bytes as usize);
+    }
+
+    pub fn append(&self, relative: &str, seed: u64, length_bytes: u64) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.path(relative))
+            .unwrap_or_else(|e| panic!("cannot open {relative} to append: {e}"));
+        file.write_all(&pseudo_random_bytes(seed, length_bytes as usize))
+            .unwrap_or_else(|e| panic!("cannot append to {relative}: {e}"));
+    }
+
+    pub fn remove(&self, relative: &str) {
+        std::fs::remove_file(self.path(relative))
+            .unwrap_or_else(|e| panic!("cannot remove {relative}: {e}"));
+    }
+
+    pub fn rename(&self, from: &str, to: &str) {
+        std::fs::rename(self.path(from), self.path(to))
+            .unwrap_or_else(|e| panic!("cannot rename {from} to {to}: {e}"));
+    }
+
+    /// syncfs(2): every dirty page written and the journal committed, all
+    /// the way through the loop device and nbdfuse to the server. It also
+    /// writes the committed metadata to its place on the disk.
+    pub fn sync(&self) {
+        run_program("sync", ["-f".as_ref(), self.mount_dir().as_os_str()]);
+    }
+
+    /// fsync(2) of each path: its data written and the journal committed,
+    /// while the metadata blocks themselves stay dirty in the kernel for
+    /// about 30 s (dirty_expire_centisecs), so on the disk the newest
+    /// inodes and directory blocks are only in the jbd2 journal.
+    pub fn fsync(&self, relatives: &[&str]) {
+        let paths: Vec<PathBuf> = relatives.iter().map(|r| self.path(r)).collect();
+        run_program("sync", &paths);
+    }
+
+    /// Whether debugfs, which reads the filesystem as it lies on the disk
+    /// without replaying the journal, finds `relative`.
+    pub fn in_place_has(&self, relative: &str) -> bool {
+        let request = format!("stat {relative}");
+        let device = if self.fs_offset_bytes == 0 {
+            self.image.display().to_string()
+        } else {
+            format!("{}?offset={}", self.image.display(), self.fs_offset_bytes)
+        };
+        let result = output(&mut command("debugfs", ["-c", "-R", &request, &device]));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            result.status.success(),
+            "debugfs -c -R '{request}' {device} failed: {stderr}"
+        );
+        !stderr.contains("File not found")
+    }
+
+    pub fn checkpoint(&self, name: &str) {
+        run_program(BLOCKWATCH, ["checkpoint", self.image_arg(), name]);
+    }
+
+    pub fn image_arg(&self) -> &str {
+        self.image.to_str().expect("a UTF-8 temporary path")
+    }
+
+    /// Unmounts, stops nbdfuse and the server, each asserting success.
+    pub fn stop(&mut self) {
+        self.mount.take().expect("mounted").unmount();
+        self.fuse.take().expect("nbdfuse running").unmount();
+        self.server.take().expect("server running").stop();
+    }
+}
