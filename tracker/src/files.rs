@@ -23,7 +23,7 @@ use fsmap::disk::DiskMap;
 use fsmap::select::{self, Criteria};
 
 use crate::journal::SAVED_FILES_MAX;
-use crate::regions::RegionRun;
+use crate::regions::{Granularity, RegionRun};
 
 /// Byte ranges queued before the map is rebuilt whole instead.
 const PENDING_RANGES_MAX: usize = 1 << 16;
@@ -47,7 +47,7 @@ pub struct FileMapStats {
 pub struct FileMap {
     image: Arc<File>,
     size_bytes: u64,
-    region_bytes: u64,
+    granularity: Granularity,
     maps_dir: PathBuf,
     map: Mutex<Option<DiskMap>>,
     pending: Mutex<Pending>,
@@ -63,14 +63,14 @@ impl FileMap {
         image: &Path,
         size_bytes: u64,
         state_dir: &Path,
-        region_bytes: u64,
+        granularity: Granularity,
     ) -> io::Result<FileMap> {
         let maps_dir = state_dir.join("maps");
         std::fs::create_dir_all(&maps_dir)?;
         Ok(FileMap {
             image: Arc::new(File::open(image)?),
             size_bytes,
-            region_bytes,
+            granularity,
             maps_dir,
             map: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
@@ -102,31 +102,19 @@ impl FileMap {
             pending.ranges.clear();
             return;
         }
-        for run in runs {
-            pending.ranges.push((
-                run.first_region * self.region_bytes,
-                run.region_count * self.region_bytes,
-            ));
-        }
+        pending
+            .ranges
+            .extend(runs.iter().map(|run| self.granularity.byte_range(*run)));
     }
 
     /// The files (partition, inode) that own saved regions, at most
     /// SAVED_FILES_MAX, and whether there were more; None when the map is
     /// not built yet or busy (then that flush goes unattributed). Called
     /// by the journal thread after the SAVED record is written.
-    pub fn attribute(
-        &self,
-        runs: &[RegionRun],
-        region_bytes: u64,
-    ) -> Option<(Vec<(u32, u32)>, bool)> {
+    pub fn attribute(&self, runs: &[RegionRun]) -> Option<(Vec<(u32, u32)>, bool)> {
         let ranges: Vec<(u64, u64)> = runs
             .iter()
-            .map(|run| {
-                (
-                    run.first_region * region_bytes,
-                    run.region_count * region_bytes,
-                )
-            })
+            .map(|run| self.granularity.byte_range(*run))
             .collect();
         let attributed = match self.map.try_lock() {
             Ok(map) => map

@@ -47,6 +47,14 @@ impl Granularity {
         size_bytes.div_ceil(self.bytes())
     }
 
+    /// The byte range (offset, length) a run of regions covers.
+    pub fn byte_range(self, run: RegionRun) -> (u64, u64) {
+        (
+            run.first_region << self.shift,
+            run.region_count << self.shift,
+        )
+    }
+
     /// The regions a byte range touches. `length_bytes` must be non-zero.
     pub fn run_of(self, offset_bytes: u64, length_bytes: u64) -> RegionRun {
         debug_assert!(length_bytes > 0);

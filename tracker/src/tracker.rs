@@ -431,7 +431,7 @@ impl Tracker {
             tracing::warn!("{}: {warning}", image_path.display());
         }
         let files = if options.files {
-            match FileMap::open(&image_path, size_bytes, &state_dir, granularity.bytes()) {
+            match FileMap::open(&image_path, size_bytes, &state_dir, granularity) {
                 Ok(files) => Some(Arc::new(files)),
                 Err(error) => {
                     tracing::warn!(%error, "no file map: changes are reported by block only");
@@ -479,9 +479,7 @@ impl Tracker {
             .take()
             .expect("Tracker::start is called once");
         let annotator: Option<crate::commit::Annotator> = self.files.clone().map(|files| {
-            let region_bytes = self.granularity.bytes();
-            Arc::new(move |runs: &[RegionRun]| files.attribute(runs, region_bytes))
-                as crate::commit::Annotator
+            Arc::new(move |runs: &[RegionRun]| files.attribute(runs)) as crate::commit::Annotator
         });
         let committer = Committer::start(writer, Arc::clone(&self.marked), annotator);
         assert!(
@@ -755,15 +753,9 @@ impl Tracker {
 
     /// Regions written and not yet flushed, as byte ranges.
     fn unflushed_ranges(&self) -> Vec<(u64, u64)> {
-        let region_bytes = self.granularity.bytes();
         runs_from_sorted(self.written.iter_set())
-            .iter()
-            .map(|run| {
-                (
-                    run.first_region * region_bytes,
-                    run.region_count * region_bytes,
-                )
-            })
+            .into_iter()
+            .map(|run| self.granularity.byte_range(run))
             .collect()
     }
 
