@@ -475,12 +475,11 @@ impl FsMap {
         }
         let mut suspects: HashSet<u32> = HashSet::new();
         let mut directories: HashSet<u32> = HashSet::new();
+        let mut table_ranges = Vec::new();
         for &(start, count) in changed {
             for (owner, _) in self.owners_of(start, count) {
                 match owner {
-                    Owner::Meta(MetaKind::InodeTable) => {
-                        suspects.extend(inodes_in_blocks(fs, start, count));
-                    }
+                    Owner::Meta(MetaKind::InodeTable) => table_ranges.push((start, count)),
                     Owner::Inode(number, Role::Data) => {
                         if self
                             .inodes
@@ -497,6 +496,7 @@ impl FsMap {
                 }
             }
         }
+        suspects.extend(inodes_in_blocks(fs, crate::diff::merge_runs(table_ranges)));
         let mut reread = 0;
         let mut suspects: Vec<u32> = suspects.into_iter().collect();
         suspects.sort_unstable();
@@ -587,22 +587,31 @@ fn same_inode_state(old: &FileRecord, inode: &Inode) -> bool {
         && old.ctime == (inode.ctime_seconds, inode.ctime_nanoseconds)
 }
 
-/// Inode numbers whose on-disk slots lie in blocks [start, start + count).
-fn inodes_in_blocks<R: ReadAt>(fs: &Ext4<R>, start: u64, count: u64) -> Vec<u32> {
+/// Inode numbers whose on-disk slots lie in `ranges` (sorted, disjoint
+/// block runs): one pass over the groups, each table matched against the
+/// ranges by binary search.
+fn inodes_in_blocks<R: ReadAt>(fs: &Ext4<R>, ranges: Vec<(u64, u64)>) -> Vec<u32> {
     let sb = &fs.sb;
     let table_blocks = fs.inode_table_blocks();
     let per_block = (sb.block_size / sb.inode_size).max(1);
     let mut out = Vec::new();
+    if ranges.is_empty() {
+        return out;
+    }
     for group in 0..sb.group_count {
         let Some(desc) = fs.group(group) else { break };
         let table_end = desc.inode_table + table_blocks;
-        let first = start.max(desc.inode_table);
-        let last = (start + count).min(table_end);
-        for block in first..last {
-            let slot = (block - desc.inode_table) * per_block;
-            for index in slot..slot + per_block {
-                if index < u64::from(sb.inodes_per_group) {
-                    out.push((group * u64::from(sb.inodes_per_group) + index + 1) as u32);
+        let from = ranges.partition_point(|&(start, count)| start + count <= desc.inode_table);
+        for &(start, count) in ranges[from..]
+            .iter()
+            .take_while(|&&(start, _)| start < table_end)
+        {
+            for block in start.max(desc.inode_table)..(start + count).min(table_end) {
+                let slot = (block - desc.inode_table) * per_block;
+                for index in slot..slot + per_block {
+                    if index < u64::from(sb.inodes_per_group) {
+                        out.push((group * u64::from(sb.inodes_per_group) + index + 1) as u32);
+                    }
                 }
             }
         }
