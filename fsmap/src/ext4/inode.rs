@@ -119,16 +119,11 @@ impl Inode {
 
     /// Extended attributes stored in the inode body: (name index, name, value).
     pub fn inline_xattrs(&self) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
-        let extra = if self.raw.len() > GOOD_OLD_INODE_SIZE {
-            usize::from(le16(&self.raw[0x80..]))
-        } else {
-            return Vec::new();
-        };
-        let start = GOOD_OLD_INODE_SIZE + extra;
-        if start + 4 > self.raw.len() || le32(&self.raw[start..]) != XATTR_MAGIC {
+        let area = self.inline_xattr_area();
+        if area.len() < 4 || le32(area) != XATTR_MAGIC {
             return Vec::new();
         }
-        parse_xattr_entries(&self.raw[start + 4..], 0)
+        parse_xattr_entries(&area[4..], 0)
     }
 }
 
