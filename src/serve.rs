@@ -472,7 +472,7 @@ fn serve(
         })?);
     }
     let result = runtime.block_on(async move {
-        let server = Server::new(exports);
+        let server = Server::new(exports).context("cannot create the server")?;
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
             tokio::spawn(Arc::clone(&server).serve_unix(listener));

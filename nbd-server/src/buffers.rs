@@ -70,18 +70,28 @@ impl InBuf {
         }
     }
 
-    pub fn has_space(&self) -> bool {
-        self.end < self.buf.len() || self.start > 0
+    /// The free space after the buffered bytes (made first if there is
+    /// none), for one read; then `filled` says how much arrived.
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.end == self.buf.len() {
+            self.make_room(self.len() + 1);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    pub fn filled(&mut self, n: usize) {
+        assert!(
+            self.end + n <= self.buf.len(),
+            "filled past the spare space"
+        );
+        self.end += n;
     }
 
     /// One read from `reader` into the free space. Returns the byte count
     /// (0 at end of stream).
     pub async fn read_some<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> io::Result<usize> {
-        if self.end == self.buf.len() {
-            self.make_room(self.len() + 1);
-        }
-        let n = reader.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
+        let n = reader.read(self.spare()).await?;
+        self.filled(n);
         Ok(n)
     }
 

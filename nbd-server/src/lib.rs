@@ -7,6 +7,7 @@
 //! - `buffers.rs`: per-connection input and output buffers, reused.
 //! - `handshake.rs`: option haggling up to GO/EXPORT_NAME; meta contexts.
 //! - `transmission.rs`: the request loop: decode, validate, execute, reply.
+//! - `socket.rs`: the blocking socket a connection's thread serves on.
 //! - `backend.rs`: the `BlockBackend` trait with `can_*` capabilities.
 //! - `file.rs`: the raw-file/block-device backend.
 //! - `server.rs`: exports, unix/TCP listeners, shutdown.
@@ -17,6 +18,7 @@ pub mod file;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod socket;
 pub mod transmission;
 
 pub use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};

@@ -1,20 +1,23 @@
 //! Exports, listeners and connection lifetime.
 //!
-//! One tokio task per connection runs the handshake and then the
-//! transmission loop. Shutdown is a watch channel: listeners stop accepting,
-//! connections stop reading, finish what is in flight and close; the server
-//! then flushes every export once.
+//! One tokio task per connection runs the handshake; the transmission loop
+//! then runs on a thread of the connection's own (`transmission.rs`).
+//! Shutdown is a watch channel for the tasks and a `Stop` for the threads:
+//! listeners stop accepting, connections stop reading, finish what is in
+//! flight and close; the server then flushes every export once.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backend::BlockBackend;
 use crate::buffers::InBuf;
 use crate::handshake::negotiate;
+use crate::socket::{Socket, Stop};
 use crate::transmission::transmit;
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -72,21 +75,24 @@ impl Exports {
 pub struct Server {
     exports: Exports,
     shutdown_tx: watch::Sender<bool>,
+    /// The same signal for connection threads.
+    stop: Arc<Stop>,
     /// Each connection holds a clone; `wait_idle` waits for all to drop.
     alive_tx: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     alive_rx: tokio::sync::Mutex<mpsc::Receiver<()>>,
 }
 
 impl Server {
-    pub fn new(exports: Exports) -> Arc<Server> {
+    pub fn new(exports: Exports) -> io::Result<Arc<Server>> {
         let (shutdown_tx, _) = watch::channel(false);
         let (alive_tx, alive_rx) = mpsc::channel(1);
-        Arc::new(Server {
+        Ok(Arc::new(Server {
             exports,
             shutdown_tx,
+            stop: Arc::new(Stop::new()?),
             alive_tx: std::sync::Mutex::new(Some(alive_tx)),
             alive_rx: tokio::sync::Mutex::new(alive_rx),
-        })
+        }))
     }
 
     pub fn exports(&self) -> &Exports {
@@ -102,8 +108,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         enlarge_send_buffer(&stream);
-                        let (reader, writer) = stream.into_split();
-                        self.spawn_connection(reader, writer, "unix".to_string());
+                        self.spawn_connection(stream, "unix".to_string());
                     }
                     Err(e) => accept_error(e).await,
                 },
@@ -122,8 +127,7 @@ impl Server {
                         // Replies are written in batches already; Nagle would only delay them.
                         let _ = stream.set_nodelay(true);
                         enlarge_send_buffer(&stream);
-                        let (reader, writer) = stream.into_split();
-                        self.spawn_connection(reader, writer, peer.to_string());
+                        self.spawn_connection(stream, peer.to_string());
                     }
                     Err(e) => accept_error(e).await,
                 },
@@ -131,31 +135,24 @@ impl Server {
         }
     }
 
-    fn spawn_connection<R, W>(self: &Arc<Self>, reader: R, writer: W, peer: String)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    fn spawn_connection<S: Stream>(self: &Arc<Self>, stream: S, peer: String) {
         let Some(alive) = self.alive_tx.lock().expect("alive lock").clone() else {
             return; // shutting down
         };
         let server = Arc::clone(self);
         tokio::spawn(async move {
             let _alive = alive;
-            server.connection(reader, writer, &peer).await;
+            server.connection(stream, peer).await;
         });
     }
 
-    async fn connection<R, W>(&self, mut reader: R, mut writer: W, peer: &str)
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    async fn connection<S: Stream>(&self, mut stream: S, peer: String) {
         let mut input = InBuf::default();
         let mut shutdown = self.shutdown_tx.subscribe();
         if *shutdown.borrow() {
             return;
         }
+        let (mut reader, mut writer) = tokio::io::split(&mut stream);
         let negotiated = tokio::select! {
             _ = shutdown.changed() => return,
             result = negotiate(&mut reader, &mut writer, &mut input, &self.exports) => result,
@@ -173,15 +170,37 @@ impl Server {
             }
         };
         tracing::debug!(peer, export = %session.export.name, mode = ?session.mode, "transmission");
-        let shutdown = self.shutdown_tx.subscribe();
-        if let Err(e) = transmit(reader, writer, input, session, shutdown).await {
-            tracing::info!(peer, error = %e, "connection ended");
+        let socket = match stream.into_fd().and_then(Socket::new) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "cannot take the socket from tokio");
+                return;
+            }
+        };
+        let stop = Arc::clone(&self.stop);
+        let runtime = tokio::runtime::Handle::current();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".to_string())
+            .spawn(move || {
+                if let Err(e) = transmit(socket, input, session, stop, runtime) {
+                    tracing::info!(peer, error = %e, "connection ended");
+                }
+                drop(done_tx);
+            });
+        match spawned {
+            // The task (and the `alive` sender it holds) lives as long as the thread.
+            Ok(_) => {
+                let _ = done_rx.await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a connection thread"),
         }
     }
 
     /// Stops accepting and asks every connection to finish.
     pub fn shutdown(&self) {
         self.shutdown_tx.send_replace(true);
+        self.stop.set();
         self.alive_tx.lock().expect("alive lock").take();
     }
 
@@ -199,6 +218,23 @@ impl Server {
             }
         }
         Ok(())
+    }
+}
+
+/// A tokio stream whose socket the transmission thread takes over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_fd(self) -> io::Result<OwnedFd>;
+}
+
+impl Stream for UnixStream {
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+impl Stream for TcpStream {
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
     }
 }
 

@@ -1,28 +1,29 @@
 //! The transmission phase: decode -> validate -> execute -> reply.
 //!
-//! One task per connection reads whatever the socket has, executes every
-//! complete request in it and sends all replies with one write. Work that
-//! cannot block for long runs right there: READs of cached data (tried with
+//! Each connection has a thread of its own (see `socket.rs` for why not a
+//! tokio task). It reads whatever the socket has, executes every complete
+//! request in it and sends all replies with one write. Work that cannot
+//! block for long runs right there: READs of cached data (tried with
 //! `RWF_NOWAIT`) and plain WRITEs into the page cache. Everything that waits
 //! for the device (cache-missing READs, FUA writes, FLUSH, TRIM,
-//! WRITE_ZEROES, CACHE, BLOCK_STATUS) runs on tokio's blocking pool and its
-//! reply comes back through a bounded channel, so replies go out of order
-//! and a FLUSH never stalls the reads queued behind it.
+//! WRITE_ZEROES, CACHE, BLOCK_STATUS) runs on tokio's blocking pool, whose
+//! thread sends its reply itself under the connection's send lock, so
+//! replies go out of order and a FLUSH never stalls the reads queued behind
+//! it.
 //!
 //! Validation happens before the backend sees a request: a client mistake
 //! is answered with the NBD error the spec names and the connection goes on.
 //! Only a broken frame (bad magic, a payload over `PAYLOAD_MAX`) ends it.
 
-use std::sync::Arc;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
 use crate::handshake::Session;
 use crate::proto::*;
 use crate::server::BASE_ALLOCATION;
+use crate::socket::{Readiness, Socket, Stop};
 
 /// Requests running on the blocking pool per connection; reading more
 /// requests pauses at this bound.
@@ -37,8 +38,8 @@ const READ_SEGMENTS_MAX: usize = 64;
 /// WRITE payloads at least this long that go to the blocking pool are read
 /// into a buffer of their own (see `wants_owned_payload`).
 const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
-/// Replies from the pool at least this long are written without a copy.
-const DIRECT_REPLY_MIN_BYTES: usize = 64 * 1024;
+/// Pool replies at least this long give their buffer back to the pool.
+const POOLED_REPLY_MIN_BYTES: usize = 64 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
 const BLOCK_STATUS_EXTENTS_MAX: usize = 65536;
 
@@ -52,35 +53,86 @@ pub enum TransmitError {
     PayloadTooLarge(u64),
 }
 
-/// Serves requests until the client disconnects or the server shuts down.
-pub async fn transmit<R, W>(
-    mut reader: R,
-    mut writer: W,
+/// What the connection thread shares with its requests on the blocking pool.
+struct Shared {
+    socket: Socket,
+    stop: Arc<Stop>,
+    /// Held around every send, so replies never interleave.
+    send_lock: Mutex<()>,
+    /// Requests on the blocking pool; `changed` is signalled as each ends.
+    in_flight: AtomicUsize,
+    wait_lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let _sending = self.send_lock.lock().expect("send lock");
+        self.socket.send_all(bytes)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until fewer than `limit` requests are on the pool.
+    fn wait_in_flight_below(&self, limit: usize) {
+        let mut guard = self.wait_lock.lock().expect("wait lock");
+        while self.in_flight() >= limit {
+            guard = self.changed.wait(guard).expect("wait lock");
+        }
+    }
+
+    fn finish_one(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Taking the lock orders this against a waiter between its check and its wait.
+        let _guard = self.wait_lock.lock().expect("wait lock");
+        self.changed.notify_all();
+    }
+}
+
+/// Serves requests on the calling thread until the client disconnects or
+/// `stop` is set; replies of requests still on the pool are sent before the
+/// socket is closed. `runtime` runs the blocking pool.
+pub fn transmit(
+    socket: Socket,
+    input: InBuf,
+    session: Session,
+    stop: Arc<Stop>,
+    runtime: tokio::runtime::Handle,
+) -> Result<(), TransmitError> {
+    let shared = Arc::new(Shared {
+        socket,
+        stop,
+        send_lock: Mutex::new(()),
+        in_flight: AtomicUsize::new(0),
+        wait_lock: Mutex::new(()),
+        changed: Condvar::new(),
+    });
+    let result = serve_requests(&shared, input, session, runtime);
+    shared.wait_in_flight_below(1);
+    shared.socket.shutdown();
+    result
+}
+
+fn serve_requests(
+    shared: &Arc<Shared>,
     mut input: InBuf,
     session: Session,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), TransmitError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let (done_tx, mut done_rx) = mpsc::channel::<Vec<u8>>(ASYNC_IN_FLIGHT_MAX);
-    let mut conn = Connection::new(session, done_tx);
+    runtime: tokio::runtime::Handle,
+) -> Result<(), TransmitError> {
+    let mut conn = Connection::new(session, Arc::clone(shared), runtime);
     let mut out = OutBuf::default();
     let header_len = if conn.mode == ReplyMode::Extended {
         EXTENDED_REQUEST_LEN
     } else {
         COMPACT_REQUEST_LEN
     };
-    let mut reading = !*shutdown.borrow();
-    let mut disconnected = false;
+    let mut reading = !shared.stop.is_set();
     loop {
         let mut starved = false;
         let mut owned_write = None;
-        while !disconnected
-            && conn.async_in_flight < ASYNC_IN_FLIGHT_MAX
-            && out.len() < OUT_FLUSH_BYTES
-        {
+        while shared.in_flight() < ASYNC_IN_FLIGHT_MAX && out.len() < OUT_FLUSH_BYTES {
             let available = input.available();
             if available.len() < header_len {
                 starved = true;
@@ -108,12 +160,14 @@ where
             let flow = conn.handle(&header, &available[header_len..total], &mut out);
             input.consume(total);
             if flow == Flow::Disconnect {
-                disconnected = true;
-                reading = false;
+                if !out.is_empty() {
+                    shared.send(out.as_slice())?;
+                }
+                return Ok(());
             }
         }
         if !out.is_empty() {
-            writer.write_all(out.as_slice()).await?;
+            shared.send(out.as_slice())?;
             out.clear();
         }
         if let Some(header) = owned_write {
@@ -126,51 +180,37 @@ where
             let buffered = input.len() - header_len;
             data[..buffered].copy_from_slice(&input.available()[header_len..]);
             input.consume(input.len());
-            reader.read_exact(&mut data[buffered..]).await?;
+            shared
+                .socket
+                .recv_exact(&mut data[buffered..], &shared.stop)?;
             conn.write_owned(&header, data);
             continue;
         }
-        if !reading && conn.async_in_flight == 0 && (disconnected || starved) {
-            break;
-        }
-        if !starved && !disconnected && conn.async_in_flight < ASYNC_IN_FLIGHT_MAX {
-            // The batch stopped because enough replies were waiting: the
-            // requests still buffered need no new input, so go on at once.
-            // (Waiting on the socket here deadlocks against a client that
-            // has sent all it will send until it gets replies.)
+        if !starved {
+            // The batch stopped at the in-flight bound or because enough
+            // replies were waiting: the requests still buffered need no new
+            // input. (Waiting on the socket here deadlocks against a client
+            // that has sent all it will send until it gets replies.)
+            shared.wait_in_flight_below(ASYNC_IN_FLIGHT_MAX);
             continue;
         }
-        tokio::select! {
-            biased;
-            Some(reply) = done_rx.recv(), if conn.async_in_flight > 0 => {
-                let mut next = Some(reply);
-                while let Some(reply) = next {
-                    conn.async_in_flight -= 1;
-                    if reply.len() < DIRECT_REPLY_MIN_BYTES {
-                        out.put(&reply);
-                    } else {
-                        // Large replies go out as they are, not copied into `out`.
-                        if !out.is_empty() {
-                            writer.write_all(out.as_slice()).await?;
-                            out.clear();
-                        }
-                        writer.write_all(&reply).await?;
-                        conn.buffers.put(reply);
-                    }
-                    next = done_rx.try_recv().ok();
-                }
-            }
-            _ = shutdown.changed(), if reading => reading = false,
-            read = input.read_some(&mut reader), if reading && starved && input.has_space() => {
-                if read? == 0 {
+        if !reading {
+            return Ok(());
+        }
+        if shared.stop.is_set() {
+            reading = false;
+            continue;
+        }
+        match shared.socket.recv_nowait(input.spare())? {
+            Some(0) => reading = false,
+            Some(n) => input.filled(n),
+            None => {
+                if shared.socket.wait_readable(&shared.stop)? == Readiness::Stopping {
                     reading = false;
                 }
             }
-            else => {}
         }
     }
-    writer.flush().await?;
-    Ok(())
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -195,13 +235,13 @@ struct Connection {
     transmission_flags: u16,
     contexts: Arc<[(u32, String)]>,
     size_bytes: u64,
-    done_tx: mpsc::Sender<Vec<u8>>,
-    async_in_flight: usize,
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
     buffers: Arc<BufferPool>,
 }
 
 impl Connection {
-    fn new(session: Session, done_tx: mpsc::Sender<Vec<u8>>) -> Connection {
+    fn new(session: Session, shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Connection {
         let backend = Arc::clone(&session.export.backend);
         Connection {
             size_bytes: backend.size_bytes(),
@@ -209,8 +249,8 @@ impl Connection {
             mode: session.mode,
             transmission_flags: session.transmission_flags,
             contexts: session.contexts.into(),
-            done_tx,
-            async_in_flight: 0,
+            shared,
+            runtime,
             buffers: Arc::default(),
         }
     }
@@ -421,20 +461,25 @@ impl Connection {
         });
     }
 
-    /// Runs `op` on the blocking pool; its reply joins the stream when done.
+    /// Runs `op` on the blocking pool; that thread sends the reply itself.
     fn spawn<F>(&mut self, op: F)
     where
         F: FnOnce(&dyn BlockBackend, &mut Vec<u8>) + Send + 'static,
     {
         let backend = Arc::clone(&self.backend);
-        let done_tx = self.done_tx.clone();
-        self.async_in_flight += 1;
-        tokio::task::spawn_blocking(move || {
+        let shared = Arc::clone(&self.shared);
+        let pool = Arc::clone(&self.buffers);
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.runtime.spawn_blocking(move || {
             let mut out = Vec::new();
             op(&*backend, &mut out);
-            // The channel has room for every request in flight, so this never
-            // waits; it fails only when the connection is already gone.
-            let _ = done_tx.blocking_send(out);
+            if let Err(error) = shared.send(&out) {
+                tracing::debug!(%error, "reply not sent: the connection is gone");
+            }
+            if out.len() >= POOLED_REPLY_MIN_BYTES {
+                pool.put(out);
+            }
+            shared.finish_one();
         });
     }
 }

@@ -47,7 +47,8 @@ impl TestServer {
             name: "disk".to_string(),
             description: "test disk".to_string(),
             backend: Arc::new(backend),
-        }]));
+        }]))
+        .unwrap();
         let listener = {
             let _guard = runtime.enter();
             tokio::net::UnixListener::bind(&socket).unwrap()
