@@ -4,7 +4,9 @@
 //! tokio task). It reads whatever the socket has, executes every complete
 //! request in it and sends all replies with one write. Work that cannot
 //! block for long runs right there: READs of cached data (tried with
-//! `RWF_NOWAIT`) and plain WRITEs into the page cache. Everything that waits
+//! `RWF_NOWAIT`) and plain WRITEs under 256 KiB into the page cache.
+//! Larger plain WRITEs go to the pool so that the next payload is received
+//! while this one is copied. Everything that waits
 //! for the device (cache-missing READs, FUA writes, FLUSH, TRIM,
 //! WRITE_ZEROES, CACHE, BLOCK_STATUS) runs on tokio's blocking pool, whose
 //! thread sends its reply itself under the connection's send lock, so
@@ -38,6 +40,10 @@ const READ_SEGMENTS_MAX: usize = 64;
 /// WRITE payloads at least this long that go to the blocking pool are read
 /// into a buffer of their own (see `wants_owned_payload`).
 const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
+/// WRITEs at least this long run on the blocking pool even when they only
+/// copy into the page cache: the connection's thread then reads the next
+/// request's payload while another core copies this one.
+const INLINE_WRITE_MAX_BYTES: u64 = 256 * 1024;
 /// Pool replies at least this long give their buffer back to the pool.
 const POOLED_REPLY_MIN_BYTES: usize = 64 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
@@ -285,7 +291,7 @@ impl Connection {
         let (offset, length) = (header.offset, header.length);
         match header.command {
             CMD_READ => self.read(reply, header, out),
-            CMD_WRITE if !fua && self.backend.write_is_cheap(offset, length) => {
+            CMD_WRITE if self.runs_inline(header) => {
                 match self.backend.write_at(payload, offset, false) {
                     Ok(()) => reply.ok(out),
                     Err(e) => reply.io_error(out, &e),
@@ -342,8 +348,16 @@ impl Connection {
         header.command == CMD_WRITE
             && header.length >= OWNED_PAYLOAD_MIN_BYTES
             && self.validate(header).is_ok()
-            && (header.flags & CMD_FLAG_FUA != 0
-                || !self.backend.write_is_cheap(header.offset, header.length))
+            && !self.runs_inline(header)
+    }
+
+    /// Whether a WRITE runs on the connection's thread: a plain write into
+    /// the page cache, short enough that handing it to another thread costs
+    /// more than it saves.
+    fn runs_inline(&self, header: &RequestHeader) -> bool {
+        header.flags & CMD_FLAG_FUA == 0
+            && header.length < INLINE_WRITE_MAX_BYTES
+            && self.backend.write_is_cheap(header.offset, header.length)
     }
 
     /// Runs a (validated) WRITE whose payload it owns on the blocking pool.
