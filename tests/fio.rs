@@ -105,3 +105,29 @@ fn sequential_1m_writes_at_depth_16_verify_with_crc32c() {
     assert_eq!(io_bytes(&job, "read"), 32 << 20, "{job:#}");
     server.stop();
 }
+
+#[test]
+fn mixed_size_random_writes_interleave_inline_and_pool_replies_and_verify() {
+    // Untracked, every plain write is a page-cache copy: those under 256 KiB
+    // are answered by the connection's thread, larger ones by pool threads,
+    // so their replies interleave on one socket under the send lock.
+    require_tool("fio", "fio");
+    let dir = TempDir::new("fio-mixed");
+    let image = dir.join("disk.img");
+    let server = Server::start(dir.path(), &[&image], &["--size", "64M", "--no-track"]);
+
+    let job = fio_job(
+        &dir,
+        &server.uri(),
+        "mixed-verify",
+        &[
+            "--rw=randwrite",
+            "--bssplit=4k/60:64k/15:512k/10:1m/15",
+            "--iodepth=32",
+            "--size=48M",
+        ],
+    );
+    assert!(io_bytes(&job, "write") >= 48 << 20, "{job:#}");
+    assert!(io_bytes(&job, "read") >= 48 << 20, "{job:#}");
+    server.stop();
+}
