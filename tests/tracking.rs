@@ -492,3 +492,18 @@ h.shutdown()
     );
     server.stop();
 }
+
+#[test]
+fn sigterm_stops_the_server_even_when_its_control_socket_file_was_removed() {
+    // Someone cleaning up the state directory must not leave a server that
+    // can no longer be stopped: the control thread is woken without the path.
+    let dir = TempDir::new("control-socket-removed");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "16M");
+    let socket = dir.join("disk.img.blockwatch").join("control.sock");
+    assert!(socket.exists(), "no control socket at {}", socket.display());
+    std::fs::remove_file(&socket).expect("remove the control socket");
+    // Another listener at the same path, as a second server would make.
+    let _squatter = std::os::unix::net::UnixListener::bind(&socket).expect("bind the path");
+    server.stop();
+}

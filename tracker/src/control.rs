@@ -4,6 +4,7 @@
 //! the socket and from the CLI when it opens the state itself (no server).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -200,6 +201,7 @@ fn checkpoint_json(tracker: &Tracker, checkpoint: &crate::catalog::Checkpoint) -
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    listener: Arc<UnixListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -208,15 +210,17 @@ impl ControlServer {
     pub fn start(tracker: Arc<Tracker>) -> io::Result<ControlServer> {
         let path = socket_path(tracker.state_dir());
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
+        let listener = Arc::new(UnixListener::bind(&path)?);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
+        let thread_listener = Arc::clone(&listener);
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &tracker, &thread_stop))?;
+            .spawn(move || accept_loop(&thread_listener, &tracker, &thread_stop))?;
         Ok(ControlServer {
             path,
+            listener,
             stop,
             thread: Some(thread),
         })
@@ -225,8 +229,12 @@ impl ControlServer {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
-            // The thread blocks in accept: one connection wakes it to see the flag.
-            let _ = UnixStream::connect(&self.path);
+            // The thread blocks in accept: shutting the listening socket
+            // down makes accept fail at once (EINVAL), so the thread sees
+            // the flag. (Connecting to our own path instead hung forever
+            // when the socket file had been removed or replaced.)
+            // SAFETY: shutdown on a socket this server owns; no pointers.
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
             let _ = thread.join();
         }
         let _ = std::fs::remove_file(&self.path);
