@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::BlockBackend;
 use crate::buffers::InBuf;
@@ -140,13 +140,12 @@ impl Server {
             return; // shutting down
         };
         let server = Arc::clone(self);
-        tokio::spawn(async move {
-            let _alive = alive;
-            server.connection(stream, peer).await;
-        });
+        tokio::spawn(async move { server.connection(stream, peer, alive).await });
     }
 
-    async fn connection<S: Stream>(&self, mut stream: S, peer: String) {
+    /// `alive` is held until the connection ends: by this task through the
+    /// handshake, then by the connection's thread.
+    async fn connection<S: Stream>(&self, mut stream: S, peer: String, alive: mpsc::Sender<()>) {
         let mut input = InBuf::default();
         let mut shutdown = self.shutdown_tx.subscribe();
         if *shutdown.borrow() {
@@ -179,21 +178,16 @@ impl Server {
         };
         let stop = Arc::clone(&self.stop);
         let runtime = tokio::runtime::Handle::current();
-        let (done_tx, done_rx) = oneshot::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".to_string())
             .spawn(move || {
+                let _alive = alive;
                 if let Err(e) = transmit(socket, input, session, stop, runtime) {
                     tracing::info!(peer, error = %e, "connection ended");
                 }
-                drop(done_tx);
             });
-        match spawned {
-            // The task (and the `alive` sender it holds) lives as long as the thread.
-            Ok(_) => {
-                let _ = done_rx.await;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot start a connection thread"),
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
 
