@@ -86,6 +86,17 @@ impl Socket {
         Ok(Socket { fd })
     }
 
+    /// Bytes this side has sent that the peer has not yet taken: for a
+    /// unix stream socket, what sits unread in the peer's receive queue
+    /// (counted with the kernel's per-buffer overhead); for TCP, what is
+    /// not yet acknowledged. 0 when the kernel cannot tell.
+    pub fn unread_by_peer(&self) -> usize {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int to `bytes`.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+        if rc < 0 { 0 } else { bytes.max(0) as usize }
+    }
+
     /// One `recv` that does not wait: `Ok(None)` when nothing is there yet,
     /// `Ok(Some(0))` at end of stream.
     pub fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -4,6 +4,7 @@
 //! framing of extended headers, holes and errors.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -684,6 +685,54 @@ fn pipelined_large_reads_beyond_the_reply_batch_all_get_replies() {
         seen.sort();
         assert_eq!(seen, (0..24).collect::<Vec<u64>>());
     }
+}
+
+/// Replies may be held back a little while the client has earlier replies
+/// still unread (transmission.rs, `Cork`), but never past a short bound:
+/// a client that reads nothing must still find every reply in its socket.
+#[test]
+fn held_back_replies_leave_within_the_bound_while_the_client_reads_nothing() {
+    const READ_BYTES: u64 = 4096;
+    const REPLY_BYTES: usize = 20 + 8 + READ_BYTES as usize;
+    let server = TestServer::start(8 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    let read = |cookie: u64, frame: &mut Vec<u8>| {
+        RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie,
+            offset: cookie * READ_BYTES,
+            length: READ_BYTES,
+        }
+        .encode(false, frame)
+    };
+    let unread = |client: &Client| {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(client.stream.as_raw_fd(), libc::FIONREAD, &mut bytes) };
+        assert_eq!(rc, 0);
+        bytes as usize
+    };
+    // A backlog: 16 replies (66 KB) the client leaves unread.
+    let mut frame = Vec::new();
+    for cookie in 0..16 {
+        read(cookie, &mut frame);
+    }
+    client.stream.write_all(&frame).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(unread(&client), 16 * REPLY_BYTES);
+    // One more read: its reply is a candidate for holding, yet must come.
+    let mut frame = Vec::new();
+    read(16, &mut frame);
+    client.stream.write_all(&frame).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while unread(&client) < 17 * REPLY_BYTES && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(unread(&client), 17 * REPLY_BYTES);
+    let mut seen: Vec<u64> = (0..17).map(|_| client.reply()[0].cookie).collect();
+    seen.sort();
+    assert_eq!(seen, (0..17).collect::<Vec<u64>>());
 }
 
 /// Large FUA writes are read into a buffer of their own; the payload may
