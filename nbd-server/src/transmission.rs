@@ -2,7 +2,8 @@
 //!
 //! Each connection has a thread of its own (see `socket.rs` for why not a
 //! tokio task). It reads whatever the socket has, executes every complete
-//! request in it and sends all replies with one write. Work that cannot
+//! request in it and sends all replies with one write (small ones possibly
+//! held a few microseconds to join the next batch: `Cork`). Work that cannot
 //! block for long runs right there: READs of cached data (tried with
 //! `RWF_NOWAIT`) and plain WRITEs under 256 KiB into the page cache.
 //! Larger plain WRITEs go to the pool so that the next payload is received
