@@ -100,25 +100,19 @@ impl Socket {
     /// One `recv` that does not wait: `Ok(None)` when nothing is there yet,
     /// `Ok(Some(0))` at end of stream.
     pub fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            // SAFETY: receives into `buf`, which is valid for `buf.len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                return Ok(Some(n as usize));
-            }
-            let error = io::Error::last_os_error();
-            match error.kind() {
-                io::ErrorKind::WouldBlock => return Ok(None),
-                io::ErrorKind::Interrupted => continue,
-                _ => return Err(error),
-            }
+        // SAFETY: receives into `buf`, which is valid for `buf.len()` bytes.
+        let received = retry_interrupted(|| unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        });
+        match received {
+            Ok(n) => Ok(Some(n)),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(error) => Err(error),
         }
     }
 
@@ -141,14 +135,9 @@ impl Socket {
                 return Ok(Readiness::Stopping);
             }
             // SAFETY: `fds` is a live array of two pollfd.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if rc < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
-            }
+            retry_interrupted(|| unsafe {
+                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) as isize
+            })?;
             if fds[1].revents != 0 {
                 return Ok(Readiness::Stopping);
             }
@@ -183,22 +172,15 @@ impl Socket {
         while !bytes.is_empty() {
             // SAFETY: sends from `bytes`, valid for `bytes.len()` bytes.
             // MSG_NOSIGNAL: a client gone away is EPIPE, not SIGPIPE.
-            let n = unsafe {
+            let n = retry_interrupted(|| unsafe {
                 libc::send(
                     self.fd.as_raw_fd(),
                     bytes.as_ptr().cast(),
                     bytes.len(),
                     libc::MSG_NOSIGNAL,
                 )
-            };
-            if n < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
-            }
-            bytes = &bytes[n as usize..];
+            })?;
+            bytes = &bytes[n..];
         }
         Ok(())
     }
@@ -208,6 +190,21 @@ impl Socket {
     pub fn shutdown(&self) {
         // SAFETY: shutdown on an fd we own; errors (already closed) do not matter.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// Runs a system call until a signal does not interrupt it: its
+/// non-negative result, or the error it set.
+fn retry_interrupted(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let result = call();
+        if result >= 0 {
+            return Ok(result as usize);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
 }
 
