@@ -693,7 +693,7 @@ fn pipelined_large_reads_beyond_the_reply_batch_all_get_replies() {
 #[test]
 fn held_back_replies_leave_within_the_bound_while_the_client_reads_nothing() {
     const READ_BYTES: u64 = 4096;
-    const REPLY_BYTES: usize = 20 + 8 + READ_BYTES as usize;
+    const REPLY_BYTES: usize = STRUCTURED_CHUNK_HEADER_LEN + 8 + READ_BYTES as usize;
     let server = TestServer::start(8 << 20, false);
     let mut client = server.transmission(ReplyMode::Structured);
     let read = |cookie: u64, frame: &mut Vec<u8>| {
