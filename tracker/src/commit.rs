@@ -137,31 +137,19 @@ impl Committer {
     /// (a mark commit, a checkpoint, a stop, or after `LAZY_SYNC_DELAY`).
     /// For records whose loss in a crash errs on the safe side.
     pub fn enqueue_lazy(&self, record: Record) -> io::Result<()> {
-        self.queue_all(std::iter::once(record), false).map(|_| ())
-    }
-
-    /// Several lazy records under one lock (a flush's SAVED and
-    /// SAVED_FILES).
-    pub fn enqueue_lazy_all(&self, records: impl IntoIterator<Item = Record>) -> io::Result<()> {
-        self.queue_all(records, false).map(|_| ())
+        self.queue(record, false).map(|_| ())
     }
 
     fn queue(&self, record: Record, sync: bool) -> io::Result<u64> {
-        self.queue_all(std::iter::once(record), sync)
-    }
-
-    fn queue_all(&self, records: impl IntoIterator<Item = Record>, sync: bool) -> io::Result<u64> {
         let (batch, wake) = {
             let mut state = self.lock();
             check_failed(&state)?;
-            let before = state.pending_records.len();
-            state.pending_records.extend(records);
-            let first = before == 0 && !state.pending_records.is_empty();
+            state.pending_records.push(record);
             state.sync_required |= sync;
             let queued = state.pending_records.len();
             (
                 state.next_batch,
-                sync || first || queued >= LAZY_RECORDS_MAX,
+                sync || queued == 1 || queued >= LAZY_RECORDS_MAX,
             )
         };
         // A lazy record wakes the thread only when it is the first one
