@@ -176,13 +176,14 @@ impl Committer {
     /// (at a checkpoint, while writes are held at the gate).
     pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
         let mut state = self.lock();
-        if !state.pending_records.is_empty() {
-            // Lazy records belong to the old journal: write them now.
-            state.sync_required = true;
-            self.shared.work.notify_one();
-        }
         while state.busy || !state.pending_marks.is_empty() || !state.pending_records.is_empty() {
             check_failed(&state)?;
+            if !state.pending_records.is_empty() && !state.sync_required {
+                // Lazy records belong to the old journal: write them now,
+                // including the annotations of the commit just made.
+                state.sync_required = true;
+                self.shared.work.notify_one();
+            }
             state = self.shared.done.wait(state).expect("journal state lock");
         }
         state.writer = Some(writer);
@@ -280,7 +281,6 @@ fn commit_loop(shared: &Shared) {
         }
         let mut state = shared.state.lock().expect("journal state lock");
         state.writer = Some(writer);
-        state.busy = false;
         match result {
             Ok(()) => state.committed_batch = batch,
             Err(error) => {
@@ -288,22 +288,31 @@ fn commit_loop(shared: &Shared) {
                 state.failed = Some(error.to_string());
             }
         }
-        let written = state.failed.is_none();
+        // Waiters go on at once; a journal swap (`replace_writer`) waits
+        // until this commit's annotations are queued, so they land in the
+        // journal that holds their SAVED records.
+        let annotating = state.failed.is_none() && shared.annotator.is_some();
+        state.busy = annotating;
         drop(state);
         shared.done.notify_all();
-        if written {
-            annotate(shared, &records);
+        if annotating {
+            let annotations = annotations(shared, &records);
+            let mut state = shared.state.lock().expect("journal state lock");
+            state.pending_records.extend(annotations);
+            state.busy = false;
+            drop(state);
+            shared.done.notify_all();
         }
     }
 }
 
-/// Queues a SAVED_FILES record for each SAVED record just written, as
-/// lazy records for the next commit.
-fn annotate(shared: &Shared, records: &[Record]) {
+/// A SAVED_FILES record for each SAVED record just written, to be queued
+/// as lazy records for the next commit.
+fn annotations(shared: &Shared, records: &[Record]) -> Vec<Record> {
     let Some(annotator) = &shared.annotator else {
-        return;
+        return Vec::new();
     };
-    let annotations: Vec<Record> = records
+    records
         .iter()
         .filter_map(|record| match record {
             Record::Saved { epoch, runs } => annotator(runs)
@@ -315,11 +324,69 @@ fn annotate(shared: &Shared, records: &[Record]) {
                 }),
             _ => None,
         })
-        .collect();
-    if !annotations.is_empty() {
-        let mut state = shared.state.lock().expect("journal state lock");
-        state.pending_records.extend(annotations);
-        drop(state);
-        shared.work.notify_one();
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{FileHeader, replay};
+    use std::fs::File;
+    use std::path::PathBuf;
+
+    fn journal(name: &str) -> (PathBuf, JournalWriter) {
+        let path = std::env::temp_dir().join(format!("commit-test-{}-{name}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let header = FileHeader {
+            generation: 1,
+            granularity_shift: 16,
+            image_id: [3; 16],
+        };
+        (path, JournalWriter::create(Box::new(file), header).unwrap())
+    }
+
+    fn saved_files_epochs(path: &PathBuf) -> Vec<u64> {
+        replay(&File::open(path).unwrap())
+            .unwrap()
+            .records
+            .iter()
+            .filter_map(|record| match record {
+                Record::SavedFiles { epoch, .. } => Some(*epoch),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A checkpoint swaps the journal right after a commit, while the
+    /// journal thread is still asking the file map about that commit's
+    /// SAVED record: the answer belongs to the old journal, beside it.
+    #[test]
+    fn a_journal_swap_waits_for_the_annotations_of_the_last_commit() {
+        let (old_path, old_writer) = journal("old");
+        let (new_path, new_writer) = journal("new");
+        let annotator: Annotator = Arc::new(|_runs: &[RegionRun]| {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            Some((vec![(0, 12)], false))
+        });
+        let committer =
+            Committer::start(old_writer, Arc::new(AtomicBitmap::new(64)), Some(annotator));
+        let runs = vec![RegionRun {
+            first_region: 2,
+            region_count: 3,
+        }];
+        let batch = committer.enqueue(Record::Saved { epoch: 5, runs }).unwrap();
+        committer.wait_for(batch).unwrap();
+        committer.replace_writer(new_writer).unwrap();
+        committer.stop();
+        assert_eq!(saved_files_epochs(&old_path), vec![5]);
+        assert_eq!(saved_files_epochs(&new_path), Vec::<u64>::new());
+        let _ = std::fs::remove_file(old_path);
+        let _ = std::fs::remove_file(new_path);
     }
 }
