@@ -1,5 +1,6 @@
-//! The catalog (redb): the image's identity, the clean-shutdown marker and
-//! the closed checkpoints with their region bitmaps (roaring).
+//! The catalog (redb): the image's identity, the clean-shutdown marker,
+//! the closed checkpoints with their region bitmaps (roaring), and the
+//! pins that keep checkpoints from being deleted.
 //!
 //! Every value carries its own crc32c in front (little-endian u32), checked
 //! on every read, so a damaged value is reported rather than trusted.
@@ -12,6 +13,8 @@ use roaring::RoaringBitmap;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+/// Key: (generation of the pinned checkpoint, holder).
+const PINS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("pins");
 
 const KEY_IDENTITY: &str = "identity";
 const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
@@ -27,6 +30,12 @@ pub enum CatalogError {
     Checksum { key: String },
     #[error("catalog value {key} is malformed: {reason}")]
     Malformed { key: String, reason: &'static str },
+    #[error(
+        "the catalog was not closed cleanly and needs a repair, which a read-only open cannot make"
+    )]
+    NeedsRepair,
+    #[error("the catalog is open read-only")]
+    ReadOnly,
 }
 
 fn db_error(error: impl std::fmt::Display) -> CatalogError {
@@ -63,20 +72,91 @@ pub struct Checkpoint {
     pub saved: RoaringBitmap,
 }
 
+/// A checkpoint held by someone (a copy target, an open snapshot): it
+/// cannot be deleted while pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The pinned checkpoint's generation.
+    pub generation: u64,
+    /// Who holds it, unique per checkpoint (`nightly`, `target:/backup/disk.img`).
+    pub holder: String,
+    pub reason: String,
+    pub created_unix_seconds: u64,
+}
+
+enum Db {
+    Writable(redb::Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Db::Writable(_) => "Db::Writable",
+            Db::ReadOnly(_) => "Db::ReadOnly",
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Catalog {
-    db: redb::Database,
+    db: Db,
 }
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
         let db = redb::Database::create(path).map_err(db_error)?;
-        let catalog = Catalog { db };
-        let txn = catalog.db.begin_write().map_err(db_error)?;
+        let txn = db.begin_write().map_err(db_error)?;
         txn.open_table(META).map_err(db_error)?;
         txn.open_table(CHECKPOINTS).map_err(db_error)?;
+        txn.open_table(PINS).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
-        Ok(catalog)
+        Ok(Catalog {
+            db: Db::Writable(db),
+        })
+    }
+
+    /// An empty catalog in memory: what a read-only open works with when
+    /// the real one is unreadable (nothing is written to disk).
+    pub fn open_in_memory() -> Result<Catalog, CatalogError> {
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(db_error)?;
+        let txn = db.begin_write().map_err(db_error)?;
+        txn.open_table(META).map_err(db_error)?;
+        txn.open_table(CHECKPOINTS).map_err(db_error)?;
+        txn.open_table(PINS).map_err(db_error)?;
+        txn.commit().map_err(db_error)?;
+        Ok(Catalog {
+            db: Db::Writable(db),
+        })
+    }
+
+    /// Opens an existing catalog without changing a byte of it. A catalog
+    /// that a crash left needing a repair is `NeedsRepair`.
+    pub fn open_read_only(path: &Path) -> Result<Catalog, CatalogError> {
+        match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => Ok(Catalog {
+                db: Db::ReadOnly(db),
+            }),
+            Err(redb::DatabaseError::RepairAborted) => Err(CatalogError::NeedsRepair),
+            Err(error) => Err(db_error(error)),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogError> {
+        match &self.db {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+        .map_err(db_error)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, CatalogError> {
+        match &self.db {
+            Db::Writable(db) => db.begin_write().map_err(db_error),
+            Db::ReadOnly(_) => Err(CatalogError::ReadOnly),
+        }
     }
 
     pub fn identity(&self) -> Result<Option<Identity>, CatalogError> {
@@ -137,7 +217,7 @@ impl Catalog {
 
     /// All checkpoints, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, CatalogError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
         let mut checkpoints = Vec::new();
         for entry in table.iter().map_err(db_error)? {
@@ -147,6 +227,53 @@ impl Catalog {
             checkpoints.push(decode_checkpoint(key.value(), payload, &key_text)?);
         }
         Ok(checkpoints)
+    }
+
+    /// Every pin, by generation then holder.
+    pub fn pins(&self) -> Result<Vec<Pin>, CatalogError> {
+        let txn = self.begin_read()?;
+        let table = match txn.open_table(PINS) {
+            Ok(table) => table,
+            // A catalog written before pins existed has no such table.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(db_error(error)),
+        };
+        let mut pins = Vec::new();
+        for entry in table.iter().map_err(db_error)? {
+            let (key, value) = entry.map_err(db_error)?;
+            let (generation, holder) = key.value();
+            let key_text = format!("pin {generation} {holder}");
+            let payload = checked_value(value.value(), &key_text)?;
+            pins.push(decode_pin(generation, holder, payload, &key_text)?);
+        }
+        Ok(pins)
+    }
+
+    /// Adds or replaces a pin, durably.
+    pub fn put_pin(&self, pin: &Pin) -> Result<(), CatalogError> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(PINS).map_err(db_error)?;
+            let value = with_checksum(&encode_pin(pin));
+            table
+                .insert((pin.generation, pin.holder.as_str()), value.as_slice())
+                .map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Removes a pin, durably; false when there was none.
+    pub fn remove_pin(&self, generation: u64, holder: &str) -> Result<bool, CatalogError> {
+        let txn = self.begin_write()?;
+        let removed = {
+            let mut table = txn.open_table(PINS).map_err(db_error)?;
+            table
+                .remove((generation, holder))
+                .map_err(db_error)?
+                .is_some()
+        };
+        txn.commit().map_err(db_error)?;
+        Ok(removed)
     }
 
     /// Adds a checkpoint, durably.
@@ -161,7 +288,7 @@ impl Catalog {
         remove: &[u64],
         upsert: Option<&Checkpoint>,
     ) -> Result<(), CatalogError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
+        let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
             for generation in remove {
@@ -178,7 +305,7 @@ impl Catalog {
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(META).map_err(db_error)?;
         let Some(value) = table.get(key).map_err(db_error)? else {
             return Ok(None);
@@ -187,7 +314,7 @@ impl Catalog {
     }
 
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), CatalogError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
+        let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(META).map_err(db_error)?;
             match value {
@@ -273,6 +400,29 @@ fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpo
         created_unix_seconds,
         changed,
         saved,
+    })
+}
+
+/// created u64, reason (the rest, UTF-8).
+fn encode_pin(pin: &Pin) -> Vec<u8> {
+    let mut bytes = pin.created_unix_seconds.to_le_bytes().to_vec();
+    bytes.extend_from_slice(pin.reason.as_bytes());
+    bytes
+}
+
+fn decode_pin(generation: u64, holder: &str, bytes: &[u8], key: &str) -> Result<Pin, CatalogError> {
+    let malformed = |reason| CatalogError::Malformed {
+        key: key.into(),
+        reason,
+    };
+    let created = bytes.get(0..8).ok_or(malformed("short"))?;
+    let reason =
+        String::from_utf8(bytes[8..].to_vec()).map_err(|_| malformed("reason is not UTF-8"))?;
+    Ok(Pin {
+        generation,
+        holder: holder.to_string(),
+        reason,
+        created_unix_seconds: le64(created),
     })
 }
 

@@ -42,7 +42,9 @@ pub fn handle(tracker: &Tracker, request: &Value) -> Value {
 fn dispatch(tracker: &Tracker, request: &Value) -> Result<Value, String> {
     let text = |key: &str| request.get(key).and_then(Value::as_str);
     let name = || text("name").ok_or_else(|| "this request needs \"name\"".to_string());
-    let failed = |error: crate::TrackerError| error_chain(&error);
+    fn failed(error: impl std::error::Error) -> String {
+        error_chain(&error)
+    }
     match text("op").unwrap_or_default() {
         "checkpoint" => {
             let checkpoint = tracker.checkpoint(name()?).map_err(failed)?;

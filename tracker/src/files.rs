@@ -22,6 +22,8 @@ use fsmap::diff::{FileChange, FsChanges};
 use fsmap::disk::DiskMap;
 use fsmap::select::{self, Criteria};
 
+use crate::catalog::Checkpoint;
+use crate::hooks::{AfterSwitch, GenerationHook, SavedFiles};
 use crate::journal::SAVED_FILES_MAX;
 use crate::regions::{Granularity, RegionRun};
 
@@ -59,14 +61,20 @@ pub struct FileMap {
 }
 
 impl FileMap {
+    /// A map of `image` whose saved maps live in `STATE_DIR/maps`. Only a
+    /// `writable` open creates that directory (a read-only query loads
+    /// what is there and saves nothing).
     pub fn open(
         image: &Path,
         size_bytes: u64,
         state_dir: &Path,
         granularity: Granularity,
+        writable: bool,
     ) -> io::Result<FileMap> {
         let maps_dir = state_dir.join("maps");
-        std::fs::create_dir_all(&maps_dir)?;
+        if writable {
+            std::fs::create_dir_all(&maps_dir)?;
+        }
         Ok(FileMap {
             image: Arc::new(File::open(image)?),
             size_bytes,
@@ -111,7 +119,7 @@ impl FileMap {
     /// SAVED_FILES_MAX, and whether there were more; None when the map is
     /// not built yet or busy (then that flush goes unattributed). Called
     /// by the journal thread after the SAVED record is written.
-    pub fn attribute(&self, runs: &[RegionRun]) -> Option<(Vec<(u32, u32)>, bool)> {
+    pub fn attribute(&self, runs: &[RegionRun]) -> Option<SavedFiles> {
         let ranges: Vec<(u64, u64)> = runs
             .iter()
             .map(|run| self.granularity.byte_range(*run))
@@ -215,6 +223,35 @@ impl FileMap {
             attributed_flushes: self.attributed.load(Ordering::Relaxed),
             unattributed_flushes: self.unattributed.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The file map follows the tracker's generations: saved regions queue
+/// for its next update, the journal thread asks it for owners, a
+/// checkpoint brings it current before the switch and saves it after,
+/// and a deleted checkpoint's saved map goes with it.
+impl GenerationHook for FileMap {
+    fn saved(&self, runs: &[RegionRun]) {
+        self.note_saved(runs);
+    }
+
+    fn annotate_saved(&self, runs: &[RegionRun]) -> Option<SavedFiles> {
+        self.attribute(runs)
+    }
+
+    fn before_switch<'a>(&'a self, unflushed: &[(u64, u64)]) -> Option<AfterSwitch<'a>> {
+        let map = self.current(unflushed);
+        Some(Box::new(move |checkpoint: &Checkpoint| {
+            if let Some(disk) = map.as_ref()
+                && let Err(error) = self.save(checkpoint.generation, disk)
+            {
+                tracing::warn!(%error, "could not save the file map at checkpoint {}", checkpoint.name);
+            }
+        }))
+    }
+
+    fn checkpoint_deleted(&self, deleted: &Checkpoint) {
+        self.remove(deleted.generation);
     }
 }
 

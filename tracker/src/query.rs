@@ -1,0 +1,282 @@
+//! Queries: changed extents between checkpoints, the files that own them,
+//! the `qemu:dirty-bitmap:` contexts' extents, and status. None of them
+//! changes tracking state.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+
+use crate::error::QueryError;
+use crate::files::FileReport;
+use crate::regions::AtomicBitmap;
+use crate::tracker::{CONTEXT_PREFIX, Tracker};
+use fsmap::select::Criteria;
+
+/// One changed extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangedExtent {
+    pub offset_bytes: u64,
+    pub length_bytes: u64,
+    /// The last write to it was flushed.
+    pub saved: bool,
+}
+
+/// Percentiles of the tracker's own work per flush (device syncs excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    pub flush_count: u64,
+    pub work_ns_p50: u64,
+    pub work_ns_p99: u64,
+    pub work_ns_max: u64,
+}
+
+fn unknown(name: &str) -> QueryError {
+    QueryError::UnknownCheckpoint {
+        name: name.to_string(),
+    }
+}
+
+impl Tracker {
+    /// The current generation's changed regions, and those of them whose
+    /// newest write is saved (saved and not written since).
+    pub(crate) fn current_generation(&self) -> (RoaringBitmap, RoaringBitmap) {
+        let as_bitmap = |bitmap: &AtomicBitmap| -> RoaringBitmap {
+            bitmap.iter_set().map(|region| region as u32).collect()
+        };
+        let saved = as_bitmap(&self.saved) - as_bitmap(&self.written);
+        (as_bitmap(&self.marked), saved)
+    }
+
+    /// Changed extents since checkpoint `since` (up to checkpoint `until`,
+    /// or up to now), each with whether its last write was flushed.
+    pub fn changes(
+        &self,
+        since: &str,
+        until: Option<&str>,
+    ) -> Result<Vec<ChangedExtent>, QueryError> {
+        let checkpoints = self.checkpoints();
+        let since_generation = checkpoints
+            .iter()
+            .find(|c| c.name == since)
+            .ok_or_else(|| unknown(since))?
+            .generation;
+        let until_generation = match until {
+            Some(until) => {
+                let generation = checkpoints
+                    .iter()
+                    .find(|c| c.name == until)
+                    .ok_or_else(|| unknown(until))?
+                    .generation;
+                if generation <= since_generation {
+                    return Err(QueryError::BadRange {
+                        since: since.to_string(),
+                        until: until.to_string(),
+                    });
+                }
+                Some(generation)
+            }
+            None => None,
+        };
+        // Newest generation first: it decides whether a region is saved.
+        let mut generations: Vec<(RoaringBitmap, RoaringBitmap)> = Vec::new();
+        if until_generation.is_none() {
+            generations.push(self.current_generation());
+        }
+        for checkpoint in checkpoints.iter().rev() {
+            let in_range = checkpoint.generation > since_generation
+                && until_generation.is_none_or(|until| checkpoint.generation <= until);
+            if in_range {
+                generations.push((checkpoint.changed.clone(), checkpoint.saved.clone()));
+            }
+        }
+        let mut covered = RoaringBitmap::new();
+        let mut saved = RoaringBitmap::new();
+        for (changed, generation_saved) in &generations {
+            let newly = changed - &covered;
+            saved |= &newly & generation_saved;
+            covered |= changed;
+        }
+        Ok(self.extents_of(&covered, &saved))
+    }
+
+    /// Which files changed since checkpoint `since` (up to `until`, or
+    /// now): the maps saved at the checkpoints (or the current map)
+    /// compared, with the changed regions as evidence.
+    pub fn file_changes(
+        &self,
+        since: &str,
+        until: Option<&str>,
+        criteria: &Criteria,
+    ) -> Result<FileReport, QueryError> {
+        let extents = self.changes(since, until)?;
+        let files = self.files.as_ref().ok_or(QueryError::NoFileMap)?;
+        let generation_of = |name: &str| self.find(name).map(|c| c.generation).unwrap_or_default();
+        let changed: Vec<(u64, u64)> = extents
+            .iter()
+            .map(|e| (e.offset_bytes, e.length_bytes))
+            .collect();
+        let mut notes = Vec::new();
+        let old = files.load(generation_of(since)).unwrap_or_else(|error| {
+            notes.push(format!(
+                "the file map saved at {since:?} is damaged ({error})"
+            ));
+            None
+        });
+        if old.is_none() && notes.is_empty() {
+            notes.push(format!("no file map was saved at {since:?}: files are listed from their changed blocks only (no +, -, R)"));
+        }
+        let loaded;
+        let guard;
+        let new = match until {
+            Some(until) => {
+                let file_map_error = |reason| QueryError::FileMap {
+                    checkpoint: until.to_string(),
+                    reason,
+                };
+                loaded = files
+                    .load(generation_of(until))
+                    .map_err(file_map_error)?
+                    .ok_or_else(|| file_map_error("no file map was saved there".to_string()))?;
+                &loaded
+            }
+            None => {
+                guard = files.current(&self.unflushed_ranges());
+                guard.as_ref().expect("current() leaves a map")
+            }
+        };
+        notes.extend(new.all_notes());
+        Ok(FileReport::new(
+            new,
+            old.as_ref(),
+            &changed,
+            criteria,
+            notes,
+        ))
+    }
+
+    /// Turns region sets into byte extents, merging neighbours of equal status.
+    fn extents_of(&self, changed: &RoaringBitmap, saved: &RoaringBitmap) -> Vec<ChangedExtent> {
+        let region_bytes = self.granularity.bytes();
+        let mut extents: Vec<ChangedExtent> = Vec::new();
+        for region in changed.iter() {
+            let offset_bytes = u64::from(region) * region_bytes;
+            let length_bytes = region_bytes.min(self.size_bytes.saturating_sub(offset_bytes));
+            if length_bytes == 0 {
+                continue;
+            }
+            let is_saved = saved.contains(region);
+            match extents.last_mut() {
+                Some(last)
+                    if last.offset_bytes + last.length_bytes == offset_bytes
+                        && last.saved == is_saved =>
+                {
+                    last.length_bytes += length_bytes;
+                }
+                _ => extents.push(ChangedExtent {
+                    offset_bytes,
+                    length_bytes,
+                    saved: is_saved,
+                }),
+            }
+        }
+        extents
+    }
+
+    /// NBD contexts: one `qemu:dirty-bitmap:NAME` per checkpoint.
+    pub fn context_names(&self) -> Vec<String> {
+        self.checkpoints()
+            .iter()
+            .map(|c| format!("{CONTEXT_PREFIX}{}", c.name))
+            .collect()
+    }
+
+    /// Dirty-bitmap extents for a context: flag 1 where changed since NAME.
+    pub fn dirty_extents(
+        &self,
+        context: &str,
+        offset_bytes: u64,
+        length_bytes: u64,
+        max_extents: usize,
+        out: &mut Vec<nbd_server::Extent>,
+    ) -> io::Result<()> {
+        let name = context.strip_prefix(CONTEXT_PREFIX).unwrap_or(context);
+        let closed = self.closed_union(name).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no checkpoint named {name:?}"),
+            )
+        })?;
+        let end = offset_bytes + length_bytes;
+        let mut position = offset_bytes;
+        let first = out.len();
+        while position < end && out.len() - first < max_extents {
+            let region = position >> self.granularity.shift();
+            let region_end = ((region + 1) << self.granularity.shift()).min(end);
+            let dirty = closed.contains(region as u32) || self.marked.get(region);
+            let flags = u32::from(dirty);
+            nbd_server::file::push_extent(out, first, region_end - position, flags);
+            position = region_end;
+        }
+        Ok(())
+    }
+
+    fn closed_union(&self, name: &str) -> Option<Arc<RoaringBitmap>> {
+        if let Some(union) = self.closed_unions.lock().expect("unions lock").get(name) {
+            return Some(Arc::clone(union));
+        }
+        let checkpoints = self.checkpoints();
+        let since = checkpoints.iter().find(|c| c.name == name)?.generation;
+        let mut union = RoaringBitmap::new();
+        for checkpoint in checkpoints.iter().filter(|c| c.generation > since) {
+            union |= &checkpoint.changed;
+        }
+        let union = Arc::new(union);
+        self.closed_unions
+            .lock()
+            .expect("unions lock")
+            .insert(name.to_string(), Arc::clone(&union));
+        Some(union)
+    }
+
+    pub fn status(&self) -> Status {
+        let region_bytes = self.granularity.bytes();
+        Status {
+            image: self.image_path.clone(),
+            state_dir: self.state_dir.clone(),
+            generation: self.generation(),
+            granularity_bytes: region_bytes,
+            size_bytes: self.size_bytes,
+            dirty_bytes: (self.marked.count_set() * region_bytes).min(self.size_bytes),
+            unsaved_bytes: (self.written.count_set() * region_bytes).min(self.size_bytes),
+            journal_bytes: self.journal_size_bytes(),
+            checkpoint_count: self.checkpoints().len(),
+            flush: self.flush_stats(),
+            clean_start: self.clean_start,
+            read_only: self.read_only,
+            warnings: self.warnings.clone(),
+            journal_failure: self.committer.get().and_then(|c| c.failure()),
+        }
+    }
+}
+
+/// What `blockwatch status` shows.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub image: PathBuf,
+    pub state_dir: PathBuf,
+    pub generation: u64,
+    pub granularity_bytes: u64,
+    pub size_bytes: u64,
+    pub dirty_bytes: u64,
+    pub unsaved_bytes: u64,
+    pub journal_bytes: u64,
+    pub checkpoint_count: usize,
+    pub flush: FlushStats,
+    pub clean_start: bool,
+    /// Answered from a read-only open (no server running).
+    pub read_only: bool,
+    pub warnings: Vec<String>,
+    pub journal_failure: Option<String>,
+}
