@@ -147,12 +147,12 @@ mod tests {
 
     #[test]
     fn the_gate_reopens_when_the_operation_fails_early() {
-        let gate = Gate::default();
-        let result: Result<(), &str> = (|| {
+        fn failing_switch(gate: &Gate) -> Result<(), &'static str> {
             let _closed = gate.close();
             Err("the switch failed")
-        })();
-        assert!(result.is_err());
+        }
+        let gate = Gate::default();
+        assert!(failing_switch(&gate).is_err());
         drop(gate.enter());
         assert!(!gate.closed.load(Ordering::SeqCst));
     }
