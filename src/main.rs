@@ -3,7 +3,7 @@
 //!
 //! Files: `main.rs` (argument parsing, exit codes), `serve.rs` (images,
 //! listeners, daemonizing, captive `--run`, signals, tracking layers),
-//! `track.rs` (checkpoint, checkpoints, changes, status), `size.rs` (size
+//! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin), `size.rs` (size
 //! arguments such as `10G`).
 
 mod serve;
@@ -40,6 +40,10 @@ enum Command {
     Changes(track::ChangesArgs),
     /// Tracking status: generation, dirty bytes, journal, flush histogram.
     Status(track::ListArgs),
+    /// Keep a checkpoint from being deleted: blockwatch pin [IMAGE] CHECKPOINT HOLDER.
+    Pin(track::PinArgs),
+    /// Release a pin: blockwatch unpin [IMAGE] CHECKPOINT HOLDER.
+    Unpin(track::PinArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,8 @@ fn main() -> ExitCode {
         Command::Checkpoints(args) => track::checkpoints(args),
         Command::Changes(args) => track::changes(args),
         Command::Status(args) => track::status(args),
+        Command::Pin(args) => track::pin(args),
+        Command::Unpin(args) => track::unpin(args),
     };
     match result {
         Ok(code) => code,

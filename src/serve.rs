@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use control::ControlServer;
 use nbd_server::{BlockBackend, Export, Exports, FileBackend, Server};
-use tracker::control::ControlServer;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 use crate::size::parse_size;
@@ -464,12 +464,16 @@ fn serve(
         if let Some(files) = tracker.files() {
             files.build_in_background();
         }
-        controls.push(ControlServer::start(Arc::clone(tracker)).with_context(|| {
-            format!(
-                "cannot open the control socket in {}",
-                tracker.state_dir().display()
-            )
-        })?);
+        controls.push(
+            ControlServer::start(tracker.state_dir(), Arc::clone(tracker) as _).with_context(
+                || {
+                    format!(
+                        "cannot open the control socket in {}",
+                        tracker.state_dir().display()
+                    )
+                },
+            )?,
+        );
     }
     let result = runtime.block_on(async move {
         let server = Server::new(exports).context("cannot create the server")?;

@@ -1,16 +1,24 @@
-//! `checkpoint`, `checkpoints`, `changes`, `status`: ask the running server
-//! through its control socket, or, when no server runs, open the state
-//! directory under its lock and answer directly (same code, same output).
+//! `checkpoint`, `checkpoints`, `changes`, `status`, `pin`, `unpin`: ask
+//! the running server through its control socket, or, when no server
+//! runs, open the state directory and answer directly (same code, same
+//! output). Queries open it read-only: they never change the state
+//! directory, so a crash during one costs the next start nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde_json::{Value, json};
-use tracker::control;
+use control::proto::{
+    ChangesReply, ChangesRequest, CheckpointInfo, CheckpointReply, CheckpointsReply,
+    FileChangesReply, FileInfo, PinReply, StatusInfo, StatusReply,
+};
+use control::transport::{self, CallError};
+use control::{Handler, Request};
+use serde_json::Value;
+use tracker::catalog::CatalogError;
 use tracker::tracker::{default_state_dir, state_is_locked};
-use tracker::{Tracker, TrackerOptions};
+use tracker::{OpenError, Tracker, TrackerOptions};
 
 /// `println!` that treats a closed stdout (`| head`) as the reader being
 /// done: exit 0 rather than panic.
@@ -58,6 +66,19 @@ pub struct ListArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PinArgs {
+    /// [IMAGE] CHECKPOINT HOLDER (IMAGE defaults to ./blockwatch.img).
+    #[arg(value_name = "[IMAGE] CHECKPOINT HOLDER", num_args = 2..=3)]
+    words: Vec<String>,
+    /// Why HOLDER needs the checkpoint (shown by `checkpoints` and in the
+    /// refusal of a delete).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct ChangesArgs {
     image: Option<PathBuf>,
     /// Changes since this checkpoint.
@@ -91,105 +112,214 @@ pub struct ChangesArgs {
     state: StateArgs,
 }
 
+fn image_or_default(image: Option<&PathBuf>) -> PathBuf {
+    image
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE))
+}
+
 pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     let (image, request) = match (&args.delete, args.words.as_slice()) {
         (Some(name), []) => (
-            PathBuf::from(DEFAULT_IMAGE),
-            json!({"op": "delete-checkpoint", "name": name}),
+            DEFAULT_IMAGE,
+            Request::DeleteCheckpoint { name: name.clone() },
         ),
         (Some(name), [image]) => (
-            PathBuf::from(image),
-            json!({"op": "delete-checkpoint", "name": name}),
+            image.as_str(),
+            Request::DeleteCheckpoint { name: name.clone() },
         ),
-        (None, [name]) => (
-            PathBuf::from(DEFAULT_IMAGE),
-            json!({"op": "checkpoint", "name": name}),
-        ),
-        (None, [image, name]) => (
-            PathBuf::from(image),
-            json!({"op": "checkpoint", "name": name}),
-        ),
+        (None, [name]) => (DEFAULT_IMAGE, Request::Checkpoint { name: name.clone() }),
+        (None, [image, name]) => (image.as_str(), Request::Checkpoint { name: name.clone() }),
         _ => bail!(
             "usage: blockwatch checkpoint [IMAGE] NAME, or blockwatch checkpoint [IMAGE] --delete NAME"
         ),
     };
-    let reply = ask(&image, args.state.state.as_deref(), &request)?;
-    match reply.get("checkpoint") {
-        Some(checkpoint) => out!(
-            "checkpoint {} created (generation {}, {} bytes changed in it)",
-            checkpoint["name"].as_str().unwrap_or_default(),
-            checkpoint["generation"],
-            checkpoint["changed_bytes"]
-        ),
-        None => out!(
+    let reply = ask(Path::new(image), args.state.state.as_deref(), &request)?;
+    match request {
+        Request::Checkpoint { .. } => {
+            let CheckpointReply { checkpoint } = transport::typed(reply)?;
+            out!(
+                "checkpoint {} created (generation {}, {} bytes changed in it)",
+                checkpoint.name,
+                checkpoint.generation,
+                checkpoint.changed_bytes
+            );
+        }
+        _ => out!(
             "checkpoint {} deleted; its changes now count in the next one",
-            request["name"].as_str().unwrap_or_default()
+            args.delete.unwrap_or_default()
         ),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The IMAGE, CHECKPOINT and HOLDER of `pin`/`unpin`.
+fn pin_words(args: &PinArgs) -> anyhow::Result<(PathBuf, String, String)> {
+    match args.words.as_slice() {
+        [name, holder] => Ok((PathBuf::from(DEFAULT_IMAGE), name.clone(), holder.clone())),
+        [image, name, holder] => Ok((PathBuf::from(image), name.clone(), holder.clone())),
+        _ => bail!("usage: blockwatch pin|unpin [IMAGE] CHECKPOINT HOLDER"),
+    }
+}
+
+pub fn pin(args: PinArgs) -> anyhow::Result<ExitCode> {
+    let (image, name, holder) = pin_words(&args)?;
+    let request = Request::Pin {
+        name,
+        holder,
+        reason: args.reason.clone(),
+    };
+    let PinReply { checkpoint, pin } =
+        transport::typed(ask(&image, args.state.state.as_deref(), &request)?)?;
+    out!("checkpoint {checkpoint} pinned by {}", pin.holder);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn unpin(args: PinArgs) -> anyhow::Result<ExitCode> {
+    let (image, name, holder) = pin_words(&args)?;
+    let request = Request::Unpin {
+        name: name.clone(),
+        holder: holder.clone(),
+    };
+    ask(&image, args.state.state.as_deref(), &request)?;
+    out!("checkpoint {name} no longer pinned by {holder}");
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn checkpoints(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-    let reply = ask(
-        &image,
-        args.state.state.as_deref(),
-        &json!({"op": "checkpoints"}),
-    )?;
+    let image = image_or_default(args.image.as_ref());
+    let reply = ask(&image, args.state.state.as_deref(), &Request::Checkpoints)?;
     if args.json {
         out!("{}", serde_json::to_string_pretty(&reply["checkpoints"])?);
         return Ok(ExitCode::SUCCESS);
     }
-    out!(
-        "{:<24} {:>10} {:>12} {:>16}",
-        "NAME",
-        "GENERATION",
-        "CREATED",
-        "CHANGED_BYTES"
-    );
-    for checkpoint in reply["checkpoints"].as_array().into_iter().flatten() {
-        out!(
-            "{:<24} {:>10} {:>12} {:>16}",
-            checkpoint["name"].as_str().unwrap_or_default(),
-            checkpoint["generation"],
-            checkpoint["created_unix"],
-            checkpoint["changed_bytes"]
-        );
+    let CheckpointsReply { checkpoints } = transport::typed(reply)?;
+    for line in checkpoint_table(&checkpoints) {
+        out!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
-    if args.files {
-        return file_changes(args);
+/// Columns sized to their widest cell, text left and numbers right.
+fn checkpoint_table(checkpoints: &[CheckpointInfo]) -> Vec<String> {
+    let header = ["NAME", "GENERATION", "CREATED", "CHANGED_BYTES", "PINS"].map(String::from);
+    let mut rows = vec![header];
+    for checkpoint in checkpoints {
+        let pins = if checkpoint.pins.is_empty() {
+            "-".to_string()
+        } else {
+            checkpoint
+                .pins
+                .iter()
+                .map(|pin| match pin.reason.as_str() {
+                    "" => pin.holder.clone(),
+                    reason => format!("{} ({reason})", pin.holder),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rows.push([
+            checkpoint.name.clone(),
+            checkpoint.generation.to_string(),
+            local_time_iso8601(checkpoint.created_unix_seconds),
+            checkpoint.changed_bytes.to_string(),
+            pins,
+        ]);
     }
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-    let request = json!({"op": "changes", "since": args.since, "until": args.until});
+    let widths: Vec<usize> = (0..5)
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let line = format!(
+                "{:<w0$}  {:>w1$}  {:<w2$}  {:>w3$}  {}",
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3],
+            );
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// `2026-12-02T08:15:00+01:00`: the local time and its offset from UTC.
+fn local_time_iso8601(unix_seconds: u64) -> String {
+    let time = libc::time_t::try_from(unix_seconds).unwrap_or(libc::time_t::MAX);
+    // SAFETY: localtime_r writes only into `tm`, which we own (glibc reads
+    // the time zone from TZ or /etc/localtime on first use).
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&time, &mut tm).is_null() {
+            return unix_seconds.to_string();
+        }
+        tm
+    };
+    let offset_minutes = tm.tm_gmtoff / 60;
+    let sign = if offset_minutes < 0 { '-' } else { '+' };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        offset_minutes.abs() / 60,
+        offset_minutes.abs() % 60
+    )
+}
+
+pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
+    let size = |text: &Option<String>| {
+        text.as_deref()
+            .map(crate::size::parse_size)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let request = Request::Changes(ChangesRequest {
+        since: args.since.clone(),
+        until: args.until.clone(),
+        files: args.files,
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        min_size_bytes: size(&args.min_size)?,
+        max_size_bytes: size(&args.max_size)?,
+    });
+    let image = image_or_default(args.image.as_ref());
     let reply = ask(&image, args.state.state.as_deref(), &request)?;
-    let extents = reply["extents"].as_array().cloned().unwrap_or_default();
-    if let Some(code) = quiet_or_json(&args, &reply, extents.is_empty())? {
+    if args.files {
+        return file_changes(&args, reply);
+    }
+    let changes: ChangesReply = transport::typed(reply.clone())?;
+    if let Some(code) = quiet_or_json(&args, &reply, changes.extents.is_empty())? {
         return Ok(code);
     }
-    for extent in &extents {
+    for extent in &changes.extents {
+        let status = serde_json::to_value(extent.status)?;
         out!(
             "{:>16} {:>16} {}",
-            extent["offset"],
-            extent["length"],
-            extent["status"].as_str().unwrap_or_default()
+            extent.offset_bytes,
+            extent.length_bytes,
+            status.as_str().unwrap_or_default()
         );
     }
     eprintln!(
         "{} bytes changed in {} extents since {} (granularity {})",
-        reply["changed_bytes"],
-        extents.len(),
-        reply["since"].as_str().unwrap_or_default(),
-        reply["granularity"]
+        changes.changed_bytes,
+        changes.extents.len(),
+        changes.since,
+        changes.granularity_bytes
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -215,43 +345,26 @@ fn quiet_or_json(
     Ok(None)
 }
 
-fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-    let size = |text: &Option<String>| {
-        text.as_deref()
-            .map(crate::size::parse_size)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-    };
-    let request = json!({
-        "op": "changes", "files": true, "since": args.since, "until": args.until,
-        "include": args.include, "exclude": args.exclude,
-        "min_size": size(&args.min_size)?, "max_size": size(&args.max_size)?,
-    });
-    let reply = ask(&image, args.state.state.as_deref(), &request)?;
-    let files = reply["files"].as_array().cloned().unwrap_or_default();
-    if let Some(code) = quiet_or_json(&args, &reply, files.is_empty())? {
+fn file_changes(args: &ChangesArgs, reply: Value) -> anyhow::Result<ExitCode> {
+    let report: FileChangesReply = transport::typed(reply.clone())?;
+    if let Some(code) = quiet_or_json(args, &reply, report.files.is_empty())? {
         return Ok(code);
     }
-    for note in reply["notes"].as_array().into_iter().flatten() {
-        eprintln!("blockwatch: {}", note.as_str().unwrap_or_default());
+    for note in &report.notes {
+        eprintln!("blockwatch: {note}");
     }
-    for file in &files {
+    for file in &report.files {
         out!("{}", file_line(file));
     }
-    for fs in reply["filesystems"].as_array().into_iter().flatten() {
-        let metadata: Vec<String> = fs["metadata_bytes"]
-            .as_object()
-            .into_iter()
-            .flatten()
+    for fs in &report.filesystems {
+        let metadata: Vec<String> = fs
+            .metadata_bytes
+            .iter()
             .map(|(kind, bytes)| format!("{kind} {bytes}"))
             .collect();
-        let label = match fs["partition"].as_u64() {
-            Some(0) | None => "filesystem".to_string(),
-            Some(number) => format!("partition {number}"),
+        let label = match fs.partition {
+            0 => "filesystem".to_string(),
+            number => format!("partition {number}"),
         };
         eprintln!(
             "{label}: metadata changed: {}; changed bytes owned by nothing: {}",
@@ -260,88 +373,142 @@ fn file_changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
             } else {
                 metadata.join(", ")
             },
-            fs["unowned_bytes"]
+            fs.unowned_bytes
         );
     }
     eprintln!(
         "{} files listed; copy set {} bytes in {} ranges",
-        files.len(),
-        reply["copy_bytes"],
-        reply["copy_set"].as_array().map_or(0, Vec::len)
+        report.files.len(),
+        report.copy_bytes,
+        report.copy_set.len()
     );
     Ok(ExitCode::SUCCESS)
 }
 
 /// One `zfs diff`-like line: status, kind, path (old -> new for renames).
-fn file_line(file: &Value) -> String {
-    let text = |key: &str| file[key].as_str().unwrap_or_default().to_string();
-    let mut path = text("path");
-    if file["directory"] == json!(true) && !path.ends_with('/') {
+fn file_line(file: &FileInfo) -> String {
+    let mut path = file.path.clone().unwrap_or_default();
+    if file.directory && !path.ends_with('/') {
         path.push('/');
     }
-    let status = text("status");
-    let detail = match status.as_str() {
-        "R" => format!("{} -> {path}", file["old_paths"][0].as_str().unwrap_or("?")),
+    let detail = match file.status.as_str() {
+        "R" => format!(
+            "{} -> {path}",
+            file.old_paths.first().map_or("?", String::as_str)
+        ),
         _ => path,
     };
-    let inode = &file["inode"];
-    match file["changed_bytes"].as_u64() {
-        Some(bytes) if bytes > 0 => {
-            format!("{status}\t{detail}\t(inode {inode}, {bytes} bytes in changed regions)")
-        }
-        _ => format!("{status}\t{detail}\t(inode {inode})"),
+    let (status, inode) = (&file.status, file.inode);
+    match file.changed_bytes {
+        0 => format!("{status}\t{detail}\t(inode {inode})"),
+        bytes => format!("{status}\t{detail}\t(inode {inode}, {bytes} bytes in changed regions)"),
     }
 }
 
 pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-    let reply = ask(
-        &image,
-        args.state.state.as_deref(),
-        &json!({"op": "status"}),
-    )?;
-    let status = &reply["status"];
+    let image = image_or_default(args.image.as_ref());
+    let reply = ask(&image, args.state.state.as_deref(), &Request::Status)?;
     if args.json {
-        out!("{}", serde_json::to_string_pretty(status)?);
+        out!("{}", serde_json::to_string_pretty(&reply["status"])?);
         return Ok(ExitCode::SUCCESS);
     }
-    for (key, value) in status.as_object().into_iter().flatten() {
-        match value {
-            Value::String(text) => out!("{key}: {text}"),
-            Value::Array(items) if items.is_empty() => out!("{key}: none"),
-            other => out!("{key}: {other}"),
-        }
+    let StatusReply { status } = transport::typed(reply)?;
+    for (key, value) in status_lines(&status) {
+        out!("{key:<18} {value}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `status` as readable key/value pairs (`--json` has every field).
+fn status_lines(status: &StatusInfo) -> Vec<(String, String)> {
+    let mut lines = vec![
+        ("image:", status.image.display().to_string()),
+        ("state directory:", status.state_dir.display().to_string()),
+        (
+            "server:",
+            if status.offline {
+                "not running (answered from the state directory)"
+            } else {
+                "running"
+            }
+            .to_string(),
+        ),
+        ("generation:", status.generation.to_string()),
+        (
+            "granularity:",
+            format!("{} bytes", status.granularity_bytes),
+        ),
+        ("size:", format!("{} bytes", status.size_bytes)),
+        ("dirty:", format!("{} bytes", status.dirty_bytes)),
+        ("unsaved:", format!("{} bytes", status.unsaved_bytes)),
+        ("journal:", format!("{} bytes", status.journal_bytes)),
+        ("checkpoints:", status.checkpoint_count.to_string()),
+        (
+            "flush work:",
+            format!(
+                "{} flushes, p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+                status.flush_count,
+                status.flush_work_us_p50,
+                status.flush_work_us_p99,
+                status.flush_work_us_max
+            ),
+        ),
+        ("last shutdown:", status.last_shutdown.clone()),
+        (
+            "journal failure:",
+            status.journal_failure.clone().unwrap_or("none".into()),
+        ),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value))
+    .collect::<Vec<_>>();
+    lines.push((
+        "file map:".into(),
+        match &status.file_map {
+            None => "none (--no-files)".into(),
+            Some(map) => format!(
+                "built in {} ms; last update {} us ({} inodes); flushes attributed {}, unattributed {}",
+                map.build_ms,
+                map.last_update_us,
+                map.last_update_inodes,
+                map.attributed_flushes,
+                map.unattributed_flushes
+            ),
+        },
+    ));
+    if status.warnings.is_empty() {
+        lines.push(("warnings:".into(), "none".into()));
+    }
+    for warning in &status.warnings {
+        lines.push(("warning:".into(), warning.clone()));
+    }
+    lines
+}
+
 /// Sends `request` to the server tracking `image`, or answers it offline.
-fn ask(image: &Path, state: Option<&Path>, request: &Value) -> anyhow::Result<Value> {
+/// Returns the reply's wire object (`--json` prints it as it is).
+fn ask(image: &Path, state: Option<&Path>, request: &Request) -> anyhow::Result<Value> {
     let image = std::path::absolute(image)?;
     let state_dir = state.map_or_else(|| default_state_dir(&image), Path::to_path_buf);
-    let reply = match control::request(&state_dir, request) {
+    let reply = match transport::request(&state_dir, request) {
         Ok(reply) => reply,
-        Err(_) if state_is_locked(&state_dir) => bail!(
+        Err(CallError::Unreachable(_)) if state_is_locked(&state_dir) => bail!(
             "a blockwatch process holds {} but its control socket does not answer; try again when it is done",
             state_dir.display()
         ),
-        Err(_) => offline(&image, &state_dir, request)?,
+        Err(CallError::Unreachable(_)) => offline(&image, &state_dir, request)?,
+        Err(error) => return Err(error.into()),
     };
-    if reply["ok"] != json!(true) {
-        bail!(
-            "{}",
-            reply["error"]
-                .as_str()
-                .unwrap_or("the server refused the request")
-        );
-    }
+    // A refusal becomes the error here; the reply stays as sent.
+    transport::typed::<DiscardFields>(reply.clone())?;
     Ok(reply)
 }
 
-fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Value> {
+/// Accepts any successful reply: `ask` only checks `ok` with it.
+#[derive(Debug, serde::Deserialize)]
+struct DiscardFields {}
+
+fn offline(image: &Path, state_dir: &Path, request: &Request) -> anyhow::Result<Value> {
     if !state_dir.exists() {
         bail!(
             "{} has no tracking state ({} does not exist); serve it with blockwatch serve first",
@@ -357,14 +524,37 @@ fn offline(image: &Path, state_dir: &Path, request: &Value) -> anyhow::Result<Va
         journal_wrapper: None,
         files: true,
     };
+    if request.is_query() {
+        match Tracker::open_read_only(&options, size_bytes) {
+            Ok(tracker) => return Ok(answer(&tracker, image, request)),
+            // A crash left the catalog needing a repair that only a
+            // writable open makes; after a crash there is no clean marker
+            // to lose, so the writable open below costs nothing.
+            Err(OpenError::Catalog {
+                source: CatalogError::NeedsRepair,
+                ..
+            }) => eprintln!(
+                "blockwatch: {}: the catalog needs a repair after an unclean stop; opening it for writing",
+                image.display()
+            ),
+            Err(error) => return Err(error.into()),
+        }
+    }
     let tracker = Tracker::open(&options, size_bytes)?;
+    tracker.start();
+    let reply = answer(&tracker, image, request);
+    tracker.close()?;
+    Ok(reply)
+}
+
+fn answer(tracker: &Tracker, image: &Path, request: &Request) -> Value {
     for warning in tracker.warnings() {
         eprintln!("blockwatch: {}: {warning}", image.display());
     }
-    tracker.start();
-    let reply = control::handle(&tracker, request);
-    tracker.close()?;
-    Ok(reply)
+    match tracker.handle(request.clone()) {
+        Ok(reply) => reply.to_wire(),
+        Err(message) => control::proto::error_to_wire(&message),
+    }
 }
 
 fn image_size(image: &Path) -> anyhow::Result<u64> {

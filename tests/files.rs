@@ -306,7 +306,11 @@ fn check_baseline_details(reply: &Value) {
     // Where in the file: blocks 100..103, as byte ranges of the file.
     assert_eq!(
         big["changed_ranges"],
-        serde_json::json!([{"offset": 100 * BLOCK_BYTES, "length": BIG_OVERWRITE_BLOCKS * BLOCK_BYTES}]),
+        serde_json::json!([{
+            "offset_bytes": 100 * BLOCK_BYTES, "length_bytes": BIG_OVERWRITE_BLOCKS * BLOCK_BYTES,
+            // The first release's keys, kept for one release.
+            "offset": 100 * BLOCK_BYTES, "length": BIG_OVERWRITE_BLOCKS * BLOCK_BYTES,
+        }]),
         "{text}"
     );
     let appended = entry(reply, "/docs/note-03.txt");
