@@ -7,6 +7,7 @@
 //!   (the filesystem with committed journal blocks replaced).
 //! - `ext4.rs`: superblock, group descriptors, inodes, extent trees, block
 //!   maps, inline data, directories, metadata checksums.
+//! - `runs.rs`: runs (start, count) of blocks or bytes and their merging.
 //! - `map.rs`: the file map: block -> owner, inode -> paths; full build
 //!   and incremental update.
 //! - `persist.rs`: a map saved beside a checkpoint (CRC-checked).
@@ -26,6 +27,7 @@ pub mod map;
 pub mod partition;
 pub mod persist;
 pub mod read;
+pub mod runs;
 pub mod select;
 #[cfg(test)]
 mod testing;
