@@ -10,10 +10,12 @@
 //! - `socket.rs`: the blocking socket a connection's thread serves on.
 //! - `backend.rs`: the `BlockBackend` trait with `can_*` capabilities.
 //! - `file.rs`: the raw-file/block-device backend.
-//! - `server.rs`: exports, unix/TCP listeners, shutdown.
+//! - `export.rs`: `Export`, `Exports` and the `base:allocation` context name.
+//! - `server.rs`: unix/TCP listeners, connection lifetime, shutdown.
 
 pub mod backend;
 pub mod buffers;
+pub mod export;
 pub mod file;
 pub mod handshake;
 pub mod proto;
@@ -22,5 +24,6 @@ pub mod socket;
 pub mod transmission;
 
 pub use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+pub use export::{Export, Exports};
 pub use file::{FileBackend, OpenError};
-pub use server::{Export, Exports, Server};
+pub use server::Server;

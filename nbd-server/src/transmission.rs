@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
+use crate::export::BASE_ALLOCATION;
 use crate::handshake::Session;
 use crate::proto::*;
-use crate::server::BASE_ALLOCATION;
 use crate::socket::{Readiness, Socket, Stop};
 
 /// Requests running on the blocking pool per connection; reading more
