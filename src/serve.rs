@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use backend::{BlockBackend, FileBackend};
 use clap::Args;
-use nbd_server::{BlockBackend, Export, Exports, FileBackend, Server};
+use nbd_server::{Export, Exports, Server};
 use tracker::control::ControlServer;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::BlockBackend;
+use backend::BlockBackend;
 
 /// The metadata context every export serves, from the backend's `extents`.
 pub const BASE_ALLOCATION: &str = "base:allocation";

@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+
 use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
 use crate::export::BASE_ALLOCATION;
 use crate::handshake::Session;

@@ -9,7 +9,7 @@
 use std::io;
 use std::sync::Arc;
 
-use nbd_server::{BlockBackend, Extent, ZeroError, ZeroRequest};
+use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 
 use crate::tracker::{CONTEXT_PREFIX, Tracker};
 

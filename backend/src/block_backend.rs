@@ -19,6 +19,28 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// `base:allocation` flags of an `Extent`, with the values NBD gives them
+/// on the wire: the range reads as a hole / as zeroes.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// Appends an extent to `out`, merging it into the previous one when the
+/// flags match. `first` is where this answer's extents begin in `out`:
+/// nothing before it is merged into.
+pub fn push_extent(out: &mut Vec<Extent>, first: usize, length_bytes: u64, flags: u32) {
+    if out.len() > first
+        && let Some(last) = out.last_mut()
+        && last.flags == flags
+    {
+        last.length_bytes += length_bytes;
+        return;
+    }
+    out.push(Extent {
+        length_bytes,
+        flags,
+    });
+}
+
 /// How WRITE_ZEROES may be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ZeroRequest {
