@@ -1,14 +1,14 @@
-//! The `BlockBackend` trait: what the transmission phase needs from storage.
+//! The `BlockBackend` trait: what a server (or the copier) needs from storage.
 //!
 //! Modelled on nbdkit's plugin/filter interface: `can_*` capabilities with
 //! conservative defaults, and data operations that take already-validated
-//! ranges (the server checks bounds, flags and read-only before calling in).
-//! A layer (the tracker, later a TLS-less cache, ...) wraps another backend
-//! and forwards what it does not change.
+//! ranges (the caller checks bounds, flags and read-only before calling in;
+//! nbd-server does it in `transmission.rs`). A layer (the tracker, later a
+//! cache, ...) wraps another backend and forwards what it does not change.
 //!
-//! Operations are synchronous. The server runs them on the connection task
-//! when they cannot block for long (see `read_at_nowait`) and on tokio's
-//! blocking pool otherwise.
+//! Operations are synchronous. nbd-server runs those that cannot block for
+//! long (`read_at_nowait`, and writes that `write_is_cheap` allows) on the
+//! connection's own thread, and the rest on tokio's blocking pool.
 
 use std::io;
 
@@ -101,9 +101,9 @@ pub trait BlockBackend: Send + Sync + 'static {
     }
 
     /// Whether a plain (non-FUA) write of this range can run without
-    /// waiting for a device: the server then runs it on the connection task
-    /// instead of the blocking pool. A tracking layer says no when the write
-    /// must first wait for a durable mark.
+    /// waiting for a device: nbd-server then runs it on the connection's
+    /// thread instead of the blocking pool. A tracking layer says no when
+    /// the write must first wait for a durable mark.
     fn write_is_cheap(&self, _offset: u64, _length: u64) -> bool {
         true
     }

@@ -2,7 +2,7 @@
 //!
 //! Positioned I/O only (`pread`/`pwrite` families), so any number of threads
 //! share one descriptor without a lock. Reads first try `preadv2(RWF_NOWAIT)`
-//! so that cached data is served on the connection task and only cache
+//! so that cached data is served on the connection's thread and only cache
 //! misses go to a blocking thread. TRIM and WRITE_ZEROES punch holes or zero
 //! ranges with `fallocate`; extents come from `SEEK_DATA`/`SEEK_HOLE`.
 

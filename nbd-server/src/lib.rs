@@ -1,15 +1,20 @@
 //! An NBD server: the protocol of NetworkBlockDevice doc/proto.md (fixed
-//! newstyle, structured replies, extended headers, metadata contexts) over
-//! tokio, in front of any `BlockBackend` (the `backend` crate).
+//! newstyle, structured replies, extended headers, metadata contexts) in
+//! front of any `BlockBackend` (the `backend` crate). Listeners and the
+//! handshake run on tokio; each connection then moves to a thread of its
+//! own for the transmission phase, and requests that wait for the device
+//! go to tokio's blocking pool.
 //!
 //! Files and what each owns:
 //! - `proto.rs`: wire constants, request/reply header codecs, NBD errors.
 //! - `buffers.rs`: per-connection input and output buffers, reused.
 //! - `handshake.rs`: option haggling up to GO/EXPORT_NAME; meta contexts.
-//! - `transmission.rs`: the request loop: decode, validate, execute, reply.
+//! - `transmission.rs`: the request loop on the connection's thread:
+//!   decode, validate, execute (inline or on the blocking pool), reply.
 //! - `socket.rs`: the blocking socket a connection's thread serves on.
 //! - `export.rs`: `Export`, `Exports` and the `base:allocation` context name.
-//! - `server.rs`: unix/TCP listeners, connection lifetime, shutdown.
+//! - `server.rs`: unix/TCP listeners, the handshake task and the hand-over
+//!   to the connection's thread, shutdown.
 
 pub mod buffers;
 pub mod export;
