@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use backend::{BlockBackend, FileBackend};
 use clap::Args;
 use control::ControlServer;
-use nbd_server::{BlockBackend, Export, Exports, FileBackend, Server};
+use nbd_server::{Export, Exports, Server};
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 use crate::size::parse_size;

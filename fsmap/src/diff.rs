@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::map::{FileRecord, FsMap, InodeMap, Owner, Role};
+// Re-exported where the tracker and the map tests have always found it.
+pub use crate::runs::merge_runs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ChangeKind {
@@ -286,19 +288,4 @@ fn attribute(
         *runs = merge_runs(std::mem::take(runs));
     }
     per_inode
-}
-
-/// Sorts and merges overlapping or touching runs.
-pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    runs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-    for (start, count) in runs {
-        match out.last_mut() {
-            Some((last_start, last_count)) if *last_start + *last_count >= start => {
-                *last_count = (*last_count).max(start + count - *last_start);
-            }
-            _ => out.push((start, count)),
-        }
-    }
-    out
 }

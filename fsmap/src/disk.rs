@@ -11,6 +11,7 @@ use crate::jbd2;
 use crate::map::{FsMap, InodeHasher};
 use crate::partition::{self, Table};
 use crate::read::{Overlay, Replacement, Slice};
+use crate::runs::merge_runs;
 
 const DISK_MAGIC: &[u8; 8] = b"BWDISKM1";
 /// Filesystems one disk map holds (a GPT may list many partitions).
@@ -47,7 +48,7 @@ impl MappedFs {
                 out.push((first, last - first));
             }
         }
-        diff::merge_runs(out)
+        merge_runs(out)
     }
 
     /// Disk byte range of filesystem blocks (start, count).
@@ -151,7 +152,7 @@ impl DiskMap {
                 &blocks,
             );
             blocks.extend(moved);
-            let blocks = diff::merge_runs(blocks);
+            let blocks = merge_runs(blocks);
             reread += mapped.map.update(&fs, &blocks)?;
             mapped.replaced = replay.replaced;
             mapped.journal_transactions = replay.transactions;

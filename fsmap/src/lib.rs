@@ -5,18 +5,21 @@
 //! Files and what each owns:
 //! - `read.rs`: the `ReadAt` trait, `Slice` (a partition) and `Overlay`
 //!   (the filesystem with committed journal blocks replaced).
-//! - `ext4.rs`: superblock, group descriptors, inodes, extent trees, block
-//!   maps, inline data, directories, metadata checksums.
+//! - `partition.rs`: MBR (with extended partitions) and GPT tables.
+//! - `ext4/`: the filesystem reader. `mod.rs`: superblock, group
+//!   descriptors, where each group's metadata lives, metadata checksums;
+//!   `inode.rs`: inodes, extent trees, block maps, inline data, xattr
+//!   blocks; `dir.rs`: linear, htree and inline directories, path lookup.
+//! - `jbd2.rs`: journal replay (descriptor, commit, revoke blocks, checksums).
+//! - `runs.rs`: runs (start, count) of blocks or bytes and their merging.
 //! - `map.rs`: the file map: block -> owner, inode -> paths; full build
 //!   and incremental update.
+//! - `diff.rs`: per-file changes between two maps (+ - R M ~).
+//! - `select.rs`: copy criteria (globs, sizes) and the copy set.
 //! - `persist.rs`: a map saved beside a checkpoint (CRC-checked).
 //! - `disk.rs`: a whole disk: partitions, each filesystem read through
 //!   its journal, mapped, updated, compared, saved.
-//! - `diff.rs`: per-file changes between two maps (+ - R M ~).
-//! - `select.rs`: copy criteria (globs, sizes) and the copy set.
 //! - `testing.rs`: what the unit tests share (a seeded xorshift).
-//! - `jbd2.rs`: journal replay (descriptor, commit, revoke blocks, checksums).
-//! - `partition.rs`: MBR (with extended partitions) and GPT tables.
 
 pub mod diff;
 pub mod disk;
@@ -26,6 +29,7 @@ pub mod map;
 pub mod partition;
 pub mod persist;
 pub mod read;
+pub mod runs;
 pub mod select;
 #[cfg(test)]
 mod testing;

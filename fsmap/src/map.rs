@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::ext4::{Ext4, Ext4Error, FileExtent, Inode, MetaKind, MetaRun, ReadAt};
+use crate::runs::merge_runs;
 
 /// Owner runs longer than this are split, so a range query only has to look
 /// this far back for a run that starts before it (a long window would scan
@@ -496,7 +497,7 @@ impl FsMap {
                 }
             }
         }
-        suspects.extend(inodes_in_blocks(fs, crate::diff::merge_runs(table_ranges)));
+        suspects.extend(inodes_in_blocks(fs, merge_runs(table_ranges)));
         let mut reread = 0;
         let mut suspects: Vec<u32> = suspects.into_iter().collect();
         suspects.sort_unstable();

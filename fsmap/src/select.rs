@@ -2,7 +2,8 @@
 //! `--exclude`, `--min-size`, `--max-size`), and the copy set they make
 //! with the filesystem metadata that changed.
 
-use crate::diff::{ChangeKind, FileChange, FsChanges, merge_runs};
+use crate::diff::{ChangeKind, FileChange, FsChanges};
+use crate::runs::merge_runs;
 
 /// Patterns one selection holds.
 pub const PATTERNS_MAX: usize = 1024;

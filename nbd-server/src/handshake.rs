@@ -11,8 +11,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::buffers::InBuf;
+use crate::export::{Export, Exports};
 use crate::proto::*;
-use crate::server::{Export, Exports};
 
 /// What the handshake agreed on, ready for the transmission phase.
 #[derive(Debug)]

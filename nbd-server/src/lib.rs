@@ -1,26 +1,28 @@
 //! An NBD server: the protocol of NetworkBlockDevice doc/proto.md (fixed
-//! newstyle, structured replies, extended headers, metadata contexts) over
-//! tokio, in front of any `BlockBackend`.
+//! newstyle, structured replies, extended headers, metadata contexts) in
+//! front of any `BlockBackend` (the `backend` crate). Listeners and the
+//! handshake run on tokio; each connection then moves to a thread of its
+//! own for the transmission phase, and requests that wait for the device
+//! go to tokio's blocking pool.
 //!
 //! Files and what each owns:
 //! - `proto.rs`: wire constants, request/reply header codecs, NBD errors.
 //! - `buffers.rs`: per-connection input and output buffers, reused.
 //! - `handshake.rs`: option haggling up to GO/EXPORT_NAME; meta contexts.
-//! - `transmission.rs`: the request loop: decode, validate, execute, reply.
+//! - `transmission.rs`: the request loop on the connection's thread:
+//!   decode, validate, execute (inline or on the blocking pool), reply.
 //! - `socket.rs`: the blocking socket a connection's thread serves on.
-//! - `backend.rs`: the `BlockBackend` trait with `can_*` capabilities.
-//! - `file.rs`: the raw-file/block-device backend.
-//! - `server.rs`: exports, unix/TCP listeners, shutdown.
+//! - `export.rs`: `Export`, `Exports` and the `base:allocation` context name.
+//! - `server.rs`: unix/TCP listeners, the handshake task and the hand-over
+//!   to the connection's thread, shutdown.
 
-pub mod backend;
 pub mod buffers;
-pub mod file;
+pub mod export;
 pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod socket;
 pub mod transmission;
 
-pub use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
-pub use file::{FileBackend, OpenError};
-pub use server::{Export, Exports, Server};
+pub use export::{Export, Exports};
+pub use server::Server;

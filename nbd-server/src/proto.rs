@@ -100,9 +100,8 @@ pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
-// base:allocation flags.
-pub const STATE_HOLE: u32 = 1 << 0;
-pub const STATE_ZERO: u32 = 1 << 1;
+// base:allocation flags: the backend's `Extent` flags go on the wire as they are.
+pub use backend::{STATE_HOLE, STATE_ZERO};
 
 /// Largest string the protocol allows (export names, context names, queries).
 pub const STRING_MAX: usize = 4096;

@@ -1,4 +1,4 @@
-//! Exports, listeners and connection lifetime.
+//! Listeners and connection lifetime.
 //!
 //! One tokio task per connection runs the handshake; the transmission loop
 //! then runs on a thread of the connection's own (`transmission.rs`).
@@ -14,61 +14,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::BlockBackend;
 use crate::buffers::InBuf;
+use crate::export::Exports;
 use crate::handshake::negotiate;
 use crate::socket::{Socket, Stop};
 use crate::transmission::transmit;
-
-pub const BASE_ALLOCATION: &str = "base:allocation";
-
-/// One export: a name clients ask for and the backend behind it.
-pub struct Export {
-    pub name: String,
-    pub description: String,
-    pub backend: Arc<dyn BlockBackend>,
-}
-
-impl std::fmt::Debug for Export {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Export")
-            .field("name", &self.name)
-            .field("size_bytes", &self.backend.size_bytes())
-            .finish()
-    }
-}
-
-impl Export {
-    /// Every metadata context a client may select on this export.
-    pub fn meta_contexts(&self) -> Vec<String> {
-        let mut contexts = vec![BASE_ALLOCATION.to_string()];
-        contexts.extend(self.backend.meta_contexts());
-        contexts
-    }
-}
-
-/// The exports of one server; the first is also the default export ("").
-#[derive(Debug, Clone)]
-pub struct Exports(Arc<[Arc<Export>]>);
-
-impl Exports {
-    pub fn new(exports: Vec<Export>) -> Exports {
-        assert!(!exports.is_empty(), "a server needs at least one export");
-        Exports(exports.into_iter().map(Arc::new).collect())
-    }
-
-    /// The export called `name`; the empty name is the default export.
-    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
-        if name.is_empty() {
-            return self.0.first().cloned();
-        }
-        self.0.iter().find(|export| export.name == name).cloned()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.0.iter()
-    }
-}
 
 /// A running server: share it between listeners with `Arc`.
 #[derive(Debug)]

@@ -22,11 +22,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
+
 use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
+use crate::export::BASE_ALLOCATION;
 use crate::handshake::Session;
 use crate::proto::*;
-use crate::server::BASE_ALLOCATION;
 use crate::socket::{Readiness, Socket, Stop};
 
 /// Requests running on the blocking pool per connection; reading more

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backend::FileBackend;
 use nbd_server::proto::*;
-use nbd_server::{Export, Exports, FileBackend, Server};
+use nbd_server::{Export, Exports, Server};
 
 struct TestServer {
     dir: PathBuf,

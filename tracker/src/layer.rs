@@ -3,13 +3,16 @@
 //! WRITE, TRIM and WRITE_ZEROES enter the gate, wait until their regions
 //! are durably marked (free when they already are), then go to the inner
 //! backend and note their regions as written. FLUSH runs the tracker's
-//! saved record beside the device flush. Reads pass straight through: the
-//! tracker never reads block contents.
+//! saved record beside the device flush, and `qemu:dirty-bitmap:*` contexts
+//! join the inner backend's. Nothing else is implemented here: size,
+//! capabilities, reads, CACHE and `base:allocation` reach the inner backend
+//! through `next()`, the trait's forwarding default, and the tracker never
+//! reads block contents.
 
 use std::io;
 use std::sync::Arc;
 
-use nbd_server::{BlockBackend, Extent, ZeroError, ZeroRequest};
+use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 
 use crate::tracker::{CONTEXT_PREFIX, Tracker};
 
@@ -51,35 +54,8 @@ impl TrackedBackend {
 }
 
 impl BlockBackend for TrackedBackend {
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn is_rotational(&self) -> bool {
-        self.inner.is_rotational()
-    }
-    fn can_multi_conn(&self) -> bool {
-        self.inner.can_multi_conn()
-    }
-    fn can_trim(&self) -> bool {
-        self.inner.can_trim()
-    }
-    fn can_fast_zero(&self) -> bool {
-        self.inner.can_fast_zero()
-    }
-    fn can_cache(&self) -> bool {
-        self.inner.can_cache()
-    }
-    fn can_extents(&self) -> bool {
-        self.inner.can_extents()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        self.inner.read_at_nowait(buf, offset)
+    fn next(&self) -> Option<&dyn BlockBackend> {
+        Some(&*self.inner)
     }
     fn write_is_cheap(&self, offset: u64, length: u64) -> bool {
         self.tracker.is_marked(offset, length) && self.inner.write_is_cheap(offset, length)
@@ -129,18 +105,6 @@ impl BlockBackend for TrackedBackend {
         self.tracked(offset, length, || {
             self.inner.write_zeroes(offset, length, request)
         })
-    }
-    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.inner.cache(offset, length)
-    }
-    fn extents(
-        &self,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
-        self.inner.extents(offset, length, max_extents, out)
     }
     fn meta_contexts(&self) -> Vec<String> {
         let mut contexts = self.inner.meta_contexts();

@@ -199,7 +199,7 @@ impl Tracker {
         offset_bytes: u64,
         length_bytes: u64,
         max_extents: usize,
-        out: &mut Vec<nbd_server::Extent>,
+        out: &mut Vec<backend::Extent>,
     ) -> io::Result<()> {
         let name = context.strip_prefix(CONTEXT_PREFIX).unwrap_or(context);
         let closed = self.closed_union(name).ok_or_else(|| {
@@ -216,7 +216,7 @@ impl Tracker {
             let region_end = ((region + 1) << self.granularity.shift()).min(end);
             let dirty = closed.contains(region as u32) || self.marked.get(region);
             let flags = u32::from(dirty);
-            nbd_server::file::push_extent(out, first, region_end - position, flags);
+            backend::push_extent(out, first, region_end - position, flags);
             position = region_end;
         }
         Ok(())

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nbd_server::{BlockBackend, ZeroError, ZeroRequest};
+use backend::{BlockBackend, ZeroError, ZeroRequest};
 use tracker::journal::JournalFile;
 use tracker::tracker::JournalWrapper;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};

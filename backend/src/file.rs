@@ -2,7 +2,7 @@
 //!
 //! Positioned I/O only (`pread`/`pwrite` families), so any number of threads
 //! share one descriptor without a lock. Reads first try `preadv2(RWF_NOWAIT)`
-//! so that cached data is served on the connection task and only cache
+//! so that cached data is served on the connection's thread and only cache
 //! misses go to a blocking thread. TRIM and WRITE_ZEROES punch holes or zero
 //! ranges with `fallocate`; extents come from `SEEK_DATA`/`SEEK_HOLE`.
 
@@ -12,8 +12,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::backend::{BlockBackend, Extent, ZeroError, ZeroRequest, write_zero_buffers};
-use crate::proto::{STATE_HOLE, STATE_ZERO};
+use crate::block_backend::{
+    BlockBackend, Extent, STATE_HOLE, STATE_ZERO, ZeroError, ZeroRequest, push_extent,
+    write_zero_buffers,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -366,21 +368,6 @@ impl BlockBackend for FileBackend {
         }
         Ok(())
     }
-}
-
-/// Appends an extent, merging it into the previous one when the flags match.
-pub fn push_extent(out: &mut Vec<Extent>, first: usize, length_bytes: u64, flags: u32) {
-    if out.len() > first
-        && let Some(last) = out.last_mut()
-        && last.flags == flags
-    {
-        last.length_bytes += length_bytes;
-        return;
-    }
-    out.push(Extent {
-        length_bytes,
-        flags,
-    });
 }
 
 #[cfg(test)]
