@@ -41,6 +41,18 @@ pub struct FileBackend {
 }
 
 impl FileBackend {
+    /// The server checked every range against the export's size before
+    /// calling in; a range past the end here is a bug in a layer above.
+    fn debug_assert_in_range(&self, offset: u64, length: u64) {
+        debug_assert!(
+            offset
+                .checked_add(length)
+                .is_some_and(|end| end <= self.size_bytes),
+            "range {offset}+{length} past the backend's {} bytes",
+            self.size_bytes
+        );
+    }
+
     /// Opens `path` for serving and takes an advisory lock on it (shared when
     /// read-only, exclusive otherwise) so that two servers never write one image.
     pub fn open(path: &Path, read_only: bool) -> Result<FileBackend, OpenError> {
@@ -204,6 +216,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.debug_assert_in_range(offset, buf.len() as u64);
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -221,6 +234,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.debug_assert_in_range(offset, buf.len() as u64);
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -251,6 +265,11 @@ impl BlockBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.debug_assert_in_range(offset, buf.len() as u64);
+        debug_assert!(
+            !self.read_only,
+            "the server refuses writes to a read-only export"
+        );
         if !fua {
             return self.file.write_all_at(buf, offset);
         }
@@ -280,6 +299,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.debug_assert_in_range(offset, length);
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -298,6 +318,7 @@ impl BlockBackend for FileBackend {
         length: u64,
         request: ZeroRequest,
     ) -> Result<(), ZeroError> {
+        self.debug_assert_in_range(offset, length);
         let mut modes = Vec::with_capacity(2);
         if request.may_trim {
             modes.push(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);

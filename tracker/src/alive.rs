@@ -25,6 +25,9 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// run on a loaded machine.
 pub const SLACK: Duration = Duration::from_secs(5);
 const FILE_NAME: &str = "alive";
+/// Time u64 (ns) and its crc32c u32.
+const BEAT_LEN: usize = 8 + 4;
+const _: () = assert!(BEAT_LEN == 12);
 
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
@@ -39,7 +42,7 @@ fn now_ns() -> u64 {
 /// Writes the current time (no sync: see the module comment).
 pub fn beat(file: &File) -> std::io::Result<()> {
     let time_ns = now_ns();
-    let mut bytes = [0u8; 12];
+    let mut bytes = [0u8; BEAT_LEN];
     bytes[..8].copy_from_slice(&time_ns.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[..8]);
     bytes[8..].copy_from_slice(&crc.to_le_bytes());
@@ -49,8 +52,8 @@ pub fn beat(file: &File) -> std::io::Result<()> {
 /// The last heartbeat, in unix nanoseconds; None when missing or damaged.
 pub fn last(state_dir: &Path) -> Option<u64> {
     let bytes = std::fs::read(path(state_dir)).ok()?;
-    let stored = bytes.get(..12)?;
-    let crc = u32::from_le_bytes(stored[8..12].try_into().ok()?);
+    let stored = bytes.get(..BEAT_LEN)?;
+    let crc = u32::from_le_bytes(stored[8..BEAT_LEN].try_into().ok()?);
     (crc32c::crc32c(&stored[..8]) == crc)
         .then(|| u64::from_le_bytes(stored[..8].try_into().unwrap_or_default()))
 }

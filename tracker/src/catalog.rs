@@ -21,6 +21,12 @@ const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
 /// Largest catalog value accepted (a full 2^32-region bitmap serializes to ~512 MiB
 /// at worst; real ones are far smaller). Checked before decoding.
 const VALUE_MAX_BYTES: usize = 1 << 30;
+/// Identity: image id 16, size u64, granularity shift u32, device u64, inode u64.
+const IDENTITY_LEN: usize = 16 + 8 + 4 + 8 + 8;
+const _: () = assert!(IDENTITY_LEN == 44);
+/// Clean-shutdown marker: image mtime i128 (ns), size u64, generation u64.
+const CLEAN_SHUTDOWN_LEN: usize = 16 + 8 + 8;
+const _: () = assert!(CLEAN_SHUTDOWN_LEN == 32);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -167,7 +173,7 @@ impl Catalog {
             key: KEY_IDENTITY.into(),
             reason,
         };
-        if bytes.len() != 44 {
+        if bytes.len() != IDENTITY_LEN {
             return Err(malformed("wrong length"));
         }
         Ok(Some(Identity {
@@ -185,6 +191,7 @@ impl Catalog {
         bytes.extend_from_slice(&identity.granularity_shift.to_le_bytes());
         bytes.extend_from_slice(&identity.device.to_le_bytes());
         bytes.extend_from_slice(&identity.inode.to_le_bytes());
+        assert_eq!(bytes.len(), IDENTITY_LEN);
         self.put_meta(KEY_IDENTITY, Some(&bytes))
     }
 
@@ -192,7 +199,7 @@ impl Catalog {
         let Some(bytes) = self.get_meta(KEY_CLEAN_SHUTDOWN)? else {
             return Ok(None);
         };
-        if bytes.len() != 32 {
+        if bytes.len() != CLEAN_SHUTDOWN_LEN {
             return Err(CatalogError::Malformed {
                 key: KEY_CLEAN_SHUTDOWN.into(),
                 reason: "wrong length",
@@ -210,6 +217,7 @@ impl Catalog {
             let mut bytes = marker.image_mtime_ns.to_le_bytes().to_vec();
             bytes.extend_from_slice(&marker.size_bytes.to_le_bytes());
             bytes.extend_from_slice(&marker.generation.to_le_bytes());
+            assert_eq!(bytes.len(), CLEAN_SHUTDOWN_LEN);
             bytes
         });
         self.put_meta(KEY_CLEAN_SHUTDOWN, bytes.as_deref())

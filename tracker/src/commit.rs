@@ -278,6 +278,12 @@ fn commit_loop(shared: &Shared) {
             for run in &marks {
                 shared.marked.set_run(*run);
             }
+            // Post-condition: every first touch of this batch may now be
+            // issued, so every region it asked for must read as marked.
+            assert!(
+                marks.iter().all(|run| shared.marked.all_set(*run)),
+                "a committed batch leaves every requested region marked"
+            );
         }
         let mut state = shared.state.lock().expect("journal state lock");
         state.writer = Some(writer);

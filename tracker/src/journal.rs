@@ -20,6 +20,17 @@ pub const FILE_MAGIC: [u8; 8] = *b"BWJRNL01";
 pub const FILE_HEADER_LEN: usize = 64;
 pub const RECORD_MAGIC: u32 = 0x4a52_4342; // "BCRJ" in little-endian bytes
 pub const RECORD_HEADER_LEN: usize = 32;
+
+// Fixed layouts (docs/journal.md), checked at compile time: the file
+// header is magic 8, generation 8, granularity shift 4, image id 16,
+// zeroes, crc32c 4 at its end; a record header is magic 4, kind 2,
+// zero 2, payload length 4, crc32c 4, sequence 8, zeroes.
+const FILE_HEADER_FIELDS_END: usize = 8 + 8 + 4 + 16;
+const _: () = assert!(FILE_HEADER_LEN == 64 && FILE_HEADER_FIELDS_END <= FILE_HEADER_LEN - 4);
+const RECORD_HEADER_FIELDS_END: usize = 4 + 2 + 2 + 4 + 4 + 8;
+const _: () = assert!(RECORD_HEADER_LEN == 32 && RECORD_HEADER_FIELDS_END <= RECORD_HEADER_LEN);
+// Payloads are padded to 8 bytes, so records stay 8-aligned after the header.
+const _: () = assert!(FILE_HEADER_LEN % 8 == 0 && RECORD_HEADER_LEN % 8 == 0);
 /// Largest record payload; checked before allocating on replay.
 pub const RECORD_PAYLOAD_MAX: u32 = 4 * 1024 * 1024;
 /// Bytes per run in a payload: u64 first region + u64 region count.
@@ -68,7 +79,7 @@ impl FileHeader {
         bytes[0..8].copy_from_slice(&FILE_MAGIC);
         bytes[8..16].copy_from_slice(&self.generation.to_le_bytes());
         bytes[16..20].copy_from_slice(&self.granularity_shift.to_le_bytes());
-        bytes[20..36].copy_from_slice(&self.image_id);
+        bytes[20..FILE_HEADER_FIELDS_END].copy_from_slice(&self.image_id);
         let crc = crc32c::crc32c(&bytes[..60]);
         bytes[60..64].copy_from_slice(&crc.to_le_bytes());
         bytes
