@@ -111,7 +111,11 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
-        let db = redb::Database::create(path).map_err(db_error)?;
+        Catalog::with_tables(redb::Database::create(path).map_err(db_error)?)
+    }
+
+    /// A writable catalog whose tables all exist.
+    fn with_tables(db: redb::Database) -> Result<Catalog, CatalogError> {
         let txn = db.begin_write().map_err(db_error)?;
         txn.open_table(META).map_err(db_error)?;
         txn.open_table(CHECKPOINTS).map_err(db_error)?;
@@ -128,14 +132,7 @@ impl Catalog {
         let db = redb::Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(db_error)?;
-        let txn = db.begin_write().map_err(db_error)?;
-        txn.open_table(META).map_err(db_error)?;
-        txn.open_table(CHECKPOINTS).map_err(db_error)?;
-        txn.open_table(PINS).map_err(db_error)?;
-        txn.commit().map_err(db_error)?;
-        Ok(Catalog {
-            db: Db::Writable(db),
-        })
+        Catalog::with_tables(db)
     }
 
     /// Opens an existing catalog without changing a byte of it. A catalog
@@ -477,6 +474,42 @@ mod tests {
         assert_eq!(catalog.checkpoints().unwrap(), vec![checkpoint]);
         catalog.set_clean_shutdown(None).unwrap();
         assert_eq!(catalog.clean_shutdown().unwrap(), None);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn pins_persist_and_a_read_only_open_reads_them_and_writes_nothing() {
+        let path = std::env::temp_dir().join(format!("catalog-pins-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let catalog = Catalog::open(&path).unwrap();
+        let pin = |generation, holder: &str| Pin {
+            generation,
+            holder: holder.into(),
+            reason: format!("{holder} holds it"),
+            created_unix_seconds: 7,
+        };
+        catalog.put_pin(&pin(2, "nightly")).unwrap();
+        catalog.put_pin(&pin(1, "weekly")).unwrap();
+        catalog.put_pin(&pin(2, "archive")).unwrap();
+        assert!(catalog.remove_pin(1, "weekly").unwrap());
+        assert!(!catalog.remove_pin(1, "weekly").unwrap());
+        drop(catalog);
+        let bytes = std::fs::read(&path).unwrap();
+        let read_only = Catalog::open_read_only(&path).unwrap();
+        assert_eq!(
+            read_only.pins().unwrap(),
+            vec![pin(2, "archive"), pin(2, "nightly")]
+        );
+        assert!(matches!(
+            read_only.put_pin(&pin(3, "x")),
+            Err(CatalogError::ReadOnly)
+        ));
+        drop(read_only);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "a read-only open wrote"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -341,14 +341,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn journal(name: &str) -> (PathBuf, JournalWriter) {
-        let path = std::env::temp_dir().join(format!("commit-test-{}-{name}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (path, file) = crate::journal::tests::temp_file(&format!("commit-{name}"));
         let header = FileHeader {
             generation: 1,
             granularity_shift: 16,

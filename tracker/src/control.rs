@@ -190,31 +190,31 @@ fn checkpoint_info(tracker: &Tracker, checkpoint: &Checkpoint, pins: &[Pin]) -> 
 }
 
 fn status_info(tracker: &Tracker) -> StatusInfo {
-    let status = tracker.status();
+    let flush = tracker.flush_stats();
     let us = |nanos: u64| nanos as f64 / 1000.0;
     StatusInfo {
-        image: status.image,
-        state_dir: status.state_dir,
-        generation: status.generation,
-        granularity_bytes: status.granularity_bytes,
-        size_bytes: status.size_bytes,
-        dirty_bytes: status.dirty_bytes,
-        unsaved_bytes: status.unsaved_bytes,
-        journal_bytes: status.journal_bytes,
-        checkpoint_count: status.checkpoint_count,
-        flush_count: status.flush.flush_count,
-        flush_work_us_p50: us(status.flush.work_ns_p50),
-        flush_work_us_p99: us(status.flush.work_ns_p99),
-        flush_work_us_max: us(status.flush.work_ns_max),
-        last_shutdown: if status.clean_start {
+        image: tracker.image_path().to_path_buf(),
+        state_dir: tracker.state_dir().to_path_buf(),
+        generation: tracker.generation(),
+        granularity_bytes: tracker.granularity().bytes(),
+        size_bytes: tracker.size_bytes(),
+        dirty_bytes: tracker.dirty_bytes(),
+        unsaved_bytes: tracker.unsaved_bytes(),
+        journal_bytes: tracker.journal_bytes(),
+        checkpoint_count: tracker.checkpoints().len(),
+        flush_count: flush.flush_count,
+        flush_work_us_p50: us(flush.work_ns_p50),
+        flush_work_us_p99: us(flush.work_ns_p99),
+        flush_work_us_max: us(flush.work_ns_max),
+        last_shutdown: if tracker.clean_start() {
             "clean"
         } else {
             "unclean or first start"
         }
         .to_string(),
-        offline: status.read_only,
-        warnings: status.warnings,
-        journal_failure: status.journal_failure,
+        offline: tracker.is_read_only(),
+        warnings: tracker.warnings().to_vec(),
+        journal_failure: tracker.journal_failure(),
         file_map: tracker.files().map(|files| {
             let stats = files.stats();
             FileMapInfo {

@@ -427,10 +427,11 @@ fn le64(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_file(name: &str) -> (std::path::PathBuf, File) {
+    /// A new empty file for one test, opened for reading and writing.
+    pub(crate) fn temp_file(name: &str) -> (std::path::PathBuf, File) {
         let path = std::env::temp_dir().join(format!("journal-test-{}-{name}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -47,4 +47,4 @@ pub use error::{CheckpointError, CloseError, CompactError, OpenError, QueryError
 pub use hooks::GenerationHook;
 pub use layer::TrackedBackend;
 pub use recovery::Distrust;
-pub use tracker::{ChangedExtent, Status, Tracker, TrackerOptions};
+pub use tracker::{ChangedExtent, Tracker, TrackerOptions};

@@ -3,7 +3,6 @@
 //! changes tracking state.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -240,43 +239,22 @@ impl Tracker {
         Some(union)
     }
 
-    pub fn status(&self) -> Status {
-        let region_bytes = self.granularity.bytes();
-        Status {
-            image: self.image_path.clone(),
-            state_dir: self.state_dir.clone(),
-            generation: self.generation(),
-            granularity_bytes: region_bytes,
-            size_bytes: self.size_bytes,
-            dirty_bytes: (self.marked.count_set() * region_bytes).min(self.size_bytes),
-            unsaved_bytes: (self.written.count_set() * region_bytes).min(self.size_bytes),
-            journal_bytes: self.journal_size_bytes(),
-            checkpoint_count: self.checkpoints().len(),
-            flush: self.flush_stats(),
-            clean_start: self.clean_start,
-            read_only: self.read_only,
-            warnings: self.warnings.clone(),
-            journal_failure: self.committer.get().and_then(|c| c.failure()),
-        }
+    /// Bytes of the regions changed in the current generation.
+    pub fn dirty_bytes(&self) -> u64 {
+        (self.marked.count_set() * self.granularity.bytes()).min(self.size_bytes)
     }
-}
 
-/// What `blockwatch status` shows.
-#[derive(Debug, Clone)]
-pub struct Status {
-    pub image: PathBuf,
-    pub state_dir: PathBuf,
-    pub generation: u64,
-    pub granularity_bytes: u64,
-    pub size_bytes: u64,
-    pub dirty_bytes: u64,
-    pub unsaved_bytes: u64,
-    pub journal_bytes: u64,
-    pub checkpoint_count: usize,
-    pub flush: FlushStats,
-    pub clean_start: bool,
-    /// Answered from a read-only open (no server running).
-    pub read_only: bool,
-    pub warnings: Vec<String>,
-    pub journal_failure: Option<String>,
+    /// Bytes of the regions written since the last flush.
+    pub fn unsaved_bytes(&self) -> u64 {
+        (self.written.count_set() * self.granularity.bytes()).min(self.size_bytes)
+    }
+
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal_size_bytes()
+    }
+
+    /// Why the journal refuses new first touches, if it failed.
+    pub fn journal_failure(&self) -> Option<String> {
+        self.committer.get().and_then(|c| c.failure())
+    }
 }

@@ -32,7 +32,7 @@ use crate::regions::{AtomicBitmap, Granularity, RegionRun, runs_from_sorted};
 pub use crate::error::{CHECKPOINT_NAME_MAX, CloseError, CompactError, error_chain};
 pub use crate::gate::GateGuard;
 pub use crate::open::{default_state_dir, state_is_locked};
-pub use crate::query::{ChangedExtent, FlushStats, Status};
+pub use crate::query::{ChangedExtent, FlushStats};
 
 pub const CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
 /// Flush samples kept for the histogram.

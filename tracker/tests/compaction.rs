@@ -54,9 +54,9 @@ fn a_compacted_journal_recovers_the_same_changes_after_a_crash() {
     tracker.ensure_marked(210 * REGION_BYTES, 4096).unwrap();
     tracker.note_written(210 * REGION_BYTES, 4096);
     let before = changes(&tracker);
-    let size_before = tracker.status().journal_bytes;
+    let size_before = tracker.journal_bytes();
     tracker.compact_journal().unwrap();
-    let size_after = tracker.status().journal_bytes;
+    let size_after = tracker.journal_bytes();
     assert!(
         size_after < size_before / 4,
         "compaction left {size_after} of {size_before} bytes"
