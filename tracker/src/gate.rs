@@ -76,7 +76,7 @@ impl Gate {
         self.cond.notify_all();
     }
 
-    #[cfg(debug_assertions)]
+    /// For assertions: the gate is closed and nothing is in flight.
     pub(crate) fn is_closed_and_idle(&self) -> bool {
         self.closed.load(Ordering::SeqCst) && self.inflight.load(Ordering::SeqCst) == 0
     }
