@@ -112,6 +112,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 image: path.clone(),
                 state_dir: args.state.clone(),
                 granularity_bytes,
+                precision_bytes: None,
                 journal_wrapper: None,
                 files: !args.no_files,
             };

@@ -308,18 +308,20 @@ pub fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
     for extent in &changes.extents {
         let status = serde_json::to_value(extent.status)?;
         out!(
-            "{:>16} {:>16} {}",
+            "{:>16} {:>16} {} {}",
             extent.offset_bytes,
             extent.length_bytes,
-            status.as_str().unwrap_or_default()
+            status.as_str().unwrap_or_default(),
+            if extent.exact { "exact" } else { "whole" }
         );
     }
     eprintln!(
-        "{} bytes changed in {} extents since {} (granularity {})",
+        "{} bytes changed in {} extents since {} (granularity {}, precision {})",
         changes.changed_bytes,
         changes.extents.len(),
         changes.since,
-        changes.granularity_bytes
+        changes.granularity_bytes,
+        changes.precision_bytes
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -438,6 +440,7 @@ fn status_lines(status: &StatusInfo) -> Vec<(String, String)> {
             "granularity:",
             format!("{} bytes", status.granularity_bytes),
         ),
+        ("precision:", format!("{} bytes", status.precision_bytes)),
         ("size:", format!("{} bytes", status.size_bytes)),
         ("dirty:", format!("{} bytes", status.dirty_bytes)),
         ("unsaved:", format!("{} bytes", status.unsaved_bytes)),
@@ -521,6 +524,7 @@ fn offline(image: &Path, state_dir: &Path, request: &Request) -> anyhow::Result<
         image: image.to_path_buf(),
         state_dir: Some(state_dir.to_path_buf()),
         granularity_bytes: None,
+        precision_bytes: None,
         journal_wrapper: None,
         files: true,
     };

@@ -214,6 +214,9 @@ pub struct ChangedExtentInfo {
     pub offset_bytes: u64,
     pub length_bytes: u64,
     pub status: ExtentStatus,
+    /// Only the written blocks (at `precision_bytes`); false: whole
+    /// regions, whose fine record was lost in a crash or never kept.
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +224,8 @@ pub struct ChangesReply {
     pub since: String,
     pub until: Option<String>,
     pub granularity_bytes: u64,
+    /// The block size of exact extents.
+    pub precision_bytes: u64,
     pub changed_bytes: u64,
     pub extents: Vec<ChangedExtentInfo>,
 }
@@ -294,6 +299,8 @@ pub struct StatusInfo {
     pub state_dir: PathBuf,
     pub generation: u64,
     pub granularity_bytes: u64,
+    /// Block size of the fine record (equal to the granularity: none kept).
+    pub precision_bytes: u64,
     pub size_bytes: u64,
     /// Changed in the current generation.
     pub dirty_bytes: u64,
@@ -359,11 +366,13 @@ mod tests {
             since: "a".into(),
             until: None,
             granularity_bytes: 65536,
+            precision_bytes: 4096,
             changed_bytes: 65536,
             extents: vec![ChangedExtentInfo {
                 offset_bytes: 131072,
                 length_bytes: 65536,
                 status: ExtentStatus::Saved,
+                exact: false,
             }],
         });
         let wire = reply.to_wire();

@@ -13,11 +13,16 @@ use roaring::RoaringBitmap;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+/// Key: generation; the checkpoint's fine record (exact regions and
+/// written blocks). A catalog or checkpoint without one counts whole.
+const FINE: TableDefinition<u64, &[u8]> = TableDefinition::new("fine");
 /// Key: (generation of the pinned checkpoint, holder).
 const PINS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("pins");
 
 const KEY_IDENTITY: &str = "identity";
 const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+const KEY_PRECISION: &str = "precision";
+const KEY_FINE_CURRENT: &str = "fine_current";
 /// Largest catalog value accepted (a full 2^32-region bitmap serializes to ~512 MiB
 /// at worst; real ones are far smaller). Checked before decoding.
 const VALUE_MAX_BYTES: usize = 1 << 30;
@@ -76,6 +81,12 @@ pub struct Checkpoint {
     pub changed: RoaringBitmap,
     /// Of those, the ones whose last write was flushed.
     pub saved: RoaringBitmap,
+    /// Of the changed regions, those whose fine record is complete: only
+    /// the blocks in `fine` changed in them. The others count whole.
+    pub exact: RoaringBitmap,
+    /// Blocks (at the state's precision) written during the generation,
+    /// within the `exact` regions.
+    pub fine: RoaringBitmap,
 }
 
 /// A checkpoint held by someone (a copy target, an open snapshot): it
@@ -120,6 +131,7 @@ impl Catalog {
         txn.open_table(META).map_err(db_error)?;
         txn.open_table(CHECKPOINTS).map_err(db_error)?;
         txn.open_table(PINS).map_err(db_error)?;
+        txn.open_table(FINE).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
         Ok(Catalog {
             db: Db::Writable(db),
@@ -220,6 +232,55 @@ impl Catalog {
         self.put_meta(KEY_CLEAN_SHUTDOWN, bytes.as_deref())
     }
 
+    /// The state's precision (fine-record block size) as a shift; None
+    /// for state from before fine records.
+    pub fn precision_shift(&self) -> Result<Option<u32>, CatalogError> {
+        let Some(bytes) = self.get_meta(KEY_PRECISION)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 4] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CatalogError::Malformed {
+                key: KEY_PRECISION.into(),
+                reason: "wrong length",
+            })?;
+        Ok(Some(u32::from_le_bytes(bytes)))
+    }
+
+    pub fn set_precision_shift(&self, shift: u32) -> Result<(), CatalogError> {
+        self.put_meta(KEY_PRECISION, Some(&shift.to_le_bytes()))
+    }
+
+    /// The current generation's fine record as a clean stop left it:
+    /// (generation, exact regions, written blocks). Trusted only beside a
+    /// valid clean-shutdown marker of the same generation.
+    pub fn fine_current(
+        &self,
+    ) -> Result<Option<(u64, RoaringBitmap, RoaringBitmap)>, CatalogError> {
+        let Some(bytes) = self.get_meta(KEY_FINE_CURRENT)? else {
+            return Ok(None);
+        };
+        let malformed = |reason| CatalogError::Malformed {
+            key: KEY_FINE_CURRENT.into(),
+            reason,
+        };
+        let generation = le64(bytes.get(0..8).ok_or(malformed("short"))?);
+        let (exact, fine) = decode_fine(&bytes[8..], malformed)?;
+        Ok(Some((generation, exact, fine)))
+    }
+
+    pub fn set_fine_current(
+        &self,
+        generation: u64,
+        exact: &RoaringBitmap,
+        fine: &RoaringBitmap,
+    ) -> Result<(), CatalogError> {
+        let mut bytes = generation.to_le_bytes().to_vec();
+        encode_fine(exact, fine, &mut bytes);
+        self.put_meta(KEY_FINE_CURRENT, Some(&bytes))
+    }
+
     /// All checkpoints, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, CatalogError> {
         let txn = self.begin_read()?;
@@ -230,6 +291,27 @@ impl Catalog {
             let key_text = format!("checkpoint {}", key.value());
             let payload = checked_value(value.value(), &key_text)?;
             checkpoints.push(decode_checkpoint(key.value(), payload, &key_text)?);
+        }
+        let fine = match txn.open_table(FINE) {
+            Ok(table) => Some(table),
+            // A catalog from before fine records: every region counts whole.
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(error) => return Err(db_error(error)),
+        };
+        if let Some(fine) = fine {
+            for checkpoint in &mut checkpoints {
+                let Some(value) = fine.get(checkpoint.generation).map_err(db_error)? else {
+                    continue;
+                };
+                let key_text = format!("fine record {}", checkpoint.generation);
+                let payload = checked_value(value.value(), &key_text)?;
+                let (exact, blocks) = decode_fine(payload, |reason| CatalogError::Malformed {
+                    key: key_text.clone(),
+                    reason,
+                })?;
+                checkpoint.exact = exact;
+                checkpoint.fine = blocks;
+            }
         }
         Ok(checkpoints)
     }
@@ -296,13 +378,19 @@ impl Catalog {
         let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
+            let mut fine = txn.open_table(FINE).map_err(db_error)?;
             for generation in remove {
                 table.remove(generation).map_err(db_error)?;
+                fine.remove(generation).map_err(db_error)?;
             }
             if let Some(checkpoint) = upsert {
                 let value = with_checksum(&encode_checkpoint(checkpoint));
                 table
                     .insert(checkpoint.generation, value.as_slice())
+                    .map_err(db_error)?;
+                let mut record = Vec::new();
+                encode_fine(&checkpoint.exact, &checkpoint.fine, &mut record);
+                fine.insert(checkpoint.generation, with_checksum(&record).as_slice())
                     .map_err(db_error)?;
             }
         }
@@ -376,6 +464,31 @@ fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
     bytes
 }
 
+/// exact length u64, exact regions (roaring), fine blocks (roaring).
+fn encode_fine(exact: &RoaringBitmap, fine: &RoaringBitmap, bytes: &mut Vec<u8>) {
+    let mut exact_bytes = Vec::new();
+    exact
+        .serialize_into(&mut exact_bytes)
+        .expect("serializing into a Vec");
+    bytes.extend_from_slice(&(exact_bytes.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&exact_bytes);
+    fine.serialize_into(bytes).expect("serializing into a Vec");
+}
+
+fn decode_fine(
+    bytes: &[u8],
+    malformed: impl Fn(&'static str) -> CatalogError,
+) -> Result<(RoaringBitmap, RoaringBitmap), CatalogError> {
+    let exact_len = le64(bytes.get(0..8).ok_or(malformed("short fine record"))?) as usize;
+    let exact = bytes
+        .get(8..8usize.saturating_add(exact_len))
+        .ok_or(malformed("short exact bitmap"))?;
+    let exact = RoaringBitmap::deserialize_from(exact).map_err(|_| malformed("bad bitmap"))?;
+    let fine = RoaringBitmap::deserialize_from(&bytes[8 + exact_len..])
+        .map_err(|_| malformed("bad bitmap"))?;
+    Ok((exact, fine))
+}
+
 fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpoint, CatalogError> {
     let malformed = |reason| CatalogError::Malformed {
         key: key.into(),
@@ -405,6 +518,9 @@ fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpo
         created_unix_seconds,
         changed,
         saved,
+        // Filled from the `fine` table by `checkpoints`.
+        exact: RoaringBitmap::new(),
+        fine: RoaringBitmap::new(),
     })
 }
 
@@ -465,13 +581,25 @@ mod tests {
             created_unix_seconds: 99,
             changed: [1u32, 2, 500].into_iter().collect(),
             saved: [2u32].into_iter().collect(),
+            exact: [2u32, 500].into_iter().collect(),
+            fine: [32u32, 33, 8000].into_iter().collect(),
         };
         catalog.add_checkpoint(&checkpoint).unwrap();
+        assert_eq!(catalog.precision_shift().unwrap(), None);
+        catalog.set_precision_shift(12).unwrap();
+        assert_eq!(catalog.precision_shift().unwrap(), Some(12));
+        catalog
+            .set_fine_current(5, &checkpoint.exact, &checkpoint.fine)
+            .unwrap();
         drop(catalog);
         let catalog = Catalog::open(&path).unwrap();
         assert_eq!(catalog.identity().unwrap(), Some(identity));
         assert_eq!(catalog.clean_shutdown().unwrap(), Some(marker));
-        assert_eq!(catalog.checkpoints().unwrap(), vec![checkpoint]);
+        assert_eq!(catalog.checkpoints().unwrap(), vec![checkpoint.clone()]);
+        assert_eq!(
+            catalog.fine_current().unwrap(),
+            Some((5, checkpoint.exact.clone(), checkpoint.fine.clone()))
+        );
         catalog.set_clean_shutdown(None).unwrap();
         assert_eq!(catalog.clean_shutdown().unwrap(), None);
         std::fs::remove_file(path).unwrap();

@@ -88,12 +88,15 @@ impl Tracker {
     fn switch_generation(&self, name: &str) -> Result<Checkpoint, CheckpointError> {
         let generation = self.generation();
         let (changed, saved) = self.current_generation();
+        let (exact, fine) = self.fine.current(&changed);
         let checkpoint = Checkpoint {
             name: name.to_string(),
             generation,
             created_unix_seconds: unix_seconds(),
             changed,
             saved,
+            exact,
+            fine,
         };
         self.catalog
             .add_checkpoint(&checkpoint)
@@ -121,6 +124,7 @@ impl Tracker {
             .map_err(journal_error)?;
         self.marked.clear_all();
         self.saved.clear_all();
+        self.fine.clear();
         // Written-but-unflushed regions stay in `written`: the next flush
         // saves them in the new generation's records, where they are not
         // marked; that is harmless (saved is a subset test on marked).
@@ -165,6 +169,11 @@ impl Tracker {
                 merged.saved = (&next.saved | &(&deleted.saved - &next.changed))
                     & &(&next.changed | &deleted.changed);
                 merged.changed |= &deleted.changed;
+                // Exact only where both generations that changed a region
+                // recorded it completely.
+                let inexact = (&deleted.changed - &deleted.exact) | (&next.changed - &next.exact);
+                merged.exact = &merged.changed - &inexact;
+                merged.fine |= &deleted.fine;
                 self.catalog
                     .replace_checkpoints(&[deleted.generation], Some(&merged))
                     .map_err(catalog_error)?;
@@ -213,6 +222,8 @@ impl Tracker {
         for run in &runs {
             self.marked.set_run(*run);
         }
+        self.fine.add_inexact(&(&deleted.changed - &deleted.exact));
+        self.fine.add_blocks(&deleted.fine);
         Ok(())
     }
 
@@ -392,6 +403,8 @@ pub(crate) fn checkpoints_from_index(
             created_unix_seconds: unix_seconds(),
             changed: everything.clone(),
             saved: RoaringBitmap::new(),
+            exact: RoaringBitmap::new(),
+            fine: RoaringBitmap::new(),
         })
         .collect();
     findings.note(format!(
@@ -419,6 +432,8 @@ mod tests {
             created_unix_seconds: 0,
             changed: RoaringBitmap::new(),
             saved: RoaringBitmap::new(),
+            exact: RoaringBitmap::new(),
+            fine: RoaringBitmap::new(),
         });
         write_index(&dir.join(INDEX_FILE), &checkpoints).unwrap();
         let mut findings = Findings::default();

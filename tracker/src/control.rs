@@ -72,6 +72,7 @@ pub fn handle(tracker: &Tracker, request: Request) -> Result<Reply, String> {
                 since: changes.since,
                 until: changes.until,
                 granularity_bytes: tracker.granularity().bytes(),
+                precision_bytes: tracker.precision_bytes(),
                 changed_bytes: extents.iter().map(|e| e.length_bytes).sum(),
                 extents: extents
                     .iter()
@@ -83,6 +84,7 @@ pub fn handle(tracker: &Tracker, request: Request) -> Result<Reply, String> {
                         } else {
                             ExtentStatus::Written
                         },
+                        exact: e.exact,
                     })
                     .collect(),
             }))
@@ -197,6 +199,7 @@ fn status_info(tracker: &Tracker) -> StatusInfo {
         state_dir: tracker.state_dir().to_path_buf(),
         generation: tracker.generation(),
         granularity_bytes: tracker.granularity().bytes(),
+        precision_bytes: tracker.precision_bytes(),
         size_bytes: tracker.size_bytes(),
         dirty_bytes: tracker.dirty_bytes(),
         unsaved_bytes: tracker.unsaved_bytes(),

@@ -28,6 +28,16 @@ pub enum OpenError {
     },
     #[error("granularity {0} is not a power of two from 4 KiB to 16 MiB")]
     BadGranularity(u64),
+    #[error("precision {0} is not a power of two from 4 KiB to 16 MiB")]
+    BadPrecision(u64),
+    #[error(
+        "state {path} records changes at {state_bytes}-byte precision, not {asked_bytes}; drop --precision or remove the state directory"
+    )]
+    PrecisionMismatch {
+        path: PathBuf,
+        state_bytes: u64,
+        asked_bytes: u64,
+    },
     #[error(
         "the image has {region_count} regions at this granularity, over the limit {REGION_COUNT_MAX}; use a larger --granularity"
     )]

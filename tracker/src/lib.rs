@@ -20,6 +20,8 @@
 //! - `hooks.rs`: the generation-hook seam (`GenerationHook`).
 //! - `error.rs`: one error enum per operation.
 //! - `layer.rs`: `TrackedBackend`, the tracker as a `BlockBackend` layer.
+//! - `fine.rs`: the fine record: blocks written below the granularity,
+//!   exact where it is complete, whole regions where it is not.
 //! - `files.rs`: the file map beside the tracker (fsmap), the first
 //!   generation hook: kept current from saved regions, saved at
 //!   checkpoints, used to attribute flushes.
@@ -32,6 +34,7 @@ pub mod commit;
 pub mod control;
 pub mod error;
 pub mod files;
+mod fine;
 mod gate;
 pub mod hooks;
 pub mod journal;

@@ -21,8 +21,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use roaring::RoaringBitmap;
+
 use crate::error::OpenError;
 use crate::files::FileMap;
+use crate::fine::FineRecord;
 use crate::gate::Gate;
 use crate::journal::{FileHeader, JournalWriter, Record};
 use crate::recovery::{JournalFound, Mode, Recovered, recover};
@@ -81,6 +84,12 @@ impl Tracker {
             .catalog
             .set_identity(&found.identity)
             .map_err(catalog_error)?;
+        if !found.precision_stored {
+            found
+                .catalog
+                .set_precision_shift(found.precision.shift())
+                .map_err(catalog_error)?;
+        }
         // From here on a crash leaves no marker: the journal is the truth.
         found
             .catalog
@@ -190,6 +199,21 @@ fn assemble(
     }
     let region_count = found.marked.bit_count();
     let generation = found.header.generation;
+    // What the journal marked before this open counts whole unless a clean
+    // stop left its fine record.
+    let fine = FineRecord::new(found.precision, found.granularity, size_bytes);
+    let marked: RoaringBitmap = found
+        .marked
+        .iter_set()
+        .map(|region| region as u32)
+        .collect();
+    match &found.fine_current {
+        Some((exact, blocks)) => {
+            fine.add_blocks(blocks);
+            fine.add_inexact(&(&marked - exact));
+        }
+        None => fine.add_inexact(&marked),
+    }
     Tracker {
         state_dir,
         image_path,
@@ -202,6 +226,7 @@ fn assemble(
         written: AtomicBitmap::new(region_count),
         marked: found.marked,
         saved: found.saved,
+        fine,
         gate: Gate::default(),
         committer: OnceLock::new(),
         journal_before_start: Mutex::new(None),

@@ -20,6 +20,17 @@ pub struct ChangedExtent {
     pub length_bytes: u64,
     /// The last write to it was flushed.
     pub saved: bool,
+    /// Only the written blocks (at the state's precision); false: whole
+    /// regions, whose fine record was lost or never kept.
+    pub exact: bool,
+}
+
+/// One generation's share of a changes query.
+struct Generation {
+    changed: RoaringBitmap,
+    saved: RoaringBitmap,
+    exact: RoaringBitmap,
+    fine: RoaringBitmap,
 }
 
 /// Percentiles of the tracker's own work per flush (device syncs excluded).
@@ -79,25 +90,43 @@ impl Tracker {
             None => None,
         };
         // Newest generation first: it decides whether a region is saved.
-        let mut generations: Vec<(RoaringBitmap, RoaringBitmap)> = Vec::new();
+        let mut generations: Vec<Generation> = Vec::new();
         if until_generation.is_none() {
-            generations.push(self.current_generation());
+            let (changed, saved) = self.current_generation();
+            let (exact, fine) = self.fine.current(&changed);
+            generations.push(Generation {
+                changed,
+                saved,
+                exact,
+                fine,
+            });
         }
         for checkpoint in checkpoints.iter().rev() {
             let in_range = checkpoint.generation > since_generation
                 && until_generation.is_none_or(|until| checkpoint.generation <= until);
             if in_range {
-                generations.push((checkpoint.changed.clone(), checkpoint.saved.clone()));
+                generations.push(Generation {
+                    changed: checkpoint.changed.clone(),
+                    saved: checkpoint.saved.clone(),
+                    exact: checkpoint.exact.clone(),
+                    fine: checkpoint.fine.clone(),
+                });
             }
         }
         let mut covered = RoaringBitmap::new();
         let mut saved = RoaringBitmap::new();
-        for (changed, generation_saved) in &generations {
-            let newly = changed - &covered;
-            saved |= &newly & generation_saved;
-            covered |= changed;
+        // A region is exact only if every generation that changed it
+        // recorded it completely.
+        let mut inexact = RoaringBitmap::new();
+        let mut fine = RoaringBitmap::new();
+        for generation in &generations {
+            let newly = &generation.changed - &covered;
+            saved |= &newly & &generation.saved;
+            covered |= &generation.changed;
+            inexact |= &generation.changed - &generation.exact;
+            fine |= &generation.fine;
         }
-        Ok(self.extents_of(&covered, &saved))
+        Ok(self.extents_of(&covered, &saved, &inexact, &fine))
     }
 
     /// Which files changed since checkpoint `since` (up to `until`, or
@@ -155,29 +184,55 @@ impl Tracker {
         ))
     }
 
-    /// Turns region sets into byte extents, merging neighbours of equal status.
-    fn extents_of(&self, changed: &RoaringBitmap, saved: &RoaringBitmap) -> Vec<ChangedExtent> {
+    /// Turns region sets into byte extents, merging neighbours of equal
+    /// status: the written blocks of exact regions, whole inexact ones.
+    fn extents_of(
+        &self,
+        changed: &RoaringBitmap,
+        saved: &RoaringBitmap,
+        inexact: &RoaringBitmap,
+        fine: &RoaringBitmap,
+    ) -> Vec<ChangedExtent> {
         let region_bytes = self.granularity.bytes();
         let mut extents: Vec<ChangedExtent> = Vec::new();
-        for region in changed.iter() {
-            let offset_bytes = u64::from(region) * region_bytes;
-            let length_bytes = region_bytes.min(self.size_bytes.saturating_sub(offset_bytes));
+        let mut push = |offset_bytes: u64, length_bytes: u64, saved: bool, exact: bool| {
+            let length_bytes = length_bytes.min(self.size_bytes.saturating_sub(offset_bytes));
             if length_bytes == 0 {
-                continue;
+                return;
             }
-            let is_saved = saved.contains(region);
             match extents.last_mut() {
                 Some(last)
                     if last.offset_bytes + last.length_bytes == offset_bytes
-                        && last.saved == is_saved =>
+                        && last.saved == saved
+                        && last.exact == exact =>
                 {
                     last.length_bytes += length_bytes;
                 }
                 _ => extents.push(ChangedExtent {
                     offset_bytes,
                     length_bytes,
-                    saved: is_saved,
+                    saved,
+                    exact,
                 }),
+            }
+        };
+        for region in changed.iter() {
+            let is_saved = saved.contains(region);
+            let blocks = (!inexact.contains(region))
+                .then(|| self.fine.blocks_in(fine, region))
+                .flatten();
+            match blocks {
+                Some(blocks) => {
+                    for (offset_bytes, length_bytes) in blocks {
+                        push(offset_bytes, length_bytes, is_saved, true);
+                    }
+                }
+                None => push(
+                    u64::from(region) * region_bytes,
+                    region_bytes,
+                    is_saved,
+                    false,
+                ),
             }
         }
         extents
@@ -237,6 +292,16 @@ impl Tracker {
             .expect("unions lock")
             .insert(name.to_string(), Arc::clone(&union));
         Some(union)
+    }
+
+    /// The block size of exact changes (the granularity when no fine
+    /// record is kept).
+    pub fn precision_bytes(&self) -> u64 {
+        if self.fine.is_enabled() {
+            self.fine.precision().bytes()
+        } else {
+            self.granularity.bytes()
+        }
     }
 
     /// Bytes of the regions changed in the current generation.

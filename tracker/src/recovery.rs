@@ -12,10 +12,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use roaring::RoaringBitmap;
+
 use crate::alive;
 use crate::catalog::{Catalog, CatalogError, Checkpoint, CleanShutdown, Identity};
 use crate::checkpoints::checkpoints_from_index;
 use crate::error::{OpenError, error_chain};
+use crate::fine::PRECISION_DEFAULT_BYTES;
 use crate::journal::{self, FileHeader, Record, Replay};
 use crate::open::{lock_state, mtime_ns, random_id, unix_seconds};
 use crate::regions::{
@@ -167,6 +170,11 @@ pub(crate) struct Recovered {
     pub(crate) no_state: bool,
     pub(crate) identity: Identity,
     pub(crate) granularity: Granularity,
+    /// The fine record's block size, and whether the catalog has it yet.
+    pub(crate) precision: Granularity,
+    pub(crate) precision_stored: bool,
+    /// The fine record a clean stop left, when it can be trusted.
+    pub(crate) fine_current: Option<(RoaringBitmap, RoaringBitmap)>,
     pub(crate) header: FileHeader,
     pub(crate) marked: Arc<AtomicBitmap>,
     pub(crate) saved: AtomicBitmap,
@@ -215,6 +223,22 @@ pub(crate) fn recover(
     let region_count = granularity.region_count(size_bytes);
     if region_count > REGION_COUNT_MAX {
         return Err(OpenError::TooManyRegions { region_count });
+    }
+    let stored_precision = catalog.precision_shift().map_err(catalog_error)?;
+    let precision_bytes = options
+        .precision_bytes
+        .or(stored_precision.map(|shift| 1u64 << shift))
+        .unwrap_or(PRECISION_DEFAULT_BYTES);
+    let precision =
+        Granularity::new(precision_bytes).ok_or(OpenError::BadPrecision(precision_bytes))?;
+    if let Some(shift) = stored_precision
+        && shift != precision.shift()
+    {
+        return Err(OpenError::PrecisionMismatch {
+            path: state_dir.to_path_buf(),
+            state_bytes: 1 << shift,
+            asked_bytes: precision.bytes(),
+        });
     }
     let checkpoints = if catalog_lost {
         checkpoints_from_index(state_dir, region_count, &mut findings)
@@ -269,6 +293,16 @@ pub(crate) fn recover(
             (JournalFound::Replace { damaged: true }, 0)
         }
     };
+    // A clean stop's fine record holds only beside its marker, for the
+    // generation that stop left and with nothing to distrust.
+    let fine_current = match catalog.fine_current() {
+        Ok(Some((fine_generation, exact, blocks)))
+            if clean.is_some() && fine_generation == generation && findings.distrust.is_empty() =>
+        {
+            Some((exact, blocks))
+        }
+        _ => None,
+    };
     Ok(Recovered {
         lock,
         catalog,
@@ -277,6 +311,9 @@ pub(crate) fn recover(
         no_state,
         identity,
         granularity,
+        precision,
+        precision_stored: stored_precision.is_some(),
+        fine_current,
         header,
         marked,
         saved,

@@ -21,6 +21,7 @@ use crate::alive::Heartbeat;
 use crate::catalog::{Catalog, Checkpoint, CleanShutdown};
 use crate::commit::{Annotator, Committer};
 use crate::files::FileMap;
+use crate::fine::FineRecord;
 use crate::gate::Gate;
 use crate::hooks::GenerationHook;
 use crate::journal::{self, FileHeader, JournalFile, JournalWriter, Record};
@@ -47,6 +48,9 @@ pub struct TrackerOptions {
     pub state_dir: Option<PathBuf>,
     /// None: what the state already uses, or the default for new state.
     pub granularity_bytes: Option<u64>,
+    /// Block size of the fine record (`fine.rs`); None: what the state
+    /// already uses, or 4 KiB for new state.
+    pub precision_bytes: Option<u64>,
     /// Wraps each journal file the tracker writes (crash tests model power
     /// loss with it); None in production.
     pub journal_wrapper: Option<JournalWrapper>,
@@ -91,6 +95,8 @@ pub struct Tracker {
     pub(crate) written: AtomicBitmap,
     /// Regions of the current generation whose writes a flush made durable.
     pub(crate) saved: AtomicBitmap,
+    /// The blocks written in the current generation, below the granularity.
+    pub(crate) fine: FineRecord,
     pub(crate) gate: Gate,
     /// Started by `start` (after the server forks: a thread does not survive fork).
     pub(crate) committer: OnceLock<Committer>,
@@ -248,12 +254,15 @@ impl Tracker {
         run
     }
 
-    /// Returns once every region of the range is durably marked.
+    /// Returns once every region of the range is durably marked. The
+    /// caller issues its write next: the range's blocks count as written
+    /// from here on, whether the write succeeds or not.
     pub fn ensure_marked(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
         if length_bytes == 0 {
             return Ok(());
         }
         let run = self.run_of(offset_bytes, length_bytes);
+        self.fine.note(offset_bytes, length_bytes);
         if self.marked.all_set(run) {
             return Ok(());
         }
@@ -463,15 +472,22 @@ impl Tracker {
             path: self.image_path.clone(),
             source,
         })?;
+        let catalog_error = |source| CloseError::Catalog {
+            path: self.state_dir.join("catalog.redb"),
+            source,
+        };
+        // The fine record first: it is trusted only beside the marker.
+        let marked = self.marked.iter_set().map(|region| region as u32).collect();
+        let (exact, blocks) = self.fine.current(&marked);
+        self.catalog
+            .set_fine_current(self.generation(), &exact, &blocks)
+            .map_err(catalog_error)?;
         self.catalog
             .set_clean_shutdown(Some(&CleanShutdown {
                 image_mtime_ns: mtime_ns(&metadata),
                 size_bytes: self.size_bytes,
                 generation: self.generation(),
             }))
-            .map_err(|source| CloseError::Catalog {
-                path: self.state_dir.join("catalog.redb"),
-                source,
-            })
+            .map_err(catalog_error)
     }
 }

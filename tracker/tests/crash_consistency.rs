@@ -262,6 +262,7 @@ fn setup(label: &str) -> Setup {
         image: image_path.clone(),
         state_dir: Some(state_dir.clone()),
         granularity_bytes: Some(REGION_BYTES),
+        precision_bytes: None,
         journal_wrapper: Some(wrapper),
         files: false,
     };
@@ -385,6 +386,7 @@ fn power_off_and_recover(setup: Setup, torn_fraction: u64, context: &str) -> BTr
         image: image_path,
         state_dir: Some(state_dir),
         granularity_bytes: None,
+        precision_bytes: None,
         journal_wrapper: None,
         files: false,
     };
