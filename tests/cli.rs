@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use testkit::*;
 
 fn blockwatch(dir: &Path, args: &[&str]) -> std::process::Output {
     output(command(BLOCKWATCH, args).current_dir(dir))

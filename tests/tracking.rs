@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::*;
+use testkit::*;
 
 const REGION: u64 = 64 * 1024;
 
@@ -58,16 +59,6 @@ fn dirty_bitmap_regions(uri: &str, name: &str) -> BTreeSet<u64> {
             offset / REGION..(offset + length).div_ceil(REGION)
         })
         .collect()
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) {
-    let mut args = vec!["-f", "raw"];
-    for command in commands {
-        args.push("-c");
-        args.push(command);
-    }
-    args.push(uri);
-    run_program("qemu-io", args);
 }
 
 #[test]
