@@ -752,6 +752,9 @@ fn serve(
         })?);
     }
     let result = runtime.block_on(async move {
+        // Caught before the first connection is accepted: a client that
+        // got the greeting may stop the server at once and see it exit 0.
+        let mut stop = StopSignals::catch()?;
         let server = Server::new(exports).context("cannot create the server")?;
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
@@ -762,9 +765,9 @@ fn serve(
             tokio::spawn(Arc::clone(&server).serve_tcp(listener));
         }
         let code = match run {
-            Some(command) => run_captive(command, &environment).await?,
+            Some(command) => run_captive(command, &environment, &mut stop).await?,
             None => {
-                wait_for_signal().await?;
+                stop.received().await;
                 ExitCode::SUCCESS
             }
         };
@@ -792,20 +795,37 @@ fn serve(
     result
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, which stop the server cleanly once caught.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Replaces the default action (exit by the signal) from now on.
+    fn catch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    tracing::info!("signal received: finishing in-flight requests");
-    Ok(())
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        tracing::info!("signal received: finishing in-flight requests");
+    }
 }
 
 /// Runs the captive command and returns its exit status as ours.
-async fn run_captive(command: &str, environment: &CaptiveEnv) -> anyhow::Result<ExitCode> {
+async fn run_captive(
+    command: &str,
+    environment: &CaptiveEnv,
+    stop: &mut StopSignals,
+) -> anyhow::Result<ExitCode> {
     let mut child = tokio::process::Command::new("/bin/sh");
     child.arg("-c").arg(command);
     child
@@ -821,10 +841,7 @@ async fn run_captive(command: &str, environment: &CaptiveEnv) -> anyhow::Result<
     let mut child = child.spawn().context("cannot start the --run command")?;
     let status = tokio::select! {
         status = child.wait() => status?,
-        result = wait_for_signal() => {
-            result?;
-            return Ok(ExitCode::from(130));
-        }
+        () = stop.received() => return Ok(ExitCode::from(130)),
     };
     use std::os::unix::process::ExitStatusExt;
     let code = match (status.code(), status.signal()) {

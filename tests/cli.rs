@@ -249,6 +249,21 @@ fn a_second_server_on_the_same_image_or_socket_is_refused() {
     server.stop();
 }
 
+/// A server stopped at once after it was seen ready used to die of the
+/// SIGTERM half the time: its socket accepted connections before it caught
+/// the signal. Ready now means it sent a greeting, and it catches SIGTERM
+/// before it accepts; each start here is stopped the moment it is ready.
+#[test]
+fn sigterm_right_after_the_server_is_ready_exits_0() {
+    let dir = TempDir::new("cli-early-sigterm");
+    let image = dir.join("disk.img");
+    create_sparse_file(&image, 1 << 20);
+    for _ in 0..20 {
+        // Server::stop asserts the exit code is 0.
+        Server::start(dir.path(), &[&image], &[]).stop();
+    }
+}
+
 #[test]
 fn background_mode_writes_a_pidfile_and_stops_on_sigterm() {
     require_tool("nbdinfo", "libnbd-bin");

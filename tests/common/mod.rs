@@ -28,6 +28,8 @@ pub const BLOCKWATCH: &str = env!("CARGO_BIN_EXE_blockwatch");
 const SERVER_START_LIMIT: Duration = Duration::from_secs(20);
 const SERVER_STOP_LIMIT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long one probe waits for the greeting before trying again.
+const GREETING_LIMIT: Duration = Duration::from_secs(1);
 
 /// A `blockwatch serve -f -U SOCKET ...` process. Dropping it sends SIGTERM
 /// and asserts that the server exits 0 (unless the test is already failing).
@@ -41,8 +43,8 @@ pub struct Server {
 
 impl Server {
     /// Serves `images` on a unix socket in `dir` with extra `args` (for
-    /// example `["--size", "64M"]` or `["-r"]`), and returns once the socket
-    /// accepts connections.
+    /// example `["--size", "64M"]` or `["-r"]`), and returns once the server
+    /// greets a connection (see `greets`).
     pub fn start(dir: &Path, images: &[&Path], args: &[&str]) -> Server {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -89,7 +91,7 @@ impl Server {
                     self.logs()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if greets(&self.socket) {
                 return;
             }
             if started.elapsed() > SERVER_START_LIMIT {
@@ -178,6 +180,22 @@ impl Server {
             std::thread::sleep(POLL_INTERVAL);
         }
     }
+}
+
+/// Whether the server at `socket` sends the NBD greeting on a new
+/// connection. A socket accepts connections as soon as it is bound, long
+/// before the server can stop cleanly; the greeting comes from its accept
+/// loop, which starts after its signal handlers and control sockets.
+fn greets(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    if stream.set_read_timeout(Some(GREETING_LIMIT)).is_err() {
+        return false;
+    }
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
 }
 
 impl Drop for Server {
