@@ -1,10 +1,12 @@
-//! `blockwatch serve`: prepare images, bind listeners, go to the background
-//! (unless `-f` or `--run`), serve until a signal or the captive command
-//! ends, then finish in-flight requests, flush and exit.
+//! `blockwatch serve`: check every argument against the file system
+//! (`Plan::check`, which changes nothing), then create and open the images,
+//! bind listeners (undoing what it created if any of that fails), go to the
+//! background (unless `-f` or `--run`), serve until a signal or the captive
+//! command ends, then finish in-flight requests, flush and exit.
 
 use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,9 +16,11 @@ use backend::{BlockBackend, FileBackend};
 use clap::Args;
 use control::ControlServer;
 use nbd_server::{Export, Exports, Server};
+use tracker::regions::REGION_COUNT_MAX;
+use tracker::tracker::default_state_dir;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
-use crate::size::parse_size;
+use crate::size::{parse_granularity, parse_precision, parse_size, size_text};
 
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 const DEFAULT_SOCKET: &str = "blockwatch.sock";
@@ -75,66 +79,41 @@ pub struct ServeArgs {
     /// what existing state uses).
     #[arg(long, value_name = "SIZE")]
     granularity: Option<String>,
+    /// Block size of the exact change record below the granularity: a
+    /// power of two from 4K up to the granularity (default 4K, or what
+    /// existing state uses; equal to the granularity keeps none).
+    #[arg(long, value_name = "SIZE")]
+    precision: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let size_bytes = args
-        .size
-        .as_deref()
-        .map(parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let images = if args.images.is_empty() {
-        vec![PathBuf::from(DEFAULT_IMAGE)]
-    } else {
-        args.images.clone()
+    // Every argument is checked before anything is created, so a refused
+    // start leaves no image, state directory or socket behind.
+    let plan = Plan::check(&args)?;
+    let mut created = Created::default();
+    let (exports, trackers, listeners) = match start(&args, &plan, &mut created) {
+        Ok(started) => started,
+        Err(error) => {
+            // What failed after the checks (a lock held elsewhere, a port
+            // in use, a full disk) is undone the same way.
+            created.undo();
+            return Err(error);
+        }
     };
-    let names = export_names(&images, &args.export_names)?;
-    if args.state.is_some() && images.len() > 1 {
-        bail!("--state names one state directory: serve one image with it, or drop --state");
+    // Said only now: a start that fails prints nothing but its error.
+    for (image, size_bytes) in &created.images {
+        eprintln!(
+            "blockwatch: created {} (sparse, {})",
+            image.display(),
+            human_bytes(*size_bytes)
+        );
     }
-    let granularity_bytes = args
-        .granularity
-        .as_deref()
-        .map(parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let mut exports = Vec::with_capacity(images.len());
-    let mut trackers = Vec::new();
-    for (image, name) in images.iter().zip(names) {
-        let is_default = args.images.is_empty();
-        let path = prepare_image(image, size_bytes, is_default)?;
-        let file: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&path, args.read_only)?);
-        let backend: Arc<dyn BlockBackend> = if args.no_track {
-            file
-        } else {
-            let options = TrackerOptions {
-                image: path.clone(),
-                state_dir: args.state.clone(),
-                granularity_bytes,
-                precision_bytes: None,
-                journal_wrapper: None,
-                files: !args.no_files,
-            };
-            let tracker = Arc::new(
-                Tracker::open(&options, file.size_bytes())
-                    .with_context(|| format!("cannot track {}", path.display()))?,
-            );
-            for warning in tracker.warnings() {
-                eprintln!("blockwatch: {}: {warning}", path.display());
-            }
-            trackers.push(Arc::clone(&tracker));
-            Arc::new(TrackedBackend::new(file, tracker))
-        };
-        exports.push(Export {
-            description: format!("blockwatch: {}", path.display()),
-            name,
-            backend,
-        });
+    for tracker in &trackers {
+        for warning in tracker.warnings() {
+            eprintln!("blockwatch: {}: {warning}", tracker.image_path().display());
+        }
     }
-
     let captive = args.run.is_some();
-    let listeners = Listeners::bind(&args, captive)?;
     let first = &exports[0];
     let uri = listeners.uri(&first.name);
     if !captive {
@@ -143,9 +122,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.foreground && !captive {
         daemonize()?;
     }
-    if let Some(pidfile) = &args.pidfile {
-        std::fs::write(pidfile, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write pidfile {}", pidfile.display()))?;
+    if let Some(pidfile) = &args.pidfile
+        && let Err(error) = std::fs::write(pidfile, format!("{}\n", std::process::id()))
+    {
+        // Checked in `Plan::check`, so rare: then the start is undone too.
+        listeners.remove_socket();
+        drop((exports, trackers));
+        created.undo();
+        return Err(error).with_context(|| format!("cannot write pidfile {}", pidfile.display()));
     }
     let environment = CaptiveEnv {
         uri,
@@ -165,6 +149,346 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(pidfile);
     }
     result
+}
+
+/// What `serve` will do, worked out from the arguments and checked against
+/// the file system without changing it.
+#[derive(Debug)]
+struct Plan {
+    images: Vec<ImagePlan>,
+    granularity_bytes: Option<u64>,
+    precision_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+struct ImagePlan {
+    path: PathBuf,
+    export_name: String,
+    /// Create the image sparse with this size (it does not exist yet).
+    create_bytes: Option<u64>,
+}
+
+impl Plan {
+    fn check(args: &ServeArgs) -> anyhow::Result<Plan> {
+        let size_bytes = args.size.as_deref().map(parse_size).transpose();
+        let size_bytes = size_bytes.map_err(anyhow::Error::msg)?;
+        let granularity_bytes = args.granularity.as_deref().map(parse_granularity);
+        let granularity_bytes = granularity_bytes.transpose().map_err(anyhow::Error::msg)?;
+        let precision_bytes = args.precision.as_deref().map(parse_precision);
+        let precision_bytes = precision_bytes.transpose().map_err(anyhow::Error::msg)?;
+        if let (Some(precision), Some(granularity)) = (precision_bytes, granularity_bytes)
+            && precision > granularity
+        {
+            bail!(
+                "--precision {} is coarser than --granularity {}: use at most the granularity",
+                size_text(precision),
+                size_text(granularity)
+            );
+        }
+        let is_default = args.images.is_empty();
+        let paths = if is_default {
+            vec![PathBuf::from(DEFAULT_IMAGE)]
+        } else {
+            args.images.clone()
+        };
+        let names = export_names(&paths, &args.export_names)?;
+        if args.state.is_some() && paths.len() > 1 {
+            bail!("--state names one state directory: serve one image with it, or drop --state");
+        }
+        if let Some(state) = &args.state
+            && state.exists()
+            && !state.is_dir()
+        {
+            bail!(
+                "--state {} exists and is not a directory; give a directory",
+                state.display()
+            );
+        }
+        check_each_image_once(&paths)?;
+        let mut images = Vec::with_capacity(paths.len());
+        for (path, export_name) in paths.into_iter().zip(names) {
+            let create_bytes = check_image(&path, size_bytes, is_default)?;
+            if !args.no_track
+                && let Some(granularity_bytes) = granularity_bytes
+            {
+                check_region_count(&path, create_bytes, granularity_bytes)?;
+            }
+            images.push(ImagePlan {
+                path,
+                export_name,
+                create_bytes,
+            });
+        }
+        if let Some(path) = unix_socket_path(args) {
+            check_unix_socket(&path)?;
+        }
+        if let Some(pidfile) = &args.pidfile {
+            check_pidfile(pidfile)?;
+        }
+        Ok(Plan {
+            images,
+            granularity_bytes,
+            precision_bytes,
+        })
+    }
+}
+
+/// What a start created, so that a start failing before it serves can
+/// remove it again.
+#[derive(Debug, Default)]
+struct Created {
+    /// Each image created, with its size.
+    images: Vec<(PathBuf, u64)>,
+    state_dirs: Vec<PathBuf>,
+}
+
+impl Created {
+    fn undo(&self) {
+        for state_dir in &self.state_dirs {
+            let _ = std::fs::remove_dir_all(state_dir);
+        }
+        for (image, _) in &self.images {
+            let _ = std::fs::remove_file(image);
+        }
+    }
+}
+
+type Started = (Vec<Export>, Vec<Arc<Tracker>>, Listeners);
+
+/// Creates what `plan` asks for, opens and tracks each image, and binds
+/// the listeners; records in `created` what did not exist before.
+fn start(args: &ServeArgs, plan: &Plan, created: &mut Created) -> anyhow::Result<Started> {
+    let mut exports = Vec::with_capacity(plan.images.len());
+    let mut trackers = Vec::new();
+    for image in &plan.images {
+        if let Some(size_bytes) = image.create_bytes {
+            create_image(&image.path, size_bytes)?;
+            created.images.push((image.path.clone(), size_bytes));
+        }
+        let path = std::path::absolute(&image.path)
+            .with_context(|| format!("cannot resolve {}", image.path.display()))?;
+        let file: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&path, args.read_only)?);
+        let backend: Arc<dyn BlockBackend> = if args.no_track {
+            file
+        } else {
+            let tracker = open_tracker(args, plan, &path, file.size_bytes(), created)?;
+            trackers.push(Arc::clone(&tracker));
+            Arc::new(TrackedBackend::new(file, tracker))
+        };
+        exports.push(Export {
+            description: format!("blockwatch: {}", path.display()),
+            name: image.export_name.clone(),
+            backend,
+        });
+    }
+    let listeners = Listeners::bind(args, args.run.is_some())?;
+    Ok((exports, trackers, listeners))
+}
+
+fn open_tracker(
+    args: &ServeArgs,
+    plan: &Plan,
+    path: &Path,
+    size_bytes: u64,
+    created: &mut Created,
+) -> anyhow::Result<Arc<Tracker>> {
+    let state_dir = args
+        .state
+        .clone()
+        .unwrap_or_else(|| default_state_dir(path));
+    let state_is_new = !state_dir.exists();
+    let options = TrackerOptions {
+        image: path.to_path_buf(),
+        state_dir: args.state.clone(),
+        granularity_bytes: plan.granularity_bytes,
+        precision_bytes: plan.precision_bytes,
+        journal_wrapper: None,
+        files: !args.no_files,
+    };
+    let opened = Tracker::open(&options, size_bytes);
+    if state_is_new && state_dir.exists() {
+        created.state_dirs.push(state_dir);
+    }
+    Ok(Arc::new(opened.with_context(|| {
+        format!("cannot track {}", path.display())
+    })?))
+}
+
+/// Refuses an image named twice (under any spelling of its path): the
+/// second open would find it locked by the first.
+fn check_each_image_once(paths: &[PathBuf]) -> anyhow::Result<()> {
+    let mut seen: Vec<(PathBuf, Option<(u64, u64)>)> = Vec::with_capacity(paths.len());
+    for path in paths {
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        if seen.iter().any(|(other, other_identity)| {
+            *other == absolute || identity.is_some() && *other_identity == identity
+        }) {
+            bail!("{} is named twice; serve each image once", path.display());
+        }
+        seen.push((absolute, identity));
+    }
+    Ok(())
+}
+
+/// Checks `image` can be served as asked; returns the size to create it
+/// with when it does not exist yet.
+fn check_image(
+    image: &Path,
+    size_bytes: Option<u64>,
+    is_default: bool,
+) -> anyhow::Result<Option<u64>> {
+    match std::fs::metadata(image) {
+        Ok(metadata) => {
+            let file_type = metadata.file_type();
+            let is_device = file_type.is_block_device();
+            if !file_type.is_file() && !is_device {
+                bail!(
+                    "{} is neither a regular file nor a block device",
+                    image.display()
+                );
+            }
+            if let Some(wanted) = size_bytes
+                && !is_device
+                && metadata.len() != wanted
+            {
+                bail!(
+                    "{} exists with {} bytes, not the {} that --size asks for; drop --size to serve it as it is",
+                    image.display(),
+                    metadata.len(),
+                    wanted
+                );
+            }
+            Ok(None)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(size) = size_bytes.or(is_default.then_some(DEFAULT_SIZE_BYTES)) else {
+                bail!(
+                    "{} does not exist; give --size (e.g. --size 10G) to create it",
+                    image.display()
+                );
+            };
+            let parent = parent_dir(image);
+            if !parent.is_dir() {
+                bail!(
+                    "cannot create {}: {} is not a directory",
+                    image.display(),
+                    parent.display()
+                );
+            }
+            Ok(Some(size))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot use {}", image.display())),
+    }
+}
+
+/// The tracker refuses more than `REGION_COUNT_MAX` regions; says so before
+/// the image is created, for images whose size is known without opening.
+fn check_region_count(
+    image: &Path,
+    create_bytes: Option<u64>,
+    granularity_bytes: u64,
+) -> anyhow::Result<()> {
+    let size_bytes = match create_bytes {
+        Some(size_bytes) => size_bytes,
+        None => match std::fs::metadata(image) {
+            Ok(metadata) if metadata.is_file() => metadata.len(),
+            // A block device's size takes an ioctl: the tracker checks it.
+            _ => return Ok(()),
+        },
+    };
+    let region_count = size_bytes.div_ceil(granularity_bytes);
+    if region_count > REGION_COUNT_MAX {
+        bail!(
+            "{} would have {region_count} regions at --granularity {}, over the limit {REGION_COUNT_MAX}; use a larger --granularity",
+            image.display(),
+            size_text(granularity_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// The directory a relative or absolute path lies in.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// Longest unix socket path the kernel takes (`sun_path` less its NUL).
+const UNIX_SOCKET_PATH_MAX_BYTES: usize = 107;
+
+/// The unix socket `serve` will listen on, if any, unless it is the
+/// private one of captive mode (made fresh, so nothing to check).
+fn unix_socket_path(args: &ServeArgs) -> Option<PathBuf> {
+    let want_tcp = args.port.is_some() || args.ipaddr.is_some();
+    match (&args.unix, want_tcp, args.run.is_some()) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, false, false) => Some(PathBuf::from(DEFAULT_SOCKET)),
+        (None, _, _) => None,
+    }
+}
+
+/// Checks that a socket can be bound at `path` without replacing anything
+/// but a stale socket.
+fn check_unix_socket(path: &Path) -> anyhow::Result<()> {
+    let absolute =
+        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let length = absolute.as_os_str().len();
+    if length > UNIX_SOCKET_PATH_MAX_BYTES {
+        bail!(
+            "socket path {} is {length} bytes, over the {UNIX_SOCKET_PATH_MAX_BYTES} a unix socket allows; choose a shorter path with -U",
+            absolute.display()
+        );
+    }
+    let parent = parent_dir(path);
+    if !parent.is_dir() {
+        bail!(
+            "cannot listen on {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        );
+    }
+    check_no_listener(path)
+}
+
+/// A file at `path` must be a socket nobody listens on (a stale one).
+fn check_no_listener(path: &Path) -> anyhow::Result<()> {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !metadata.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; choose another path with -U",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("another server is already listening on {}", path.display());
+    }
+    Ok(())
+}
+
+/// The pidfile is written after the fork, where an error reaches no
+/// terminal: check now that it can be.
+fn check_pidfile(pidfile: &Path) -> anyhow::Result<()> {
+    let parent = parent_dir(pidfile);
+    if !parent.is_dir() {
+        bail!(
+            "cannot write pidfile {}: {} is not a directory",
+            pidfile.display(),
+            parent.display()
+        );
+    }
+    if pidfile.is_dir() {
+        bail!(
+            "cannot write pidfile {}: it is a directory",
+            pidfile.display()
+        );
+    }
+    Ok(())
 }
 
 /// One export name per image.
@@ -203,51 +527,22 @@ fn export_names(images: &[PathBuf], given: &[String]) -> anyhow::Result<Vec<Stri
     Ok(names)
 }
 
-/// Makes sure `image` exists with the wanted size; returns its absolute path.
-fn prepare_image(
-    image: &Path,
-    size_bytes: Option<u64>,
-    is_default: bool,
-) -> anyhow::Result<PathBuf> {
-    match std::fs::metadata(image) {
-        Ok(metadata) => {
-            let is_device = metadata.file_type().is_block_device();
-            if let Some(wanted) = size_bytes
-                && !is_device
-                && metadata.len() != wanted
-            {
-                bail!(
-                    "{} exists with {} bytes, not the {} that --size asks for; drop --size to serve it as it is",
-                    image.display(),
-                    metadata.len(),
-                    wanted
-                );
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let Some(size) = size_bytes.or(is_default.then_some(DEFAULT_SIZE_BYTES)) else {
-                bail!(
-                    "{} does not exist; give --size (e.g. --size 10G) to create it",
-                    image.display()
-                );
-            };
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(image)
-                .with_context(|| format!("cannot create {}", image.display()))?;
-            file.set_len(size)
-                .with_context(|| format!("cannot size {} to {size} bytes", image.display()))?;
-            eprintln!(
-                "blockwatch: created {} (sparse, {})",
-                image.display(),
-                human_bytes(size)
-            );
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot use {}", image.display())),
+/// Creates `image` sparse with `size_bytes`; a file that cannot be sized
+/// is removed again.
+fn create_image(image: &Path, size_bytes: u64) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)
+        .with_context(|| format!("cannot create {}", image.display()))?;
+    if let Err(error) = file.set_len(size_bytes) {
+        drop(file);
+        let _ = std::fs::remove_file(image);
+        return Err(error)
+            .with_context(|| format!("cannot size {} to {size_bytes} bytes", image.display()));
     }
-    std::path::absolute(image).with_context(|| format!("cannot resolve {}", image.display()))
+    Ok(())
 }
 
 /// The bound listeners, created before any thread or fork.
@@ -260,8 +555,23 @@ struct Listeners {
 }
 
 impl Listeners {
+    /// Binds TCP first: it leaves nothing in the file system, so a port
+    /// in use fails before a socket file or private directory exists.
     fn bind(args: &ServeArgs, captive: bool) -> anyhow::Result<Listeners> {
         let want_tcp = args.port.is_some() || args.ipaddr.is_some();
+        let tcp = if want_tcp {
+            let address = SocketAddr::new(
+                args.ipaddr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                args.port.unwrap_or(DEFAULT_PORT),
+            );
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on {address}"))?;
+            listener.set_nonblocking(true)?;
+            let bound = listener.local_addr()?;
+            Some((listener, bound))
+        } else {
+            None
+        };
         let mut private_dir = None;
         let unix_path = match (&args.unix, want_tcp, captive) {
             (Some(path), _, _) => Some(std::path::absolute(path)?),
@@ -278,19 +588,14 @@ impl Listeners {
             (None, false, false) => Some(std::path::absolute(DEFAULT_SOCKET)?),
             (None, true, _) => None,
         };
-        let unix = unix_path.as_deref().map(bind_unix).transpose()?;
-        let tcp = if want_tcp {
-            let address = SocketAddr::new(
-                args.ipaddr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                args.port.unwrap_or(DEFAULT_PORT),
-            );
-            let listener = std::net::TcpListener::bind(address)
-                .with_context(|| format!("cannot listen on {address}"))?;
-            listener.set_nonblocking(true)?;
-            let bound = listener.local_addr()?;
-            Some((listener, bound))
-        } else {
-            None
+        let unix = match unix_path.as_deref().map(bind_unix).transpose() {
+            Ok(unix) => unix,
+            Err(error) => {
+                if let Some(dir) = &private_dir {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                return Err(error);
+            }
         };
         Ok(Listeners {
             unix,
@@ -327,16 +632,9 @@ impl Listeners {
 
 /// Binds a unix socket readable only by its owner, replacing a stale one.
 fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket; choose another path with -U",
-                path.display()
-            );
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another server is already listening on {}", path.display());
-        }
+    // Checked again: the file may have changed since `Plan::check`.
+    check_no_listener(path)?;
+    if std::fs::symlink_metadata(path).is_ok() {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
@@ -478,6 +776,9 @@ fn serve(
         );
     }
     let result = runtime.block_on(async move {
+        // Caught before the first connection is accepted: a client that
+        // got the greeting may stop the server at once and see it exit 0.
+        let mut stop = StopSignals::catch()?;
         let server = Server::new(exports).context("cannot create the server")?;
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
@@ -488,9 +789,9 @@ fn serve(
             tokio::spawn(Arc::clone(&server).serve_tcp(listener));
         }
         let code = match run {
-            Some(command) => run_captive(command, &environment).await?,
+            Some(command) => run_captive(command, &environment, &mut stop).await?,
             None => {
-                wait_for_signal().await?;
+                stop.received().await;
                 ExitCode::SUCCESS
             }
         };
@@ -518,20 +819,37 @@ fn serve(
     result
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, which stop the server cleanly once caught.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Replaces the default action (exit by the signal) from now on.
+    fn catch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    tracing::info!("signal received: finishing in-flight requests");
-    Ok(())
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        tracing::info!("signal received: finishing in-flight requests");
+    }
 }
 
 /// Runs the captive command and returns its exit status as ours.
-async fn run_captive(command: &str, environment: &CaptiveEnv) -> anyhow::Result<ExitCode> {
+async fn run_captive(
+    command: &str,
+    environment: &CaptiveEnv,
+    stop: &mut StopSignals,
+) -> anyhow::Result<ExitCode> {
     let mut child = tokio::process::Command::new("/bin/sh");
     child.arg("-c").arg(command);
     child
@@ -547,10 +865,7 @@ async fn run_captive(command: &str, environment: &CaptiveEnv) -> anyhow::Result<
     let mut child = child.spawn().context("cannot start the --run command")?;
     let status = tokio::select! {
         status = child.wait() => status?,
-        result = wait_for_signal() => {
-            result?;
-            return Ok(ExitCode::from(130));
-        }
+        () = stop.received() => return Ok(ExitCode::from(130)),
     };
     use std::os::unix::process::ExitStatusExt;
     let code = match (status.code(), status.signal()) {

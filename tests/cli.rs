@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use testkit::*;
 
 fn blockwatch(dir: &Path, args: &[&str]) -> std::process::Output {
     output(command(BLOCKWATCH, args).current_dir(dir))
@@ -68,6 +69,116 @@ fn impossible_sizes_and_paths_get_one_line_errors_and_exit_2() {
     assert!(
         !dir.join("x.img").exists(),
         "a failed start must not leave an image behind"
+    );
+}
+
+/// Asserts that `blockwatch serve ARGS` (run in `dir`) fails with a one-line
+/// `message` and exit code 2, and that the start left none of `paths`
+/// behind (an image, its state directory, a socket).
+fn assert_refused_leaving_nothing(dir: &Path, args: &[&str], message: &str, paths: &[&str]) {
+    assert_fails_with(dir, args, message);
+    for path in paths {
+        assert!(
+            !dir.join(path).exists(),
+            "{args:?} was refused but left {path} behind"
+        );
+    }
+}
+
+/// What `serve x.img` in a directory would leave there: the image, its
+/// state directory and the default socket.
+const X_IMG_LEFTOVERS: [&str; 3] = ["x.img", "x.img.blockwatch", "blockwatch.sock"];
+
+#[test]
+fn serve_with_a_bad_granularity_creates_no_image() {
+    let dir = TempDir::new("cli-granularity");
+    for granularity in ["3K", "2K", "32M", "0"] {
+        let message = if granularity == "0" {
+            "zero"
+        } else {
+            "is not a power of two from 4K to 16M"
+        };
+        assert_refused_leaving_nothing(
+            dir.path(),
+            &[
+                "serve",
+                "-f",
+                "x.img",
+                "--size",
+                "1G",
+                "--granularity",
+                granularity,
+            ],
+            message,
+            &X_IMG_LEFTOVERS,
+        );
+    }
+}
+
+#[test]
+fn serve_with_a_socket_path_that_is_not_a_socket_creates_no_image() {
+    let dir = TempDir::new("cli-not-a-socket");
+    std::fs::write(dir.join("not-a-socket"), b"x").unwrap();
+    assert_refused_leaving_nothing(
+        dir.path(),
+        &["serve", "-f", "-U", "not-a-socket", "x.img", "--size", "1M"],
+        "is not a socket",
+        &X_IMG_LEFTOVERS,
+    );
+    assert_eq!(
+        std::fs::read(dir.join("not-a-socket")).unwrap(),
+        b"x",
+        "the file at the socket path is left as it was"
+    );
+}
+
+#[test]
+fn serve_with_a_pidfile_in_a_missing_directory_creates_no_image() {
+    let dir = TempDir::new("cli-pidfile");
+    assert_refused_leaving_nothing(
+        dir.path(),
+        &[
+            "serve",
+            "-f",
+            "--pidfile",
+            "missing/x.pid",
+            "x.img",
+            "--size",
+            "1M",
+        ],
+        "cannot write pidfile",
+        &X_IMG_LEFTOVERS,
+    );
+}
+
+#[test]
+fn serve_with_a_second_image_of_the_wrong_size_creates_neither() {
+    let dir = TempDir::new("cli-second-image");
+    create_sparse_file(&dir.join("b.img"), 2 << 20);
+    assert_refused_leaving_nothing(
+        dir.path(),
+        &["serve", "-f", "a.img", "b.img", "--size", "1M"],
+        "drop --size",
+        &[
+            "a.img",
+            "a.img.blockwatch",
+            "b.img.blockwatch",
+            "blockwatch.sock",
+        ],
+    );
+}
+
+#[test]
+fn serve_on_a_port_in_use_leaves_no_image_behind() {
+    let dir = TempDir::new("cli-port-in-use");
+    // Held for the whole test, so the port stays taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert_refused_leaving_nothing(
+        dir.path(),
+        &["serve", "-f", "-p", &port, "x.img", "--size", "1M"],
+        "cannot listen on 127.0.0.1:",
+        &["x.img", "x.img.blockwatch"],
     );
 }
 
@@ -136,6 +247,21 @@ fn a_second_server_on_the_same_image_or_socket_is_refused() {
         "already listening",
     );
     server.stop();
+}
+
+/// A server stopped at once after it was seen ready used to die of the
+/// SIGTERM half the time: its socket accepted connections before it caught
+/// the signal. Ready now means it sent a greeting, and it catches SIGTERM
+/// before it accepts; each start here is stopped the moment it is ready.
+#[test]
+fn sigterm_right_after_the_server_is_ready_exits_0() {
+    let dir = TempDir::new("cli-early-sigterm");
+    let image = dir.join("disk.img");
+    create_sparse_file(&image, 1 << 20);
+    for _ in 0..20 {
+        // Server::stop asserts the exit code is 0.
+        Server::start(dir.path(), &[&image], &[]).stop();
+    }
 }
 
 #[test]

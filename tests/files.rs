@@ -13,52 +13,33 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
-use common::{
-    BLOCKWATCH, LiveFs, MIB, TempDir, create_sparse_file, entry, files, is_root, lines, parse_json,
-    pretty, ranges, require_tool, run_program, write_random_file,
-};
+use common::{BLOCKWATCH, LiveFs, entry, files, lines, pretty, ranges};
 use serde_json::Value;
+use testkit::{
+    MIB, TempDir, create_sparse_file, parse_json, require_tool, run_program, skipped_unless_root,
+    write_random_file,
+};
 
 const IMAGE_SIZE_BYTES: u64 = 128 * MIB;
 /// The filesystem block size given to mkfs.ext4, and the region size the
 /// exact tests track at.
 const BLOCK_BYTES: u64 = 4096;
 
-fn skipped_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    println!("skipped: needs root (mount -o loop and FUSE)");
-    true
-}
+/// Why the tests here need root.
+const NEEDS_ROOT: &str = "mount -o loop and FUSE";
 
-/// An ext4 image served by blockwatch, exposed by nbdfuse and mounted
-/// through a loop device (`LiveFs`), and the directory holding it all,
-/// removed last.
-struct LiveExt4 {
-    live: LiveFs,
-    dir: TempDir,
-}
-
-impl std::ops::Deref for LiveExt4 {
-    type Target = LiveFs;
-    fn deref(&self) -> &LiveFs {
-        &self.live
-    }
-}
-
-impl LiveExt4 {
+/// What these tests do with an ext4 image served by blockwatch, exposed by
+/// nbdfuse and mounted through a loop device.
+impl LiveFs {
     /// mkfs.ext4 on a fresh image (inode tables and journal written now,
     /// so no lazy initialisation runs while the test changes files), then
     /// serve it with `server_args` and mount it.
-    fn start(label: &str, server_args: &[&str]) -> LiveExt4 {
-        require_tool("nbdfuse", "libnbd-bin (nbdfuse on newer Debian)");
-        require_tool("fusermount3", "fuse3");
+    fn start_ext4(label: &str, server_args: &[&str]) -> LiveFs {
         require_tool("mkfs.ext4", "e2fsprogs");
         require_tool("filefrag", "e2fsprogs");
         require_tool("dd", "coreutils");
-        require_tool("debugfs", "e2fsprogs");
         let dir = TempDir::new(label);
         let image = dir.join("disk.img");
         create_sparse_file(&image, IMAGE_SIZE_BYTES);
@@ -74,8 +55,7 @@ impl LiveExt4 {
                 image.as_os_str(),
             ],
         );
-        let live = LiveFs::start(&dir, &image, server_args, IMAGE_SIZE_BYTES, "loop", 0);
-        LiveExt4 { live, dir }
+        LiveFs::start(dir, &image, server_args, IMAGE_SIZE_BYTES, "loop", 0)
     }
 
     /// `blockwatch changes IMAGE --files --json ARGS...`.
@@ -108,52 +88,21 @@ impl LiveExt4 {
     /// Physical blocks of each file (logical block -> physical block), as
     /// the kernel reports them (FIEMAP through filefrag).
     fn physical_blocks(&self, relatives: &[&str]) -> BTreeMap<String, BTreeMap<u64, u64>> {
-        let mut args = vec!["-v".to_string(), format!("-b{BLOCK_BYTES}")];
-        args.extend(relatives.iter().map(|r| self.path(r).display().to_string()));
-        let text = run_program("filefrag", &args);
-        let mut out: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("File size of ") {
-                let path = rest.split(" is ").next().expect("a path");
-                let relative = path
-                    .strip_prefix(self.mount_dir().to_str().expect("UTF-8"))
-                    .expect("a path under the mount")
-                    .to_string();
-                out.insert(relative.clone(), BTreeMap::new());
-                current = Some(relative);
-                continue;
-            }
-            let fields: Vec<&str> = line.split(':').map(str::trim).collect();
-            if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
-                continue;
-            }
-            let span = |field: &str| -> (u64, u64) {
-                let (start, end) = field.split_once("..").expect("start..end");
-                let number = |text: &str| text.trim().parse::<u64>().expect("a block number");
-                (number(start), number(end))
-            };
-            let (logical_start, logical_end) = span(fields[1]);
-            let (physical_start, _) = span(fields[2]);
-            let blocks = out
-                .get_mut(current.as_ref().expect("an extent after a file name"))
-                .expect("the current file");
-            for logical in logical_start..=logical_end {
-                blocks.insert(logical, physical_start + (logical - logical_start));
-            }
-        }
-        for relative in relatives {
-            assert!(
-                out.contains_key(*relative),
-                "filefrag said nothing of {relative}:\n{text}"
-            );
-        }
-        out
+        let paths: Vec<PathBuf> = relatives.iter().map(|r| self.path(r)).collect();
+        let mut by_path = testkit::physical_blocks(&paths, BLOCK_BYTES);
+        relatives
+            .iter()
+            .zip(&paths)
+            .map(|(relative, path)| {
+                let blocks = by_path.remove(path).expect("filefrag names every path");
+                (relative.to_string(), blocks)
+            })
+            .collect()
     }
 
     /// Unmounts, stops nbdfuse and the server, each asserting success.
     fn finish(mut self) {
-        self.live.stop();
+        self.stop();
     }
 }
 
@@ -175,7 +124,7 @@ fn change_lines(reply: &Value) -> BTreeSet<String> {
 
 /// A tree of about 50 small files, a 2 MiB file, and files that are
 /// deleted, renamed and linked after the checkpoint.
-fn build_baseline(fs: &LiveExt4) {
+fn build_baseline(fs: &LiveFs) {
     for dir in ["/docs", "/src", "/data", "/trash", "/dst"] {
         fs.mkdir(dir);
     }
@@ -250,7 +199,7 @@ const BASELINE_CHANGED_PATHS: &[&str] = &[
 /// Blocks of /big.bin overwritten in place by `change_baseline`.
 const BIG_OVERWRITE_BLOCKS: u64 = 3;
 
-fn change_baseline(fs: &LiveExt4) {
+fn change_baseline(fs: &LiveFs) {
     fs.append("/docs/note-03.txt", 400, 123);
     // Overwrite blocks 100..103 of the big file in place, as a database does.
     let patch = fs.dir.join("patch.bin");
@@ -301,7 +250,7 @@ fn check_baseline_details(reply: &Value) {
         BIG_OVERWRITE_BLOCKS * BLOCK_BYTES,
         "{text}"
     );
-    assert_eq!(big["size"], 2 * MIB, "{text}");
+    assert_eq!(big["size_bytes"], 2 * MIB, "{text}");
     assert_eq!(big["content_changed"], true, "{text}");
     // Where in the file: blocks 100..103, as byte ranges of the file.
     assert_eq!(
@@ -315,7 +264,7 @@ fn check_baseline_details(reply: &Value) {
     );
     let appended = entry(reply, "/docs/note-03.txt");
     assert_eq!(appended["changed_bytes"], BLOCK_BYTES, "{text}");
-    assert_eq!(appended["size"], 100 + 3 * 97 + 123, "{text}");
+    assert_eq!(appended["size_bytes"], 100 + 3 * 97 + 123, "{text}");
     let chmodded = entry(reply, "/data/perm.txt");
     assert_eq!(
         chmodded["changed_bytes"], 0,
@@ -332,32 +281,30 @@ fn check_baseline_details(reply: &Value) {
         3 * BLOCK_BYTES,
         "{text}"
     );
-    assert_eq!(entry(reply, "/trash/old2.txt")["size"], 20_000, "{text}");
+    assert_eq!(
+        entry(reply, "/trash/old2.txt")["size_bytes"],
+        20_000,
+        "{text}"
+    );
     let filesystems = reply["filesystems"].as_array().expect("filesystems");
     assert_eq!(filesystems.len(), 1, "{text}");
-    assert_eq!(filesystems[0]["offset"], 0, "{text}");
+    assert_eq!(filesystems[0]["offset_bytes"], 0, "{text}");
     assert_eq!(filesystems[0]["block_size"], BLOCK_BYTES, "{text}");
 }
 
 #[test]
 fn files_changed_on_a_live_mounted_ext4_are_reported_exactly() {
-    if skipped_unless_root() {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    let fs = LiveExt4::start("files-exact", &["--granularity", "4K"]);
+    let fs = LiveFs::start_ext4("files-exact", &["--granularity", "4K"]);
     build_baseline(&fs);
     fs.sync();
     fs.checkpoint("c1");
     change_baseline(&fs);
-    fs.fsync(BASELINE_CHANGED_PATHS);
     // No unmount and no syncfs: the map must read the newest metadata
     // through the jbd2 journal, as it lies on the disk now.
-    assert!(
-        !fs.in_place_has("/fresh/made.txt"),
-        "the kernel already wrote the new metadata in place (a global sync or memory \
-         pressure?), so this run cannot show that the map reads through the journal; \
-         run it again"
-    );
+    fs.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/fresh/made.txt");
 
     let first = fs.file_changes(&["--since", "c1"]);
     assert_eq!(
@@ -403,10 +350,10 @@ fn covered(ranges: &[(u64, u64)], fs_offset: u64, block: u64) -> bool {
 
 #[test]
 fn copy_criteria_select_files_and_keep_metadata() {
-    if skipped_unless_root() {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    let fs = LiveExt4::start("files-criteria", &["--granularity", "4K"]);
+    let fs = LiveFs::start_ext4("files-criteria", &["--granularity", "4K"]);
     for dir in ["/logs", "/skip", "/data"] {
         fs.mkdir(dir);
     }
@@ -476,7 +423,9 @@ fn copy_criteria_select_files_and_keep_metadata() {
 
     let written = written_blocks(&fs, &appended, "/logs/new.log");
     assert_eq!(written["/logs/new.log"].len(), 3, "10 KiB in 4 KiB blocks");
-    let fs_offset = reply["filesystems"][0]["offset"].as_u64().expect("offset");
+    let fs_offset = reply["filesystems"][0]["offset_bytes"]
+        .as_u64()
+        .expect("offset_bytes");
     let copy_set = ranges(&reply["copy_set"]);
     let copy_bytes: u64 = copy_set.iter().map(|&(_, length)| length).sum();
     assert_eq!(reply["copy_bytes"], copy_bytes, "{text}");
@@ -498,7 +447,7 @@ fn copy_criteria_select_files_and_keep_metadata() {
 /// map: the appended tail of each `(path, size before, bytes appended)`
 /// and every block of the file `created`.
 fn written_blocks<'a>(
-    fs: &LiveExt4,
+    fs: &LiveFs,
     appended: &[(&'a str, u64, u64)],
     created: &'a str,
 ) -> BTreeMap<&'a str, Vec<u64>> {
@@ -520,7 +469,7 @@ fn written_blocks<'a>(
 /// `written` is right) and the changed metadata; with criteria
 /// (`copy_set`) that metadata is still all there.
 fn check_metadata_copied(
-    fs: &LiveExt4,
+    fs: &LiveFs,
     written: &BTreeMap<&str, Vec<u64>>,
     copy_set: &[(u64, u64)],
     fs_offset: u64,
@@ -554,16 +503,31 @@ fn check_metadata_copied(
 }
 
 #[test]
-fn default_granularity_lists_neighbours_as_shared_not_modified() {
-    if skipped_unless_root() {
+fn default_granularity_lists_exactly_the_changed_files_and_no_untouched_neighbour() {
+    // The default region of 64 KiB holds 16 blocks, but the fine record
+    // knows which 4 KiB blocks were written: no neighbour is listed as '~'.
+    neighbours_of_changed_files(&[], false);
+}
+
+#[test]
+fn without_a_fine_record_untouched_neighbours_are_listed_as_shared_not_modified() {
+    // --precision equal to the granularity keeps no fine record: a small
+    // file's write marks its neighbours' blocks changed too, and they are
+    // listed as '~' so that nothing is ever missed.
+    neighbours_of_changed_files(&["--precision", "64K"], true);
+}
+
+/// Hundreds of small files, a few of them changed, at 64 KiB regions:
+/// the changed ones get their exact status, and the untouched ones with a
+/// block in a changed region are listed as '~' exactly when `shared_expected`.
+fn neighbours_of_changed_files(serve_args: &[&str], shared_expected: bool) {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    // The default region of 64 KiB holds 16 blocks: a small file's write
-    // marks its neighbours' blocks changed too.
-    let fs = LiveExt4::start("files-shared", &[]);
+    let fs = LiveFs::start_ext4("files-shared", serve_args);
     fs.mkdir("/small");
     fs.mkdir("/other");
-    let names: Vec<String> = (0..64)
+    let names: Vec<String> = (0..200)
         .map(|index| format!("/small/f-{index:02}.txt"))
         .collect();
     for (seed, name) in names.iter().enumerate() {
@@ -605,7 +569,9 @@ fn default_granularity_lists_neighbours_as_shared_not_modified() {
         .collect();
     let physical = fs.physical_blocks(&untouched);
     let changed = fs.changed_ranges("c1");
-    let fs_offset = reply["filesystems"][0]["offset"].as_u64().expect("offset");
+    let fs_offset = reply["filesystems"][0]["offset_bytes"]
+        .as_u64()
+        .expect("offset_bytes");
     let expected_shared: BTreeSet<String> = untouched
         .iter()
         .filter(|name| {
@@ -616,6 +582,22 @@ fn default_granularity_lists_neighbours_as_shared_not_modified() {
         .map(|name| format!("~ {name}"))
         .collect();
     let listed_shared: BTreeSet<String> = shared.iter().map(|f| change_line(f)).collect();
+    if !shared_expected {
+        // Checked against the kernel's own block map (filefrag): no
+        // reported change touches an untouched file's blocks.
+        assert_eq!(
+            expected_shared,
+            BTreeSet::new(),
+            "exact changes {changed:?} cover untouched files' blocks ({physical:?})"
+        );
+        assert_eq!(
+            listed_shared,
+            BTreeSet::new(),
+            "no untouched file may be listed when the changed blocks are known exactly:\n{text}"
+        );
+        fs.finish();
+        return;
+    }
     assert!(
         !expected_shared.is_empty(),
         "no untouched file shares a changed 64K region (layout: {physical:?}, changed: {changed:?})"
@@ -636,11 +618,11 @@ fn default_granularity_lists_neighbours_as_shared_not_modified() {
 
 #[test]
 fn files_in_a_directory_grown_into_an_htree_keep_their_paths() {
-    if skipped_unless_root() {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
     require_tool("lsattr", "e2fsprogs");
-    let fs = LiveExt4::start("files-htree", &["--granularity", "4K"]);
+    let fs = LiveFs::start_ext4("files-htree", &["--granularity", "4K"]);
     fs.mkdir("/many");
     fs.mkdir("/other");
     let name = |index: u32| format!("/many/entry-with-a-fairly-long-name-{index:03}.txt");

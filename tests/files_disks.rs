@@ -10,16 +10,15 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{
-    BLOCKWATCH, LiveFs, MIB, Server, TempDir, change_lines, create_sparse_file, entry, files,
-    is_root, lines, parse_json, pretty, pseudo_random_bytes, ranges, require_tool, run_program,
-    write_at,
-};
+use common::{BLOCKWATCH, LiveFs, Server, change_lines, entry, files, lines, pretty, ranges};
 use serde_json::{Value, json};
+use testkit::{
+    MIB, TempDir, create_sparse_file, parse_json, random_bytes, require_tool, run_program,
+    run_with_input, skipped_unless_root, write_at,
+};
 
 /// The filesystem block size given to mkfs.ext4, and the region size the
 /// live tests track at, so only files whose blocks changed are listed.
@@ -33,13 +32,8 @@ const RAW_PARTITION_SCRIPT: &str = "start=2048, size=32768, type=L";
 const RAW_WRITE_OFFSET_IN_PARTITION_BYTES: u64 = MIB + 3 * BLOCK_BYTES;
 const RAW_WRITE_BYTES: u64 = 3 * BLOCK_BYTES;
 
-fn skipped_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    println!("skipped: needs root (mount -o loop and FUSE)");
-    true
-}
+/// Why the live tests need root.
+const NEEDS_ROOT: &str = "mount -o loop and FUSE";
 
 #[derive(Debug, Clone, Copy)]
 enum Table {
@@ -68,27 +62,7 @@ struct Layout {
 
 /// Partitions the image with `sfdisk` (script on stdin).
 fn sfdisk(image: &Path, script: &str) {
-    let mut child = Command::new("sfdisk")
-        .arg("--quiet")
-        .arg(image)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run sfdisk: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .expect("write the sfdisk script");
-    let result = child.wait_with_output().expect("wait for sfdisk");
-    assert!(
-        result.status.success(),
-        "sfdisk {} failed on the script:\n{script}\n{}",
-        image.display(),
-        String::from_utf8_lossy(&result.stderr)
-    );
+    run_with_input(Command::new("sfdisk").arg("--quiet").arg(image), script);
 }
 
 /// The partitions `sfdisk --json` reads from the image.
@@ -192,11 +166,10 @@ fn make_disk(image: &Path, size_bytes: u64, table: Table) -> Layout {
 
 /// An ext4 on a disk image, served by blockwatch, exposed by nbdfuse and
 /// mounted through a loop device at the filesystem's offset (`LiveFs`),
-/// with the disk's layout, and the directory holding it all, removed last.
+/// with the disk's layout.
 struct LiveDisk {
     live: LiveFs,
     layout: Layout,
-    _dir: TempDir,
 }
 
 impl std::ops::Deref for LiveDisk {
@@ -208,11 +181,8 @@ impl std::ops::Deref for LiveDisk {
 
 impl LiveDisk {
     fn start(label: &str, size_bytes: u64, table: Table) -> LiveDisk {
-        require_tool("nbdfuse", "libnbd-bin (nbdfuse on newer Debian)");
-        require_tool("fusermount3", "fuse3");
         require_tool("mkfs.ext4", "e2fsprogs");
         require_tool("filefrag", "e2fsprogs");
-        require_tool("debugfs", "e2fsprogs");
         require_tool("sfdisk", "fdisk");
         let dir = TempDir::new(label);
         let image = dir.join("disk.img");
@@ -222,18 +192,14 @@ impl LiveDisk {
             layout.filesystem.offset_bytes, layout.filesystem.length_bytes
         );
         let live = LiveFs::start(
-            &dir,
+            dir,
             &image,
             &["--granularity", "4K"],
             size_bytes,
             &options,
             layout.filesystem.offset_bytes,
         );
-        LiveDisk {
-            live,
-            layout,
-            _dir: dir,
-        }
+        LiveDisk { live, layout }
     }
 
     /// Writes `data` at disk byte `offset` through the NBD export (the
@@ -257,37 +223,17 @@ impl LiveDisk {
     /// Physical blocks (relative to the filesystem) of each file's logical
     /// blocks `logical`, from the kernel's extent map (FIEMAP via filefrag).
     fn physical_blocks(&self, relative: &str, logical: std::ops::Range<u64>) -> Vec<u64> {
-        let text = run_program(
-            "filefrag",
-            [
-                "-v".to_string(),
-                format!("-b{BLOCK_BYTES}"),
-                self.path(relative).display().to_string(),
-            ],
-        );
-        let mut out = Vec::new();
-        for line in text.lines() {
-            let fields: Vec<&str> = line.split(':').map(str::trim).collect();
-            if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
-                continue;
-            }
-            let span = |field: &str| -> (u64, u64) {
-                let (start, end) = field.split_once("..").expect("start..end");
-                let number = |text: &str| text.trim().parse::<u64>().expect("a block number");
-                (number(start), number(end))
-            };
-            let (logical_start, logical_end) = span(fields[1]);
-            let (physical_start, _) = span(fields[2]);
-            for block in logical_start.max(logical.start)..=logical_end.min(logical.end - 1) {
-                out.push(physical_start + (block - logical_start));
-            }
-        }
-        assert_eq!(
-            out.len() as u64,
-            logical.end - logical.start,
-            "filefrag did not map blocks {logical:?} of {relative}:\n{text}"
-        );
-        out
+        let path = self.path(relative);
+        let blocks = testkit::physical_blocks(std::slice::from_ref(&path), BLOCK_BYTES)
+            .remove(&path)
+            .expect("filefrag names every path");
+        logical
+            .map(|block| {
+                *blocks
+                    .get(&block)
+                    .unwrap_or_else(|| panic!("filefrag did not map block {block} of {relative}"))
+            })
+            .collect()
     }
 
     /// Unmounts, stops nbdfuse and the server, each asserting success;
@@ -383,7 +329,7 @@ fn change_baseline(disk: &LiveDisk) {
     write_at(
         &disk.path("/big.bin"),
         BIG_OVERWRITE_FIRST_BLOCK * BLOCK_BYTES,
-        &pseudo_random_bytes(401, (BIG_OVERWRITE_BLOCKS * BLOCK_BYTES) as usize),
+        &random_bytes(401, (BIG_OVERWRITE_BLOCKS * BLOCK_BYTES) as usize),
     );
     disk.write("/docs/new.txt", 402, NEW_FILE_BYTES);
     std::fs::remove_file(disk.path("/old/gone.txt")).expect("remove /old/gone.txt");
@@ -395,13 +341,7 @@ fn change_baseline(disk: &LiveDisk) {
 /// metadata is then in the journal and not yet in place, so the map has
 /// to read it through the journal.
 fn commit_through_the_journal(disk: &LiveDisk) {
-    disk.fsync(BASELINE_CHANGED_PATHS);
-    assert!(
-        !disk.in_place_has("/docs/new.txt"),
-        "the kernel already wrote the new metadata in place (a global sync or memory \
-         pressure?), so this run cannot show that the map reads through the journal; \
-         run it again"
-    );
+    disk.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/docs/new.txt");
 }
 
 /// Checks a `--files` reply for the baseline changes on `layout`'s ext4.
@@ -426,7 +366,7 @@ fn check_baseline_reply(disk: &LiveDisk, reply: &Value) {
             .iter()
             .map(|fs| (
                 fs["partition"].clone(),
-                fs["offset"].clone(),
+                fs["offset_bytes"].clone(),
                 fs["block_size"].clone()
             ))
             .collect::<Vec<_>>(),
@@ -470,7 +410,7 @@ fn check_baseline_reply(disk: &LiveDisk, reply: &Value) {
 }
 
 fn partitioned_disk_reports_files_per_partition(label: &str, table: Table) {
-    if skipped_unless_root() {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
     let mut disk = LiveDisk::start(label, PARTITIONED_DISK_BYTES, table);
@@ -480,10 +420,7 @@ fn partitioned_disk_reports_files_per_partition(label: &str, table: Table) {
     change_baseline(&disk);
     let raw = disk.layout.raw.expect("a raw partition");
     let raw_offset = raw.offset_bytes + RAW_WRITE_OFFSET_IN_PARTITION_BYTES;
-    disk.write_raw(
-        raw_offset,
-        &pseudo_random_bytes(500, RAW_WRITE_BYTES as usize),
-    );
+    disk.write_raw(raw_offset, &random_bytes(500, RAW_WRITE_BYTES as usize));
     commit_through_the_journal(&disk);
 
     let reply = disk.file_changes(&["--since", "c1"]);
@@ -593,7 +530,7 @@ fn a_disk_without_ext4_gets_block_only_answers_with_a_clear_note() {
         .collect();
     assert_eq!(
         extents,
-        vec![vec!["0", "65536", "saved"]],
+        vec![vec!["0", "65536", "saved", "exact"]],
         "changes --since c1 lists the written extent:\n{listing}"
     );
 
@@ -607,7 +544,7 @@ fn a_disk_without_ext4_gets_block_only_answers_with_a_clear_note() {
 
 #[test]
 fn files_query_works_offline_after_the_server_stopped() {
-    if skipped_unless_root() {
+    if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
     let mut disk = LiveDisk::start("disks-offline", WHOLE_DISK_BYTES, Table::None);

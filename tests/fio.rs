@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{Server, TempDir, command, output_within, parse_json, require_tool, status_text};
+use common::Server;
 use serde_json::Value;
 use std::time::Duration;
+use testkit::{TempDir, command, output_within, parse_json, require_tool, status_text};
 
 /// A fio job runs a few seconds; this only bounds a hang.
 const FIO_LIMIT: Duration = Duration::from_secs(60);

@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::{MIB, Server, TempDir, create_sparse_file, output, status_text, write_at};
+use common::Server;
 use std::process::Command;
+use testkit::{MIB, TempDir, assert_file_range, create_sparse_file, output, status_text, write_at};
 
 /// python3-libnbd is installed for the system interpreter only.
 const PYTHON: &str = "/usr/bin/python3";
@@ -93,7 +94,7 @@ fn read_only_export_refuses_writes_with_eperm() {
     let server = Server::start(dir.path(), &[&image], &["-r"]);
     run_check(&server, "read-only", &[&server.uri()]);
     server.stop();
-    common::assert_file_range(&image, 0, &[0x5a; 4096]);
+    assert_file_range(&image, 0, &[0x5a; 4096]);
 }
 
 #[test]
@@ -160,7 +161,7 @@ fn sigterm_with_a_client_connected_exits_0_and_keeps_its_writes() {
     );
     print!("{rest}");
     for index in 0..8u8 {
-        common::assert_file_range(
+        assert_file_range(
             &image,
             u64::from(index) * MIB,
             &vec![0xa0 + index; MIB as usize],

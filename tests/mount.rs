@@ -8,12 +8,13 @@
 
 mod common;
 
-use common::{
-    FuseExport, LoopMount, Server, TempDir, command, create_sparse_file, is_root, output,
-    pseudo_random_bytes, require_tool, run, run_program, status_text,
-};
+use common::Server;
 use std::path::Path;
 use std::process::Command;
+use testkit::{
+    FuseExport, LoopMount, TempDir, assert_files_equal, command, create_sparse_file, output,
+    random_bytes, require_tool, run, run_program, skipped_unless_root, status_text,
+};
 
 const IMAGE_SIZE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -39,7 +40,7 @@ fn build_source_tree(root: &Path) -> Vec<String> {
     for (seed, (name, length)) in files.iter().enumerate() {
         let path = root.join(name);
         std::fs::create_dir_all(path.parent().expect("a parent")).expect("create directories");
-        std::fs::write(&path, pseudo_random_bytes(100 + seed as u64, *length))
+        std::fs::write(&path, random_bytes(100 + seed as u64, *length))
             .expect("write a source file");
     }
     files.into_iter().map(|(name, _)| name).collect()
@@ -47,8 +48,7 @@ fn build_source_tree(root: &Path) -> Vec<String> {
 
 #[test]
 fn ext4_on_nbdfuse_is_clean_after_unmount_and_keeps_every_file() {
-    if !is_root() {
-        println!("skipped: needs root (mount -o loop and FUSE)");
+    if skipped_unless_root("mount -o loop and FUSE") {
         return;
     }
     require_tool("nbdfuse", "libnbd-bin (nbdfuse on newer Debian)");
@@ -103,7 +103,7 @@ fn ext4_on_nbdfuse_is_clean_after_unmount_and_keeps_every_file() {
             image.as_os_str(),
         ],
     );
-    common::assert_files_equal(&source.join("big-7m.bin"), &dumped);
+    assert_files_equal(&source.join("big-7m.bin"), &dumped);
 
     // Serve it again and check every file by checksum.
     let server = Server::start(dir.path(), &[&image], &[]);

@@ -4,9 +4,10 @@
 
 mod common;
 
-use common::{
-    MIB, Server, TempDir, assert_file_range, assert_files_equal, create_sparse_file,
-    pseudo_random_bytes, require_tool, run_program, write_at, write_random_file,
+use common::Server;
+use testkit::{
+    MIB, TempDir, assert_file_range, assert_files_equal, create_sparse_file, random_bytes,
+    require_tool, run_program, write_at, write_random_file,
 };
 
 const SIZE_BYTES: u64 = 64 * MIB;
@@ -57,7 +58,7 @@ fn destination_is_zero_allocated_copies_only_the_data() {
         write_at(
             &source,
             offset,
-            &pseudo_random_bytes(10 + index as u64, length as usize),
+            &random_bytes(10 + index as u64, length as usize),
         );
     }
     let image = dir.join("disk.img");

@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::{MIB, Server, TempDir, parse_json, require_tool, run_program};
+use common::Server;
 use serde_json::Value;
+use testkit::{MIB, TempDir, create_sparse_file, parse_json, require_tool, run_program};
 
 const SIZE_BYTES: u64 = 64 * MIB;
 
@@ -91,7 +92,7 @@ fn json_shows_read_only_and_no_write_capabilities_with_r() {
     require_tool("nbdinfo", "libnbd-bin");
     let dir = TempDir::new("nbdinfo-ro");
     let image = dir.join("disk.img");
-    common::create_sparse_file(&image, SIZE_BYTES);
+    create_sparse_file(&image, SIZE_BYTES);
     let server = Server::start(dir.path(), &[&image], &["-r"]);
 
     let info = nbdinfo_json(&server.uri());
@@ -121,8 +122,8 @@ fn list_shows_every_image_named_after_its_file_stem() {
     let dir = TempDir::new("nbdinfo-list");
     let first = dir.join("a.img");
     let second = dir.join("b.img");
-    common::create_sparse_file(&first, 32 * MIB);
-    common::create_sparse_file(&second, 16 * MIB);
+    create_sparse_file(&first, 32 * MIB);
+    create_sparse_file(&second, 16 * MIB);
     let server = Server::start(dir.path(), &[&first, &second], &[]);
 
     let info = parse_json(

@@ -4,37 +4,16 @@
 
 mod common;
 
-use common::{
-    MIB, Server, TempDir, assert_file_range, assert_files_equal, create_sparse_file, output,
-    parse_json, pseudo_random_bytes, require_tool, run, run_program, status_text, write_at,
-};
+use common::Server;
 use serde_json::Value;
-use std::process::Command;
+use testkit::{
+    MIB, TempDir, assert_file_range, assert_files_equal, command, create_sparse_file, output,
+    parse_json, qemu_io, qemu_io_command, random_bytes, require_tool, run_program, status_text,
+    write_at,
+};
 
 const SIZE_BYTES: u64 = 64 * MIB;
 const KIB: u64 = 1024;
-
-/// `qemu-io -f raw -c CMD... URI`.
-fn qemu_io_command(uri: &str, commands: &[&str]) -> Command {
-    let mut command = Command::new("qemu-io");
-    command.args(["-f", "raw"]);
-    for each in commands {
-        command.args(["-c", each]);
-    }
-    command.arg(uri);
-    command
-}
-
-/// Runs qemu-io commands that must all succeed.
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let stdout = run(&mut qemu_io_command(uri, commands));
-    // qemu-io reports some failures on stdout only.
-    assert!(
-        !stdout.contains("failed") && !stdout.contains("error"),
-        "qemu-io reported a failure:\n{stdout}"
-    );
-    stdout
-}
 
 fn pattern(byte: u8, length: u64) -> Vec<u8> {
     vec![byte; length as usize]
@@ -262,12 +241,8 @@ fn qemu_img_map_matches_the_written_layout() {
 /// A 64 MiB image of random data with a 16 MiB hole in the middle.
 fn random_image_with_hole(path: &std::path::Path) {
     create_sparse_file(path, SIZE_BYTES);
-    write_at(path, 0, &pseudo_random_bytes(21, (16 * MIB) as usize));
-    write_at(
-        path,
-        32 * MIB,
-        &pseudo_random_bytes(22, (32 * MIB) as usize),
-    );
+    write_at(path, 0, &random_bytes(21, (16 * MIB) as usize));
+    write_at(path, 32 * MIB, &random_bytes(22, (32 * MIB) as usize));
 }
 
 #[test]
@@ -305,7 +280,7 @@ fn qemu_img_convert_and_compare_match_the_image() {
     let changed = dir.join("changed.raw");
     std::fs::copy(&image, &changed).expect("copy the image");
     write_at(&changed, 40 * MIB + 12345, &[0x5a]);
-    let differs = output(&mut common::command(
+    let differs = output(&mut command(
         "qemu-img",
         [
             "compare",

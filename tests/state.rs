@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
+use testkit::*;
 
 /// Every file of `dir` with its size, modification time and contents'
 /// crc, so that any write to the state directory shows.
@@ -48,10 +49,6 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-fn qemu_io(uri: &str, command: &str) {
-    run_program("qemu-io", ["-f", "raw", "-c", command, uri]);
-}
-
 fn json(args: &[&str]) -> serde_json::Value {
     let text = run_program(BLOCKWATCH, args);
     parse_json(&text, &format!("blockwatch {args:?}"))
@@ -65,8 +62,7 @@ fn offline_queries_after_a_clean_stop_change_nothing_and_the_next_start_trusts_i
     let image_arg = image.to_str().unwrap();
     let server = Server::start_with_size(dir.path(), &image, "8M");
     run_program(BLOCKWATCH, ["checkpoint", image_arg, "base"]);
-    qemu_io(&server.uri(), "write -P 7 1M 64k");
-    qemu_io(&server.uri(), "flush");
+    qemu_io(&server.uri(), &["write -P 7 1M 64k", "flush"]);
     server.stop();
 
     let state = dir.join("disk.img.blockwatch");

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::*;
+use testkit::*;
 
 const REGION: u64 = 64 * 1024;
 
@@ -35,8 +36,8 @@ fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
     change_extents(image, since)
         .iter()
         .flat_map(|e| {
-            let offset = e["offset"].as_u64().unwrap();
-            let length = e["length"].as_u64().unwrap();
+            let offset = e["offset_bytes"].as_u64().unwrap();
+            let length = e["length_bytes"].as_u64().unwrap();
             offset / REGION..(offset + length).div_ceil(REGION)
         })
         .collect()
@@ -58,16 +59,6 @@ fn dirty_bitmap_regions(uri: &str, name: &str) -> BTreeSet<u64> {
             offset / REGION..(offset + length).div_ceil(REGION)
         })
         .collect()
-}
-
-fn qemu_io(uri: &str, commands: &[&str]) {
-    let mut args = vec!["-f", "raw"];
-    for command in commands {
-        args.push("-c");
-        args.push(command);
-    }
-    args.push(uri);
-    run_program("qemu-io", args);
 }
 
 #[test]
@@ -120,9 +111,25 @@ fn known_writes_appear_exactly_in_changes_and_the_dirty_bitmap() {
         "tuesday",
         "--json",
     ]);
+    // Exactly the written 4 KiB blocks: 4k, 128k, 1000 bytes across a
+    // block boundary (two blocks), the zeroed 64k and the discarded 64k.
+    let exact: Vec<(u64, u64)> = vec![
+        (4 << 20, 4096),
+        (10 << 20, 128 << 10),
+        (20971000 / 4096 * 4096, 8192),
+        (30 << 20, 64 << 10),
+        (40 << 20, 64 << 10),
+    ];
+    assert_eq!(ranges(&until["extents"]), exact, "{until:#}");
     assert_eq!(
         until["changed_bytes"].as_u64(),
-        Some(expected.len() as u64 * REGION)
+        Some(exact.iter().map(|&(_, length)| length).sum::<u64>())
+    );
+    assert!(
+        until["extents"]
+            .as_array()
+            .is_some_and(|extents| extents.iter().all(|e| e["exact"] == true)),
+        "{until:#}"
     );
 
     // The context is listed like QEMU's, and libnbd reads it.
@@ -429,7 +436,7 @@ fn change_statuses(image: &Path, since: &str) -> Vec<(u64, String)> {
         .iter()
         .map(|e| {
             (
-                e["offset"].as_u64().unwrap(),
+                e["offset_bytes"].as_u64().unwrap(),
                 e["status"].as_str().unwrap().to_string(),
             )
         })
@@ -476,14 +483,21 @@ h.shutdown()
             .map(|l| l.split_whitespace().map(str::to_string).collect())
             .collect()
     };
+    // Each 4 KiB write is listed as itself (exact), not as its region.
     assert_eq!(
         lines(before),
-        [["0", "65536", "written"], ["1048576", "65536", "saved"]],
+        [
+            ["0", "4096", "written", "exact"],
+            ["1048576", "4096", "saved", "exact"]
+        ],
         "{out}"
     );
     assert_eq!(
         lines(after),
-        [["0", "65536", "saved"], ["1048576", "65536", "saved"]],
+        [
+            ["0", "4096", "saved", "exact"],
+            ["1048576", "4096", "saved", "exact"]
+        ],
         "{out}"
     );
     assert_eq!(
@@ -505,5 +519,158 @@ fn sigterm_stops_the_server_even_when_its_control_socket_file_was_removed() {
     std::fs::remove_file(&socket).expect("remove the control socket");
     // Another listener at the same path, as a second server would make.
     let _squatter = std::os::unix::net::UnixListener::bind(&socket).expect("bind the path");
+    server.stop();
+}
+
+/// Writes 4 KiB of `byte` at each offset through python3-libnbd, then
+/// flushes when `flush`.
+fn pwrite_4k(uri: &str, offsets: &[u64], byte: u8, flush: bool) {
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = bytes([int(sys.argv[2])]) * 4096
+for offset in sys.argv[4:]:
+    h.pwrite(data, int(offset))
+if sys.argv[3] == "1":
+    h.flush()
+h.shutdown()
+"#;
+    let mut args = vec![
+        "-c".to_string(),
+        script.to_string(),
+        uri.to_string(),
+        byte.to_string(),
+        if flush { "1" } else { "0" }.to_string(),
+    ];
+    args.extend(offsets.iter().map(u64::to_string));
+    run_program("/usr/bin/python3", &args);
+}
+
+/// Whether every 4 KiB block at `offsets` lies inside the extents.
+fn all_covered(extents: &[serde_json::Value], offsets: &[u64]) -> bool {
+    let ranges: Vec<(u64, u64)> = extents
+        .iter()
+        .map(|e| {
+            (
+                e["offset_bytes"].as_u64().unwrap(),
+                e["length_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    offsets.iter().all(|&offset| {
+        ranges
+            .iter()
+            .any(|&(start, length)| start <= offset && offset + 4096 <= start + length)
+    })
+}
+
+#[test]
+fn scattered_4k_writes_are_reported_within_a_tenth_of_the_written_bytes() {
+    let dir = TempDir::new("tracking-fine");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "256M");
+    run_program(BLOCKWATCH, ["checkpoint", image.to_str().unwrap(), "base"]);
+    // 1000 blocks spread over the disk, each in a 64 KiB region of its own
+    // or sharing one with a neighbour.
+    let mut random = Xorshift::new(16);
+    let mut offsets: Vec<u64> = (0..1000)
+        .map(|_| random.below((256 << 20) / 4096) * 4096)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    pwrite_4k(&server.uri(), &offsets, 9, true);
+    let written_bytes = offsets.len() as u64 * 4096;
+    let reply = blockwatch_json(&[
+        "changes",
+        image.to_str().unwrap(),
+        "--since",
+        "base",
+        "--json",
+    ]);
+    let changed_bytes = reply["changed_bytes"].as_u64().unwrap();
+    let extents = reply["extents"].as_array().unwrap();
+    assert!(all_covered(extents, &offsets), "a written block is missing");
+    assert!(
+        changed_bytes * 10 <= written_bytes * 11,
+        "{changed_bytes} bytes reported for {written_bytes} written (want <= 1.1x)"
+    );
+    assert!(extents.iter().all(|e| e["exact"] == true), "{reply:#}");
+    assert_eq!(reply["precision_bytes"], 4096);
+    let regions: BTreeSet<u64> = offsets.iter().map(|offset| offset / REGION).collect();
+    eprintln!(
+        "{written_bytes} bytes written in {} blocks: {changed_bytes} reported ({:.3}x); whole regions would be {} ({:.1}x)",
+        offsets.len(),
+        changed_bytes as f64 / written_bytes as f64,
+        regions.len() as u64 * REGION,
+        (regions.len() as u64 * REGION) as f64 / written_bytes as f64
+    );
+    // The dirty bitmap stays at region granularity, as QEMU's readers expect.
+    assert_eq!(dirty_bitmap_regions(&server.uri(), "base"), regions);
+    server.stop();
+}
+
+#[test]
+fn after_kill_9_the_regions_whose_fine_record_was_lost_count_whole() {
+    let dir = TempDir::new("tracking-fine-crash");
+    let image = dir.join("disk.img");
+    let image_arg = image.to_str().unwrap();
+    let changes = |since: &str| -> serde_json::Value {
+        blockwatch_json(&["changes", image_arg, "--since", since, "--json"])
+    };
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    run_program(BLOCKWATCH, ["checkpoint", image_arg, "base"]);
+    let flushed = [0, 5 * REGION + 8192, 40 * REGION];
+    pwrite_4k(&server.uri(), &flushed, 1, true);
+    server.stop();
+
+    // A clean stop keeps the fine record: exact after the restart, and
+    // offline too.
+    let offline = changes("base");
+    assert_eq!(offline["changed_bytes"], 3 * 4096, "{offline:#}");
+    let server = Server::start(dir.path(), &[&image], &[]);
+    assert_eq!(changes("base")["changed_bytes"], 3 * 4096);
+
+    // Unflushed writes, some in regions already written, then kill -9.
+    let unflushed = [4096, 5 * REGION, 90 * REGION + 4096];
+    pwrite_4k(&server.uri(), &unflushed, 2, false);
+    server.kill();
+    let server = Server::start(dir.path(), &[&image], &[]);
+    let reply = changes("base");
+    let extents = reply["extents"].as_array().unwrap();
+    let all: Vec<u64> = flushed.iter().chain(&unflushed).copied().collect();
+    assert!(all_covered(extents, &all), "a write is missing:\n{reply:#}");
+    let whole: BTreeSet<u64> = extents
+        .iter()
+        .map(|e| {
+            assert_eq!(e["exact"], false, "{reply:#}");
+            assert_eq!(e["length_bytes"].as_u64().unwrap() % REGION, 0, "{reply:#}");
+            e["offset_bytes"].as_u64().unwrap() / REGION
+        })
+        .collect();
+    assert_eq!(whole, [0, 5, 40, 90].into_iter().collect(), "{reply:#}");
+
+    // A region first written after the restart is exact again.
+    pwrite_4k(&server.uri(), &[60 * REGION + 12288], 3, true);
+    let reply = changes("base");
+    let fresh: Vec<&serde_json::Value> = reply["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["offset_bytes"].as_u64().unwrap() / REGION == 60)
+        .collect();
+    assert_eq!(fresh.len(), 1, "{reply:#}");
+    assert_eq!(fresh[0]["exact"], true);
+    assert_eq!(fresh[0]["offset_bytes"], 60 * REGION + 12288);
+    assert_eq!(fresh[0]["length_bytes"], 4096);
+    // The next generation starts exact.
+    run_program(BLOCKWATCH, ["checkpoint", image_arg, "after"]);
+    pwrite_4k(&server.uri(), &[5 * REGION + 8192], 4, true);
+    let reply = changes("after");
+    assert_eq!(
+        ranges(&reply["extents"]),
+        [(5 * REGION + 8192, 4096)],
+        "{reply:#}"
+    );
     server.stop();
 }

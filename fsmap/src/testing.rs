@@ -1,19 +1,5 @@
-//! Helpers the crate's unit tests share.
+//! Helpers the crate's unit tests share: the workspace's one seeded
+//! generator, under the name the tests know it by. `Random(state)` starts
+//! from a raw state, so every unit test keeps the cases its seed gave.
 
-/// Deterministic pseudo-random numbers (xorshift64), so a failure
-/// reproduces from its seed.
-#[derive(Debug)]
-pub struct Random(pub u64);
-
-impl Random {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
+pub use testkit::Xorshift as Random;

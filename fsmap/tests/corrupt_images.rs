@@ -18,21 +18,22 @@
 //! counting allocator and a clock (`common/harness.rs`), and every failure
 //! is reported at the end with its image, case number, seed and mutation.
 
+mod common;
 #[path = "common/exercise.rs"]
 mod exercise;
 #[path = "common/harness.rs"]
 mod harness;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::time::Duration;
 
+use common::{index_directories, mkfs_with_files};
 use fsmap::ext4::{Ext4, MetaKind, crc32c_raw};
 use fsmap::map::FsMap;
 use fsmap::read::Bytes;
-use harness::{Xorshift, case_seed};
+use harness::case_seed;
+use testkit::{TempDir, Xorshift};
 
 /// Memory one case may hold at once beyond what it started with; the
 /// images are 8-12 MiB, so anything near this is an allocation sized from
@@ -49,35 +50,6 @@ static ALLOCATOR: harness::CountingAllocator = harness::CountingAllocator;
 
 // ---------------------------------------------------------------------------
 // The images.
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A fresh directory: tests run in parallel and build the same image.
-fn temp_dir(label: &str) -> TempDir {
-    static MADE: AtomicUsize = AtomicUsize::new(0);
-    let serial = MADE.fetch_add(1, Ordering::Relaxed);
-    let name = format!("fsmap-corrupt-{label}-{}-{serial}", std::process::id());
-    let path = std::env::temp_dir().join(name);
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    TempDir(path)
-}
-
-fn tool(name: &str) -> String {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let path = format!("{dir}/{name}");
-        if Path::new(&path).exists() {
-            return path;
-        }
-    }
-    panic!("{name} is not installed: apt-get install -y e2fsprogs");
-}
 
 /// The source tree every image is built from.
 fn populate(source: &Path) {
@@ -122,34 +94,20 @@ struct ImageSpec {
 
 /// Builds the image, indexes its large directories, and reads it whole.
 fn make_image(spec: &ImageSpec) -> Vec<u8> {
-    let dir = temp_dir(spec.label);
-    let source = dir.0.join("source");
+    let dir = TempDir::new(&format!("fsmap-corrupt-{}", spec.label));
+    let source = dir.join("source");
     populate(&source);
-    let image = dir.0.join("fs.img");
-    let status = Command::new(tool(spec.mkfs))
-        .args(["-q", "-F", "-U", "6b1e9a4c-2f0d-4c8e-9b7a-3d5e1f2a4b6c"])
-        .args(["-E", "hash_seed=0c7f3e2a-1b4d-4e6f-8a9b-5c3d2e1f0a7b"])
-        .args(spec.args)
-        .arg("-d")
-        .arg(&source)
-        .arg(&image)
-        .arg(spec.size)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "{} {:?} failed", spec.mkfs, spec.args);
-    let status = Command::new(tool("e2fsck"))
-        .arg("-fyD")
-        .arg(&image)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    // 0: clean; 1: directories were optimised.
-    assert!(
-        matches!(status.code(), Some(0 | 1)),
-        "e2fsck -fyD on the {} image: {status}",
-        spec.label
-    );
+    let image = dir.join("fs.img");
+    // A fixed UUID and directory hash seed: the same image on every run.
+    let fixed = [
+        "-U",
+        "6b1e9a4c-2f0d-4c8e-9b7a-3d5e1f2a4b6c",
+        "-E",
+        "hash_seed=0c7f3e2a-1b4d-4e6f-8a9b-5c3d2e1f0a7b",
+    ];
+    let args = [&fixed[..], spec.args].concat();
+    mkfs_with_files(spec.mkfs, &args, &source, &image, spec.size);
+    index_directories(&image);
     std::fs::read(&image).unwrap()
 }
 
@@ -297,9 +255,9 @@ fn pick_region<'a>(random: &mut Xorshift, layout: &'a Structures) -> &'a Region 
         }
         seen
     };
-    let class = classes[random.below(classes.len())];
+    let class = classes[random.index(classes.len())];
     let of_class: Vec<&Region> = layout.regions.iter().filter(|r| r.class == class).collect();
-    of_class[random.below(of_class.len())]
+    of_class[random.index(of_class.len())]
 }
 
 /// One to four edits inside one structure: a random byte, or a boundary value
@@ -307,13 +265,13 @@ fn pick_region<'a>(random: &mut Xorshift, layout: &'a Structures) -> &'a Region 
 fn edit_region(random: &mut Xorshift, layout: &Structures, mutation: &mut Mutation) {
     let region = *pick_region(random, layout);
     for _ in 0..1 + random.below(4) {
-        let value = layout.interesting[random.below(layout.interesting.len())];
+        let value = layout.interesting[random.index(layout.interesting.len())];
         let (width, bytes) = match random.below(4) {
             0 | 1 => (1, vec![random.next() as u8]),
             2 => (2, (value as u16).to_le_bytes().to_vec()),
             _ => (4, (value as u32).to_le_bytes().to_vec()),
         };
-        let slot = random.below(region.length / width) * width;
+        let slot = random.index(region.length / width) * width;
         mutation.writes.push((region.offset + slot, bytes));
     }
     let _ = write!(
@@ -354,10 +312,10 @@ fn truncate(
     mutation: &mut Mutation,
 ) {
     let length = if random.chance(50) {
-        random.below(image.len())
+        random.index(image.len())
     } else {
         let region = pick_region(random, layout);
-        (region.offset + random.below(region.length + 1)).min(image.len() - 1)
+        (region.offset + random.index(region.length + 1)).min(image.len() - 1)
     };
     mutation.truncate_to = Some(length);
     let _ = write!(mutation.what, "truncated to {length} bytes; ");

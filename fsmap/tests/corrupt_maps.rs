@@ -24,12 +24,12 @@ mod harness;
 mod map_exercise;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{temp_dir, tool};
+use common::{index_directories, mkfs_with_files};
 use fsmap::disk::DiskMap;
-use harness::{FAILURES_SHOWN_MAX, Xorshift, case_seed};
+use harness::{FAILURES_SHOWN_MAX, case_seed};
+use testkit::{TempDir, Xorshift, random_bytes};
 
 /// Memory one case may hold at once beyond what it started with; the maps
 /// are a few KiB, so anything near this was sized from a corrupt field.
@@ -52,7 +52,7 @@ fn populate(source: &Path) {
     std::fs::create_dir_all(source.join("dir/a/b")).unwrap();
     std::fs::create_dir_all(source.join("big")).unwrap();
     std::fs::write(source.join("empty"), b"").unwrap();
-    std::fs::write(source.join("seventy-k"), common::bytes(7, 70_000)).unwrap();
+    std::fs::write(source.join("seventy-k"), random_bytes(7, 70_000)).unwrap();
     std::fs::write(source.join("dir/small.txt"), b"hi\n").unwrap();
     std::fs::write(source.join("dir/a/b/deep.txt"), b"deep\n").unwrap();
     std::fs::hard_link(source.join("dir/small.txt"), source.join("dir/again.txt")).unwrap();
@@ -62,7 +62,7 @@ fn populate(source: &Path) {
     // 4 KiB of data every 8 KiB: 12 extents, more than the inode holds.
     let file = std::fs::File::create(source.join("dir/sparse")).unwrap();
     for piece in 0..12u64 {
-        let data = common::bytes(piece + 100, 4096);
+        let data = random_bytes(piece + 100, 4096);
         std::os::unix::fs::FileExt::write_all_at(&file, &data, piece * 8192).unwrap();
     }
     // Over one 1 KiB block of entries: `e2fsck -D` makes it an htree.
@@ -75,27 +75,14 @@ fn populate(source: &Path) {
 /// The disk map of an `mkfs.ext4 -d` image with `block_size`-byte blocks.
 fn mapped_image(dir: &Path, source: &Path, block_size: &str) -> DiskMap {
     let image = dir.join(format!("fs-{block_size}.img"));
-    let status = Command::new(tool("mkfs.ext4"))
-        .args(["-q", "-F", "-b", block_size, "-N", "256", "-d"])
-        .arg(source)
-        .arg(&image)
-        .arg("8M")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "mkfs.ext4 -b {block_size} failed");
-    let status = Command::new(tool("e2fsck"))
-        .arg("-fyD")
-        .arg(&image)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    // 0: clean; 1: directories were optimised.
-    assert!(
-        matches!(status.code(), Some(0 | 1)),
-        "e2fsck -fyD: {status}"
+    mkfs_with_files(
+        "mkfs.ext4",
+        &["-b", block_size, "-N", "256"],
+        source,
+        &image,
+        "8M",
     );
+    index_directories(&image);
     let file = std::fs::File::open(&image).unwrap();
     let size_bytes = file.metadata().unwrap().len();
     let disk = DiskMap::build(&file, size_bytes);
@@ -106,12 +93,12 @@ fn mapped_image(dir: &Path, source: &Path, block_size: &str) -> DiskMap {
 /// The maps of the 1 KiB and 4 KiB images, built in a directory of their
 /// own (the tests run in parallel).
 fn mapped_images(label: &str) -> (DiskMap, DiskMap) {
-    let dir = temp_dir(&format!("corrupt-maps-{label}"));
-    let source = dir.0.join("source");
+    let dir = TempDir::new(&format!("corrupt-maps-{label}"));
+    let source = dir.join("source");
     populate(&source);
     (
-        mapped_image(&dir.0, &source, "1024"),
-        mapped_image(&dir.0, &source, "4096"),
+        mapped_image(dir.path(), &source, "1024"),
+        mapped_image(dir.path(), &source, "4096"),
     )
 }
 
@@ -233,12 +220,12 @@ fn interesting(random: &mut Xorshift, bytes: &[u8]) -> u64 {
         u64::MAX,
         u64::MAX - 1,
     ];
-    match random.below(values.len() + 3) {
+    match random.index(values.len() + 3) {
         index if index < values.len() => values[index],
         index if index == values.len() => random.next(),
         // A value that is already somewhere in the map.
         _ => {
-            let at = random.below(bytes.len().saturating_sub(8));
+            let at = random.index(bytes.len().saturating_sub(8));
             le64(bytes, at) >> (8 * random.below(8))
         }
     }
@@ -250,7 +237,7 @@ fn mutate(random: &mut Xorshift, bytes: &mut Vec<u8>, fields: &[(usize, usize)])
     for _ in 0..1 + random.below(3) {
         match random.below(10) {
             0..6 => {
-                let (offset, width) = fields[random.below(fields.len())];
+                let (offset, width) = fields[random.index(fields.len())];
                 if offset >= bytes.len() {
                     continue;
                 }
@@ -261,24 +248,24 @@ fn mutate(random: &mut Xorshift, bytes: &mut Vec<u8>, fields: &[(usize, usize)])
                 what.push_str(&format!("field at {offset} ({width} bytes) = {value:#x}; "));
             }
             6 => {
-                let at = random.below(bytes.len());
+                let at = random.index(bytes.len());
                 bytes[at] = random.next() as u8;
                 what.push_str(&format!("byte at {at} = {:#x}; ", bytes[at]));
             }
             7 => {
-                let length = random.below(bytes.len());
+                let length = random.index(bytes.len());
                 bytes.truncate(length);
                 what.push_str(&format!("truncated to {length}; "));
             }
             8 => {
-                let from = random.below(bytes.len());
-                let to = from + random.below((bytes.len() - from).min(64) + 1);
+                let from = random.index(bytes.len());
+                let to = from + random.index((bytes.len() - from).min(64) + 1);
                 bytes.drain(from..to);
                 what.push_str(&format!("bytes {from}..{to} deleted; "));
             }
             _ => {
-                let from = random.below(bytes.len());
-                let to = from + random.below((bytes.len() - from).min(64) + 1);
+                let from = random.index(bytes.len());
+                let to = from + random.index((bytes.len() - from).min(64) + 1);
                 let chunk = bytes[from..to].to_vec();
                 bytes.splice(to..to, chunk);
                 what.push_str(&format!("bytes {from}..{to} repeated; "));

@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{bytes, debugfs, temp_dir, tool};
+use common::{debugfs, mkfs_with_files};
+use testkit::{TempDir, random_bytes};
 
 use fsmap::ext4::{Ext4, FileExtent};
 
@@ -19,7 +19,7 @@ fn populate(source: &Path) -> Vec<String> {
     std::fs::create_dir_all(source.join("dir/sub")).unwrap();
     for (index, size) in [1usize, 4095, 4096, 70_000, 1_500_000].iter().enumerate() {
         let name = format!("file{index}.bin");
-        std::fs::write(source.join(&name), bytes(index as u64 + 1, *size)).unwrap();
+        std::fs::write(source.join(&name), random_bytes(index as u64 + 1, *size)).unwrap();
         files.push(format!("/{name}"));
     }
     for index in 0..40 {
@@ -35,8 +35,12 @@ fn populate(source: &Path) -> Vec<String> {
     let sparse = source.join("dir/sparse.img");
     let file = std::fs::File::create(&sparse).unwrap();
     for chunk in 0..400u64 {
-        std::os::unix::fs::FileExt::write_all_at(&file, &bytes(chunk + 99, 4096), chunk * 131_072)
-            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            &random_bytes(chunk + 99, 4096),
+            chunk * 131_072,
+        )
+        .unwrap();
     }
     files.push("/dir/sparse.img".into());
     files
@@ -76,20 +80,11 @@ fn debugfs_extents(image: &Path, path: &str) -> Vec<FileExtent> {
 }
 
 fn check_image(label: &str, mkfs_args: &[&str], size: &str) {
-    let dir = temp_dir(label);
-    let source = dir.0.join("source");
+    let dir = TempDir::new(&format!("ext4-{label}"));
+    let source = dir.join("source");
     let files = populate(&source);
-    let image = dir.0.join("fs.img");
-    let status = Command::new(tool("mkfs.ext4"))
-        .args(["-q", "-F"])
-        .args(mkfs_args)
-        .arg("-d")
-        .arg(&source)
-        .arg(&image)
-        .arg(size)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mkfs.ext4 {mkfs_args:?} failed");
+    let image = dir.join("fs.img");
+    mkfs_with_files("mkfs.ext4", mkfs_args, &source, &image, size);
     let fs = Ext4::open(std::fs::File::open(&image).unwrap()).unwrap();
     let mut deepest = 0;
     for path in &files {

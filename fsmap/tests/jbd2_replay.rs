@@ -11,16 +11,12 @@
 //!
 //! Needs root (mount -o loop) and e2fsprogs.
 
-mod common;
-
-use common::{bytes, tool};
-
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+
+use testkit::{LoopMount, TempDir, is_root, output, random_bytes, run, tool};
 
 use fsmap::ext4::{Ext4, FileExtent};
 use fsmap::jbd2::{self, Jbd2Error, Replay};
@@ -28,90 +24,13 @@ use fsmap::read::{Overlay, ReadAt};
 
 const IMAGE_SIZE: &str = "64M";
 const SUPERBLOCK_OFFSET_BYTES: u64 = 1024;
-/// Unmounting can fail with EBUSY for a moment after the last write.
-const UNMOUNT_ATTEMPTS: u32 = 50;
-const UNMOUNT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("jbd2-test-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the test directory");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `mount -o loop IMAGE DIR`; dropping it unmounts DIR if still mounted
-/// (lazily if it stays busy), so a failing test leaves no mount behind.
-struct LoopMount {
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    fn mount(image: &Path, dir: &Path) -> LoopMount {
-        std::fs::create_dir_all(dir).expect("create the mount point");
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(image)
-            .arg(dir));
-        LoopMount {
-            dir: dir.to_owned(),
-            mounted: true,
-        }
-    }
-
-    fn unmount(mut self) {
-        for _ in 0..UNMOUNT_ATTEMPTS {
-            let status = Command::new("umount").arg(&self.dir).status();
-            if status.is_ok_and(|status| status.success()) {
-                self.mounted = false;
-                return;
-            }
-            std::thread::sleep(UNMOUNT_RETRY_INTERVAL);
-        }
-        panic!("umount {} kept failing", self.dir.display());
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let unmounted = Command::new("umount").arg(&self.dir).status();
-            if !unmounted.is_ok_and(|status| status.success()) {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-            }
-        }
-    }
-}
 
 fn require_root() {
-    // /proc/self belongs to the effective user of the process reading it.
-    let uid = std::fs::metadata("/proc/self").map(|meta| meta.uid());
     assert!(
-        matches!(uid, Ok(0)),
+        is_root(),
         "this test needs root (mount -o loop of an ext4 image); run it as root, \
          e.g. sudo -E cargo test -p fsmap --test jbd2_replay"
     );
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command.output().expect("start a command");
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn write_file(path: &Path, data: &[u8]) {
@@ -137,7 +56,7 @@ fn write_synced_files(mount: &Path) -> Files {
     for (index, size) in [1usize, 4096, 50_000, 2_000_000].into_iter().enumerate() {
         files.push((
             format!("/synced/file{index}.bin"),
-            bytes(index as u64 + 1, size),
+            random_bytes(index as u64 + 1, size),
         ));
     }
     for index in 0..30 {
@@ -153,7 +72,7 @@ fn write_synced_files(mount: &Path) -> Files {
     for chunk in 0..300u64 {
         std::os::unix::fs::FileExt::write_all_at(
             &sparse,
-            &bytes(chunk + 99, 4096),
+            &random_bytes(chunk + 99, 4096),
             chunk * 131_072,
         )
         .expect("write a sparse file");
@@ -170,7 +89,7 @@ fn write_fsynced_files(mount: &Path) -> Files {
     let mut files = Vec::new();
     for index in 0..12usize {
         let path = format!("/fresh/deep/dir{}/f{index}.bin", index % 3);
-        files.push((path, bytes(1000 + index as u64, 3000 + index * 7919)));
+        files.push((path, random_bytes(1000 + index as u64, 3000 + index * 7919)));
     }
     files.push(("/fresh/last.txt".to_string(), b"written last\n".to_vec()));
     for (path, data) in &files {
@@ -187,7 +106,7 @@ fn write_fsynced_files(mount: &Path) -> Files {
 /// rename, xattr or other change that would force a full commit).
 fn write_one_fast_committed_file(mount: &Path) -> Files {
     let path = "/synced/fast.bin";
-    let data = bytes(77, 5000);
+    let data = random_bytes(77, 5000);
     let on_mount = mount.join(&path[1..]);
     write_file(&on_mount, &data);
     fsync(&on_mount);
@@ -253,9 +172,9 @@ fn copy_while_mounted(
     write_fresh: fn(&Path) -> Files,
 ) -> LiveCopy {
     require_root();
-    let dir = TempDir::new(label);
-    let image = dir.0.join("fs.img");
-    run(Command::new(tool("mkfs.ext4"))
+    let dir = TempDir::new(&format!("jbd2-{label}"));
+    let image = dir.join("fs.img");
+    run(Command::new(tool("mkfs.ext4", "e2fsprogs"))
         .args(["-q", "-F"])
         // No background zeroing of inode tables or the journal while the
         // image is copied.
@@ -263,11 +182,11 @@ fn copy_while_mounted(
         .args(mkfs_args)
         .arg(&image)
         .arg(IMAGE_SIZE));
-    let mount_dir = dir.0.join("mnt");
+    let mount_dir = dir.join("mnt");
     let mount = LoopMount::mount(&image, &mount_dir);
     let synced = write_synced_files(&mount_dir);
     let fresh = write_fresh(&mount_dir);
-    let copy = dir.0.join("live-copy.img");
+    let copy = dir.join("live-copy.img");
     run(Command::new("cp")
         .arg("--sparse=always")
         .arg(&image)
@@ -300,11 +219,11 @@ fn recover_with_e2fsck(copy: &Path) -> File {
         .arg("--sparse=always")
         .arg(copy)
         .arg(&recovered));
-    let output = Command::new(tool("e2fsck"))
-        .args(["-E", "journal_only", "-y"])
-        .arg(&recovered)
-        .output()
-        .expect("run e2fsck");
+    let output = output(
+        Command::new(tool("e2fsck", "e2fsprogs"))
+            .args(["-E", "journal_only", "-y"])
+            .arg(&recovered),
+    );
     // 0: nothing to fix; 1: fixed (the journal replayed).
     assert!(
         matches!(output.status.code(), Some(0 | 1)),

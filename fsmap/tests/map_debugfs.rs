@@ -8,11 +8,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
-use common::{bytes, debugfs, temp_dir, tool};
+use common::{debugfs, index_directories, mkfs_with_files};
 use fsmap::ext4::{Ext4, MetaKind};
 use fsmap::map::{FsMap, Owner};
+use testkit::{TempDir, random_bytes};
 
 /// Files, hard links, short and long symlinks, a directory big enough to
 /// be indexed (htree), tiny files (inline data where enabled), nesting.
@@ -23,14 +23,14 @@ fn populate(source: &Path) {
         let name = format!("big/entry-with-a-long-name-{index:04}.txt");
         std::fs::write(
             source.join(name),
-            bytes(index, (index as usize % 7) * 1500 + 1),
+            random_bytes(index, (index as usize % 7) * 1500 + 1),
         )
         .unwrap();
     }
     for (index, size) in [0usize, 30, 5000, 200_000, 3_000_000].iter().enumerate() {
         std::fs::write(
             source.join(format!("a/b/c/f{index}")),
-            bytes(index as u64 + 77, *size),
+            random_bytes(index as u64 + 77, *size),
         )
         .unwrap();
     }
@@ -43,25 +43,9 @@ fn populate(source: &Path) {
     huge.set_len(6 << 30).unwrap();
     for piece in 0..300u64 {
         let at = piece * ((6 << 30) / 300);
-        std::os::unix::fs::FileExt::write_all_at(&huge, &bytes(piece + 500, 4096), at).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&huge, &random_bytes(piece + 500, 4096), at)
+            .unwrap();
     }
-}
-
-fn mkfs(image: &Path, source: &Path, args: &[&str], size: &str) {
-    let output = Command::new(tool("mke2fs"))
-        .args(["-q", "-F"])
-        .args(args)
-        .arg("-d")
-        .arg(source)
-        .arg(image)
-        .arg(size)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "mke2fs {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// `debugfs icheck` for many blocks at once: block -> inode.
@@ -116,22 +100,13 @@ fn ncheck(image: &Path, inodes: &[u32]) -> BTreeMap<u32, BTreeSet<String>> {
 }
 
 fn check(label: &str, args: &[&str], size: &str) {
-    let dir = temp_dir(&format!("map-{label}"));
-    let source = dir.0.join("source");
+    let dir = TempDir::new(&format!("map-{label}"));
+    let source = dir.join("source");
     populate(&source);
-    let image = dir.0.join("fs.img");
-    mkfs(&image, &source, args, size);
+    let image = dir.join("fs.img");
+    mkfs_with_files("mke2fs", args, &source, &image, size);
     if !args.contains(&"ext2") {
-        // mkfs -d writes linear directories; e2fsck -D indexes them (htree).
-        let status = Command::new(tool("e2fsck"))
-            .args(["-fyD"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            status.status.code().is_some_and(|c| c <= 1),
-            "{label}: e2fsck -fyD failed"
-        );
+        index_directories(&image);
         let htree = debugfs(&image, "htree /big");
         assert!(
             htree.contains("Root node dump"),

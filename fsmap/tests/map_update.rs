@@ -10,20 +10,21 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bytes, temp_dir, tool};
+use common::mkfs_with_files;
 use fsmap::diff::{self, ChangeKind};
 use fsmap::ext4::Ext4;
 use fsmap::map::FsMap;
+use testkit::{TempDir, output, random_bytes, tool};
 
 fn debugfs_write(image: &Path, commands: &str) {
     let script = image.with_extension("cmds");
     std::fs::write(&script, commands).unwrap();
-    let output = Command::new(tool("debugfs"))
-        .args(["-w", "-f"])
-        .arg(&script)
-        .arg(image)
-        .output()
-        .unwrap();
+    let output = output(
+        Command::new(tool("debugfs", "e2fsprogs"))
+            .args(["-w", "-f"])
+            .arg(&script)
+            .arg(image),
+    );
     assert!(
         output.status.success(),
         "debugfs -w failed: {}",
@@ -46,35 +47,30 @@ fn changed_blocks(before: &[u8], after: &[u8], block_size: usize) -> Vec<(u64, u
 }
 
 fn check(label: &str, mkfs_args: &[&str]) {
-    let dir = temp_dir(&format!("update-{label}"));
-    let source = dir.0.join("source");
+    let dir = TempDir::new(&format!("update-{label}"));
+    let source = dir.join("source");
     std::fs::create_dir_all(source.join("keep/deep")).unwrap();
     std::fs::create_dir_all(source.join("gone")).unwrap();
     for index in 0..120 {
-        std::fs::write(source.join(format!("keep/f{index}")), bytes(index, 3000)).unwrap();
+        std::fs::write(
+            source.join(format!("keep/f{index}")),
+            random_bytes(index, 3000),
+        )
+        .unwrap();
     }
     std::fs::write(source.join("keep/deep/rename-me"), b"moving").unwrap();
-    std::fs::write(source.join("gone/remove-me"), bytes(9, 50_000)).unwrap();
+    std::fs::write(source.join("gone/remove-me"), random_bytes(9, 50_000)).unwrap();
     std::fs::write(source.join("link-target"), b"linked").unwrap();
-    let image = dir.0.join("fs.img");
-    let output = Command::new(tool("mke2fs"))
-        .args(["-q", "-F"])
-        .args(mkfs_args)
-        .arg("-d")
-        .arg(&source)
-        .arg(&image)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{label}: mke2fs failed");
+    let image = dir.join("fs.img");
+    mkfs_with_files("mke2fs", mkfs_args, &source, &image, "64M");
     let before = std::fs::read(&image).unwrap();
     let fs = Ext4::open(std::fs::File::open(&image).unwrap()).unwrap();
     let mut map = FsMap::build(&fs).unwrap();
     let old = map.clone();
     let block_size = fs.sb.block_size as usize;
 
-    let new_file = dir.0.join("new-file");
-    std::fs::write(&new_file, bytes(5, 70_000)).unwrap();
+    let new_file = dir.join("new-file");
+    std::fs::write(&new_file, random_bytes(5, 70_000)).unwrap();
     debugfs_write(
         &image,
         &format!(

@@ -6,73 +6,27 @@
 //! and an ext4 made by `mkfs.ext4 -E offset=` inside a logical partition,
 //! opened through the `Slice` the table gives.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
 
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::mkfs_with_files;
 use fsmap::ext4::Ext4;
 use fsmap::partition::{
     Partition, PartitionKind, Table, guid_string, read_table, read_table_report,
 };
 use fsmap::read::Slice;
+use testkit::{TempDir, parse_json, run, run_with_input, tool};
 
 const IMAGE_BYTES: u64 = 64 * 1024 * 1024;
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(label: &str) -> TempDir {
-    let path = std::env::temp_dir().join(format!("partition-test-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    TempDir(path)
-}
-
-/// The tool's path; a missing tool fails the test naming its package.
-fn tool(name: &str, package: &str) -> String {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let path = format!("{dir}/{name}");
-        if Path::new(&path).exists() {
-            return path;
-        }
-    }
-    panic!("{name} is not installed: apt-get install -y {package}");
-}
-
 /// A sparse image of `IMAGE_BYTES`, as `truncate -s 64M` makes one.
 fn sparse_image(dir: &TempDir, name: &str) -> PathBuf {
-    let path = dir.0.join(name);
+    let path = dir.join(name);
     File::create(&path).unwrap().set_len(IMAGE_BYTES).unwrap();
     path
-}
-
-/// Runs `program` with `script` on its standard input.
-fn run_with_input(command: &mut Command, script: &str) -> String {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn sfdisk(image: &Path, script: &str) {
@@ -88,13 +42,10 @@ fn sfdisk(image: &Path, script: &str) {
 /// sectors of `sectorsize`, DOS types as hex without a leading zero and
 /// GPT types as GUID text; it leaves out an empty name.
 fn sfdisk_partitions(image: &Path) -> (String, Vec<Partition>) {
-    let output = Command::new(tool("sfdisk", "fdisk"))
+    let text = run(Command::new(tool("sfdisk", "fdisk"))
         .arg("--json")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "sfdisk --json failed");
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        .arg(image));
+    let json = parse_json(&text, "sfdisk --json");
     let table = &json["partitiontable"];
     let label = table["label"].as_str().unwrap().to_string();
     let sector_bytes = table["sectorsize"].as_u64().unwrap();
@@ -155,7 +106,7 @@ type=linux, name=\"données\"
 
 #[test]
 fn a_gpt_reads_as_sfdisk_lists_it() {
-    let dir = temp_dir("gpt");
+    let dir = TempDir::new("partition-gpt");
     let image = sparse_image(&dir, "gpt.img");
     sfdisk(&image, GPT_SCRIPT);
     let (label, theirs) = sfdisk_partitions(&image);
@@ -168,7 +119,7 @@ fn a_gpt_reads_as_sfdisk_lists_it() {
 
 #[test]
 fn a_gpt_with_a_damaged_primary_header_reads_from_its_backup_as_sfdisk_does() {
-    let dir = temp_dir("gpt-backup");
+    let dir = TempDir::new("partition-gpt-backup");
     let image = sparse_image(&dir, "gpt.img");
     sfdisk(&image, GPT_SCRIPT);
     let (_, before) = sfdisk_partitions(&image);
@@ -202,7 +153,7 @@ size=5MiB, type=83
 
 #[test]
 fn a_dos_table_with_logical_partitions_reads_as_sfdisk_lists_it() {
-    let dir = temp_dir("dos");
+    let dir = TempDir::new("partition-dos");
     let image = sparse_image(&dir, "dos.img");
     sfdisk(&image, DOS_SCRIPT);
     let (label, theirs) = sfdisk_partitions(&image);
@@ -222,7 +173,7 @@ fn a_dos_table_with_logical_partitions_reads_as_sfdisk_lists_it() {
 /// `fdisk -b 4096 -l`'s listing: Device, Start, Sectors, Type-UUID, UUID
 /// and then the name, which may hold spaces or be empty.
 fn fdisk_4096_partitions(image: &Path) -> Vec<Partition> {
-    let output = Command::new(tool("fdisk", "fdisk"))
+    let listing = run(Command::new(tool("fdisk", "fdisk"))
         .args([
             "-b",
             "4096",
@@ -230,11 +181,7 @@ fn fdisk_4096_partitions(image: &Path) -> Vec<Partition> {
             "-o",
             "Device,Start,Sectors,Type-UUID,UUID,Name",
         ])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "fdisk -l failed");
-    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+        .arg(image));
     let node_prefix = image.to_str().unwrap();
     listing
         .lines()
@@ -262,7 +209,7 @@ fn fdisk_4096_partitions(image: &Path) -> Vec<Partition> {
 
 #[test]
 fn a_gpt_with_4096_byte_sectors_reads_as_fdisk_lists_it() {
-    let dir = temp_dir("gpt-4096");
+    let dir = TempDir::new("partition-gpt-4096");
     let image = sparse_image(&dir, "gpt4k.img");
     // New GPT; two partitions; the second an EFI system partition; the
     // first named in expert mode; write.
@@ -286,29 +233,25 @@ fn a_gpt_with_4096_byte_sectors_reads_as_fdisk_lists_it() {
 
 #[test]
 fn an_ext4_made_inside_a_logical_partition_opens_through_its_slice() {
-    let dir = temp_dir("ext4");
+    let dir = TempDir::new("partition-ext4");
     let image = sparse_image(&dir, "dos.img");
     sfdisk(&image, DOS_SCRIPT);
     let Table::Mbr(partitions) = ours(&image) else {
         panic!("not a DOS table")
     };
     let fifth = partitions.iter().find(|p| p.number == 5).unwrap().clone();
-    let source = dir.0.join("source");
+    let source = dir.join("source");
     std::fs::create_dir_all(&source).unwrap();
     std::fs::write(source.join("hello.txt"), "hello\n").unwrap();
     // mkfs.ext4 takes the offset in bytes and the size in 1 KiB units
     // with the "k" suffix; without a size it would run to the image's end.
-    let status = Command::new(tool("mkfs.ext4", "e2fsprogs"))
-        .args(["-q", "-F"])
-        .arg("-E")
-        .arg(format!("offset={}", fifth.start_bytes))
-        .arg("-d")
-        .arg(&source)
-        .arg(&image)
-        .arg(format!("{}k", fifth.length_bytes / 1024))
-        .status()
-        .unwrap();
-    assert!(status.success(), "mkfs.ext4 failed");
+    mkfs_with_files(
+        "mkfs.ext4",
+        &["-E", &format!("offset={}", fifth.start_bytes)],
+        &source,
+        &image,
+        &format!("{}k", fifth.length_bytes / 1024),
+    );
     // The EBRs around the partition are intact.
     assert_eq!(ours(&image), Table::Mbr(partitions.clone()));
     let file = File::open(&image).unwrap();

@@ -13,31 +13,22 @@ use std::time::Duration;
 use backend::FileBackend;
 use nbd_server::proto::*;
 use nbd_server::{Export, Exports, Server};
+use testkit::{TempDir, create_sparse_file};
 
 struct TestServer {
-    dir: PathBuf,
     socket: PathBuf,
     image: PathBuf,
     server: Arc<Server>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Last, so it is removed after the server has stopped.
+    _dir: TempDir,
 }
 
 impl TestServer {
     fn start(size_bytes: u64, read_only: bool) -> TestServer {
-        let dir = std::env::temp_dir().join(format!(
-            "nbd-wire-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("nbd-wire");
         let image = dir.join("disk.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(size_bytes)
-            .unwrap();
+        create_sparse_file(&image, size_bytes);
         let socket = dir.join("nbd.sock");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -57,11 +48,11 @@ impl TestServer {
         };
         runtime.spawn(Arc::clone(&server).serve_unix(listener));
         TestServer {
-            dir,
             socket,
             image,
             server,
             runtime: Some(runtime),
+            _dir: dir,
         }
     }
 
@@ -111,7 +102,6 @@ impl Drop for TestServer {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(5));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

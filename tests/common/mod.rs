@@ -1,72 +1,35 @@
-//! Shared helpers for the end-to-end tests: a temporary directory that
-//! removes itself, a `blockwatch serve` process that is stopped with SIGTERM
-//! (and must exit 0), running the real NBD clients with readable failures,
-//! deterministic pseudo-random data, checks that a client is installed, and
-//! an export mounted the way a user without the kernel nbd module mounts
-//! one (nbdfuse, then `mount -o loop`), unmounted on drop.
+//! What only blockwatch's end-to-end tests share: a `blockwatch serve`
+//! process that is stopped with SIGTERM (and must exit 0), a filesystem
+//! on a served image mounted through nbdfuse and a loop device (`LiveFs`),
+//! and readers of `blockwatch changes --files --json` replies. What any
+//! test could use (temporary directories, running clients, seeded bytes,
+//! mounts) is in the `testkit` crate.
 //!
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::{
+    FuseExport, LoopMount, TempDir, command, create_file, output, random_bytes, require_tool,
+    run_program, signal, write_random_file,
+};
 
 /// The binary under test, built by cargo for the integration tests.
 pub const BLOCKWATCH: &str = env!("CARGO_BIN_EXE_blockwatch");
-
-pub const MIB: u64 = 1024 * 1024;
 
 /// How long a server may take to accept connections or to exit. These bound
 /// the waiting only; no test asserts on how long anything took.
 const SERVER_START_LIMIT: Duration = Duration::from_secs(20);
 const SERVER_STOP_LIMIT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// Longest any one client command may run before it counts as hung.
-pub const COMMAND_LIMIT: Duration = Duration::from_secs(30);
-
-/// A directory under the system temporary directory, removed on drop.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(label: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "blockwatch-test-{label}-{}-{unique}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
+/// How long one probe waits for the greeting before trying again.
+const GREETING_LIMIT: Duration = Duration::from_secs(1);
 
 /// A `blockwatch serve -f -U SOCKET ...` process. Dropping it sends SIGTERM
 /// and asserts that the server exits 0 (unless the test is already failing).
@@ -80,8 +43,8 @@ pub struct Server {
 
 impl Server {
     /// Serves `images` on a unix socket in `dir` with extra `args` (for
-    /// example `["--size", "64M"]` or `["-r"]`), and returns once the socket
-    /// accepts connections.
+    /// example `["--size", "64M"]` or `["-r"]`), and returns once the server
+    /// greets a connection (see `greets`).
     pub fn start(dir: &Path, images: &[&Path], args: &[&str]) -> Server {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -128,7 +91,7 @@ impl Server {
                     self.logs()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if greets(&self.socket) {
                 return;
             }
             if started.elapsed() > SERVER_START_LIMIT {
@@ -219,6 +182,22 @@ impl Server {
     }
 }
 
+/// Whether the server at `socket` sends the NBD greeting on a new
+/// connection. A socket accepts connections as soon as it is bound, long
+/// before the server can stop cleanly; the greeting comes from its accept
+/// loop, which starts after its signal handlers and control sockets.
+fn greets(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    if stream.set_read_timeout(Some(GREETING_LIMIT)).is_err() {
+        return false;
+    }
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if self.child.is_none() {
@@ -249,277 +228,6 @@ impl Drop for Server {
     }
 }
 
-/// Sends `signal` to one process we started.
-pub fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) takes no memory; `pid` is a child this test spawned
-    // and has not yet reaped, so the id cannot have been reused.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
-    }
-}
-
-fn create_file(path: &Path) -> File {
-    File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
-}
-
-/// Builds a command from a program and arguments.
-pub fn command<I, S>(program: &str, args: I) -> Command
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let mut command = Command::new(program);
-    command.args(args);
-    command
-}
-
-/// Runs `command` to completion and returns its output, whatever its
-/// status. A client that hangs (for example waiting for a reply the server
-/// never sends) is killed after `COMMAND_LIMIT` and the test fails.
-pub fn output(command: &mut Command) -> Output {
-    output_within(command, COMMAND_LIMIT)
-}
-
-/// Like `output`, with an explicit bound on how long the command may run.
-pub fn output_within(command: &mut Command, limit: Duration) -> Output {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(command)));
-    let stdout = drain(child.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.stderr.take().expect("piped stderr"));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("cannot poll a child") {
-            break Some(status);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    };
-    let stdout = stdout.join().expect("stdout reader");
-    let stderr = stderr.join().expect("stderr reader");
-    match status {
-        Some(status) => Output {
-            status,
-            stdout,
-            stderr,
-        },
-        None => panic!(
-            "{} did not finish within {limit:?} and was killed (a hang: a reply \
-             that never came?)\n--- stderr ---\n{}--- stdout ---\n{}",
-            describe(command),
-            String::from_utf8_lossy(&stderr),
-            String::from_utf8_lossy(&stdout)
-        ),
-    }
-}
-
-/// Reads a pipe to its end on a thread, so a chatty child never blocks.
-fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
-/// Runs `command`, panics with its stderr unless it exits 0, returns stdout.
-pub fn run(command: &mut Command) -> String {
-    run_within(command, COMMAND_LIMIT)
-}
-
-/// Like `run`, with an explicit bound on how long the command may run.
-pub fn run_within(command: &mut Command, limit: Duration) -> String {
-    let output = output_within(command, limit);
-    if !output.status.success() {
-        panic!(
-            "{} failed with {}\n--- stderr ---\n{}--- stdout ---\n{}",
-            describe(command),
-            status_text(output.status),
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout)
-        );
-    }
-    String::from_utf8(output.stdout)
-        .unwrap_or_else(|e| panic!("{} printed non-UTF-8 output: {e}", describe(command)))
-}
-
-/// Runs `program args...` and returns stdout (see `run`).
-pub fn run_program<I, S>(program: &str, args: I) -> String
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    run(&mut command(program, args))
-}
-
-pub fn describe(command: &Command) -> String {
-    let mut text = command.get_program().to_string_lossy().into_owned();
-    for arg in command.get_args() {
-        text.push(' ');
-        let arg = arg.to_string_lossy();
-        if arg.contains([' ', '\'', '"', '?', '$']) {
-            text.push_str(&format!("'{arg}'"));
-        } else {
-            text.push_str(&arg);
-        }
-    }
-    text
-}
-
-pub fn status_text(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("signal {signal}"),
-        (None, None) => format!("{status}"),
-    }
-}
-
-/// Panics, naming the Debian package, unless `tool` is on PATH.
-pub fn require_tool(tool: &str, package: &str) {
-    if find_in_path(tool).is_none() {
-        panic!(
-            "{tool} is not installed; these tests need it: apt-get install -y {package} \
-             (all the test tools: apt-get install -y libnbd-bin nbdkit nbdfuse qemu-utils fio \
-             python3-libnbd e2fsprogs fuse3)"
-        );
-    }
-}
-
-pub fn find_in_path(tool: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|dir| dir.join(tool))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Deterministic bytes from `seed` (splitmix64), so a failure reproduces.
-pub fn pseudo_random_bytes(seed: u64, length: usize) -> Vec<u8> {
-    let mut state = seed;
-    let mut bytes = Vec::with_capacity(length + 8);
-    while bytes.len() < length {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        bytes.extend_from_slice(&z.to_le_bytes());
-    }
-    bytes.truncate(length);
-    bytes
-}
-
-/// Writes `length` pseudo-random bytes to a new file at `path`.
-pub fn write_random_file(path: &Path, seed: u64, length: usize) -> Vec<u8> {
-    let data = pseudo_random_bytes(seed, length);
-    std::fs::write(path, &data).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    data
-}
-
-/// Creates a sparse file of `size_bytes` (all holes).
-pub fn create_sparse_file(path: &Path, size_bytes: u64) {
-    let file = create_file(path);
-    file.set_len(size_bytes)
-        .unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
-}
-
-/// Writes `data` at `offset` into an existing file.
-pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    file.write_all_at(data, offset)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-/// Asserts two files have the same length and bytes, like `cmp`, naming
-/// the first differing offset.
-pub fn assert_files_equal(left: &Path, right: &Path) {
-    let mut left_file =
-        File::open(left).unwrap_or_else(|e| panic!("cannot open {}: {e}", left.display()));
-    let mut right_file =
-        File::open(right).unwrap_or_else(|e| panic!("cannot open {}: {e}", right.display()));
-    let left_len = left_file.metadata().expect("metadata").len();
-    let right_len = right_file.metadata().expect("metadata").len();
-    assert_eq!(
-        left_len,
-        right_len,
-        "{} and {} differ in size",
-        left.display(),
-        right.display()
-    );
-    let mut left_buf = vec![0u8; MIB as usize];
-    let mut right_buf = vec![0u8; MIB as usize];
-    let mut offset = 0u64;
-    while offset < left_len {
-        let piece = (left_len - offset).min(MIB) as usize;
-        left_file.read_exact(&mut left_buf[..piece]).expect("read");
-        right_file
-            .read_exact(&mut right_buf[..piece])
-            .expect("read");
-        if left_buf[..piece] != right_buf[..piece] {
-            let at = (0..piece)
-                .find(|&i| left_buf[i] != right_buf[i])
-                .expect("a differing byte");
-            panic!(
-                "{} and {} differ at byte {} ({:#04x} != {:#04x})",
-                left.display(),
-                right.display(),
-                offset + at as u64,
-                left_buf[at],
-                right_buf[at]
-            );
-        }
-        offset += piece as u64;
-    }
-}
-
-/// Asserts that the file at `path` holds `expected` from `offset`.
-pub fn assert_file_range(path: &Path, offset: u64, expected: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let file = File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    let mut actual = vec![0u8; expected.len()];
-    file.read_exact_at(&mut actual, offset)
-        .unwrap_or_else(|e| panic!("cannot read {} at {offset}: {e}", path.display()));
-    if actual != expected {
-        let at = (0..expected.len())
-            .find(|&i| actual[i] != expected[i])
-            .expect("a differing byte");
-        panic!(
-            "{} differs from what was written at byte {} ({:#04x} != {:#04x} expected)",
-            path.display(),
-            offset + at as u64,
-            actual[at],
-            expected[at]
-        );
-    }
-}
-
-/// Parses JSON output of a client, showing the text when it is not JSON.
-pub fn parse_json(text: &str, what: &str) -> serde_json::Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("{what} did not print valid JSON ({e}):\n{text}"))
-}
-
 // ---------------------------------------------------------------------------
 // Replies of `blockwatch changes --files --json`.
 
@@ -531,8 +239,8 @@ pub fn ranges(extents: &Value) -> Vec<(u64, u64)> {
         .iter()
         .map(|e| {
             (
-                e["offset"].as_u64().expect("offset"),
-                e["length"].as_u64().expect("length"),
+                e["offset_bytes"].as_u64().expect("offset_bytes"),
+                e["length_bytes"].as_u64().expect("length_bytes"),
             )
         })
         .collect()
@@ -602,196 +310,11 @@ pub fn pretty(reply: &Value) -> String {
     serde_json::to_string_pretty(reply).expect("JSON")
 }
 
-/// Bounds on waiting for nbdfuse and for unmounts; no test asserts on timing.
-const NBDFUSE_START_LIMIT: Duration = Duration::from_secs(20);
-const UNMOUNT_LIMIT: Duration = Duration::from_secs(20);
-const MOUNT_POLL_INTERVAL: Duration = Duration::from_millis(50);
-
-/// `nbdfuse DIR URI` running in the background: DIR/nbd is the export.
-/// Dropping it unmounts DIR (if still mounted) and reaps nbdfuse.
-#[derive(Debug)]
-pub struct FuseExport {
-    dir: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl FuseExport {
-    /// Starts nbdfuse and returns once DIR/nbd has the export's size.
-    pub fn start(dir: &Path, uri: &str, log: &Path, size_bytes: u64) -> FuseExport {
-        std::fs::create_dir_all(dir).expect("create the nbdfuse directory");
-        let log_file = File::create(log).expect("create the nbdfuse log");
-        let child = Command::new("nbdfuse")
-            .arg(dir)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start nbdfuse: {e}"));
-        let mut export = FuseExport {
-            dir: dir.to_owned(),
-            child: Some(child),
-            log: log.to_owned(),
-        };
-        export.wait_for_file(size_bytes);
-        export
-    }
-
-    pub fn file(&self) -> PathBuf {
-        self.dir.join("nbd")
-    }
-
-    fn wait_for_file(&mut self, size_bytes: u64) {
-        let started = Instant::now();
-        loop {
-            let child = self.child.as_mut().expect("nbdfuse is running");
-            if let Some(status) = child.try_wait().expect("poll nbdfuse") {
-                self.child = None;
-                panic!(
-                    "nbdfuse exited with {} before {} appeared:\n{}",
-                    status_text(status),
-                    self.file().display(),
-                    self.log_text()
-                );
-            }
-            if std::fs::metadata(self.file()).is_ok_and(|m| m.len() == size_bytes) {
-                return;
-            }
-            assert!(
-                started.elapsed() < NBDFUSE_START_LIMIT,
-                "{} did not appear within {NBDFUSE_START_LIMIT:?}:\n{}",
-                self.file().display(),
-                self.log_text()
-            );
-            std::thread::sleep(MOUNT_POLL_INTERVAL);
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Unmounts and asserts that nbdfuse then exits 0.
-    pub fn unmount(mut self) {
-        let mut child = self.child.take().expect("nbdfuse is running");
-        unmount_with_retries(&mut fusermount_command(&self.dir));
-        let status = wait_bounded(&mut child, UNMOUNT_LIMIT)
-            .unwrap_or_else(|| panic!("nbdfuse did not exit after unmount:\n{}", self.log_text()));
-        assert!(
-            status.success(),
-            "nbdfuse exited with {} after unmount:\n{}",
-            status_text(status),
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for FuseExport {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Cleanup after a failure: best effort, never a second panic.
-            let _ = output(&mut fusermount_command(&self.dir));
-            if wait_bounded(&mut child, UNMOUNT_LIMIT).is_none() {
-                let _ = output(Command::new("umount").arg("-l").arg(&self.dir));
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn fusermount_command(dir: &Path) -> Command {
-    let mut command = Command::new("fusermount3");
-    command.arg("-u").arg(dir);
-    command
-}
-
-/// `mount -o loop FILE DIR`; dropping it unmounts DIR if still mounted.
-#[derive(Debug)]
-pub struct LoopMount {
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    pub fn mount(file: &Path, dir: &Path) -> LoopMount {
-        LoopMount::mount_with_options(file, dir, "loop")
-    }
-
-    /// `mount -o OPTIONS FILE DIR`, for example
-    /// `loop,offset=BYTES,sizelimit=BYTES` for a filesystem inside one
-    /// partition of a whole-disk image.
-    pub fn mount_with_options(file: &Path, dir: &Path, options: &str) -> LoopMount {
-        std::fs::create_dir_all(dir).expect("create the mount point");
-        run(Command::new("mount")
-            .args(["-o", options])
-            .arg(file)
-            .arg(dir));
-        LoopMount {
-            dir: dir.to_owned(),
-            mounted: true,
-        }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn unmount(mut self) {
-        unmount_with_retries(Command::new("umount").arg(&self.dir));
-        self.mounted = false;
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let unmounted = output(Command::new("umount").arg(&self.dir));
-            if !unmounted.status.success() {
-                let _ = output(Command::new("umount").arg("-l").arg(&self.dir));
-            }
-        }
-    }
-}
-
-/// Unmounting can briefly fail with EBUSY while the kernel lets go of a
-/// loop device; retry for a bounded time, then fail with the last error.
-fn unmount_with_retries(command: &mut Command) {
-    let started = Instant::now();
-    loop {
-        let result = output(command);
-        if result.status.success() {
-            return;
-        }
-        assert!(
-            started.elapsed() < UNMOUNT_LIMIT,
-            "{} kept failing ({}): {}",
-            describe(command),
-            status_text(result.status),
-            String::from_utf8_lossy(&result.stderr)
-        );
-        std::thread::sleep(MOUNT_POLL_INTERVAL);
-    }
-}
-
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().ok().flatten() {
-            return Some(status);
-        }
-        if started.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(MOUNT_POLL_INTERVAL);
-    }
-}
-
 /// A filesystem on a served image: blockwatch serves the image, nbdfuse
 /// exposes it as a file, and a loop device mounts the filesystem found at
 /// `fs_offset_bytes`. Fields drop in declaration order: the mount, then
-/// nbdfuse, then the server. The tests' own fixtures wrap it.
+/// nbdfuse, then the server, then the directory holding it all. The
+/// tests' own fixtures wrap it.
 pub struct LiveFs {
     pub mount: Option<LoopMount>,
     pub fuse: Option<FuseExport>,
@@ -799,19 +322,23 @@ pub struct LiveFs {
     pub image: PathBuf,
     /// Where the filesystem starts on the disk (0: the whole disk).
     pub fs_offset_bytes: u64,
+    pub dir: TempDir,
 }
 
 impl LiveFs {
     /// Serves `image` (of `size_bytes`) from `dir` with `server_args`,
     /// exposes it with nbdfuse and mounts it with `mount_options`.
     pub fn start(
-        dir: &TempDir,
+        dir: TempDir,
         image: &Path,
         server_args: &[&str],
         size_bytes: u64,
         mount_options: &str,
         fs_offset_bytes: u64,
     ) -> LiveFs {
+        require_tool("nbdfuse", "libnbd-bin (nbdfuse on newer Debian)");
+        require_tool("fusermount3", "fuse3");
+        require_tool("debugfs", "e2fsprogs");
         let server = Server::start(dir.path(), &[image], server_args);
         let fuse = FuseExport::start(
             &dir.join("fuse"),
@@ -826,6 +353,7 @@ impl LiveFs {
             server: Some(server),
             image: image.to_path_buf(),
             fs_offset_bytes,
+            dir,
         }
     }
 
@@ -852,7 +380,7 @@ impl LiveFs {
             .append(true)
             .open(self.path(relative))
             .unwrap_or_else(|e| panic!("cannot open {relative} to append: {e}"));
-        file.write_all(&pseudo_random_bytes(seed, length_bytes as usize))
+        file.write_all(&random_bytes(seed, length_bytes as usize))
             .unwrap_or_else(|e| panic!("cannot append to {relative}: {e}"));
     }
 
@@ -880,6 +408,20 @@ impl LiveFs {
     pub fn fsync(&self, relatives: &[&str]) {
         let paths: Vec<PathBuf> = relatives.iter().map(|r| self.path(r)).collect();
         run_program("sync", &paths);
+    }
+
+    /// Commits `relatives` through fsync only (`fsync`), and checks that
+    /// `created`, a path made since the last sync, is then in the jbd2
+    /// journal and not yet in place, so that a map of the disk has to read
+    /// it through the journal.
+    pub fn commit_through_the_journal(&self, relatives: &[&str], created: &str) {
+        self.fsync(relatives);
+        assert!(
+            !self.in_place_has(created),
+            "the kernel already wrote the new metadata in place (a global sync or memory \
+             pressure?), so this run cannot show that the map reads through the journal; \
+             run it again"
+        );
     }
 
     /// Whether debugfs, which reads the filesystem as it lies on the disk

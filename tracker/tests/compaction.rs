@@ -2,22 +2,18 @@
 //! snapshot says exactly what the long one said, survives a crash right
 //! after, and is small.
 
-use std::path::PathBuf;
-
+use testkit::{TempDir, create_sparse_file};
 use tracker::{Tracker, TrackerOptions};
 
 const REGION_BYTES: u64 = 64 * 1024;
 const IMAGE_BYTES: u64 = 256 * REGION_BYTES;
 
-fn setup(label: &str) -> (PathBuf, TrackerOptions) {
-    let dir = std::env::temp_dir().join(format!("compaction-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// A sparse image and its options, in a directory that lives as long as
+/// the returned `TempDir`.
+fn setup(label: &str) -> (TempDir, TrackerOptions) {
+    let dir = TempDir::new(&format!("compaction-{label}"));
     let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(IMAGE_BYTES)
-        .unwrap();
+    create_sparse_file(&image, IMAGE_BYTES);
     let options = TrackerOptions {
         image,
         state_dir: None,
@@ -40,7 +36,7 @@ fn changes(tracker: &Tracker) -> Vec<(u64, u64, bool)> {
 
 #[test]
 fn a_compacted_journal_recovers_the_same_changes_after_a_crash() {
-    let (dir, options) = setup("crash");
+    let (_dir, options) = setup("crash");
     let tracker = Tracker::open(&options, IMAGE_BYTES).unwrap();
     tracker.start();
     tracker.checkpoint("base").unwrap();
@@ -110,5 +106,4 @@ fn a_compacted_journal_recovers_the_same_changes_after_a_crash() {
         reopened.warnings()
     );
     reopened.close().unwrap();
-    let _ = std::fs::remove_dir_all(dir);
 }

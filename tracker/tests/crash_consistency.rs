@@ -18,12 +18,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backend::{BlockBackend, ZeroError, ZeroRequest};
+use testkit::{TempDir, Xorshift, create_sparse_file, random_bytes};
 use tracker::journal::JournalFile;
 use tracker::tracker::JournalWrapper;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 const IMAGE_BYTES: u64 = 4 << 20;
 const REGION_BYTES: u64 = 64 << 10;
+/// Seed of the history written before checkpoint "base": writes with and
+/// without FUA, a flush, a trim, a zero, and last a write left unflushed.
+/// None of it touches region 20, which the bypass test needs untouched.
+const HISTORY_SEED: u64 = 117;
 
 trait WriteImage {
     fn write_all_at_image(&self, bytes: &[u8]) -> io::Result<()>;
@@ -139,20 +144,6 @@ impl BlockBackend for SimImage {
 }
 
 /// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Write {
@@ -173,12 +164,12 @@ enum Op {
 }
 
 fn workload(seed: u64, count: usize) -> Vec<Op> {
-    let mut rng = Rng(seed | 1);
+    let mut random = Xorshift::new(seed);
     (0..count)
         .map(|_| {
-            let offset = rng.below(IMAGE_BYTES - 1);
-            let length = (1 + rng.below(200 << 10)).min(IMAGE_BYTES - offset);
-            match rng.below(10) {
+            let offset = random.below(IMAGE_BYTES - 1);
+            let length = (1 + random.below(200 << 10)).min(IMAGE_BYTES - offset);
+            match random.below(10) {
                 0 | 1 => Op::Flush,
                 2 => Op::Trim { offset, length },
                 3 => Op::Zero { offset, length },
@@ -186,7 +177,7 @@ fn workload(seed: u64, count: usize) -> Vec<Op> {
                     offset,
                     length,
                     fua: kind == 4,
-                    seed: rng.next(),
+                    seed: random.next(),
                 },
             }
         })
@@ -208,35 +199,13 @@ struct Setup {
     baseline: Vec<u8>,
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(label: &str) -> TempDir {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "tracker-crash-{label}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&path).unwrap();
-    TempDir(path)
-}
-
 /// A tracker on simulated storage, with checkpoint "base" taken after some
 /// history, so the crash happens in the second generation.
 fn setup(label: &str) -> Setup {
-    let dir = temp_dir(label);
-    let image_path = dir.0.join("disk.img");
-    File::create(&image_path)
-        .unwrap()
-        .set_len(IMAGE_BYTES)
-        .unwrap();
-    let state_dir = dir.0.join("state");
+    let dir = TempDir::new(&format!("tracker-crash-{label}"));
+    let image_path = dir.join("disk.img");
+    create_sparse_file(&image_path, IMAGE_BYTES);
+    let state_dir = dir.join("state");
     let power = Arc::new(Power {
         steps: AtomicU64::new(0),
         crash_at: AtomicU64::new(u64::MAX),
@@ -276,7 +245,7 @@ fn setup(label: &str) -> Setup {
         Arc::clone(&sim) as Arc<dyn BlockBackend>,
         Arc::clone(&tracker),
     );
-    for op in workload(7, 10) {
+    for op in workload(HISTORY_SEED, 10) {
         apply(&backend, op).unwrap();
     }
     tracker.checkpoint("base").unwrap();
@@ -300,11 +269,7 @@ fn apply(backend: &TrackedBackend, op: Op) -> io::Result<()> {
             length,
             fua,
             seed,
-        } => {
-            let mut rng = Rng(seed | 1);
-            let data: Vec<u8> = (0..length).map(|_| rng.next() as u8).collect();
-            backend.write_at(&data, offset, fua)
-        }
+        } => backend.write_at(&random_bytes(seed, length as usize), offset, fua),
         Op::Flush => backend.flush(),
         Op::Trim { offset, length } => backend.trim(offset, length, false),
         Op::Zero { offset, length } => backend
@@ -461,6 +426,12 @@ fn second_write_cannot_bypass_an_unfinished_mark() {
     let journal = setup.journal.lock().unwrap().clone().unwrap();
     *journal.hold_syncs.lock().unwrap() = true;
     let region_offset = 20 * REGION_BYTES;
+    let region = region_offset as usize..(region_offset + REGION_BYTES) as usize;
+    assert!(
+        setup.baseline[region].iter().all(|&b| b == 0),
+        "the history before the checkpoint wrote region 20, so a write reaching it \
+         could not be told apart: choose another HISTORY_SEED"
+    );
     let mut bypassed = false;
     std::thread::scope(|scope| {
         let backend = &setup.backend;

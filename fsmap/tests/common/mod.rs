@@ -1,54 +1,48 @@
-//! Helpers the fsmap integration tests share: temporary directories,
-//! e2fsprogs tools, deterministic bytes.
+//! What the fsmap integration tests share beyond `testkit`: making a
+//! filesystem that holds a copy of a directory, indexing its directories,
+//! and asking debugfs about it (all e2fsprogs).
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-pub struct TempDir(pub PathBuf);
+use testkit::{output, run, status_text, tool};
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn temp_dir(label: &str) -> TempDir {
-    let path = std::env::temp_dir().join(format!("ext4-test-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    TempDir(path)
-}
-
-pub fn tool(name: &str) -> String {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let path = format!("{dir}/{name}");
-        if Path::new(&path).exists() {
-            return path;
-        }
-    }
-    panic!("{name} is not installed: apt-get install -y e2fsprogs");
-}
-
-pub fn debugfs(image: &Path, request: &str) -> String {
-    let output = Command::new(tool("debugfs"))
-        .args(["-R", request])
+/// `MKFS -q -F ARGS -d SOURCE IMAGE SIZE` (`mkfs` is `mkfs.ext4`, `mke2fs`
+/// or another e2fsprogs mkfs), which must succeed: a filesystem of `size`
+/// on `image` holding a copy of `source`.
+pub fn mkfs_with_files(mkfs: &str, args: &[&str], source: &Path, image: &Path, size: &str) {
+    run(Command::new(tool(mkfs, "e2fsprogs"))
+        .args(["-q", "-F"])
+        .args(args)
+        .arg("-d")
+        .arg(source)
         .arg(image)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "debugfs -R {request:?} failed");
-    String::from_utf8_lossy(&output.stdout).into_owned()
+        .arg(size));
 }
 
-/// Deterministic bytes.
-pub fn bytes(seed: u64, length: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+/// `e2fsck -fyD IMAGE`: checks the filesystem and indexes (htree) every
+/// directory of more than one block, which `mkfs -d` writes linear. Exit
+/// code 0 (clean) or 1 (directories were optimised) is success.
+pub fn index_directories(image: &Path) {
+    let result = output(
+        Command::new(tool("e2fsck", "e2fsprogs"))
+            .arg("-fyD")
+            .arg(image),
+    );
+    assert!(
+        matches!(result.status.code(), Some(0 | 1)),
+        "e2fsck -fyD {} failed with {}:\n{}{}",
+        image.display(),
+        status_text(result.status),
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// `debugfs -R REQUEST IMAGE`, which must succeed; returns what it printed.
+pub fn debugfs(image: &Path, request: &str) -> String {
+    run(Command::new(tool("debugfs", "e2fsprogs"))
+        .args(["-R", request])
+        .arg(image))
 }
