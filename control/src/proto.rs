@@ -177,7 +177,8 @@ pub struct CheckpointInfo {
     pub name: String,
     pub generation: u64,
     pub created_unix_seconds: u64,
-    /// Bytes of the regions changed in the generation it closed.
+    /// Bytes changed in the generation it closed: exact where its fine
+    /// record is complete, whole regions elsewhere.
     pub changed_bytes: u64,
     #[serde(default)]
     pub pins: Vec<PinInfo>,

@@ -181,8 +181,7 @@ fn checkpoint_info(tracker: &Tracker, checkpoint: &Checkpoint, pins: &[Pin]) -> 
         name: checkpoint.name.clone(),
         generation: checkpoint.generation,
         created_unix_seconds: checkpoint.created_unix_seconds,
-        changed_bytes: (checkpoint.changed.len() * tracker.granularity().bytes())
-            .min(tracker.size_bytes()),
+        changed_bytes: tracker.changed_bytes_of(checkpoint),
         pins: pins
             .iter()
             .filter(|pin| pin.generation == checkpoint.generation)

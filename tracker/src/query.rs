@@ -129,6 +129,21 @@ impl Tracker {
         Ok(self.extents_of(&covered, &saved, &inexact, &fine))
     }
 
+    /// Bytes changed in the generation `checkpoint` closed: its written
+    /// blocks where its record is exact, whole regions elsewhere.
+    pub fn changed_bytes_of(&self, checkpoint: &crate::catalog::Checkpoint) -> u64 {
+        let inexact = &checkpoint.changed - &checkpoint.exact;
+        self.extents_of(
+            &checkpoint.changed,
+            &checkpoint.saved,
+            &inexact,
+            &checkpoint.fine,
+        )
+        .iter()
+        .map(|extent| extent.length_bytes)
+        .sum()
+    }
+
     /// Which files changed since checkpoint `since` (up to `until`, or
     /// now): the maps saved at the checkpoints (or the current map)
     /// compared, with the changed regions as evidence.
