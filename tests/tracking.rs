@@ -607,6 +607,26 @@ fn scattered_4k_writes_are_reported_within_a_tenth_of_the_written_bytes() {
     );
     // The dirty bitmap stays at region granularity, as QEMU's readers expect.
     assert_eq!(dirty_bitmap_regions(&server.uri(), "base"), regions);
+    // The exact context names the written blocks themselves.
+    let context = "--map=blockwatch:exact-dirty-bitmap:base";
+    let text = run_program("nbdinfo", ["--json", context, server.uri().as_str()]);
+    let dirty_blocks: Vec<u64> = parse_json(&text, "nbdinfo --map --json")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_u64() == Some(1))
+        .flat_map(|e| {
+            let offset = e["offset"].as_u64().unwrap();
+            let length = e["length"].as_u64().unwrap();
+            (offset / 4096..(offset + length) / 4096).map(|block| block * 4096)
+        })
+        .collect();
+    assert_eq!(dirty_blocks, offsets, "blockwatch:exact-dirty-bitmap:base");
+    let list = run_program("nbdinfo", ["--list", server.uri().as_str()]);
+    assert!(
+        list.contains("blockwatch:exact-dirty-bitmap:base"),
+        "{list}"
+    );
     server.stop();
 }
 

@@ -108,6 +108,20 @@ impl FineRecord {
         (exact, blocks)
     }
 
+    /// Whether `region` of the current generation counts whole.
+    pub(crate) fn is_inexact(&self, region: u32) -> bool {
+        !self.is_enabled() || self.inexact.lock().expect("inexact lock").contains(region)
+    }
+
+    /// Whether `block` was written in the current generation.
+    pub(crate) fn is_written(&self, block: u64) -> bool {
+        self.is_enabled() && block < self.written.bit_count() && self.written.get(block)
+    }
+
+    pub(crate) fn blocks_per_region_shift(&self) -> u32 {
+        self.blocks_per_region_shift
+    }
+
     /// A new generation starts: nothing written, nothing inexact.
     pub(crate) fn clear(&self) {
         self.written.clear_all();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 
-use crate::tracker::{CONTEXT_PREFIX, Tracker};
+use crate::tracker::{CONTEXT_PREFIX, EXACT_CONTEXT_PREFIX, Tracker};
 
 pub struct TrackedBackend {
     inner: Arc<dyn BlockBackend>,
@@ -119,7 +119,7 @@ impl BlockBackend for TrackedBackend {
         max_extents: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
-        if context.starts_with(CONTEXT_PREFIX) {
+        if context.starts_with(CONTEXT_PREFIX) || context.starts_with(EXACT_CONTEXT_PREFIX) {
             self.tracker
                 .dirty_extents(context, offset, length, max_extents, out)
         } else {

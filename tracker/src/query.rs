@@ -10,7 +10,7 @@ use roaring::RoaringBitmap;
 use crate::error::QueryError;
 use crate::files::FileReport;
 use crate::regions::AtomicBitmap;
-use crate::tracker::{CONTEXT_PREFIX, Tracker};
+use crate::tracker::{CONTEXT_PREFIX, ClosedUnion, EXACT_CONTEXT_PREFIX, Tracker};
 use fsmap::select::Criteria;
 
 /// One changed extent.
@@ -253,15 +253,27 @@ impl Tracker {
         extents
     }
 
-    /// NBD contexts: one `qemu:dirty-bitmap:NAME` per checkpoint.
+    /// NBD contexts: one `qemu:dirty-bitmap:NAME` per checkpoint, and
+    /// with a fine record one `blockwatch:exact-dirty-bitmap:NAME`.
     pub fn context_names(&self) -> Vec<String> {
-        self.checkpoints()
+        let checkpoints = self.checkpoints();
+        let mut names: Vec<String> = checkpoints
             .iter()
             .map(|c| format!("{CONTEXT_PREFIX}{}", c.name))
-            .collect()
+            .collect();
+        if self.fine.is_enabled() {
+            names.extend(
+                checkpoints
+                    .iter()
+                    .map(|c| format!("{EXACT_CONTEXT_PREFIX}{}", c.name)),
+            );
+        }
+        names
     }
 
-    /// Dirty-bitmap extents for a context: flag 1 where changed since NAME.
+    /// Dirty-bitmap extents for a context: flag 1 where changed since
+    /// NAME, per region (`qemu:dirty-bitmap:`) or per written block where
+    /// the fine record is exact (`blockwatch:exact-dirty-bitmap:`).
     pub fn dirty_extents(
         &self,
         context: &str,
@@ -270,7 +282,13 @@ impl Tracker {
         max_extents: usize,
         out: &mut Vec<backend::Extent>,
     ) -> io::Result<()> {
-        let name = context.strip_prefix(CONTEXT_PREFIX).unwrap_or(context);
+        let (name, exact) = match context.strip_prefix(EXACT_CONTEXT_PREFIX) {
+            Some(name) => (name, true),
+            None => (
+                context.strip_prefix(CONTEXT_PREFIX).unwrap_or(context),
+                false,
+            ),
+        };
         let closed = self.closed_union(name).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -283,23 +301,65 @@ impl Tracker {
         while position < end && out.len() - first < max_extents {
             let region = position >> self.granularity.shift();
             let region_end = ((region + 1) << self.granularity.shift()).min(end);
-            let dirty = closed.contains(region as u32) || self.marked.get(region);
-            let flags = u32::from(dirty);
-            backend::push_extent(out, first, region_end - position, flags);
+            let dirty = closed.changed.contains(region as u32) || self.marked.get(region);
+            if dirty && exact && self.region_is_exact(&closed, region) {
+                self.push_block_extents(&closed, position, region_end, first, out);
+            } else {
+                backend::push_extent(out, first, region_end - position, u32::from(dirty));
+            }
             position = region_end;
         }
         Ok(())
     }
 
-    fn closed_union(&self, name: &str) -> Option<Arc<RoaringBitmap>> {
+    /// A changed region whose written blocks are known, and some are.
+    fn region_is_exact(&self, closed: &ClosedUnion, region: u64) -> bool {
+        let region32 = region as u32;
+        if closed.inexact.contains(region32)
+            || (self.marked.get(region) && self.fine.is_inexact(region32))
+        {
+            return false;
+        }
+        let shift = self.fine.blocks_per_region_shift();
+        let blocks = (region << shift)..((region + 1) << shift);
+        blocks.clone().any(|block| self.fine.is_written(block))
+            || closed
+                .fine
+                .range(blocks.start as u32..=(blocks.end - 1) as u32)
+                .next()
+                .is_some()
+    }
+
+    /// Extents of `[position, region_end)` block by block: 1 where written.
+    fn push_block_extents(
+        &self,
+        closed: &ClosedUnion,
+        mut position: u64,
+        region_end: u64,
+        first: usize,
+        out: &mut Vec<backend::Extent>,
+    ) {
+        let shift = self.fine.precision().shift();
+        while position < region_end {
+            let block = position >> shift;
+            let block_end = ((block + 1) << shift).min(region_end);
+            let written = self.fine.is_written(block) || closed.fine.contains(block as u32);
+            backend::push_extent(out, first, block_end - position, u32::from(written));
+            position = block_end;
+        }
+    }
+
+    fn closed_union(&self, name: &str) -> Option<Arc<ClosedUnion>> {
         if let Some(union) = self.closed_unions.lock().expect("unions lock").get(name) {
             return Some(Arc::clone(union));
         }
         let checkpoints = self.checkpoints();
         let since = checkpoints.iter().find(|c| c.name == name)?.generation;
-        let mut union = RoaringBitmap::new();
+        let mut union = ClosedUnion::default();
         for checkpoint in checkpoints.iter().filter(|c| c.generation > since) {
-            union |= &checkpoint.changed;
+            union.changed |= &checkpoint.changed;
+            union.inexact |= &checkpoint.changed - &checkpoint.exact;
+            union.fine |= &checkpoint.fine;
         }
         let union = Arc::new(union);
         self.closed_unions

@@ -36,6 +36,9 @@ pub use crate::open::{default_state_dir, state_is_locked};
 pub use crate::query::{ChangedExtent, FlushStats};
 
 pub const CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
+/// The same bitmaps at the fine record's precision where it is exact
+/// (whole regions elsewhere), for clients that want the written blocks.
+pub const EXACT_CONTEXT_PREFIX: &str = "blockwatch:exact-dirty-bitmap:";
 /// Flush samples kept for the histogram.
 const FLUSH_SAMPLES_MAX: usize = 65536;
 /// A journal past this size is rewritten as a snapshot of the current
@@ -109,7 +112,7 @@ pub struct Tracker {
     pub(crate) operations: Mutex<()>,
     pub(crate) checkpoints: Mutex<Vec<Checkpoint>>,
     /// Union of closed generations after each checkpoint, for BLOCK_STATUS.
-    pub(crate) closed_unions: Mutex<HashMap<String, Arc<RoaringBitmap>>>,
+    pub(crate) closed_unions: Mutex<HashMap<String, Arc<ClosedUnion>>>,
     pub(crate) flush_samples: Mutex<FlushSamples>,
     pub(crate) journal_wrapper: Option<JournalWrapper>,
     /// What recovery found that users should know, in the order found.
@@ -124,6 +127,15 @@ pub struct Tracker {
     pub(crate) heartbeat: Mutex<Option<Heartbeat>>,
     /// A journal compaction is queued or running.
     pub(crate) compacting: AtomicBool,
+}
+
+/// What the generations closed after a checkpoint changed, together.
+#[derive(Debug, Default)]
+pub(crate) struct ClosedUnion {
+    pub(crate) changed: RoaringBitmap,
+    /// Changed regions that count whole.
+    pub(crate) inexact: RoaringBitmap,
+    pub(crate) fine: RoaringBitmap,
 }
 
 #[derive(Debug, Default)]
