@@ -4,9 +4,8 @@
 //! background (unless `-f` or `--run`), serve until a signal or the captive
 //! command ends, then finish in-flight requests, flush and exit.
 
-use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,11 +15,12 @@ use backend::{BlockBackend, FileBackend};
 use clap::Args;
 use control::ControlServer;
 use nbd_server::{Export, Exports, Server};
-use tracker::regions::REGION_COUNT_MAX;
 use tracker::tracker::default_state_dir;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
-use crate::size::{parse_granularity, parse_precision, parse_size, size_text};
+mod check;
+
+use check::{Plan, check_no_listener};
 
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 const DEFAULT_SOCKET: &str = "blockwatch.sock";
@@ -151,88 +151,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-/// What `serve` will do, worked out from the arguments and checked against
-/// the file system without changing it.
-#[derive(Debug)]
-struct Plan {
-    images: Vec<ImagePlan>,
-    granularity_bytes: Option<u64>,
-    precision_bytes: Option<u64>,
-}
-
-#[derive(Debug)]
-struct ImagePlan {
-    path: PathBuf,
-    export_name: String,
-    /// Create the image sparse with this size (it does not exist yet).
-    create_bytes: Option<u64>,
-}
-
-impl Plan {
-    fn check(args: &ServeArgs) -> anyhow::Result<Plan> {
-        let size_bytes = args.size.as_deref().map(parse_size).transpose();
-        let size_bytes = size_bytes.map_err(anyhow::Error::msg)?;
-        let granularity_bytes = args.granularity.as_deref().map(parse_granularity);
-        let granularity_bytes = granularity_bytes.transpose().map_err(anyhow::Error::msg)?;
-        let precision_bytes = args.precision.as_deref().map(parse_precision);
-        let precision_bytes = precision_bytes.transpose().map_err(anyhow::Error::msg)?;
-        if let (Some(precision), Some(granularity)) = (precision_bytes, granularity_bytes)
-            && precision > granularity
-        {
-            bail!(
-                "--precision {} is coarser than --granularity {}: use at most the granularity",
-                size_text(precision),
-                size_text(granularity)
-            );
-        }
-        let is_default = args.images.is_empty();
-        let paths = if is_default {
-            vec![PathBuf::from(DEFAULT_IMAGE)]
-        } else {
-            args.images.clone()
-        };
-        let names = export_names(&paths, &args.export_names)?;
-        if args.state.is_some() && paths.len() > 1 {
-            bail!("--state names one state directory: serve one image with it, or drop --state");
-        }
-        if let Some(state) = &args.state
-            && state.exists()
-            && !state.is_dir()
-        {
-            bail!(
-                "--state {} exists and is not a directory; give a directory",
-                state.display()
-            );
-        }
-        check_each_image_once(&paths)?;
-        let mut images = Vec::with_capacity(paths.len());
-        for (path, export_name) in paths.into_iter().zip(names) {
-            let create_bytes = check_image(&path, size_bytes, is_default)?;
-            if !args.no_track
-                && let Some(granularity_bytes) = granularity_bytes
-            {
-                check_region_count(&path, create_bytes, granularity_bytes)?;
-            }
-            images.push(ImagePlan {
-                path,
-                export_name,
-                create_bytes,
-            });
-        }
-        if let Some(path) = unix_socket_path(args) {
-            check_unix_socket(&path)?;
-        }
-        if let Some(pidfile) = &args.pidfile {
-            check_pidfile(pidfile)?;
-        }
-        Ok(Plan {
-            images,
-            granularity_bytes,
-            precision_bytes,
-        })
-    }
-}
-
 /// What a start created, so that a start failing before it serves can
 /// remove it again.
 #[derive(Debug, Default)]
@@ -312,219 +230,6 @@ fn open_tracker(
     Ok(Arc::new(opened.with_context(|| {
         format!("cannot track {}", path.display())
     })?))
-}
-
-/// Refuses an image named twice (under any spelling of its path): the
-/// second open would find it locked by the first.
-fn check_each_image_once(paths: &[PathBuf]) -> anyhow::Result<()> {
-    let mut seen: Vec<(PathBuf, Option<(u64, u64)>)> = Vec::with_capacity(paths.len());
-    for path in paths {
-        let absolute = std::path::absolute(path)
-            .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        if seen.iter().any(|(other, other_identity)| {
-            *other == absolute || identity.is_some() && *other_identity == identity
-        }) {
-            bail!("{} is named twice; serve each image once", path.display());
-        }
-        seen.push((absolute, identity));
-    }
-    Ok(())
-}
-
-/// Checks `image` can be served as asked; returns the size to create it
-/// with when it does not exist yet.
-fn check_image(
-    image: &Path,
-    size_bytes: Option<u64>,
-    is_default: bool,
-) -> anyhow::Result<Option<u64>> {
-    match std::fs::metadata(image) {
-        Ok(metadata) => {
-            let file_type = metadata.file_type();
-            let is_device = file_type.is_block_device();
-            if !file_type.is_file() && !is_device {
-                bail!(
-                    "{} is neither a regular file nor a block device",
-                    image.display()
-                );
-            }
-            if let Some(wanted) = size_bytes
-                && !is_device
-                && metadata.len() != wanted
-            {
-                bail!(
-                    "{} exists with {} bytes, not the {} that --size asks for; drop --size to serve it as it is",
-                    image.display(),
-                    metadata.len(),
-                    wanted
-                );
-            }
-            Ok(None)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let Some(size) = size_bytes.or(is_default.then_some(DEFAULT_SIZE_BYTES)) else {
-                bail!(
-                    "{} does not exist; give --size (e.g. --size 10G) to create it",
-                    image.display()
-                );
-            };
-            let parent = parent_dir(image);
-            if !parent.is_dir() {
-                bail!(
-                    "cannot create {}: {} is not a directory",
-                    image.display(),
-                    parent.display()
-                );
-            }
-            Ok(Some(size))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot use {}", image.display())),
-    }
-}
-
-/// The tracker refuses more than `REGION_COUNT_MAX` regions; says so before
-/// the image is created, for images whose size is known without opening.
-fn check_region_count(
-    image: &Path,
-    create_bytes: Option<u64>,
-    granularity_bytes: u64,
-) -> anyhow::Result<()> {
-    let size_bytes = match create_bytes {
-        Some(size_bytes) => size_bytes,
-        None => match std::fs::metadata(image) {
-            Ok(metadata) if metadata.is_file() => metadata.len(),
-            // A block device's size takes an ioctl: the tracker checks it.
-            _ => return Ok(()),
-        },
-    };
-    let region_count = size_bytes.div_ceil(granularity_bytes);
-    if region_count > REGION_COUNT_MAX {
-        bail!(
-            "{} would have {region_count} regions at --granularity {}, over the limit {REGION_COUNT_MAX}; use a larger --granularity",
-            image.display(),
-            size_text(granularity_bytes)
-        );
-    }
-    Ok(())
-}
-
-/// The directory a relative or absolute path lies in.
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    }
-}
-
-/// Longest unix socket path the kernel takes (`sun_path` less its NUL).
-const UNIX_SOCKET_PATH_MAX_BYTES: usize = 107;
-
-/// The unix socket `serve` will listen on, if any, unless it is the
-/// private one of captive mode (made fresh, so nothing to check).
-fn unix_socket_path(args: &ServeArgs) -> Option<PathBuf> {
-    let want_tcp = args.port.is_some() || args.ipaddr.is_some();
-    match (&args.unix, want_tcp, args.run.is_some()) {
-        (Some(path), _, _) => Some(path.clone()),
-        (None, false, false) => Some(PathBuf::from(DEFAULT_SOCKET)),
-        (None, _, _) => None,
-    }
-}
-
-/// Checks that a socket can be bound at `path` without replacing anything
-/// but a stale socket.
-fn check_unix_socket(path: &Path) -> anyhow::Result<()> {
-    let absolute =
-        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
-    let length = absolute.as_os_str().len();
-    if length > UNIX_SOCKET_PATH_MAX_BYTES {
-        bail!(
-            "socket path {} is {length} bytes, over the {UNIX_SOCKET_PATH_MAX_BYTES} a unix socket allows; choose a shorter path with -U",
-            absolute.display()
-        );
-    }
-    let parent = parent_dir(path);
-    if !parent.is_dir() {
-        bail!(
-            "cannot listen on {}: {} is not a directory",
-            path.display(),
-            parent.display()
-        );
-    }
-    check_no_listener(path)
-}
-
-/// A file at `path` must be a socket nobody listens on (a stale one).
-fn check_no_listener(path: &Path) -> anyhow::Result<()> {
-    let Ok(metadata) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !metadata.file_type().is_socket() {
-        bail!(
-            "{} exists and is not a socket; choose another path with -U",
-            path.display()
-        );
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!("another server is already listening on {}", path.display());
-    }
-    Ok(())
-}
-
-/// The pidfile is written after the fork, where an error reaches no
-/// terminal: check now that it can be.
-fn check_pidfile(pidfile: &Path) -> anyhow::Result<()> {
-    let parent = parent_dir(pidfile);
-    if !parent.is_dir() {
-        bail!(
-            "cannot write pidfile {}: {} is not a directory",
-            pidfile.display(),
-            parent.display()
-        );
-    }
-    if pidfile.is_dir() {
-        bail!(
-            "cannot write pidfile {}: it is a directory",
-            pidfile.display()
-        );
-    }
-    Ok(())
-}
-
-/// One export name per image.
-fn export_names(images: &[PathBuf], given: &[String]) -> anyhow::Result<Vec<String>> {
-    let names: Vec<String> = if !given.is_empty() {
-        if given.len() != images.len() {
-            bail!(
-                "{} export names for {} images: give one -e per image, in the same order",
-                given.len(),
-                images.len()
-            );
-        }
-        given.to_vec()
-    } else if images.len() == 1 {
-        vec![String::new()]
-    } else {
-        images
-            .iter()
-            .map(|image| {
-                image
-                    .file_stem()
-                    .and_then(OsStr::to_str)
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .collect()
-    };
-    for (index, name) in names.iter().enumerate() {
-        if name.len() > nbd_server::proto::STRING_MAX {
-            bail!("export name {name:?} is longer than the protocol's 4096 bytes");
-        }
-        if names[..index].contains(name) {
-            bail!("export name {name:?} is used twice: name each image with -e");
-        }
-    }
-    Ok(names)
 }
 
 /// Creates `image` sparse with `size_bytes`; a file that cannot be sized
@@ -884,15 +589,5 @@ mod tests {
     fn uri_escape_keeps_paths_readable() {
         assert_eq!(uri_escape("/tmp/a b.sock"), "/tmp/a%20b.sock");
         assert_eq!(uri_escape("disk?1"), "disk%3F1");
-    }
-
-    #[test]
-    fn export_names_default_to_file_stems() {
-        let images = [PathBuf::from("/x/a.img"), PathBuf::from("/y/b.qcow")];
-        assert_eq!(export_names(&images, &[]).unwrap(), ["a", "b"]);
-        assert_eq!(export_names(&images[..1], &[]).unwrap(), [""]);
-        assert!(export_names(&images, &["only".into()]).is_err());
-        let same = [PathBuf::from("/x/a.img"), PathBuf::from("/y/a.img")];
-        assert!(export_names(&same, &[]).is_err());
     }
 }
