@@ -456,9 +456,10 @@ fn serve(
 ) -> anyhow::Result<ExitCode> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        // Plain WRITEs run on the connection task (a page-cache copy); a few
-        // spare workers keep the accept loop and other connections moving
-        // while one waits on dirty-page throttling.
+        // The workers run the accept loops and handshakes; a connection
+        // then serves on a thread of its own and sends what may block to
+        // tokio's blocking pool. A few spare workers keep accepting while
+        // handshakes wait on slow clients.
         .worker_threads(threads.max(4))
         .enable_all()
         .build()?;
