@@ -45,26 +45,22 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Parses `--granularity`: a size that is a power of two from 4K to 16M.
 pub fn parse_granularity(text: &str) -> Result<u64, String> {
-    let bytes = parse_size(text)?;
-    if Granularity::new(bytes).is_none() {
-        return Err(format!(
-            "--granularity {text} is not a power of two from {} to {} (the default is {})",
-            size_text(GRANULARITY_MIN_BYTES),
-            size_text(GRANULARITY_MAX_BYTES),
-            size_text(GRANULARITY_DEFAULT_BYTES)
-        ));
-    }
-    Ok(bytes)
+    parse_region_size("--granularity", text, GRANULARITY_DEFAULT_BYTES)
 }
 
-/// `--precision`: a power of two in the same range as the granularity.
+/// Parses `--precision`: a power of two in the same range.
 pub fn parse_precision(text: &str) -> Result<u64, String> {
+    parse_region_size("--precision", text, 4096)
+}
+
+fn parse_region_size(flag: &str, text: &str, default_bytes: u64) -> Result<u64, String> {
     let bytes = parse_size(text)?;
     if Granularity::new(bytes).is_none() {
         return Err(format!(
-            "--precision {text} is not a power of two from {} to {} (the default is 4K)",
+            "{flag} {text} is not a power of two from {} to {} (the default is {})",
             size_text(GRANULARITY_MIN_BYTES),
             size_text(GRANULARITY_MAX_BYTES),
+            size_text(default_bytes)
         ));
     }
     Ok(bytes)

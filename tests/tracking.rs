@@ -43,21 +43,24 @@ fn changed_regions(image: &Path, since: &str) -> BTreeSet<u64> {
         .collect()
 }
 
-/// Regions nbdinfo shows as dirty in `qemu:dirty-bitmap:NAME`.
-fn dirty_bitmap_regions(uri: &str, name: &str) -> BTreeSet<u64> {
-    let context = format!("--map=qemu:dirty-bitmap:{name}");
-    let text = run_program("nbdinfo", ["--json", context.as_str(), uri]);
-    let extents = parse_json(&text, "nbdinfo --map --json");
-    extents
+/// The dirty extents (offset, length) nbdinfo shows in a metadata context.
+fn dirty_extents(uri: &str, context: &str) -> Vec<(u64, u64)> {
+    let map = format!("--map={context}");
+    let text = run_program("nbdinfo", ["--json", map.as_str(), uri]);
+    parse_json(&text, "nbdinfo --map --json")
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["type"].as_u64() == Some(1))
-        .flat_map(|e| {
-            let offset = e["offset"].as_u64().unwrap();
-            let length = e["length"].as_u64().unwrap();
-            offset / REGION..(offset + length).div_ceil(REGION)
-        })
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Regions nbdinfo shows as dirty in `qemu:dirty-bitmap:NAME`.
+fn dirty_bitmap_regions(uri: &str, name: &str) -> BTreeSet<u64> {
+    dirty_extents(uri, &format!("qemu:dirty-bitmap:{name}"))
+        .into_iter()
+        .flat_map(|(offset, length)| offset / REGION..(offset + length).div_ceil(REGION))
         .collect()
 }
 
@@ -608,18 +611,10 @@ fn scattered_4k_writes_are_reported_within_a_tenth_of_the_written_bytes() {
     // The dirty bitmap stays at region granularity, as QEMU's readers expect.
     assert_eq!(dirty_bitmap_regions(&server.uri(), "base"), regions);
     // The exact context names the written blocks themselves.
-    let context = "--map=blockwatch:exact-dirty-bitmap:base";
-    let text = run_program("nbdinfo", ["--json", context, server.uri().as_str()]);
-    let dirty_blocks: Vec<u64> = parse_json(&text, "nbdinfo --map --json")
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"].as_u64() == Some(1))
-        .flat_map(|e| {
-            let offset = e["offset"].as_u64().unwrap();
-            let length = e["length"].as_u64().unwrap();
-            (offset / 4096..(offset + length) / 4096).map(|block| block * 4096)
-        })
+    let dirty_blocks: Vec<u64> = dirty_extents(&server.uri(), "blockwatch:exact-dirty-bitmap:base")
+        .into_iter()
+        .flat_map(|(offset, length)| offset / 4096..(offset + length) / 4096)
+        .map(|block| block * 4096)
         .collect();
     assert_eq!(dirty_blocks, offsets, "blockwatch:exact-dirty-bitmap:base");
     let list = run_program("nbdinfo", ["--list", server.uri().as_str()]);
