@@ -3,9 +3,11 @@
 //!
 //! Files: `main.rs` (argument parsing, exit codes), `serve.rs` (images,
 //! listeners, daemonizing, captive `--run`, signals, tracking layers),
-//! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin), `size.rs` (size
+//! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin),
+//! `copy.rs` (copy, verify), `size.rs` (size
 //! arguments such as `10G`).
 
+mod copy;
 mod serve;
 mod size;
 mod track;
@@ -44,6 +46,11 @@ enum Command {
     Pin(track::PinArgs),
     /// Release a pin: blockwatch unpin [IMAGE] CHECKPOINT HOLDER.
     Unpin(track::PinArgs),
+    /// Copy what changed since the target's last copy (or everything) to a
+    /// replica: blockwatch copy [IMAGE] --to TARGET.
+    Copy(copy::CopyArgs),
+    /// Compare a replica with its source: exit 0 equal, 1 different, 2 error.
+    Verify(copy::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,8 @@ fn main() -> ExitCode {
         Command::Status(args) => track::status(args),
         Command::Pin(args) => track::pin(args),
         Command::Unpin(args) => track::unpin(args),
+        Command::Copy(args) => copy::copy(args),
+        Command::Verify(args) => copy::verify(args),
     };
     match result {
         Ok(code) => code,

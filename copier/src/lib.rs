@@ -1,3 +1,19 @@
-//! Point-in-time copies of changed blocks to replicas, tape streams and
-//! other NBD servers, with restore and verify. Nothing is implemented yet:
-//! the crate exists so the workspace layout is fixed from the start.
+//! Point-in-time copies of a tracked disk's changed blocks to other
+//! storage, with verify. Today: replicas (raw sparse image files) copied
+//! with no server running; live copies through a copy-before-write
+//! snapshot, NBD targets and tape streams come next.
+//!
+//! Files and what each owns:
+//! - `plan.rs`: the byte ranges a copy moves, from the tracker's changes,
+//!   coalesced and cut into pieces.
+//! - `replica.rs`: a replica file, its lock, and its record (the commit).
+//! - `copy.rs`: the copy itself: full or incremental, workers, the commit
+//!   order, pins, merging away checkpoints nothing needs.
+//! - `verify.rs`: a replica compared region by region with its source.
+
+pub mod copy;
+pub mod plan;
+pub mod replica;
+pub mod verify;
+
+pub use copy::{CopyError, CopyOptions, Summary, copy_offline};

@@ -203,6 +203,12 @@ impl Tracker {
         &self.state_dir
     }
 
+    /// The identity of the tracked disk: random, fixed when the state was
+    /// made, so a replica can tell its source from any other disk.
+    pub fn image_id(&self) -> [u8; 16] {
+        self.image_id
+    }
+
     pub fn image_path(&self) -> &Path {
         &self.image_path
     }

@@ -1,0 +1,420 @@
+//! A copy of a disk to a replica, with no server running: the state
+//! directory is opened for writing (its lock keeps a server from starting)
+//! and the image is read directly under a shared lock, so nothing writes
+//! the disk while it is copied.
+//!
+//! Steps: lock the replica; decide full or incremental from its record; a
+//! new checkpoint closes the generation; the plan is the tracker's changes
+//! since the replica's checkpoint (or everything); workers copy it, data
+//! as data and holes as holes; the replica is synced and its record
+//! committed; only then is the new checkpoint pinned for this replica, the
+//! old one unpinned, and checkpoints the copier made that nothing pins any
+//! more deleted (merged into the next). An interrupted copy leaves the old
+//! record and the old pin, so the next run copies from the old checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use backend::{BlockBackend, FileBackend, STATE_HOLE};
+use serde::Serialize;
+use tracker::{Tracker, TrackerOptions};
+
+use crate::plan::{PIECE_BYTES_MAX, Plan};
+use crate::replica::{
+    RECORD_FORMAT, Replica, ReplicaError, ReplicaLock, ReplicaRecord, read_record,
+};
+
+/// Checkpoints the copier makes start with this; only those does it delete.
+pub const CHECKPOINT_PREFIX: &str = "copy-";
+/// Workers reading and writing pieces at once.
+pub const WORKERS_DEFAULT: usize = 4;
+/// Extents asked of the source per piece (holes and data alternate).
+const EXTENTS_PER_PIECE_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("tracking state of {image}")]
+    Open {
+        image: PathBuf,
+        source: tracker::OpenError,
+    },
+    #[error("reading {image}")]
+    Source {
+        image: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening {image}")]
+    SourceOpen {
+        image: PathBuf,
+        source: backend::OpenError,
+    },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("checkpoint")]
+    Checkpoint(#[from] tracker::CheckpointError),
+    #[error("changes")]
+    Query(#[from] tracker::QueryError),
+    #[error("closing the tracking state")]
+    Close(#[from] tracker::CloseError),
+    #[error(
+        "{replica} exists and has no blockwatch record: it may hold someone's data; copy with --full to overwrite it"
+    )]
+    NotAReplica { replica: PathBuf },
+    #[error(
+        "{replica} is a replica of another disk (image id {theirs}, this one is {ours}); copy with --full to overwrite it"
+    )]
+    Foreign {
+        replica: PathBuf,
+        theirs: String,
+        ours: String,
+    },
+    #[error(
+        "{replica} was changed since the copy of checkpoint {checkpoint:?} (its size or mtime differ from its record); copy with --full to overwrite it"
+    )]
+    ChangedBehindOurBack {
+        replica: PathBuf,
+        checkpoint: String,
+    },
+}
+
+/// What to copy where.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub image: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub replica: PathBuf,
+    /// Copy everything and overwrite whatever the replica holds.
+    pub full: bool,
+    pub workers: usize,
+}
+
+/// What a copy did, for people and scripts (`--json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub target: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// Why a full copy, when it is one.
+    pub full_reason: Option<String>,
+    pub base_checkpoint: Option<String>,
+    pub checkpoint: String,
+    pub extents: usize,
+    pub planned_bytes: u64,
+    /// Bytes read from the source and written (holes excluded).
+    pub data_bytes: u64,
+    pub hole_bytes: u64,
+    pub seconds: f64,
+    pub mib_per_second: f64,
+}
+
+/// Copies `options.image` to its replica; see the module comment.
+pub fn copy_offline(options: &CopyOptions) -> Result<Summary, CopyError> {
+    let started = Instant::now();
+    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
+        CopyError::Replica(ReplicaError::Io {
+            path: options.replica.clone(),
+            source,
+        })
+    })?;
+    let source =
+        FileBackend::open(&options.image, true).map_err(|source| CopyError::SourceOpen {
+            image: options.image.clone(),
+            source,
+        })?;
+    let size_bytes = source.size_bytes();
+    let tracker = Tracker::open(
+        &TrackerOptions {
+            image: options.image.clone(),
+            state_dir: options.state_dir.clone(),
+            granularity_bytes: None,
+            precision_bytes: None,
+            journal_wrapper: None,
+            files: true,
+        },
+        size_bytes,
+    )
+    .map_err(|source| CopyError::Open {
+        image: options.image.clone(),
+        source,
+    })?;
+    tracker.start();
+    let result = copy_with(&tracker, &source, &replica_path, options);
+    let closed = tracker.close();
+    let mut summary = result?;
+    closed?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.mib_per_second = summary.data_bytes as f64 / (1 << 20) as f64 / summary.seconds;
+    Ok(summary)
+}
+
+/// An image id as the replica record writes it.
+pub(crate) fn hex_id(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The pin holder for a replica: a name without spaces, stable per path.
+pub fn holder_of(replica: &Path) -> String {
+    let path = replica.as_os_str().as_encoded_bytes();
+    format!("replica-{:08x}", crc32c::crc32c(path))
+}
+
+/// The base checkpoint of an incremental copy, or why it must be full.
+fn base_of(
+    tracker: &Tracker,
+    replica: &Path,
+    full: bool,
+) -> Result<(Option<String>, Option<String>), CopyError> {
+    let record = read_record(replica);
+    let metadata = std::fs::metadata(replica).ok();
+    if full {
+        return Ok((None, Some("--full was given".into())));
+    }
+    let record = match record {
+        Ok(Some(record)) => record,
+        Ok(None) if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
+            return Err(CopyError::NotAReplica {
+                replica: replica.to_path_buf(),
+            });
+        }
+        Ok(None) => return Ok((None, Some("the first copy to this replica".into()))),
+        Err(error) => return Err(error.into()),
+    };
+    let ours = hex_id(&tracker.image_id());
+    if record.image_id != ours {
+        return Err(CopyError::Foreign {
+            replica: replica.to_path_buf(),
+            theirs: record.image_id,
+            ours,
+        });
+    }
+    if !metadata.as_ref().is_some_and(|m| record.matches_file(m)) {
+        return Err(CopyError::ChangedBehindOurBack {
+            replica: replica.to_path_buf(),
+            checkpoint: record.checkpoint,
+        });
+    }
+    let base = tracker
+        .checkpoints()
+        .into_iter()
+        .find(|c| c.name == record.checkpoint && c.generation == record.generation);
+    Ok(match base {
+        Some(base) => (Some(base.name), None),
+        None => (
+            None,
+            Some(format!(
+                "the replica's checkpoint {:?} is gone (deleted, or tracking state that could not be trusted)",
+                record.checkpoint
+            )),
+        ),
+    })
+}
+
+fn new_checkpoint_name(tracker: &Tracker) -> String {
+    let stem = format!("{CHECKPOINT_PREFIX}{}", unix_seconds());
+    let names: Vec<String> = tracker.checkpoints().into_iter().map(|c| c.name).collect();
+    (0..)
+        .map(|n| {
+            if n == 0 {
+                stem.clone()
+            } else {
+                format!("{stem}-{n}")
+            }
+        })
+        .find(|name| !names.contains(name))
+        .expect("some suffix is free")
+}
+
+fn copy_with(
+    tracker: &Tracker,
+    source: &FileBackend,
+    replica_path: &Path,
+    options: &CopyOptions,
+) -> Result<Summary, CopyError> {
+    // The replica's lock first, then its record: nothing of it is touched
+    // before the copy knows it may.
+    let lock = ReplicaLock::acquire(replica_path)?;
+    let (base, full_reason) = base_of(tracker, replica_path, options.full)?;
+    let replica = Replica::open(replica_path, source.size_bytes(), lock)?;
+    let checkpoint = tracker.checkpoint(&new_checkpoint_name(tracker))?;
+    let plan = match &base {
+        Some(base) => Plan::from_changes(&tracker.changes(base, Some(&checkpoint.name))?),
+        None => Plan::full(source.size_bytes()),
+    };
+    let (data_bytes, hole_bytes) = run_plan(source, &replica, &plan, options.workers.max(1))
+        .map_err(|error| match error {
+            PieceError::Source(source) => CopyError::Source {
+                image: options.image.clone(),
+                source,
+            },
+            PieceError::Replica(error) => CopyError::Replica(error),
+        })?;
+    replica.sync()?;
+    let metadata = replica.metadata()?;
+    replica.commit(&ReplicaRecord {
+        format: RECORD_FORMAT,
+        image_id: hex_id(&tracker.image_id()),
+        source_size_bytes: source.size_bytes(),
+        granularity_bytes: tracker.granularity().bytes(),
+        checkpoint: checkpoint.name.clone(),
+        generation: checkpoint.generation,
+        copied_unix_seconds: unix_seconds(),
+        replica_size_bytes: metadata.len(),
+        replica_mtime_seconds: std::os::unix::fs::MetadataExt::mtime(&metadata),
+        replica_mtime_nanoseconds: std::os::unix::fs::MetadataExt::mtime_nsec(&metadata),
+    })?;
+    let holder = holder_of(replica_path);
+    let reason = format!("the replica {} holds it", replica_path.display());
+    tracker.pin(&checkpoint.name, &holder, &reason)?;
+    if let Some(base) = &base {
+        // Its pin may be gone already if an earlier run stopped after its
+        // commit; either way nothing of ours holds it now.
+        let _ = tracker.unpin(base, &holder);
+    }
+    merge_away_unneeded(tracker, &checkpoint.name)?;
+    Ok(Summary {
+        target: format!("file:{}", replica_path.display()),
+        kind: if base.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .to_string(),
+        full_reason,
+        base_checkpoint: base,
+        checkpoint: checkpoint.name,
+        extents: plan.ranges.len(),
+        planned_bytes: plan.bytes(),
+        data_bytes,
+        hole_bytes,
+        seconds: 0.0,
+        mib_per_second: 0.0,
+    })
+}
+
+/// Deletes the checkpoints the copier made that no pin holds any more,
+/// except `keep` (the one just made): their changes merge into the next,
+/// so no other checkpoint's answer changes.
+fn merge_away_unneeded(tracker: &Tracker, keep: &str) -> Result<(), CopyError> {
+    let pinned: Vec<u64> = tracker.pins()?.iter().map(|pin| pin.generation).collect();
+    for checkpoint in tracker.checkpoints() {
+        if checkpoint.name != keep
+            && checkpoint.name.starts_with(CHECKPOINT_PREFIX)
+            && !pinned.contains(&checkpoint.generation)
+        {
+            tracker.delete_checkpoint(&checkpoint.name)?;
+        }
+    }
+    Ok(())
+}
+
+enum PieceError {
+    Source(std::io::Error),
+    Replica(ReplicaError),
+}
+
+/// Copies the plan with `workers` threads taking pieces in order. Returns
+/// (data bytes, hole bytes).
+fn run_plan(
+    source: &dyn BlockBackend,
+    replica: &Replica,
+    plan: &Plan,
+    workers: usize,
+) -> Result<(u64, u64), PieceError> {
+    let pieces: Vec<(u64, u64)> = plan.pieces().collect();
+    let next = AtomicUsize::new(0);
+    let data_bytes = AtomicU64::new(0);
+    let hole_bytes = AtomicU64::new(0);
+    let failure: Mutex<Option<PieceError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(pieces.len().max(1)) {
+            scope.spawn(|| {
+                let mut buffer = vec![0u8; PIECE_BYTES_MAX as usize];
+                let mut extents = Vec::new();
+                loop {
+                    if failure.lock().expect("failure lock").is_some() {
+                        return;
+                    }
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(offset, length)) = pieces.get(index) else {
+                        return;
+                    };
+                    match copy_piece(source, replica, offset, length, &mut buffer, &mut extents) {
+                        Ok((data, holes)) => {
+                            data_bytes.fetch_add(data, Ordering::Relaxed);
+                            hole_bytes.fetch_add(holes, Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            failure.lock().expect("failure lock").get_or_insert(error);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failure.into_inner().expect("failure lock") {
+        Some(error) => Err(error),
+        None => Ok((data_bytes.into_inner(), hole_bytes.into_inner())),
+    }
+}
+
+/// One piece: its data read and written, its holes made holes.
+fn copy_piece(
+    source: &dyn BlockBackend,
+    replica: &Replica,
+    offset: u64,
+    length: u64,
+    buffer: &mut [u8],
+    extents: &mut Vec<backend::Extent>,
+) -> Result<(u64, u64), PieceError> {
+    extents.clear();
+    if source.can_extents() {
+        source
+            .extents(offset, length, EXTENTS_PER_PIECE_MAX, extents)
+            .map_err(PieceError::Source)?;
+    }
+    let (mut data, mut holes) = (0, 0);
+    let mut position = offset;
+    let end = offset + length;
+    for extent in extents.iter() {
+        if position >= end {
+            break;
+        }
+        let part = extent.length_bytes.min(end - position);
+        if extent.flags & STATE_HOLE != 0 {
+            replica.zero(position, part).map_err(PieceError::Replica)?;
+            holes += part;
+        } else {
+            copy_data(source, replica, position, part, buffer)?;
+            data += part;
+        }
+        position += part;
+    }
+    // Whatever the extents did not describe is copied as data.
+    if position < end {
+        copy_data(source, replica, position, end - position, buffer)?;
+        data += end - position;
+    }
+    Ok((data, holes))
+}
+
+fn copy_data(
+    source: &dyn BlockBackend,
+    replica: &Replica,
+    offset: u64,
+    length: u64,
+    buffer: &mut [u8],
+) -> Result<(), PieceError> {
+    debug_assert!(length <= buffer.len() as u64);
+    let piece = &mut buffer[..length as usize];
+    source.read_at(piece, offset).map_err(PieceError::Source)?;
+    replica.write_at(piece, offset).map_err(PieceError::Replica)
+}

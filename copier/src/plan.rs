@@ -1,0 +1,117 @@
+//! The plan: which byte ranges a copy moves, from the tracker's own record
+//! of what changed (never one request per region), coalesced into large
+//! extents and cut into pieces the workers take one at a time.
+
+use tracker::ChangedExtent;
+
+/// Extents closer than this are merged: reading a little unchanged data
+/// costs less than another request and seek.
+pub const COALESCE_GAP_BYTES: u64 = 64 * 1024;
+/// The largest piece one worker reads and writes at once.
+pub const PIECE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Byte ranges to copy, sorted, disjoint, inside the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    /// Everything: a full copy.
+    pub fn full(size_bytes: u64) -> Plan {
+        Plan {
+            ranges: if size_bytes == 0 {
+                Vec::new()
+            } else {
+                vec![(0, size_bytes)]
+            },
+        }
+    }
+
+    /// The changed extents, merged where closer than `COALESCE_GAP_BYTES`.
+    pub fn from_changes(extents: &[ChangedExtent]) -> Plan {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for extent in extents {
+            let (offset, length) = (extent.offset_bytes, extent.length_bytes);
+            match ranges.last_mut() {
+                Some((last_offset, last_length))
+                    if offset <= *last_offset + *last_length + COALESCE_GAP_BYTES =>
+                {
+                    let end = (offset + length).max(*last_offset + *last_length);
+                    *last_length = end - *last_offset;
+                }
+                _ => ranges.push((offset, length)),
+            }
+        }
+        Plan { ranges }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|&(_, length)| length).sum()
+    }
+
+    /// The ranges cut into pieces of at most `PIECE_BYTES_MAX`, aligned to
+    /// that size so neighbouring copies line up.
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().flat_map(|&(offset, length)| {
+            let end = offset + length;
+            let mut position = offset;
+            std::iter::from_fn(move || {
+                if position >= end {
+                    return None;
+                }
+                let boundary = (position / PIECE_BYTES_MAX + 1) * PIECE_BYTES_MAX;
+                let piece_end = boundary.min(end);
+                let piece = (position, piece_end - position);
+                position = piece_end;
+                Some(piece)
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extent(offset_bytes: u64, length_bytes: u64) -> ChangedExtent {
+        ChangedExtent {
+            offset_bytes,
+            length_bytes,
+            saved: true,
+            exact: true,
+        }
+    }
+
+    #[test]
+    fn near_extents_merge_and_far_ones_stay_apart() {
+        let plan = Plan::from_changes(&[
+            extent(0, 4096),
+            extent(8192, 4096),
+            extent(8192 + 4096 + COALESCE_GAP_BYTES, 4096),
+            extent(10 << 20, 4096),
+        ]);
+        assert_eq!(
+            plan.ranges,
+            vec![
+                (0, 8192 + 4096 + COALESCE_GAP_BYTES + 4096),
+                (10 << 20, 4096)
+            ]
+        );
+    }
+
+    #[test]
+    fn pieces_cover_the_plan_exactly_and_stay_below_the_maximum() {
+        let plan = Plan {
+            ranges: vec![(1000, 9 << 20), (20 << 20, 4096)],
+        };
+        let pieces: Vec<(u64, u64)> = plan.pieces().collect();
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), plan.bytes());
+        assert!(pieces.iter().all(|&(_, length)| length <= PIECE_BYTES_MAX));
+        assert_eq!(pieces[0], (1000, PIECE_BYTES_MAX - 1000));
+        for pair in pieces.windows(2).take(2) {
+            assert_eq!(pair[0].0 + pair[0].1, pair[1].0);
+        }
+        assert_eq!(Plan::full(0).pieces().count(), 0);
+    }
+}

@@ -1,0 +1,310 @@
+//! A replica: a raw sparse image file that holds a copy of the source disk
+//! as of one checkpoint, and its record `PATH.blockwatch-replica`.
+//!
+//! The record names the source (the tracker's image id), the sizes, the
+//! checkpoint the replica holds and the replica file's size and mtime
+//! after the copy. It is one JSON line and a `crc32c HEX` line over it,
+//! written aside, synced and renamed over the old one only after the
+//! replica's data is synced: that rename is the commit. An interrupted
+//! copy leaves the old record, so the next run starts from the old
+//! checkpoint again. A replica whose size or mtime differ from its record
+//! was changed by someone else, and a replica without a record may hold
+//! someone's data: both are refused unless the user asks for a full copy.
+//!
+//! `PATH.blockwatch-replica.lock` (flock) keeps two copies from writing
+//! one replica at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The record's format version.
+pub const RECORD_FORMAT: u32 = 1;
+/// Longest record file accepted (it is one short JSON line).
+const RECORD_BYTES_MAX: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("replica {path}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("replica {path} is being written by another copy; try again when it is done")]
+    Busy { path: PathBuf },
+    #[error("replica record {path} is damaged ({reason}); copy again with --full")]
+    DamagedRecord { path: PathBuf, reason: String },
+}
+
+/// What a replica holds, as its last committed copy left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub format: u32,
+    /// The source's tracker identity (hex).
+    pub image_id: String,
+    pub source_size_bytes: u64,
+    pub granularity_bytes: u64,
+    /// The checkpoint whose contents the replica holds.
+    pub checkpoint: String,
+    pub generation: u64,
+    pub copied_unix_seconds: u64,
+    /// The replica file after the copy: a different size or mtime later
+    /// means someone else wrote it.
+    pub replica_size_bytes: u64,
+    pub replica_mtime_seconds: i64,
+    pub replica_mtime_nanoseconds: i64,
+}
+
+impl ReplicaRecord {
+    /// Whether the replica file still looks as this record left it.
+    pub fn matches_file(&self, metadata: &std::fs::Metadata) -> bool {
+        metadata.len() == self.replica_size_bytes
+            && metadata.mtime() == self.replica_mtime_seconds
+            && metadata.mtime_nsec() == self.replica_mtime_nanoseconds
+    }
+}
+
+pub fn record_path(replica: &Path) -> PathBuf {
+    let mut name = replica.file_name().unwrap_or_default().to_os_string();
+    name.push(".blockwatch-replica");
+    replica.with_file_name(name)
+}
+
+/// The record of `replica`: None when there is none.
+pub fn read_record(replica: &Path) -> Result<Option<ReplicaRecord>, ReplicaError> {
+    let path = record_path(replica);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ReplicaError::Io { path, source }),
+    };
+    let damaged = |reason: String| ReplicaError::DamagedRecord {
+        path: path.clone(),
+        reason,
+    };
+    let length = file
+        .metadata()
+        .map_err(|source| ReplicaError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    if length > RECORD_BYTES_MAX {
+        return Err(damaged(format!("{length} bytes, over {RECORD_BYTES_MAX}")));
+    }
+    let mut text = String::new();
+    io::Read::read_to_string(&mut &file, &mut text).map_err(|source| ReplicaError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let (body, crc_line) = text
+        .trim_end_matches('\n')
+        .rsplit_once('\n')
+        .ok_or_else(|| damaged("no checksum line".into()))?;
+    let crc = crc_line
+        .strip_prefix("crc32c ")
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| damaged("no checksum line".into()))?;
+    if crc32c::crc32c(body.as_bytes()) != crc {
+        return Err(damaged("checksum mismatch".into()));
+    }
+    let record: ReplicaRecord =
+        serde_json::from_str(body).map_err(|error| damaged(error.to_string()))?;
+    if record.format != RECORD_FORMAT {
+        return Err(damaged(format!(
+            "format {} is not {RECORD_FORMAT}",
+            record.format
+        )));
+    }
+    Ok(Some(record))
+}
+
+/// The lock that keeps two copies from writing one replica.
+#[derive(Debug)]
+pub struct ReplicaLock {
+    _file: File,
+}
+
+impl ReplicaLock {
+    /// Takes the lock of `replica` (the file need not exist yet).
+    pub fn acquire(replica: &Path) -> Result<ReplicaLock, ReplicaError> {
+        let mut lock_name = record_path(replica).into_os_string();
+        lock_name.push(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_name)
+            .map_err(|source| ReplicaError::Io {
+                path: PathBuf::from(&lock_name),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ReplicaError::Busy {
+                path: replica.to_path_buf(),
+            });
+        }
+        Ok(ReplicaLock { _file: file })
+    }
+}
+
+/// An open replica, locked against other copies.
+#[derive(Debug)]
+pub struct Replica {
+    path: PathBuf,
+    file: File,
+    _lock: ReplicaLock,
+}
+
+impl Replica {
+    /// Opens (creating when missing) the replica under its lock, sized to
+    /// `size_bytes` (a new one is sparse). Check the record before: this
+    /// resizes whatever is there.
+    pub fn open(path: &Path, size_bytes: u64, lock: ReplicaLock) -> Result<Replica, ReplicaError> {
+        let io_error = |source| ReplicaError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_error)?;
+        let metadata = file.metadata().map_err(io_error)?;
+        if metadata.file_type().is_file() && metadata.len() != size_bytes {
+            file.set_len(size_bytes).map_err(io_error)?;
+        }
+        Ok(Replica {
+            path: path.to_path_buf(),
+            file,
+            _lock: lock,
+        })
+    }
+
+    fn io_error(&self, source: io::Error) -> ReplicaError {
+        ReplicaError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ReplicaError> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|error| self.io_error(error))
+    }
+
+    /// Makes a range read as zeroes, as a hole where the filesystem can.
+    pub fn zero(&self, offset: u64, length: u64) -> Result<(), ReplicaError> {
+        let (Ok(offset_signed), Ok(length_signed)) =
+            (libc::off_t::try_from(offset), libc::off_t::try_from(length))
+        else {
+            return Err(self.io_error(io::Error::from(io::ErrorKind::InvalidInput)));
+        };
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let punched = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset_signed,
+                length_signed,
+            )
+        } == 0;
+        if punched {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; length.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < length {
+            let piece = (length - done).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..piece], offset + done)?;
+            done += piece as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every write durable.
+    pub fn sync(&self) -> Result<(), ReplicaError> {
+        self.file.sync_data().map_err(|error| self.io_error(error))
+    }
+
+    pub fn metadata(&self) -> Result<std::fs::Metadata, ReplicaError> {
+        self.file.metadata().map_err(|error| self.io_error(error))
+    }
+
+    /// Commits `record`: after this returns, the replica holds its
+    /// checkpoint. Call after `sync`.
+    pub fn commit(&self, record: &ReplicaRecord) -> Result<(), ReplicaError> {
+        let path = record_path(&self.path);
+        let io_error = |source| ReplicaError::Io {
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_string(record).expect("a record serializes");
+        let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+        let temporary = path.with_extension("blockwatch-replica.new");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io_error)?;
+        file.write_all(text.as_bytes()).map_err(io_error)?;
+        file.sync_all().map_err(io_error)?;
+        std::fs::rename(&temporary, &path).map_err(io_error)?;
+        let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
+        File::open(directory.unwrap_or(Path::new(".")))
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ReplicaRecord {
+        ReplicaRecord {
+            format: RECORD_FORMAT,
+            image_id: "00ff".into(),
+            source_size_bytes: 1 << 20,
+            granularity_bytes: 65536,
+            checkpoint: "copy-1".into(),
+            generation: 3,
+            copied_unix_seconds: 9,
+            replica_size_bytes: 1 << 20,
+            replica_mtime_seconds: 1,
+            replica_mtime_nanoseconds: 2,
+        }
+    }
+
+    #[test]
+    fn a_committed_record_reads_back_and_a_flipped_byte_is_refused() {
+        let dir = std::env::temp_dir().join(format!("replica-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("copy.img");
+        assert_eq!(read_record(&path).unwrap(), None);
+        let replica = Replica::open(&path, 1 << 20, ReplicaLock::acquire(&path).unwrap()).unwrap();
+        assert!(matches!(
+            ReplicaLock::acquire(&path),
+            Err(ReplicaError::Busy { .. })
+        ));
+        replica.commit(&record()).unwrap();
+        assert_eq!(read_record(&path).unwrap(), Some(record()));
+        let mut bytes = std::fs::read(record_path(&path)).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(record_path(&path), &bytes).unwrap();
+        assert!(matches!(
+            read_record(&path),
+            Err(ReplicaError::DamagedRecord { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! `verify`: a replica compared, region by region (crc32c), with its
+//! source as of the checkpoint the replica holds. With no server running
+//! the source is the image itself; regions written since that checkpoint
+//! cannot be compared and are skipped and counted.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use backend::{BlockBackend, FileBackend};
+use serde::Serialize;
+use tracker::catalog::CatalogError;
+use tracker::{OpenError, Tracker, TrackerOptions};
+
+use crate::plan::PIECE_BYTES_MAX;
+use crate::replica::{ReplicaError, read_record};
+
+/// Differing regions listed in a report (the count is always exact).
+pub const DIFFERING_LISTED_MAX: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{replica} has no blockwatch record: nothing says what it should hold")]
+    NoRecord { replica: PathBuf },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("tracking state of {image}")]
+    Open { image: PathBuf, source: OpenError },
+    #[error("opening {image}")]
+    SourceOpen {
+        image: PathBuf,
+        source: backend::OpenError,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{replica} is a replica of another disk")]
+    Foreign { replica: PathBuf },
+    #[error(
+        "{replica} holds checkpoint {checkpoint:?}, which the tracking state no longer has: the source as of then is unknown"
+    )]
+    CheckpointGone {
+        replica: PathBuf,
+        checkpoint: String,
+    },
+    #[error("{replica} is {replica_bytes} bytes, the source {source_bytes}")]
+    SizeMismatch {
+        replica: PathBuf,
+        replica_bytes: u64,
+        source_bytes: u64,
+    },
+    #[error("changes")]
+    Query(#[from] tracker::QueryError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub target: String,
+    pub checkpoint: String,
+    pub granularity_bytes: u64,
+    pub regions_compared: u64,
+    /// Written since the checkpoint: not comparable.
+    pub regions_skipped: u64,
+    pub regions_differing: u64,
+    /// (offset, length) of differing regions, at most DIFFERING_LISTED_MAX.
+    pub differing: Vec<(u64, u64)>,
+    pub seconds: f64,
+}
+
+/// Opens the state for a query: read-only, or writable when a crash left
+/// the catalog needing a repair (then there was no clean marker to lose).
+fn open_for_query(options: &TrackerOptions, size_bytes: u64) -> Result<Tracker, OpenError> {
+    match Tracker::open_read_only(options, size_bytes) {
+        Err(OpenError::Catalog {
+            source: CatalogError::NeedsRepair,
+            ..
+        }) => {
+            let tracker = Tracker::open(options, size_bytes)?;
+            tracker.start();
+            Ok(tracker)
+        }
+        other => other,
+    }
+}
+
+pub fn verify_offline(
+    image: &Path,
+    state_dir: Option<&Path>,
+    replica: &Path,
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let record = read_record(replica)?.ok_or_else(|| VerifyError::NoRecord {
+        replica: replica.to_path_buf(),
+    })?;
+    let source = FileBackend::open(image, true).map_err(|source| VerifyError::SourceOpen {
+        image: image.to_path_buf(),
+        source,
+    })?;
+    let options = TrackerOptions {
+        image: image.to_path_buf(),
+        state_dir: state_dir.map(Path::to_path_buf),
+        granularity_bytes: None,
+        precision_bytes: None,
+        journal_wrapper: None,
+        files: false,
+    };
+    let tracker =
+        open_for_query(&options, source.size_bytes()).map_err(|source| VerifyError::Open {
+            image: image.to_path_buf(),
+            source,
+        })?;
+    let report = if crate::copy::hex_id(&tracker.image_id()) == record.image_id {
+        compare(
+            &tracker,
+            &source,
+            replica,
+            &record.checkpoint,
+            record.generation,
+        )
+    } else {
+        Err(VerifyError::Foreign {
+            replica: replica.to_path_buf(),
+        })
+    };
+    if !tracker.is_read_only() {
+        let _ = tracker.close();
+    }
+    let mut report = report?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn compare(
+    tracker: &Tracker,
+    source: &FileBackend,
+    replica: &Path,
+    checkpoint: &str,
+    generation: u64,
+) -> Result<VerifyReport, VerifyError> {
+    let known = tracker
+        .checkpoints()
+        .iter()
+        .any(|c| c.name == checkpoint && c.generation == generation);
+    if !known {
+        return Err(VerifyError::CheckpointGone {
+            replica: replica.to_path_buf(),
+            checkpoint: checkpoint.to_string(),
+        });
+    }
+    let read_error = |path: &Path, source| VerifyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(replica).map_err(|e| read_error(replica, e))?;
+    let replica_bytes = file.metadata().map_err(|e| read_error(replica, e))?.len();
+    let size_bytes = source.size_bytes();
+    if replica_bytes != size_bytes {
+        return Err(VerifyError::SizeMismatch {
+            replica: replica.to_path_buf(),
+            replica_bytes,
+            source_bytes: size_bytes,
+        });
+    }
+    let region_bytes = tracker.granularity().bytes();
+    let region_count = size_bytes.div_ceil(region_bytes);
+    let mut skipped = vec![false; region_count as usize];
+    for extent in tracker.changes(checkpoint, None)? {
+        let first = extent.offset_bytes / region_bytes;
+        let end = (extent.offset_bytes + extent.length_bytes).div_ceil(region_bytes);
+        skipped[first as usize..end as usize].fill(true);
+    }
+    let chunk_bytes = PIECE_BYTES_MAX.max(region_bytes);
+    let mut ours = vec![0u8; chunk_bytes as usize];
+    let mut theirs = vec![0u8; chunk_bytes as usize];
+    let mut report = VerifyReport {
+        target: format!("file:{}", replica.display()),
+        checkpoint: checkpoint.to_string(),
+        granularity_bytes: region_bytes,
+        regions_compared: 0,
+        regions_skipped: skipped.iter().filter(|&&s| s).count() as u64,
+        regions_differing: 0,
+        differing: Vec::new(),
+        seconds: 0.0,
+    };
+    let mut offset = 0;
+    while offset < size_bytes {
+        let length = chunk_bytes.min(size_bytes - offset);
+        let (ours, theirs) = (&mut ours[..length as usize], &mut theirs[..length as usize]);
+        source
+            .read_at(ours, offset)
+            .map_err(|e| read_error(tracker.image_path(), e))?;
+        file.read_exact_at(theirs, offset)
+            .map_err(|e| read_error(replica, e))?;
+        for (index, (a, b)) in ours
+            .chunks(region_bytes as usize)
+            .zip(theirs.chunks(region_bytes as usize))
+            .enumerate()
+        {
+            let region = offset / region_bytes + index as u64;
+            if skipped[region as usize] {
+                continue;
+            }
+            report.regions_compared += 1;
+            if crc32c::crc32c(a) != crc32c::crc32c(b) {
+                report.regions_differing += 1;
+                if report.differing.len() < DIFFERING_LISTED_MAX {
+                    report
+                        .differing
+                        .push((region * region_bytes, a.len() as u64));
+                }
+            }
+        }
+        offset += length;
+    }
+    Ok(report)
+}

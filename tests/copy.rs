@@ -1,0 +1,250 @@
+//! `blockwatch copy` and `verify` with no server running: full and
+//! incremental copies to a replica, each compared byte for byte with the
+//! image; holes stay holes; a copy that finds nothing changed advances its
+//! checkpoint; the refusals that keep someone's data safe; an ENOSPC that
+//! leaves the replica's record as it was, then a rerun that finishes.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+use testkit::*;
+
+const MIB: u64 = 1 << 20;
+
+fn copy_json(image: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["copy", image.to_str().unwrap(), "--to", target, "--json"];
+    args.extend_from_slice(extra);
+    parse_json(&run_program(BLOCKWATCH, &args), "blockwatch copy --json")
+}
+
+/// Serves `image` just long enough for qemu-io to run `commands`.
+fn write_with_server(dir: &Path, image: &Path, commands: &[&str]) {
+    let server = Server::start(dir, &[image], &[]);
+    qemu_io(&server.uri(), commands);
+    server.stop();
+}
+
+fn refused(args: &[&str], expect: &str) {
+    let out = output(&mut command(BLOCKWATCH, args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "blockwatch {args:?}: {stderr}");
+    assert!(
+        stderr.contains(expect),
+        "blockwatch {args:?}: {stderr:?} lacks {expect:?}"
+    );
+}
+
+#[test]
+fn full_then_incremental_copies_match_the_image_and_keep_holes() {
+    let dir = TempDir::new("copy-chain");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "256M");
+    qemu_io(&server.uri(), &["write -P 1 1M 4M", "write -P 2 100M 64k"]);
+    server.stop();
+    let replica = dir.join("replica.img");
+    let target = format!("file:{}", replica.display());
+
+    let full = copy_json(&image, &target, &[]);
+    assert_eq!(full["kind"], "full", "{full:#}");
+    assert_eq!(full["full_reason"], "the first copy to this replica");
+    assert_files_equal(&image, &replica);
+    let allocated = std::fs::metadata(&replica).unwrap().blocks() * 512;
+    assert!(
+        allocated < 16 * MIB,
+        "holes were filled: {allocated} bytes allocated"
+    );
+
+    for (round, commands) in [
+        ["write -P 3 50M 8k", "write -P 4 200M 1M"],
+        ["write -P 5 1M 4k", "discard 100M 64k"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        write_with_server(dir.path(), &image, commands);
+        let summary = copy_json(&image, &target, &[]);
+        assert_eq!(summary["kind"], "incremental", "round {round}: {summary:#}");
+        assert!(
+            summary["planned_bytes"].as_u64().unwrap() <= 2 * MIB,
+            "round {round}: an incremental copies what changed: {summary:#}"
+        );
+        assert_files_equal(&image, &replica);
+    }
+    let verified = output(&mut command(
+        BLOCKWATCH,
+        ["verify", image.to_str().unwrap(), target.as_str()],
+    ));
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+
+    // Only the newest copy's checkpoint is left, pinned for the replica.
+    let listing = parse_json(
+        &run_program(
+            BLOCKWATCH,
+            ["checkpoints", image.to_str().unwrap(), "--json"],
+        ),
+        "checkpoints",
+    );
+    let listing = listing.as_array().unwrap();
+    assert_eq!(listing.len(), 1, "{listing:#?}");
+    assert!(
+        listing[0]["pins"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("replica.img holds it")
+    );
+}
+
+#[test]
+fn a_copy_that_finds_nothing_changed_copies_nothing_and_advances() {
+    let dir = TempDir::new("copy-nothing");
+    let image = dir.join("disk.img");
+    Server::start_with_size(dir.path(), &image, "16M").stop();
+    let target = dir.join("r.img").display().to_string();
+    let first = copy_json(&image, &target, &[]);
+    let second = copy_json(&image, &target, &[]);
+    assert_eq!(second["kind"], "incremental");
+    assert_eq!(second["planned_bytes"], 0, "{second:#}");
+    assert_eq!(second["base_checkpoint"], first["checkpoint"]);
+    assert_ne!(second["checkpoint"], first["checkpoint"]);
+}
+
+#[test]
+fn copies_refuse_what_may_be_someone_elses_data_unless_full() {
+    let dir = TempDir::new("copy-refusals");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    Server::start_with_size(dir.path(), &a, "16M").stop();
+    Server::start_with_size(dir.path(), &b, "16M").stop();
+    let (a_arg, b_arg) = (a.to_str().unwrap(), b.to_str().unwrap());
+
+    // A file that is no replica.
+    let stranger = dir.join("stranger.img");
+    std::fs::write(&stranger, b"someone's data").unwrap();
+    let stranger_arg = stranger.to_str().unwrap();
+    refused(
+        &["copy", a_arg, "--to", stranger_arg],
+        "may hold someone's data",
+    );
+    assert_eq!(std::fs::read(&stranger).unwrap(), b"someone's data");
+
+    // A replica of another disk.
+    let replica = dir.join("replica.img");
+    let replica_arg = replica.to_str().unwrap();
+    copy_json(&a, replica_arg, &[]);
+    refused(
+        &["copy", b_arg, "--to", replica_arg],
+        "is a replica of another disk",
+    );
+
+    // A replica written behind our back.
+    write_at(&replica, 4096, b"tampered");
+    refused(
+        &["copy", a_arg, "--to", replica_arg],
+        "was changed since the copy",
+    );
+    let verified = output(&mut command(BLOCKWATCH, ["verify", a_arg, replica_arg]));
+    assert_eq!(
+        verified.status.code(),
+        Some(1),
+        "verify finds the tampered region"
+    );
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("differs 0 65536"));
+
+    // --full takes over, says why, and leaves an exact copy.
+    let full = copy_json(&b, replica_arg, &["--full"]);
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["full_reason"], "--full was given");
+    assert_files_equal(&b, &replica);
+    let full = copy_json(&a, stranger_arg, &["--full"]);
+    assert_eq!(full["kind"], "full");
+    assert_files_equal(&a, &stranger);
+}
+
+#[test]
+fn a_replica_whose_checkpoint_is_gone_gets_a_full_copy_and_says_why() {
+    let dir = TempDir::new("copy-base-gone");
+    let image = dir.join("disk.img");
+    Server::start_with_size(dir.path(), &image, "16M").stop();
+    let image_arg = image.to_str().unwrap();
+    let replica = dir.join("r.img");
+    let first = copy_json(&image, replica.to_str().unwrap(), &[]);
+    let name = first["checkpoint"].as_str().unwrap();
+    let listing = parse_json(
+        &run_program(BLOCKWATCH, ["checkpoints", image_arg, "--json"]),
+        "checkpoints",
+    );
+    let holder = listing[0]["pins"][0]["holder"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    refused(&["checkpoint", image_arg, "--delete", name], "is pinned by");
+    run_program(BLOCKWATCH, ["unpin", image_arg, name, &holder]);
+    run_program(BLOCKWATCH, ["checkpoint", image_arg, "--delete", name]);
+    write_with_server(dir.path(), &image, &["write -P 9 4M 4k"]);
+    let again = copy_json(&image, replica.to_str().unwrap(), &[]);
+    assert_eq!(again["kind"], "full", "{again:#}");
+    assert!(
+        again["full_reason"].as_str().unwrap().contains("is gone"),
+        "{again:#}"
+    );
+    assert_files_equal(&image, &replica);
+}
+
+#[test]
+fn a_copy_that_runs_out_of_space_leaves_the_record_and_a_rerun_finishes() {
+    if skipped_unless_root("mount -t tmpfs") {
+        return;
+    }
+    let dir = TempDir::new("copy-enospc");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    qemu_io(&server.uri(), &["write -P 1 0 1M"]);
+    server.stop();
+    let small = dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    run_program(
+        "mount",
+        [
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4M",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    let unmount = Unmount(small.clone());
+    let replica = small.join("r.img");
+    let replica_arg = replica.to_str().unwrap();
+    let first = copy_json(&image, replica_arg, &[]);
+    let record = std::fs::read(small.join("r.img.blockwatch-replica")).unwrap();
+
+    write_with_server(dir.path(), &image, &["write -P 2 8M 8M"]);
+    refused(
+        &["copy", image.to_str().unwrap(), "--to", replica_arg],
+        "No space left",
+    );
+    assert_eq!(
+        std::fs::read(small.join("r.img.blockwatch-replica")).unwrap(),
+        record,
+        "a failed copy must not advance the replica's record"
+    );
+    // The replica holds a half-written copy now, so its mtime moved: only
+    // --full may write it again, or more space and the same base.
+    run_program("mount", ["-o", "remount,size=64M", small.to_str().unwrap()]);
+    let rerun = copy_json(&image, replica_arg, &["--full"]);
+    assert_eq!(rerun["kind"], "full");
+    assert_ne!(rerun["checkpoint"], first["checkpoint"]);
+    assert_files_equal(&image, &replica);
+    drop(unmount);
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
