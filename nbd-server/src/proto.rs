@@ -119,7 +119,13 @@ pub fn is_error_chunk(chunk_type: u16) -> bool {
 }
 
 // base:allocation flags: the backend's `Extent` flags go on the wire as they are.
+/// The context every server with metadata contexts offers.
+pub use crate::export::BASE_ALLOCATION;
 pub use backend::{STATE_HOLE, STATE_ZERO};
+/// QEMU's dirty-bitmap contexts (qemu docs/interop/nbd.rst): the prefix
+/// before a bitmap's name, and the one flag they define.
+pub const DIRTY_BITMAP_CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Largest string the protocol allows (export names, context names, queries).
 pub const STRING_MAX: usize = 4096;
