@@ -323,6 +323,11 @@ impl Negotiation<'_> {
                 reply_type: REP_ERR_SHUTDOWN,
                 message,
             } => Err(HandshakeError::ServerShutdown { message }),
+            // A server that insists on TLS refuses every option with this.
+            Final::Error {
+                reply_type: REP_ERR_TLS_REQD,
+                message,
+            } => Err(HandshakeError::TlsRequired { message }),
             // UNSUP is the usual refusal; any other leaves the feature off too.
             Final::Error { .. } => Ok(false),
         }
@@ -373,8 +378,10 @@ impl Negotiation<'_> {
             message,
         } = outcome
         {
-            if reply_type == REP_ERR_SHUTDOWN {
-                return Err(HandshakeError::ServerShutdown { message });
+            match reply_type {
+                REP_ERR_SHUTDOWN => return Err(HandshakeError::ServerShutdown { message }),
+                REP_ERR_TLS_REQD => return Err(HandshakeError::TlsRequired { message }),
+                _ => {}
             }
             // The spec says to disregard contexts sent before an error.
             selected.clear();
