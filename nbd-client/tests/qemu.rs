@@ -2,15 +2,17 @@
 //! dirty bitmap: `qemu:dirty-bitmap:NAME` reports exactly the regions
 //! written after the bitmap was added, `base:allocation` agrees with
 //! `nbdinfo --map`, sparse READ replies (holes) fill the caller's buffer
-//! with zeroes, and a missing bitmap is a clear error at connect. Both with
-//! extended headers (qemu 10 offers them) and with structured replies.
+//! with zeroes, a missing bitmap is a clear error at connect, and a
+//! writable export takes writes (split past qemu's 32 MiB maximum), zeroes
+//! and trims. Both with extended headers (qemu 10 offers them) and with
+//! structured replies.
 
 mod common;
 
 use common::*;
 use nbd_client::{
     BASE_ALLOCATION, Client, CommandFailure, ConnectError, ConnectOptions, Extent, HandshakeError,
-    ReplyMode, RequestFlags,
+    NbdError, ReplyMode, RequestFlags,
 };
 
 const BITMAP: &str = "b1";
@@ -210,4 +212,79 @@ fn a_missing_dirty_bitmap_is_refused_at_connect_naming_the_ones_there_are() {
     );
     // The soft disconnect left the server serving.
     Client::connect(&server.uri()).unwrap().close().unwrap();
+}
+
+#[test]
+fn writes_zeroes_and_trims_go_through_in_both_reply_modes() {
+    let dir = TempDir::new("qemu-write");
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("qemu-nbd", "qemu-utils");
+    let image = dir.join("disk.qcow2");
+    let image = image.to_str().unwrap().to_string();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "64M"]);
+    let socket = dir.join("qemu.sock");
+    let args = [
+        "-t",
+        "-e",
+        "8",
+        "--discard=unmap",
+        "-k",
+        socket.to_str().unwrap(),
+        "-f",
+        "qcow2",
+        &image,
+    ];
+    let server = ServerProcess::start("qemu-nbd", &args, &socket, &dir.join("qemu-nbd.log"));
+    for (seed, extended) in [(1, true), (2, false)] {
+        let options = ConnectOptions {
+            extended_headers: extended,
+            ..ConnectOptions::default()
+        };
+        let client = Client::connect_with(&server.uri(), &options).unwrap();
+        assert_eq!(client.info().reply_mode == ReplyMode::Extended, extended);
+        assert!(client.info().can_trim() && client.info().can_write_zeroes());
+        let mut model = vec![0u8; 64 * MIB as usize];
+        // 40 MiB: more than qemu's 32 MiB maximum, so split in two.
+        let big = pattern(seed, 40 * MIB as usize);
+        client.write_at(&big, 4096, RequestFlags::NONE).unwrap();
+        model[4096..4096 + big.len()].copy_from_slice(&big);
+        let small = pattern(seed + 10, 70_000);
+        client
+            .write_at(&small, 50 * MIB, RequestFlags::FUA)
+            .unwrap();
+        model[50 * MIB as usize..50 * MIB as usize + small.len()].copy_from_slice(&small);
+        client
+            .write_zeroes(MIB, MIB, RequestFlags::NO_HOLE)
+            .unwrap();
+        model[MIB as usize..2 * MIB as usize].fill(0);
+        // FAST_ZERO may be refused with ENOTSUP; if it is done, it is zero.
+        match client.write_zeroes(3 * MIB, MIB, RequestFlags::FAST_ZERO) {
+            Ok(()) => model[3 * MIB as usize..4 * MIB as usize].fill(0),
+            Err(error) => assert!(
+                matches!(
+                    error.failure,
+                    CommandFailure::Server {
+                        error: NbdError::NotSup,
+                        ..
+                    }
+                ),
+                "{error}"
+            ),
+        }
+        client.flush().unwrap();
+        // After TRIM the contents are undefined: compare around it.
+        client.trim(30 * MIB, 2 * MIB, RequestFlags::NONE).unwrap();
+        let mut disk = vec![0xee; 64 * MIB as usize];
+        client.read_at(&mut disk, 0).unwrap();
+        let trimmed = 30 * MIB as usize..32 * MIB as usize;
+        assert!(
+            disk[..trimmed.start] == model[..trimmed.start],
+            "extended={extended}"
+        );
+        assert!(
+            disk[trimmed.end..] == model[trimmed.end..],
+            "extended={extended}"
+        );
+        client.close().unwrap();
+    }
 }
