@@ -5,7 +5,8 @@
 //! request in flight), never a panic, a hang or a huge allocation; every
 //! client call here runs under a time limit. Also what a fake server can
 //! show better than a real one: replies out of order and interleaved, the
-//! in-flight bound, and the handshake's fallbacks and refusals.
+//! in-flight bound, and the handshake's fallbacks and refusals. Last, 200
+//! seeded runs of random frames (a cheap stand-in for a fuzz target).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -749,4 +750,108 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
         matches!(error, HandshakeError::TlsRequired { .. }),
         "{error}"
     );
+}
+
+/// splitmix64, so that a failing seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[(self.next() % choices.len() as u64) as usize]
+    }
+}
+
+/// A plausible-looking but random reply frame for one of `requests`.
+fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u8> {
+    let request = requests[(rng.next() % requests.len() as u64) as usize];
+    let stray = rng.next();
+    let cookie = rng.pick(&[request.cookie, request.cookie, stray]);
+    let chunk_type = rng.pick(&[
+        REPLY_TYPE_NONE,
+        REPLY_TYPE_OFFSET_DATA,
+        REPLY_TYPE_OFFSET_HOLE,
+        REPLY_TYPE_BLOCK_STATUS,
+        REPLY_TYPE_BLOCK_STATUS_EXT,
+        REPLY_TYPE_ERROR,
+        REPLY_TYPE_ERROR_OFFSET,
+        (1 << 15) + 9,
+        77,
+    ]);
+    let length = rng.pick(&[0, 4, 6, 12, 14, 24, 100, 4104, 1 << 20, u32::MAX as u64]);
+    let flags = rng.pick(&[0, REPLY_FLAG_DONE]);
+    let mut out = Vec::new();
+    if rng.next() % 8 == 0 {
+        put_simple_reply(&mut out, rng.pick(&[0, 5, 22, 108, 9999]), cookie);
+    } else {
+        let stray = rng.next();
+        let offset = rng.pick(&[request.offset, stray]);
+        let header = ChunkHeader {
+            flags,
+            chunk_type,
+            cookie,
+            offset,
+            length,
+        };
+        let mut framed = Vec::new();
+        put_chunk_header(
+            &mut framed,
+            fake.mode,
+            header.flags,
+            header.chunk_type,
+            header.cookie,
+            header.offset,
+            0,
+        );
+        // Patch the real (possibly absurd) length into the header.
+        match fake.mode {
+            ReplyMode::Extended => framed[24..32].copy_from_slice(&length.to_be_bytes()),
+            _ => framed[16..20].copy_from_slice(&(length as u32).to_be_bytes()),
+        }
+        out.extend_from_slice(&framed);
+    }
+    // Some payload, rarely as long as the header claims.
+    let payload = (rng.next() % 64) as usize;
+    for _ in 0..payload {
+        out.push(rng.pick(&[0u8, 1, 0x10, 0xff]));
+    }
+    out
+}
+
+#[test]
+fn random_replies_end_in_errors_or_answers_never_in_a_panic_or_a_hang() {
+    for seed in 0..200u64 {
+        let offer = if seed % 2 == 0 { STRUCTURED } else { EXTENDED };
+        let (client, server) = connect(offer, ConnectOptions::default(), move |fake| {
+            let mut rng = Rng(seed);
+            let requests = [fake.request(), fake.request()];
+            for _ in 0..1 + rng.next() % 6 {
+                let frame = random_frame(&mut rng, fake, &requests);
+                fake.send(&frame);
+            }
+        });
+        let worker = Arc::clone(&client);
+        let results = within(&format!("seed {seed}"), move || {
+            let read = worker.submit_read(8192, vec![0; 4096]).unwrap();
+            let status = worker.submit_block_status(0, 65536).unwrap();
+            (read.wait().err(), status.wait().err())
+        });
+        server.join().unwrap();
+        for error in [results.0, results.1].into_iter().flatten() {
+            if let CommandFailure::Connection(connection) = &error.failure {
+                assert!(
+                    !matches!(**connection, ConnectionError::ReaderLost),
+                    "seed {seed}: the reader thread died: {error}"
+                );
+            }
+        }
+        drop(client);
+    }
 }
