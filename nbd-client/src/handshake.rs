@@ -432,36 +432,10 @@ impl Negotiation<'_> {
         let mut export = None;
         let mut block_sizes = BlockSizes::default();
         let outcome = self.replies(OPT_GO, |data, reply_type, option| {
-            let bad = |what| HandshakeError::BadReply {
-                option,
-                reply_type,
-                what,
-            };
-            if reply_type != REP_INFO {
-                return Err(bad("only INFO, ACK or an error is expected"));
-            }
-            if data.len() < 2 {
-                return Err(bad("an INFO reply without its type"));
-            }
-            match be16(&data[0..2]) {
-                INFO_EXPORT if data.len() == 12 => {
-                    export = Some((be64(&data[2..10]), be16(&data[10..12])));
-                }
-                INFO_EXPORT => return Err(bad("NBD_INFO_EXPORT must be 12 bytes")),
-                INFO_BLOCK_SIZE if data.len() == 14 => {
-                    let (minimum, preferred, maximum) =
-                        (be32(&data[2..6]), be32(&data[6..10]), be32(&data[10..14]));
-                    block_sizes = BlockSizes::from_server(minimum, preferred, maximum).ok_or(
-                        HandshakeError::BadBlockSizes {
-                            minimum,
-                            preferred,
-                            maximum,
-                        },
-                    )?;
-                }
-                INFO_BLOCK_SIZE => return Err(bad("NBD_INFO_BLOCK_SIZE must be 14 bytes")),
-                // The spec asks clients to ignore information they do not know.
-                _ => {}
+            match parse_info(option, reply_type, data)? {
+                Info::Export { size_bytes, flags } => export = Some((size_bytes, flags)),
+                Info::BlockSizes(sizes) => block_sizes = sizes,
+                Info::Other => {}
             }
             Ok(())
         })?;
@@ -588,6 +562,53 @@ impl Negotiation<'_> {
     }
 }
 
+/// The information in one INFO reply this client uses.
+#[derive(Debug, PartialEq, Eq)]
+enum Info {
+    Export {
+        size_bytes: u64,
+        flags: u16,
+    },
+    BlockSizes(BlockSizes),
+    /// A type the client does not use, which the spec says to ignore.
+    Other,
+}
+
+/// An INFO reply to GO: u16 type, then the type's fixed-size payload.
+fn parse_info(option: u32, reply_type: u32, data: &[u8]) -> Result<Info, HandshakeError> {
+    let bad = |what| HandshakeError::BadReply {
+        option,
+        reply_type,
+        what,
+    };
+    if reply_type != REP_INFO {
+        return Err(bad("only INFO, ACK or an error is expected"));
+    }
+    if data.len() < 2 {
+        return Err(bad("an INFO reply without its type"));
+    }
+    match be16(&data[0..2]) {
+        INFO_EXPORT if data.len() == 12 => Ok(Info::Export {
+            size_bytes: be64(&data[2..10]),
+            flags: be16(&data[10..12]),
+        }),
+        INFO_EXPORT => Err(bad("NBD_INFO_EXPORT must be 12 bytes")),
+        INFO_BLOCK_SIZE if data.len() == 14 => {
+            let (minimum, preferred, maximum) =
+                (be32(&data[2..6]), be32(&data[6..10]), be32(&data[10..14]));
+            BlockSizes::from_server(minimum, preferred, maximum)
+                .map(Info::BlockSizes)
+                .ok_or(HandshakeError::BadBlockSizes {
+                    minimum,
+                    preferred,
+                    maximum,
+                })
+        }
+        INFO_BLOCK_SIZE => Err(bad("NBD_INFO_BLOCK_SIZE must be 14 bytes")),
+        _ => Ok(Info::Other),
+    }
+}
+
 /// SET/LIST_META_CONTEXT data: export name, then the queries, each a
 /// u32-length-prefixed string.
 fn meta_context_data(export_name: &str, queries: &[String]) -> Vec<u8> {
@@ -658,6 +679,38 @@ mod tests {
                 ),
                 "{data:?}"
             );
+        }
+    }
+
+    #[test]
+    fn info_replies_are_parsed_and_checked() {
+        let export = [0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x03];
+        assert_eq!(
+            parse_info(OPT_GO, REP_INFO, &export).unwrap(),
+            Info::Export {
+                size_bytes: 4096,
+                flags: 3
+            }
+        );
+        let sizes = [0, 3, 0, 0, 2, 0, 0, 0, 0x10, 0, 0, 0x20, 0, 0];
+        assert_eq!(
+            parse_info(OPT_GO, REP_INFO, &sizes).unwrap(),
+            Info::BlockSizes(BlockSizes::from_server(512, 4096, 2 << 20).unwrap())
+        );
+        assert_eq!(
+            parse_info(OPT_GO, REP_INFO, &[0, 2, b'h', b'i']).unwrap(),
+            Info::Other
+        );
+        let cases: [(u32, &[u8]); 5] = [
+            (REP_INFO, &[0]),
+            (REP_INFO, &export[..11]),
+            (REP_INFO, &sizes[..13]),
+            (REP_META_CONTEXT, &export),
+            // A minimum block size that is not a power of two.
+            (REP_INFO, &[0, 3, 0, 0, 2, 1, 0, 0, 0x10, 0, 0, 0x20, 0, 0]),
+        ];
+        for (reply_type, data) in cases {
+            assert!(parse_info(OPT_GO, reply_type, data).is_err(), "{data:?}");
         }
     }
 

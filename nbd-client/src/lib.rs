@@ -36,6 +36,12 @@
 //! - `client.rs`: `Client`: checks, `submit_*`, and the synchronous calls
 //!   that split ranges and pipeline them.
 //! - `error.rs`: `ConnectError`, `CommandError`, `ConnectionError`, `ProtocolError`.
+//!
+//! Tests: unit tests beside the parsers; `tests/nbdkit.rs`, `tests/qemu.rs`
+//! and `tests/blockwatch.rs` start real servers on unix sockets in temp
+//! directories (apt-get install nbdkit libnbd-bin qemu-utils; blockwatch is
+//! built with `cargo build -p blockwatch`, or named by `BLOCKWATCH=PATH`);
+//! `tests/hostile.rs` runs a lying server in-process on a socketpair.
 
 mod client;
 mod error;
