@@ -5,12 +5,19 @@
 //! that a short buffer is a compile-time impossibility, and every length read
 //! from the wire is checked against a named `*_MAX` before anything is
 //! allocated for it.
+//!
+//! The server uses the request decoders and the reply encoders; the
+//! `nbd-client` crate uses the other half (option requests, reply decoders),
+//! so that both ends read and write the same bytes through one module.
 
 use crate::buffers::Sink;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// The oldstyle handshake's second word (`cliserv_magic`), where newstyle
+/// servers send `IHAVEOPT`; clients only recognise it to name it in errors.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
@@ -66,6 +73,11 @@ pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERROR_BIT | 8;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERROR_BIT | 9;
 pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERROR_BIT | 10;
 
+/// Whether an option reply type is an error (bit 31 set), known or not.
+pub fn is_option_error(reply_type: u32) -> bool {
+    reply_type & REP_ERROR_BIT != 0
+}
+
 // NBD_INFO types.
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_NAME: u16 = 1;
@@ -100,8 +112,20 @@ pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
+/// Whether a chunk type is an error chunk (bit 15 set), known or not: the
+/// spec lets a client treat an unknown error chunk as an error and go on.
+pub fn is_error_chunk(chunk_type: u16) -> bool {
+    chunk_type & (1 << 15) != 0
+}
+
 // base:allocation flags: the backend's `Extent` flags go on the wire as they are.
+/// The context every server with metadata contexts offers.
+pub use crate::export::BASE_ALLOCATION;
 pub use backend::{STATE_HOLE, STATE_ZERO};
+/// QEMU's dirty-bitmap contexts (qemu docs/interop/nbd.rst): the prefix
+/// before a bitmap's name, and the one flag they define.
+pub const DIRTY_BITMAP_CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Largest string the protocol allows (export names, context names, queries).
 pub const STRING_MAX: usize = 4096;
@@ -146,6 +170,37 @@ impl NbdError {
             Some(libc::EOPNOTSUPP) => NbdError::NotSup,
             Some(libc::ESHUTDOWN) => NbdError::Shutdown,
             _ => NbdError::Io,
+        }
+    }
+
+    /// Reads an error value from the wire. The spec asks clients to treat
+    /// values it does not define as EINVAL; `None` means zero (no error).
+    pub fn from_wire(code: u32) -> Option<NbdError> {
+        Some(match code {
+            0 => return None,
+            1 => NbdError::Perm,
+            5 => NbdError::Io,
+            12 => NbdError::NoMem,
+            22 => NbdError::Inval,
+            28 => NbdError::NoSpc,
+            75 => NbdError::Overflow,
+            95 => NbdError::NotSup,
+            108 => NbdError::Shutdown,
+            _ => NbdError::Inval,
+        })
+    }
+
+    /// The spec's name for the error, as in "NBD_EPERM" without the prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            NbdError::Perm => "EPERM",
+            NbdError::Io => "EIO",
+            NbdError::NoMem => "ENOMEM",
+            NbdError::Inval => "EINVAL",
+            NbdError::NoSpc => "ENOSPC",
+            NbdError::Overflow => "EOVERFLOW",
+            NbdError::NotSup => "ENOTSUP",
+            NbdError::Shutdown => "ESHUTDOWN",
         }
     }
 }
@@ -294,6 +349,122 @@ pub fn put_option_reply_header<S: Sink + ?Sized>(
     out.put(&len.to_be_bytes());
 }
 
+pub const OPTION_REQUEST_HEADER_LEN: usize = 16;
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+
+/// Appends an option request as a client sends it: IHAVEOPT, option, data
+/// length, data. Option data never comes near 4 GiB (strings are at most
+/// `STRING_MAX` bytes), so a longer `data` is a caller's bug.
+pub fn put_option_request<S: Sink + ?Sized>(out: &mut S, option: u32, data: &[u8]) {
+    let len = u32::try_from(data.len()).expect("option data fits 32 bits");
+    out.put(&IHAVEOPT.to_be_bytes());
+    out.put(&option.to_be_bytes());
+    out.put(&len.to_be_bytes());
+    out.put(data);
+}
+
+/// Why a reply header (option or transmission phase) could not be decoded:
+/// the client cannot find the next frame, so the connection cannot go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyFrameError {
+    #[error("bad option reply magic {0:#018x}")]
+    BadOptionReplyMagic(u64),
+    #[error("bad reply magic {0:#010x}")]
+    BadReplyMagic(u32),
+}
+
+/// The 20-byte prefix of every option reply; `length` bytes of data follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    pub option: u32,
+    pub reply_type: u32,
+    pub length: u32,
+}
+
+impl OptionReplyHeader {
+    pub fn decode(bytes: &[u8; OPTION_REPLY_HEADER_LEN]) -> Result<Self, ReplyFrameError> {
+        let magic = be64(&bytes[0..8]);
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(ReplyFrameError::BadOptionReplyMagic(magic));
+        }
+        Ok(OptionReplyHeader {
+            option: be32(&bytes[8..12]),
+            reply_type: be32(&bytes[12..16]),
+            length: be32(&bytes[16..20]),
+        })
+    }
+}
+
+/// A simple reply (16 bytes); a READ's data follows it on success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimpleReply {
+    pub error: u32,
+    pub cookie: u64,
+}
+
+impl SimpleReply {
+    pub fn decode(bytes: &[u8; SIMPLE_REPLY_LEN]) -> Result<Self, ReplyFrameError> {
+        let magic = be32(&bytes[0..4]);
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(ReplyFrameError::BadReplyMagic(magic));
+        }
+        Ok(SimpleReply {
+            error: be32(&bytes[4..8]),
+            cookie: be64(&bytes[8..16]),
+        })
+    }
+}
+
+/// A structured (20-byte) or extended (32-byte) reply chunk header;
+/// `length` bytes of payload follow. `offset` echoes the request's offset in
+/// extended mode and is 0 for structured chunks, which do not carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub chunk_type: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl ChunkHeader {
+    pub fn decode_structured(
+        bytes: &[u8; STRUCTURED_CHUNK_HEADER_LEN],
+    ) -> Result<Self, ReplyFrameError> {
+        let magic = be32(&bytes[0..4]);
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(ReplyFrameError::BadReplyMagic(magic));
+        }
+        Ok(ChunkHeader {
+            flags: be16(&bytes[4..6]),
+            chunk_type: be16(&bytes[6..8]),
+            cookie: be64(&bytes[8..16]),
+            offset: 0,
+            length: u64::from(be32(&bytes[16..20])),
+        })
+    }
+
+    pub fn decode_extended(
+        bytes: &[u8; EXTENDED_CHUNK_HEADER_LEN],
+    ) -> Result<Self, ReplyFrameError> {
+        let magic = be32(&bytes[0..4]);
+        if magic != EXTENDED_REPLY_MAGIC {
+            return Err(ReplyFrameError::BadReplyMagic(magic));
+        }
+        Ok(ChunkHeader {
+            flags: be16(&bytes[4..6]),
+            chunk_type: be16(&bytes[6..8]),
+            cookie: be64(&bytes[8..16]),
+            offset: be64(&bytes[16..24]),
+            length: be64(&bytes[24..32]),
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.flags & REPLY_FLAG_DONE != 0
+    }
+}
+
 pub fn be16(bytes: &[u8]) -> u16 {
     u16::from_be_bytes(bytes[..2].try_into().expect("two bytes"))
 }
@@ -423,6 +594,137 @@ mod tests {
                 0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0x80, 0, 0, 6, 0, 0, 0, 0
             ]
         );
+    }
+
+    #[test]
+    fn option_request_is_byte_exact() {
+        let mut out = Vec::new();
+        put_option_request(&mut out, OPT_STRUCTURED_REPLY, b"ab");
+        assert_eq!(
+            out,
+            [
+                0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54, 0, 0, 0, 8, 0, 0, 0, 2, b'a', b'b'
+            ]
+        );
+    }
+
+    #[test]
+    fn option_reply_header_round_trips_and_checks_magic() {
+        let mut out = Vec::new();
+        put_option_reply_header(&mut out, OPT_GO, REP_INFO, 12);
+        let bytes: &[u8; OPTION_REPLY_HEADER_LEN] = out.as_slice().try_into().unwrap();
+        assert_eq!(
+            OptionReplyHeader::decode(bytes),
+            Ok(OptionReplyHeader {
+                option: OPT_GO,
+                reply_type: REP_INFO,
+                length: 12
+            })
+        );
+        out[0] = 0xff;
+        let bytes: &[u8; OPTION_REPLY_HEADER_LEN] = out.as_slice().try_into().unwrap();
+        assert_eq!(
+            OptionReplyHeader::decode(bytes),
+            Err(ReplyFrameError::BadOptionReplyMagic(0xff03_e889_0455_65a9))
+        );
+    }
+
+    #[test]
+    fn simple_reply_round_trips_and_checks_magic() {
+        let mut out = Vec::new();
+        put_simple_reply(&mut out, 5, 0x1234);
+        let bytes: &[u8; SIMPLE_REPLY_LEN] = out.as_slice().try_into().unwrap();
+        assert_eq!(
+            SimpleReply::decode(bytes),
+            Ok(SimpleReply {
+                error: 5,
+                cookie: 0x1234
+            })
+        );
+        out[3] = 0;
+        let bytes: &[u8; SIMPLE_REPLY_LEN] = out.as_slice().try_into().unwrap();
+        assert_eq!(
+            SimpleReply::decode(bytes),
+            Err(ReplyFrameError::BadReplyMagic(0x6744_6600))
+        );
+    }
+
+    #[test]
+    fn chunk_headers_round_trip_in_both_modes() {
+        let mut out = Vec::new();
+        put_chunk_header(
+            &mut out,
+            ReplyMode::Structured,
+            0,
+            REPLY_TYPE_OFFSET_HOLE,
+            7,
+            99,
+            12,
+        );
+        let bytes: &[u8; STRUCTURED_CHUNK_HEADER_LEN] = out.as_slice().try_into().unwrap();
+        let header = ChunkHeader::decode_structured(bytes).unwrap();
+        assert_eq!(
+            header,
+            ChunkHeader {
+                flags: 0,
+                chunk_type: REPLY_TYPE_OFFSET_HOLE,
+                cookie: 7,
+                offset: 0,
+                length: 12
+            }
+        );
+        assert!(!header.is_done());
+
+        out.clear();
+        put_chunk_header(
+            &mut out,
+            ReplyMode::Extended,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            8,
+            99,
+            0,
+        );
+        let bytes: &[u8; EXTENDED_CHUNK_HEADER_LEN] = out.as_slice().try_into().unwrap();
+        let header = ChunkHeader::decode_extended(bytes).unwrap();
+        assert_eq!((header.cookie, header.offset, header.length), (8, 99, 0));
+        assert!(header.is_done());
+        // A structured magic where an extended header belongs is a frame error.
+        out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let bytes: &[u8; EXTENDED_CHUNK_HEADER_LEN] = out.as_slice().try_into().unwrap();
+        assert_eq!(
+            ChunkHeader::decode_extended(bytes),
+            Err(ReplyFrameError::BadReplyMagic(STRUCTURED_REPLY_MAGIC))
+        );
+    }
+
+    #[test]
+    fn wire_errors_decode_with_unknown_values_as_einval() {
+        assert_eq!(NbdError::from_wire(0), None);
+        for error in [
+            NbdError::Perm,
+            NbdError::Io,
+            NbdError::NoMem,
+            NbdError::Inval,
+            NbdError::NoSpc,
+            NbdError::Overflow,
+            NbdError::NotSup,
+            NbdError::Shutdown,
+        ] {
+            assert_eq!(NbdError::from_wire(error as u32), Some(error));
+        }
+        assert_eq!(NbdError::from_wire(4242), Some(NbdError::Inval));
+        assert_eq!(NbdError::NoSpc.name(), "ENOSPC");
+    }
+
+    #[test]
+    fn error_bits_are_recognised_for_unknown_types() {
+        assert!(is_option_error(REP_ERR_UNSUP));
+        assert!(is_option_error(REP_ERROR_BIT | 200));
+        assert!(!is_option_error(REP_META_CONTEXT));
+        assert!(is_error_chunk(REPLY_TYPE_ERROR_OFFSET));
+        assert!(is_error_chunk((1 << 15) + 77));
+        assert!(!is_error_chunk(REPLY_TYPE_BLOCK_STATUS_EXT));
     }
 
     #[test]
