@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use copier::copy::WORKERS_DEFAULT;
+use copier::copy::{NbdCopyOptions, WORKERS_DEFAULT, copy_from_nbd};
 use copier::{CopyOptions, copy_offline};
 use tracker::tracker::{default_state_dir, state_is_locked};
 
@@ -16,7 +16,18 @@ const DEFAULT_IMAGE: &str = "blockwatch.img";
 #[derive(Debug, Args)]
 pub struct CopyArgs {
     /// The tracked image (default ./blockwatch.img).
+    #[arg(conflicts_with = "from")]
     image: Option<PathBuf>,
+    /// Copy from any NBD server instead (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH): everything, or with --bitmap what
+    /// its dirty bitmap marks.
+    #[arg(long, value_name = "URI")]
+    from: Option<String>,
+    /// With --from: copy only the regions the server's
+    /// `qemu:dirty-bitmap:NAME` marks (qemu-nbd -B NAME), onto a replica
+    /// that holds an earlier copy of the same export.
+    #[arg(long, value_name = "NAME", requires = "from")]
+    bitmap: Option<String>,
     /// Where to: `file:PATH` or a plain PATH (a raw sparse replica).
     #[arg(long, value_name = "TARGET")]
     to: String,
@@ -82,16 +93,27 @@ fn refuse_if_served(image: &Path, state: Option<&Path>) -> anyhow::Result<()> {
 }
 
 pub fn copy(args: CopyArgs) -> anyhow::Result<ExitCode> {
-    let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
     let replica = replica_of(&args.to)?;
-    refuse_if_served(&image, args.state.as_deref())?;
-    let summary = copy_offline(&CopyOptions {
-        image,
-        state_dir: args.state,
-        replica,
-        full: args.full,
-        workers: WORKERS_DEFAULT,
-    })?;
+    let summary = match args.from {
+        Some(uri) => copy_from_nbd(&NbdCopyOptions {
+            uri,
+            bitmap: args.bitmap,
+            replica,
+            full: args.full,
+            workers: WORKERS_DEFAULT,
+        })?,
+        None => {
+            let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+            refuse_if_served(&image, args.state.as_deref())?;
+            copy_offline(&CopyOptions {
+                image,
+                state_dir: args.state,
+                replica,
+                full: args.full,
+                workers: WORKERS_DEFAULT,
+            })?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(ExitCode::SUCCESS);
@@ -104,6 +126,7 @@ pub fn copy(args: CopyArgs) -> anyhow::Result<ExitCode> {
     let since = summary
         .base_checkpoint
         .as_deref()
+        .filter(|_| summary.kind == "incremental")
         .map(|base| format!(" since {base}"))
         .unwrap_or_default();
     println!(

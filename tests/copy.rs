@@ -248,3 +248,134 @@ impl Drop for Unmount {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// qemu-nbd serving `qcow2` read-only (with `-B bitmap` when given) on a
+/// socket in `dir`, stopped on drop.
+struct QemuNbd(std::process::Child);
+
+impl QemuNbd {
+    fn start(dir: &Path, qcow2: &Path, bitmap: Option<&str>) -> (QemuNbd, String) {
+        require_tool("qemu-nbd", "qemu-utils");
+        let socket = dir.join("qemu-nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut command = std::process::Command::new("qemu-nbd");
+        command.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&socket);
+        if let Some(bitmap) = bitmap {
+            command.args(["-B", bitmap]);
+        }
+        let child = command
+            .arg(qcow2)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd");
+        let started = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(started.elapsed().as_secs() < 20, "qemu-nbd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (
+            QemuNbd(child),
+            format!("nbd+unix:///?socket={}", socket.display()),
+        )
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_io_qcow2(qcow2: &Path, commands: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for each in commands {
+        args.extend(["-c", each]);
+    }
+    args.push(qcow2.to_str().unwrap());
+    run_program("qemu-io", &args);
+}
+
+/// The qcow2's contents as a raw image, to compare a replica with.
+fn raw_of(qcow2: &Path, raw: &Path) {
+    let _ = std::fs::remove_file(raw);
+    run_program(
+        "qemu-img",
+        [
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow2.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn a_copy_from_qemu_nbd_follows_qemus_own_dirty_bitmap() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = TempDir::new("copy-from-qemu");
+    let qcow2 = dir.join("vm.qcow2");
+    let qcow2_arg = qcow2.to_str().unwrap();
+    run_program(
+        "qemu-img",
+        ["create", "-q", "-f", "qcow2", qcow2_arg, "64M"],
+    );
+    qemu_io_qcow2(&qcow2, &["write -P 1 0 2M", "write -P 2 40M 1M"]);
+    let replica = dir.join("replica.img");
+    let replica_arg = replica.to_str().unwrap();
+    let raw = dir.join("expected.raw");
+
+    // A full copy first (no bitmap), then QEMU starts tracking.
+    let (server, uri) = QemuNbd::start(dir.path(), &qcow2, None);
+    let mut args = vec![
+        "copy",
+        "--from",
+        uri.as_str(),
+        "--to",
+        replica_arg,
+        "--json",
+    ];
+    let full = parse_json(&run_program(BLOCKWATCH, &args), "copy --from");
+    drop(server);
+    assert_eq!(full["kind"], "full", "{full:#}");
+    raw_of(&qcow2, &raw);
+    assert_files_equal(&raw, &replica);
+    let allocated = std::fs::metadata(&replica).unwrap().blocks() * 512;
+    assert!(allocated < 8 * MIB, "holes were filled: {allocated} bytes");
+
+    run_program("qemu-img", ["bitmap", "--add", qcow2_arg, "since-full"]);
+    qemu_io_qcow2(&qcow2, &["write -P 3 1M 64k", "write -P 4 60M 128k"]);
+    let (server, uri) = QemuNbd::start(dir.path(), &qcow2, Some("since-full"));
+    args[2] = uri.as_str();
+    args.extend(["--bitmap", "since-full"]);
+    let incremental = parse_json(&run_program(BLOCKWATCH, &args), "copy --bitmap");
+    drop(server);
+    assert_eq!(incremental["kind"], "incremental", "{incremental:#}");
+    assert_eq!(
+        incremental["planned_bytes"],
+        (64 + 128) * 1024,
+        "exactly the regions QEMU's bitmap marks: {incremental:#}"
+    );
+    raw_of(&qcow2, &raw);
+    assert_files_equal(&raw, &replica);
+
+    // A bitmap copy onto a replica that holds nothing of this export is refused.
+    let empty = dir.join("empty.img");
+    let (_server, uri) = QemuNbd::start(dir.path(), &qcow2, Some("since-full"));
+    refused(
+        &[
+            "copy",
+            "--from",
+            &uri,
+            "--bitmap",
+            "since-full",
+            "--to",
+            empty.to_str().unwrap(),
+        ],
+        "needs a full copy first",
+    );
+}

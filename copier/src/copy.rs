@@ -17,10 +17,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use backend::{BlockBackend, FileBackend, STATE_HOLE};
+use backend::{BlockBackend, FileBackend, STATE_ZERO};
 use serde::Serialize;
 use tracker::{Tracker, TrackerOptions};
 
+use crate::nbd_source::NbdSource;
 use crate::plan::{PIECE_BYTES_MAX, Plan};
 use crate::replica::{
     RECORD_FORMAT, Replica, ReplicaError, ReplicaLock, ReplicaRecord, read_record,
@@ -77,6 +78,17 @@ pub enum CopyError {
         replica: PathBuf,
         checkpoint: String,
     },
+    #[error("connecting to {uri}")]
+    Connect {
+        uri: String,
+        source: nbd_client::ConnectError,
+    },
+    #[error("reading {uri}")]
+    Remote { uri: String, source: std::io::Error },
+    #[error(
+        "{replica} holds no copy of {uri} yet: a copy driven by a dirty bitmap needs a full copy first (run it without --bitmap)"
+    )]
+    NeedsFullFirst { replica: PathBuf, uri: String },
 }
 
 /// What to copy where.
@@ -172,35 +184,12 @@ fn base_of(
     replica: &Path,
     full: bool,
 ) -> Result<(Option<String>, Option<String>), CopyError> {
-    let record = read_record(replica);
-    let metadata = std::fs::metadata(replica).ok();
     if full {
         return Ok((None, Some("--full was given".into())));
     }
-    let record = match record {
-        Ok(Some(record)) => record,
-        Ok(None) if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
-            return Err(CopyError::NotAReplica {
-                replica: replica.to_path_buf(),
-            });
-        }
-        Ok(None) => return Ok((None, Some("the first copy to this replica".into()))),
-        Err(error) => return Err(error.into()),
+    let Some(record) = checked_record(replica, &hex_id(&tracker.image_id()))? else {
+        return Ok((None, Some("the first copy to this replica".into())));
     };
-    let ours = hex_id(&tracker.image_id());
-    if record.image_id != ours {
-        return Err(CopyError::Foreign {
-            replica: replica.to_path_buf(),
-            theirs: record.image_id,
-            ours,
-        });
-    }
-    if !metadata.as_ref().is_some_and(|m| record.matches_file(m)) {
-        return Err(CopyError::ChangedBehindOurBack {
-            replica: replica.to_path_buf(),
-            checkpoint: record.checkpoint,
-        });
-    }
     let base = tracker
         .checkpoints()
         .into_iter()
@@ -214,6 +203,60 @@ fn base_of(
                 record.checkpoint
             )),
         ),
+    })
+}
+
+/// The replica's record when it is a replica of `source_id` and nobody
+/// changed it since; None when there is no replica yet (or an empty file).
+fn checked_record(replica: &Path, source_id: &str) -> Result<Option<ReplicaRecord>, CopyError> {
+    let metadata = std::fs::metadata(replica).ok();
+    let record = match read_record(replica)? {
+        Some(record) => record,
+        None if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
+            return Err(CopyError::NotAReplica {
+                replica: replica.to_path_buf(),
+            });
+        }
+        None => return Ok(None),
+    };
+    if record.image_id != source_id {
+        return Err(CopyError::Foreign {
+            replica: replica.to_path_buf(),
+            theirs: record.image_id,
+            ours: source_id.to_string(),
+        });
+    }
+    if !metadata.as_ref().is_some_and(|m| record.matches_file(m)) {
+        return Err(CopyError::ChangedBehindOurBack {
+            replica: replica.to_path_buf(),
+            checkpoint: record.checkpoint,
+        });
+    }
+    Ok(Some(record))
+}
+
+/// The record a committed copy leaves: what `replica` now holds.
+fn new_record(
+    replica: &Replica,
+    source_id: String,
+    source_size_bytes: u64,
+    granularity_bytes: u64,
+    checkpoint: &str,
+    generation: u64,
+) -> Result<ReplicaRecord, CopyError> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = replica.metadata()?;
+    Ok(ReplicaRecord {
+        format: RECORD_FORMAT,
+        image_id: source_id,
+        source_size_bytes,
+        granularity_bytes,
+        checkpoint: checkpoint.to_string(),
+        generation,
+        copied_unix_seconds: unix_seconds(),
+        replica_size_bytes: metadata.len(),
+        replica_mtime_seconds: metadata.mtime(),
+        replica_mtime_nanoseconds: metadata.mtime_nsec(),
     })
 }
 
@@ -257,19 +300,14 @@ fn copy_with(
             PieceError::Replica(error) => CopyError::Replica(error),
         })?;
     replica.sync()?;
-    let metadata = replica.metadata()?;
-    replica.commit(&ReplicaRecord {
-        format: RECORD_FORMAT,
-        image_id: hex_id(&tracker.image_id()),
-        source_size_bytes: source.size_bytes(),
-        granularity_bytes: tracker.granularity().bytes(),
-        checkpoint: checkpoint.name.clone(),
-        generation: checkpoint.generation,
-        copied_unix_seconds: unix_seconds(),
-        replica_size_bytes: metadata.len(),
-        replica_mtime_seconds: std::os::unix::fs::MetadataExt::mtime(&metadata),
-        replica_mtime_nanoseconds: std::os::unix::fs::MetadataExt::mtime_nsec(&metadata),
-    })?;
+    replica.commit(&new_record(
+        &replica,
+        hex_id(&tracker.image_id()),
+        source.size_bytes(),
+        tracker.granularity().bytes(),
+        &checkpoint.name,
+        checkpoint.generation,
+    )?)?;
     let holder = holder_of(replica_path);
     let reason = format!("the replica {} holds it", replica_path.display());
     tracker.pin(&checkpoint.name, &holder, &reason)?;
@@ -296,6 +334,111 @@ fn copy_with(
         hole_bytes,
         seconds: 0.0,
         mib_per_second: 0.0,
+    })
+}
+
+/// What to copy from an NBD server.
+#[derive(Debug, Clone)]
+pub struct NbdCopyOptions {
+    pub uri: String,
+    /// Copy only what the server's `qemu:dirty-bitmap:NAME` marks, onto a
+    /// replica that holds an earlier copy of the same export.
+    pub bitmap: Option<String>,
+    pub replica: PathBuf,
+    pub full: bool,
+    pub workers: usize,
+}
+
+/// Copies an NBD export to a replica: everything, or with a bitmap the
+/// regions it marks. The user's QEMU checkpoints decide what a bitmap
+/// covers; the replica's record names the export and the bitmap copied.
+pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
+    let started = Instant::now();
+    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
+        CopyError::Replica(ReplicaError::Io {
+            path: options.replica.clone(),
+            source,
+        })
+    })?;
+    let source_id = format!("nbd:{}", options.uri);
+    let lock = ReplicaLock::acquire(&replica_path)?;
+    let bitmap = options.bitmap.as_ref().filter(|_| !options.full);
+    let record = if options.full {
+        None
+    } else {
+        checked_record(&replica_path, &source_id)?
+    };
+    if bitmap.is_some() && record.is_none() {
+        return Err(CopyError::NeedsFullFirst {
+            replica: replica_path,
+            uri: options.uri.clone(),
+        });
+    }
+    let connect_options = nbd_client::ConnectOptions {
+        dirty_bitmap: bitmap.cloned(),
+        ..Default::default()
+    };
+    let client =
+        nbd_client::Client::connect_with(&options.uri, &connect_options).map_err(|source| {
+            CopyError::Connect {
+                uri: options.uri.clone(),
+                source,
+            }
+        })?;
+    let source = NbdSource::new(client);
+    let remote = |source| CopyError::Remote {
+        uri: options.uri.clone(),
+        source,
+    };
+    let plan = match bitmap {
+        Some(name) => source.dirty_plan(name).map_err(remote)?,
+        None => Plan::full(source.size_bytes()),
+    };
+    let replica = Replica::open(&replica_path, source.size_bytes(), lock)?;
+    let (data_bytes, hole_bytes) = run_plan(&source, &replica, &plan, options.workers.max(1))
+        .map_err(|error| match error {
+            PieceError::Source(error) => remote(error),
+            PieceError::Replica(error) => CopyError::Replica(error),
+        })?;
+    replica.sync()?;
+    let holds = bitmap.map_or_else(
+        || "(full copy)".to_string(),
+        |name| format!("bitmap {name}"),
+    );
+    replica.commit(&new_record(
+        &replica,
+        source_id,
+        source.size_bytes(),
+        0,
+        &holds,
+        0,
+    )?)?;
+    drop(source); // sends NBD_CMD_DISC
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        target: format!("file:{}", replica_path.display()),
+        kind: if bitmap.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .to_string(),
+        full_reason: bitmap.is_none().then(|| {
+            if options.full {
+                "--full was given"
+            } else {
+                "no --bitmap"
+            }
+            .to_string()
+        }),
+        base_checkpoint: record.map(|record| record.checkpoint),
+        checkpoint: holds,
+        extents: plan.ranges.len(),
+        planned_bytes: plan.bytes(),
+        data_bytes,
+        hole_bytes,
+        seconds,
+        mib_per_second: data_bytes as f64 / (1 << 20) as f64 / seconds,
     })
 }
 
@@ -389,7 +532,8 @@ fn copy_piece(
             break;
         }
         let part = extent.length_bytes.min(end - position);
-        if extent.flags & STATE_HOLE != 0 {
+        // What reads as zeroes is made zero (a hole) on the replica.
+        if extent.flags & STATE_ZERO != 0 {
             replica.zero(position, part).map_err(PieceError::Replica)?;
             holes += part;
         } else {

@@ -9,9 +9,12 @@
 //! - `replica.rs`: a replica file, its lock, and its record (the commit).
 //! - `copy.rs`: the copy itself: full or incremental, workers, the commit
 //!   order, pins, merging away checkpoints nothing needs.
+//! - `nbd_source.rs`: any NBD server as a source, with its holes and its
+//!   `qemu:dirty-bitmap:NAME` as the plan.
 //! - `verify.rs`: a replica compared region by region with its source.
 
 pub mod copy;
+pub mod nbd_source;
 pub mod plan;
 pub mod replica;
 pub mod verify;

@@ -30,9 +30,13 @@ impl Plan {
 
     /// The changed extents, merged where closer than `COALESCE_GAP_BYTES`.
     pub fn from_changes(extents: &[ChangedExtent]) -> Plan {
+        Plan::from_ranges(extents.iter().map(|e| (e.offset_bytes, e.length_bytes)))
+    }
+
+    /// Sorted byte ranges, merged where closer than `COALESCE_GAP_BYTES`.
+    pub fn from_ranges(sorted: impl IntoIterator<Item = (u64, u64)>) -> Plan {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for extent in extents {
-            let (offset, length) = (extent.offset_bytes, extent.length_bytes);
+        for (offset, length) in sorted {
             match ranges.last_mut() {
                 Some((last_offset, last_length))
                     if offset <= *last_offset + *last_length + COALESCE_GAP_BYTES =>
