@@ -187,7 +187,7 @@ fn handle_option(
                 error_reply(out, option, REP_ERR_INVALID, "LIST takes no data");
                 return Ok(Outcome::Continue);
             }
-            for export in exports.iter() {
+            for export in exports.list().iter() {
                 let name = export.name.as_bytes();
                 put_option_reply_header(out, option, REP_SERVER, 4 + name.len() as u32);
                 out.extend_from_slice(&(name.len() as u32).to_be_bytes());

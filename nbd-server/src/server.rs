@@ -153,7 +153,7 @@ impl Server {
     pub async fn wait_idle(&self) -> io::Result<()> {
         let mut alive = self.alive_rx.lock().await;
         while alive.recv().await.is_some() {}
-        for export in self.exports.iter() {
+        for export in self.exports.list().iter() {
             if !export.backend.is_read_only() {
                 let backend = Arc::clone(&export.backend);
                 tokio::task::spawn_blocking(move || backend.flush())
