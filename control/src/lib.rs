@@ -6,11 +6,12 @@
 //! Files and what each owns:
 //! - `proto.rs`: `Request` and the typed replies, the legacy keys kept
 //!   for one release.
-//! - `transport.rs`: the socket server (a `Handler` answers), the client
-//!   call, and the limits on lines.
+//! - `transport.rs`: the socket server (a `Handler` answers, a `Session`
+//!   per connection undoes what it holds when the client goes away), the
+//!   client call, and the limits on lines and connections.
 
 pub mod proto;
 pub mod transport;
 
 pub use proto::{Reply, Request};
-pub use transport::{CallError, ControlServer, Handler};
+pub use transport::{CallError, ControlServer, Handler, Session};
