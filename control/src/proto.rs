@@ -40,6 +40,20 @@ pub enum Request {
         name: String,
         holder: String,
     },
+    /// A copy-before-write snapshot: a new checkpoint (named `name`, or
+    /// `copy-TIME`) closes the generation, and the disk as it was then is
+    /// served read-only as the export in the reply until `release-snapshot`
+    /// or until this connection ends.
+    Snapshot {
+        #[serde(default)]
+        name: Option<String>,
+        /// Bound of the copy-before-write store (default: the server's).
+        #[serde(default)]
+        max_store_bytes: Option<u64>,
+    },
+    ReleaseSnapshot {
+        name: String,
+    },
 }
 
 /// Every `op` this protocol knows, for messages.
@@ -51,6 +65,8 @@ pub const OPS: &[&str] = &[
     "status",
     "pin",
     "unpin",
+    "snapshot",
+    "release-snapshot",
 ];
 
 impl Request {
@@ -110,6 +126,7 @@ pub enum Reply {
     FileChanges(FileChangesReply),
     Status(StatusReply),
     Pin(PinReply),
+    Snapshot(SnapshotReply),
 }
 
 impl Reply {
@@ -123,6 +140,7 @@ impl Reply {
             Reply::FileChanges(reply) => serde_json::to_value(reply),
             Reply::Status(reply) => serde_json::to_value(reply),
             Reply::Pin(reply) => serde_json::to_value(reply),
+            Reply::Snapshot(reply) => serde_json::to_value(reply),
         };
         let mut value = fields.expect("replies serialize: plain data, string keys");
         add_legacy_keys(&mut value);
@@ -199,6 +217,18 @@ pub struct CheckpointsReply {
 pub struct PinReply {
     pub checkpoint: String,
     pub pin: PinInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The checkpoint the snapshot shows the disk at.
+    pub checkpoint: String,
+    pub generation: u64,
+    /// The read-only export serving it (`EXPORT@CHECKPOINT`) and a URI
+    /// that reaches it on this server.
+    pub export: String,
+    pub uri: String,
+    pub max_store_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +327,9 @@ pub struct FileMapInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub image: PathBuf,
+    /// The tracked disk's identity (hex), fixed when its state was made.
+    #[serde(default)]
+    pub image_id: String,
     pub state_dir: PathBuf,
     pub generation: u64,
     pub granularity_bytes: u64,

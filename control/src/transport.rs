@@ -248,6 +248,43 @@ pub fn request(state_dir: &Path, request: &Request) -> Result<Value, CallError> 
     serde_json::from_str(&reply).map_err(|error| CallError::Malformed(error.to_string()))
 }
 
+/// A connection kept open for several requests (a snapshot lives as long
+/// as the connection that took it).
+#[derive(Debug)]
+pub struct Connection {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Connection {
+    pub fn open(state_dir: &Path) -> Result<Connection, CallError> {
+        let stream = UnixStream::connect(socket_path(state_dir)).map_err(CallError::Unreachable)?;
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(CallError::Unreachable)?;
+        let writer = stream.try_clone().map_err(CallError::Unreachable)?;
+        Ok(Connection {
+            writer,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// One request and its reply, as the type the request gets.
+    pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, CallError> {
+        let line = serde_json::to_string(request).expect("requests serialize");
+        let io = |error| CallError::Malformed(format!("the control connection failed: {error}"));
+        writeln!(self.writer, "{line}").map_err(io)?;
+        let mut reply = String::new();
+        (&mut self.reader)
+            .take(REPLY_LINE_MAX)
+            .read_line(&mut reply)
+            .map_err(io)?;
+        let reply: Value = serde_json::from_str(&reply)
+            .map_err(|error| CallError::Malformed(error.to_string()))?;
+        typed(reply)
+    }
+}
+
 /// A reply object as the type its request gets, or the refusal.
 pub fn typed<T: DeserializeOwned>(reply: Value) -> Result<T, CallError> {
     if reply.get("ok") != Some(&Value::Bool(true)) {

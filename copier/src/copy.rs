@@ -89,6 +89,8 @@ pub enum CopyError {
         "{replica} holds no copy of {uri} yet: a copy driven by a dirty bitmap needs a full copy first (run it without --bitmap)"
     )]
     NeedsFullFirst { replica: PathBuf, uri: String },
+    #[error("the running server")]
+    Control(#[from] control::CallError),
 }
 
 /// What to copy where.
@@ -441,6 +443,154 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
         mib_per_second: data_bytes as f64 / (1 << 20) as f64 / seconds,
     })
 }
+
+/// A copy of a disk a server is serving: through its control socket the
+/// server takes a copy-before-write snapshot (the checkpoint that closes
+/// the generation) and serves it as an NBD export; the copy reads that
+/// export while the disk stays writable, then commits, pins and releases.
+/// If the copier dies, its control connection closes and the server
+/// releases the snapshot.
+pub fn copy_live(options: &CopyOptions) -> Result<Summary, CopyError> {
+    use control::Request;
+    use control::proto::{
+        ChangesReply, ChangesRequest, CheckpointsReply, SnapshotReply, StatusReply,
+    };
+    let started = Instant::now();
+    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
+        CopyError::Replica(ReplicaError::Io {
+            path: options.replica.clone(),
+            source,
+        })
+    })?;
+    let image = std::path::absolute(&options.image).map_err(|source| CopyError::Source {
+        image: options.image.clone(),
+        source,
+    })?;
+    let state_dir = options
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| tracker::tracker::default_state_dir(&image));
+    let mut server = control::transport::Connection::open(&state_dir)?;
+    let StatusReply { status } = server.call(&Request::Status)?;
+    let lock = ReplicaLock::acquire(&replica_path)?;
+    let record = if options.full {
+        None
+    } else {
+        checked_record(&replica_path, &status.image_id)?
+    };
+    let CheckpointsReply { checkpoints } = server.call(&Request::Checkpoints)?;
+    let base = record.as_ref().and_then(|record| {
+        checkpoints
+            .iter()
+            .find(|c| c.name == record.checkpoint && c.generation == record.generation)
+            .map(|c| c.name.clone())
+    });
+    let full_reason = match (&record, &base) {
+        _ if options.full => Some("--full was given".to_string()),
+        (None, _) => Some("the first copy to this replica".to_string()),
+        (Some(record), None) => Some(format!(
+            "the replica's checkpoint {:?} is gone (deleted, or tracking state that could not be trusted)",
+            record.checkpoint
+        )),
+        (Some(_), Some(_)) => None,
+    };
+    let snapshot: SnapshotReply = server.call(&Request::Snapshot {
+        name: None,
+        max_store_bytes: None,
+    })?;
+    let plan = match &base {
+        Some(base) => {
+            let changes: ChangesReply = server.call(&Request::Changes(ChangesRequest {
+                since: base.clone(),
+                until: Some(snapshot.checkpoint.clone()),
+                ..ChangesRequest::default()
+            }))?;
+            Plan::from_ranges(
+                changes
+                    .extents
+                    .iter()
+                    .map(|e| (e.offset_bytes, e.length_bytes)),
+            )
+        }
+        None => Plan::full(status.size_bytes),
+    };
+    let client =
+        nbd_client::Client::connect_with(&snapshot.uri, &nbd_client::ConnectOptions::default())
+            .map_err(|source| CopyError::Connect {
+                uri: snapshot.uri.clone(),
+                source,
+            })?;
+    let source = NbdSource::new(client);
+    let replica = Replica::open(&replica_path, source.size_bytes(), lock)?;
+    let remote = |source| CopyError::Remote {
+        uri: snapshot.uri.clone(),
+        source,
+    };
+    let (data_bytes, hole_bytes) = run_plan(&source, &replica, &plan, options.workers.max(1))
+        .map_err(|error| match error {
+            PieceError::Source(error) => remote(error),
+            PieceError::Replica(error) => CopyError::Replica(error),
+        })?;
+    drop(source);
+    replica.sync()?;
+    replica.commit(&new_record(
+        &replica,
+        status.image_id.clone(),
+        status.size_bytes,
+        status.granularity_bytes,
+        &snapshot.checkpoint,
+        snapshot.generation,
+    )?)?;
+    let holder = holder_of(&replica_path);
+    server.call::<control::proto::PinReply>(&Request::Pin {
+        name: snapshot.checkpoint.clone(),
+        holder: holder.clone(),
+        reason: format!("the replica {} holds it", replica_path.display()),
+    })?;
+    if let Some(base) = &base {
+        let _ = server.call::<Ignored>(&Request::Unpin {
+            name: base.clone(),
+            holder,
+        });
+    }
+    server.call::<Ignored>(&Request::ReleaseSnapshot {
+        name: snapshot.checkpoint.clone(),
+    })?;
+    let CheckpointsReply { checkpoints } = server.call(&Request::Checkpoints)?;
+    for checkpoint in checkpoints {
+        if checkpoint.name != snapshot.checkpoint
+            && checkpoint.name.starts_with(CHECKPOINT_PREFIX)
+            && checkpoint.pins.is_empty()
+        {
+            server.call::<Ignored>(&Request::DeleteCheckpoint {
+                name: checkpoint.name,
+            })?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        target: format!("file:{}", replica_path.display()),
+        kind: if base.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+        .to_string(),
+        full_reason,
+        base_checkpoint: base,
+        checkpoint: snapshot.checkpoint,
+        extents: plan.ranges.len(),
+        planned_bytes: plan.bytes(),
+        data_bytes,
+        hole_bytes,
+        seconds,
+        mib_per_second: data_bytes as f64 / (1 << 20) as f64 / seconds,
+    })
+}
+
+/// A reply whose fields nobody needs (only its `ok`).
+#[derive(Debug, serde::Deserialize)]
+struct Ignored {}
 
 /// Deletes the checkpoints the copier made that no pin holds any more,
 /// except `keep` (the one just made): their changes merge into the next,

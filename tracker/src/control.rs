@@ -92,6 +92,9 @@ pub fn handle(tracker: &Tracker, request: Request) -> Result<Reply, String> {
         Request::Status => Ok(Reply::Status(StatusReply {
             status: status_info(tracker),
         })),
+        Request::Snapshot { .. } | Request::ReleaseSnapshot { .. } => Err(
+            "snapshots are served by a running blockwatch serve, not by the tracker alone".into(),
+        ),
     }
 }
 
@@ -195,6 +198,11 @@ fn status_info(tracker: &Tracker) -> StatusInfo {
     let us = |nanos: u64| nanos as f64 / 1000.0;
     StatusInfo {
         image: tracker.image_path().to_path_buf(),
+        image_id: tracker
+            .image_id()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect(),
         state_dir: tracker.state_dir().to_path_buf(),
         generation: tracker.generation(),
         granularity_bytes: tracker.granularity().bytes(),
