@@ -379,3 +379,140 @@ fn a_copy_from_qemu_nbd_follows_qemus_own_dirty_bitmap() {
         "needs a full copy first",
     );
 }
+
+/// A python3-libnbd writer on the served disk: random 4 KiB..256 KiB
+/// writes of seeded data while `DIR/run` exists; while `DIR/pause` exists
+/// it flushes, says so in `DIR/paused`, and waits.
+const WRITER: &str = r#"
+import nbd, os, random, sys, time
+uri, control = sys.argv[1], sys.argv[2]
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+rng = random.Random(7)
+writes = 0
+while os.path.exists(os.path.join(control, "run")):
+    if os.path.exists(os.path.join(control, "pause")):
+        h.flush()
+        open(os.path.join(control, "paused"), "w").close()
+        while os.path.exists(os.path.join(control, "pause")):
+            time.sleep(0.005)
+        os.remove(os.path.join(control, "paused"))
+        continue
+    length = rng.choice([4096, 8192, 65536, 262144])
+    offset = rng.randrange(0, size - length) // 4096 * 4096
+    h.pwrite(bytes([rng.randrange(256)]) * length, offset)
+    writes += 1
+h.flush()
+h.shutdown()
+print(writes)
+"#;
+
+struct Writer {
+    control: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Writer {
+    fn start(uri: &str, control: &Path) -> Writer {
+        std::fs::create_dir_all(control).unwrap();
+        std::fs::write(control.join("run"), b"").unwrap();
+        let child = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", WRITER, uri, control.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the python3-libnbd writer");
+        Writer {
+            control: control.to_path_buf(),
+            child,
+        }
+    }
+
+    /// Returns once the writer has flushed and stopped writing.
+    fn pause(&self) {
+        std::fs::write(self.control.join("pause"), b"").unwrap();
+        let started = std::time::Instant::now();
+        while !self.control.join("paused").exists() {
+            assert!(started.elapsed().as_secs() < 30, "the writer never paused");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn resume(&self) {
+        std::fs::remove_file(self.control.join("pause")).unwrap();
+    }
+
+    /// Stops it and returns how many writes it made.
+    fn stop(mut self) -> u64 {
+        let _ = std::fs::remove_file(self.control.join("pause"));
+        std::fs::remove_file(self.control.join("run")).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the writer failed: {status}");
+        let mut text = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut text).unwrap();
+        text.trim().parse().unwrap()
+    }
+}
+
+/// The names of the `copy-*` checkpoints.
+fn copy_checkpoints(image: &Path) -> Vec<String> {
+    let listing = parse_json(
+        &run_program(BLOCKWATCH, ["checkpoints", image.to_str().unwrap(), "--json"]),
+        "checkpoints",
+    );
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str().filter(|n| n.starts_with("copy-")))
+        .map(String::from)
+        .collect()
+}
+
+/// One live copy under writes: the writer pauses (flushed) while the copy's
+/// snapshot is taken, so the image file copied then is exactly what the
+/// snapshot must show; it writes on while the copy reads.
+fn live_copy_under_writes(dir: &Path, image: &Path, uri: &str, replica: &Path) -> serde_json::Value {
+    let expected = dir.join("expected.img");
+    let writer = Writer::start(uri, &dir.join("writer"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    writer.pause();
+    std::fs::copy(image, &expected).unwrap();
+    let before = copy_checkpoints(image);
+    let copy = std::process::Command::new(BLOCKWATCH)
+        .args(["copy", image.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Resume as soon as the snapshot's checkpoint exists.
+    let started = std::time::Instant::now();
+    while copy_checkpoints(image) == before {
+        assert!(started.elapsed().as_secs() < 30, "the copy took no snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    writer.resume();
+    let output = copy.wait_with_output().unwrap();
+    let writes = writer.stop();
+    assert!(output.status.success(), "the live copy failed");
+    assert!(writes > 0, "the writer wrote nothing");
+    assert_files_equal(&expected, replica);
+    parse_json(&String::from_utf8_lossy(&output.stdout), "copy --json")
+}
+
+#[test]
+fn live_copies_under_writes_hold_the_disk_as_it_was_at_their_checkpoint() {
+    let dir = TempDir::new("copy-live");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    qemu_io(&server.uri(), &["write -P 1 0 8M", "write -P 2 32M 8M"]);
+    let replica = dir.join("replica.img");
+    let full = live_copy_under_writes(dir.path(), &image, &server.uri(), &replica);
+    assert_eq!(full["kind"], "full", "{full:#}");
+    let incremental = live_copy_under_writes(dir.path(), &image, &server.uri(), &replica);
+    assert_eq!(incremental["kind"], "incremental", "{incremental:#}");
+    assert_eq!(incremental["base_checkpoint"], full["checkpoint"]);
+    // The snapshot is gone once the copy ends: no NAME@CHECKPOINT export.
+    let list = run_program("nbdinfo", ["--list", server.uri().as_str()]);
+    assert!(!list.contains('@'), "a snapshot export outlived its copy:\n{list}");
+    server.stop();
+}
