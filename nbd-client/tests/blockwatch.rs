@@ -8,8 +8,9 @@
 
 mod common;
 
-use common::*;
+use common::blockwatch;
 use nbd_client::{BASE_ALLOCATION, Client, ConnectOptions, Extent, ReplyMode, RequestFlags};
+use testkit::{MIB, ServerProcess, TempDir, nbdinfo_map, random_bytes, run_program};
 
 /// blockwatch tracks changes in regions of 64 KiB.
 const REGION: u64 = 64 * 1024;
@@ -26,12 +27,7 @@ fn serve(dir: &TempDir, image: &str) -> ServerProcess {
         "--size",
         "64M",
     ];
-    ServerProcess::start(
-        binary.to_str().unwrap(),
-        &args,
-        &socket,
-        &dir.join("blockwatch.log"),
-    )
+    ServerProcess::start(binary, &args, &socket, &dir.join("blockwatch.log"))
 }
 
 fn dirty(client: &Client, context: &str) -> Vec<(u64, u64)> {
@@ -70,17 +66,14 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     assert_eq!(client.size_bytes(), 64 * MIB);
     assert!(client.info().has_meta_context(BASE_ALLOCATION));
 
-    let before = pattern(1, 3 * MIB as usize);
+    let before = random_bytes(1, 3 * MIB as usize);
     client.write_at(&before, 0, RequestFlags::FUA).unwrap();
     let mut back = vec![0; before.len()];
     client.read_at(&mut back, 0).unwrap();
     assert!(back == before, "a write before the checkpoint reads back");
     client.flush().unwrap();
 
-    run(
-        blockwatch().to_str().unwrap(),
-        &["checkpoint", &image, "monday"],
-    );
+    run_program(blockwatch(), ["checkpoint", &image, "monday"]);
     let options = ConnectOptions {
         dirty_bitmap: Some("monday".to_string()),
         ..ConnectOptions::default()
@@ -89,16 +82,16 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     let context = "qemu:dirty-bitmap:monday";
     assert_eq!(dirty(&tracked, context), vec![]);
 
-    let small = pattern(2, 4096);
+    let small = random_bytes(2, 4096);
     tracked
         .write_at(&small, 4 * MIB, RequestFlags::NONE)
         .unwrap();
     tracked
-        .write_at(&pattern(3, 128 * 1024), 10 * MIB, RequestFlags::NONE)
+        .write_at(&random_bytes(3, 128 * 1024), 10 * MIB, RequestFlags::NONE)
         .unwrap();
     // 1000 bytes across the 20 MiB boundary dirty a region on each side.
     tracked
-        .write_at(&pattern(4, 1000), 20_971_000, RequestFlags::NONE)
+        .write_at(&random_bytes(4, 1000), 20_971_000, RequestFlags::NONE)
         .unwrap();
     tracked
         .write_zeroes(30 * MIB, REGION, RequestFlags::NONE)

@@ -8,11 +8,12 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::*;
+use common::nbdkit;
 use nbd_client::{
     BASE_ALLOCATION, Client, CommandFailure, ConnectOptions, Extent, NbdError, Pending, ReplyMode,
     RequestFlags,
 };
+use testkit::{MIB, TempDir, Xorshift, nbdinfo_map, random_bytes};
 
 /// Reads the whole `[offset, offset + length)` status of `context`, one
 /// request after another, as a copier would.
@@ -93,7 +94,7 @@ fn memory_export_round_trips_patterns_zeroes_and_trims() {
     ];
     let mut model = vec![0u8; 64 * MIB as usize];
     for (seed, &(offset, length, flags)) in writes.iter().enumerate() {
-        let data = pattern(seed as u64, length);
+        let data = random_bytes(seed as u64, length);
         client.write_at(&data, offset, flags).unwrap();
         model[offset as usize..offset as usize + length].copy_from_slice(&data);
         assert_eq!(
@@ -176,7 +177,7 @@ fn many_requests_in_flight_from_several_threads_match_a_model() {
 /// together; returns the model.
 fn worker(client: &Client, thread: u64, threads: u64, slots: u64) -> Vec<u8> {
     let mut model = vec![0u8; (slots * SLOT_BYTES) as usize];
-    let mut rng = Rng::new(0x5eed + thread);
+    let mut rng = Xorshift::new(0x5eed + thread);
     for round in 0..24 {
         let mut used = HashSet::new();
         let mut reads: Vec<(usize, Pending<Vec<u8>>)> = Vec::new();
@@ -191,7 +192,7 @@ fn worker(client: &Client, thread: u64, threads: u64, slots: u64) -> Vec<u8> {
             let range = offset as usize..offset as usize + length;
             match rng.below(4) {
                 0 | 1 => {
-                    let data = pattern(rng.next_u64(), length);
+                    let data = random_bytes(rng.next(), length);
                     writes.push(
                         client
                             .submit_write(&data, offset, RequestFlags::NONE)
@@ -235,8 +236,8 @@ fn file_export_writes_reach_the_file_and_allocation_agrees_with_nbdinfo() {
         .unwrap();
     let server = nbdkit(&dir, &["file", image.to_str().unwrap()]);
     let client = Client::connect(&server.uri()).unwrap();
-    let first = pattern(1, 3 * MIB as usize);
-    let second = pattern(2, 100_000);
+    let first = random_bytes(1, 3 * MIB as usize);
+    let second = random_bytes(2, 100_000);
     client.write_at(&first, MIB, RequestFlags::NONE).unwrap();
     client
         .write_at(&second, 10 * MIB + 4096, RequestFlags::FUA)
@@ -275,7 +276,7 @@ fn a_server_without_structured_replies_gets_simple_requests() {
     let client = Client::connect(&server.uri()).unwrap();
     assert_eq!(client.info().reply_mode, ReplyMode::Simple);
     assert!(client.info().meta_contexts.is_empty());
-    let data = pattern(9, 5 * MIB as usize);
+    let data = random_bytes(9, 5 * MIB as usize);
     client.write_at(&data, 4096, RequestFlags::NONE).unwrap();
     assert_eq!(read(&client, 4096, data.len()), data);
     let error = client.block_status(BASE_ALLOCATION, 0, 4096).unwrap_err();
@@ -325,7 +326,7 @@ fn block_size_constraints_are_honoured_and_requests_split_at_the_maximum() {
         (512, 4096, MIB as u32, true)
     );
     assert_eq!(client.payload_max_bytes(), MIB);
-    let data = pattern(3, 5 * MIB as usize + 512);
+    let data = random_bytes(3, 5 * MIB as usize + 512);
     client.write_at(&data, 512, RequestFlags::NONE).unwrap();
     assert_eq!(read(&client, 512, data.len()), data);
     client

@@ -9,11 +9,11 @@
 
 mod common;
 
-use common::*;
 use nbd_client::{
     BASE_ALLOCATION, Client, CommandFailure, ConnectError, ConnectOptions, Extent, HandshakeError,
     NbdError, ReplyMode, RequestFlags,
 };
+use testkit::{MIB, ServerProcess, TempDir, nbdinfo_map, random_bytes, require_tool, run_program};
 
 const BITMAP: &str = "b1";
 const GRANULARITY: u64 = 64 * 1024;
@@ -39,18 +39,18 @@ fn image_with_bitmap(dir: &TempDir) -> String {
     require_tool("qemu-io", "qemu-utils");
     let image = dir.join("disk.qcow2");
     let image = image.to_str().unwrap().to_string();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "64M"]);
-    run(
+    run_program("qemu-img", ["create", "-q", "-f", "qcow2", &image, "64M"]);
+    run_program(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &image],
+        ["-f", "qcow2", "-c", "write -P 0x11 0 1M", &image],
     );
-    run("qemu-img", &["bitmap", "--add", &image, BITMAP]);
+    run_program("qemu-img", ["bitmap", "--add", &image, BITMAP]);
     let mut args = vec!["-f", "qcow2"];
     for (command, _, _) in WRITES {
         args.extend(["-c", command]);
     }
     args.push(&image);
-    run("qemu-io", &args);
+    run_program("qemu-io", args);
     image
 }
 
@@ -221,7 +221,7 @@ fn writes_zeroes_and_trims_go_through_in_both_reply_modes() {
     require_tool("qemu-nbd", "qemu-utils");
     let image = dir.join("disk.qcow2");
     let image = image.to_str().unwrap().to_string();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "64M"]);
+    run_program("qemu-img", ["create", "-q", "-f", "qcow2", &image, "64M"]);
     let socket = dir.join("qemu.sock");
     let args = [
         "-t",
@@ -245,10 +245,10 @@ fn writes_zeroes_and_trims_go_through_in_both_reply_modes() {
         assert!(client.info().can_trim() && client.info().can_write_zeroes());
         let mut model = vec![0u8; 64 * MIB as usize];
         // 40 MiB: more than qemu's 32 MiB maximum, so split in two.
-        let big = pattern(seed, 40 * MIB as usize);
+        let big = random_bytes(seed, 40 * MIB as usize);
         client.write_at(&big, 4096, RequestFlags::NONE).unwrap();
         model[4096..4096 + big.len()].copy_from_slice(&big);
-        let small = pattern(seed + 10, 70_000);
+        let small = random_bytes(seed + 10, 70_000);
         client
             .write_at(&small, 50 * MIB, RequestFlags::FUA)
             .unwrap();
