@@ -8,9 +8,9 @@
 
 mod common;
 
-use common::blockwatch;
-use nbd_client::{BASE_ALLOCATION, Client, ConnectOptions, Extent, ReplyMode, RequestFlags};
-use testkit::{MIB, ServerProcess, TempDir, nbdinfo_map, random_bytes, run_program};
+use common::{blockwatch, dirty, nbdinfo_dirty};
+use nbd_client::{BASE_ALLOCATION, Client, ConnectOptions, ReplyMode, RequestFlags};
+use testkit::{MIB, ServerProcess, TempDir, random_bytes, run_program};
 
 /// blockwatch tracks changes in regions of 64 KiB.
 const REGION: u64 = 64 * 1024;
@@ -28,31 +28,6 @@ fn serve(dir: &TempDir, image: &str) -> ServerProcess {
         "64M",
     ];
     ServerProcess::start(binary, &args, &socket, &dir.join("blockwatch.log"))
-}
-
-fn dirty(client: &Client, context: &str) -> Vec<(u64, u64)> {
-    let end = client.size_bytes();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut position = 0;
-    while position < end {
-        let extents = client
-            .block_status(context, position, end - position)
-            .unwrap();
-        assert!(
-            !extents.is_empty(),
-            "an empty BLOCK_STATUS reply at {position}"
-        );
-        for extent in extents.iter().filter(|e| e.is_dirty()) {
-            match runs.last_mut() {
-                Some((offset, length)) if *offset + *length == extent.offset_bytes => {
-                    *length += extent.length_bytes
-                }
-                _ => runs.push((extent.offset_bytes, extent.length_bytes)),
-            }
-        }
-        position = extents.last().map(Extent::end_bytes).unwrap();
-    }
-    runs
 }
 
 #[test]
@@ -106,19 +81,11 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     ];
     assert_eq!(dirty(&tracked, context), expected);
     // nbdinfo reads the same context the same way.
-    let seen: Vec<(u64, u64)> = nbdinfo_map(&server.uri(), context)
-        .into_iter()
-        .filter(|&(_, _, flags)| flags & 1 != 0)
-        .map(|(offset, length, _)| (offset, length))
-        .collect();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (offset, length) in seen {
-        match merged.last_mut() {
-            Some((o, l)) if *o + *l == offset => *l += length,
-            _ => merged.push((offset, length)),
-        }
-    }
-    assert_eq!(merged, expected, "nbdinfo --map={context}");
+    assert_eq!(
+        nbdinfo_dirty(&server.uri(), context),
+        expected,
+        "nbdinfo --map={context}"
+    );
 
     // The other connection sees the new data too.
     let mut back = vec![0; small.len()];

@@ -8,57 +8,12 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::nbdkit;
+use common::{map, nbdinfo_extents, nbdkit};
 use nbd_client::{
-    BASE_ALLOCATION, Client, CommandFailure, ConnectOptions, Extent, NbdError, Pending, ReplyMode,
+    BASE_ALLOCATION, Client, CommandFailure, ConnectOptions, NbdError, Pending, ReplyMode,
     RequestFlags,
 };
-use testkit::{MIB, TempDir, Xorshift, nbdinfo_map, random_bytes};
-
-/// Reads the whole `[offset, offset + length)` status of `context`, one
-/// request after another, as a copier would.
-fn map(client: &Client, context: &str, offset: u64, length: u64) -> Vec<Extent> {
-    let end = offset + length;
-    let mut extents: Vec<Extent> = Vec::new();
-    let mut position = offset;
-    while position < end {
-        let reply = client
-            .block_status(context, position, end - position)
-            .unwrap();
-        assert!(
-            !reply.is_empty(),
-            "an empty BLOCK_STATUS reply at {position}"
-        );
-        for extent in reply {
-            assert_eq!(extent.offset_bytes, position, "extents are contiguous");
-            position = extent.end_bytes();
-            match extents.last_mut() {
-                Some(last) if last.flags == extent.flags => {
-                    last.length_bytes += extent.length_bytes
-                }
-                _ => extents.push(extent),
-            }
-        }
-    }
-    assert_eq!(position, end, "extents stop at the end asked for");
-    extents
-}
-
-/// nbdinfo's map with adjacent runs of the same type merged, as `map` does.
-fn merged_nbdinfo_map(uri: &str, context: &str) -> Vec<Extent> {
-    let mut extents: Vec<Extent> = Vec::new();
-    for (offset_bytes, length_bytes, flags) in nbdinfo_map(uri, context) {
-        match extents.last_mut() {
-            Some(last) if last.flags == flags => last.length_bytes += length_bytes,
-            _ => extents.push(Extent {
-                offset_bytes,
-                length_bytes,
-                flags,
-            }),
-        }
-    }
-    extents
-}
+use testkit::{MIB, TempDir, Xorshift, random_bytes};
 
 fn read(client: &Client, offset: u64, length: usize) -> Vec<u8> {
     let mut buf = vec![0xee; length];
@@ -132,8 +87,8 @@ fn memory_export_round_trips_patterns_zeroes_and_trims() {
         "{data:?}"
     );
     assert_eq!(
-        map(&client, BASE_ALLOCATION, 0, 64 * MIB),
-        merged_nbdinfo_map(&server.uri(), BASE_ALLOCATION)
+        map(&client, BASE_ALLOCATION),
+        nbdinfo_extents(&server.uri(), BASE_ALLOCATION)
     );
     client.close().unwrap();
 }
@@ -259,8 +214,8 @@ fn file_export_writes_reach_the_file_and_allocation_agrees_with_nbdinfo() {
         "read back through NBD"
     );
     assert_eq!(
-        map(&client, BASE_ALLOCATION, 0, 16 * MIB),
-        merged_nbdinfo_map(&server.uri(), BASE_ALLOCATION)
+        map(&client, BASE_ALLOCATION),
+        nbdinfo_extents(&server.uri(), BASE_ALLOCATION)
     );
     client.close().unwrap();
     assert!(
