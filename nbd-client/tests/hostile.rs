@@ -99,6 +99,26 @@ impl Fake {
         (be32(&header[8..12]), self.read(length))
     }
 
+    /// Sends a META_CONTEXT reply to `option` naming context `id`.
+    fn meta_context(&mut self, option: u32, id: u32, name: &str) {
+        let mut reply = id.to_be_bytes().to_vec();
+        reply.extend_from_slice(name.as_bytes());
+        self.option_reply(option, REP_META_CONTEXT, &reply);
+    }
+
+    /// Greets, then answers every option with `answer` until the client
+    /// gives up with ABORT, which is acknowledged as a server must.
+    fn answer_until_abort(&mut self, mut answer: impl FnMut(&mut Fake, u32)) {
+        self.greet();
+        loop {
+            let (option, _) = self.option();
+            if option == OPT_ABORT {
+                return self.option_reply(option, REP_ACK, &[]);
+            }
+            answer(self, option);
+        }
+    }
+
     /// Negotiates like a plain server with `base:allocation` (id 1) and
     /// `qemu:dirty-bitmap:b` (id 2), up to GO or EXPORT_NAME.
     fn handshake(&mut self, offer: Offer) {
@@ -118,9 +138,7 @@ impl Fake {
                     let text = String::from_utf8_lossy(&data).into_owned();
                     for (id, name) in [(1u32, "base:allocation"), (2, "qemu:dirty-bitmap:b")] {
                         if text.contains(name) {
-                            let mut reply = id.to_be_bytes().to_vec();
-                            reply.extend_from_slice(name.as_bytes());
-                            self.option_reply(option, REP_META_CONTEXT, &reply);
+                            self.meta_context(option, id, name);
                         }
                     }
                     self.option_reply(option, REP_ACK, &[]);
@@ -677,21 +695,14 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // Unknown export: the client says goodbye with ABORT.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_GO => fake.option_reply(option, REP_ERR_UNKNOWN, b"no such disk"),
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                OPT_SET_META_CONTEXT => {
-                    let mut reply = 2u32.to_be_bytes().to_vec();
-                    reply.extend_from_slice(b"qemu:dirty-bitmap:b");
-                    fake.option_reply(option, REP_META_CONTEXT, &reply);
-                    fake.option_reply(option, REP_ACK, &[]);
-                }
-                _ => fake.option_reply(option, REP_ACK, &[]),
+        fake.answer_until_abort(|fake, option| match option {
+            OPT_GO => fake.option_reply(option, REP_ERR_UNKNOWN, b"no such disk"),
+            OPT_SET_META_CONTEXT => {
+                fake.meta_context(option, 2, "qemu:dirty-bitmap:b");
+                fake.option_reply(option, REP_ACK, &[]);
             }
-        }
+            _ => fake.option_reply(option, REP_ACK, &[]),
+        })
     });
     assert!(
         matches!(&error, HandshakeError::UnknownExport { name, message }
@@ -701,20 +712,12 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // The dirty bitmap is not there: the error lists what is.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_LIST_META_CONTEXT => {
-                    let mut reply = 0u32.to_be_bytes().to_vec();
-                    reply.extend_from_slice(b"qemu:dirty-bitmap:other");
-                    fake.option_reply(option, REP_META_CONTEXT, &reply);
-                    fake.option_reply(option, REP_ACK, &[]);
-                }
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                _ => fake.option_reply(option, REP_ACK, &[]),
+        fake.answer_until_abort(|fake, option| {
+            if option == OPT_LIST_META_CONTEXT {
+                fake.meta_context(option, 0, "qemu:dirty-bitmap:other");
             }
-        }
+            fake.option_reply(option, REP_ACK, &[]);
+        })
     });
     assert!(
         matches!(&error, HandshakeError::MissingContext { available, .. }
@@ -737,14 +740,9 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // TLS required.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                _ => fake.option_reply(option, REP_ERR_TLS_REQD, b"use TLS"),
-            }
-        }
+        fake.answer_until_abort(|fake, option| {
+            fake.option_reply(option, REP_ERR_TLS_REQD, b"use TLS")
+        })
     });
     assert!(
         matches!(error, HandshakeError::TlsRequired { .. }),
