@@ -21,6 +21,7 @@ use nbd_client::{
     STATUS_CHUNK_LEN_MAX, Stream,
 };
 use nbd_server::proto::*;
+use testkit::Xorshift;
 
 /// How long any one client call may take before it counts as hung.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -750,26 +751,9 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
     );
 }
 
-/// splitmix64, so that a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
-        choices[(self.next() % choices.len() as u64) as usize]
-    }
-}
-
 /// A plausible-looking but random reply frame for one of `requests`.
-fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u8> {
-    let request = requests[(rng.next() % requests.len() as u64) as usize];
+fn random_frame(rng: &mut Xorshift, fake: &Fake, requests: &[RequestHeader]) -> Vec<u8> {
+    let request = rng.pick(requests);
     let stray = rng.next();
     let cookie = rng.pick(&[request.cookie, request.cookie, stray]);
     let chunk_type = rng.pick(&[
@@ -786,7 +770,7 @@ fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u
     let length = rng.pick(&[0, 4, 6, 12, 14, 24, 100, 4104, 1 << 20, u32::MAX as u64]);
     let flags = rng.pick(&[0, REPLY_FLAG_DONE]);
     let mut out = Vec::new();
-    if rng.next() % 8 == 0 {
+    if rng.below(8) == 0 {
         put_simple_reply(&mut out, rng.pick(&[0, 5, 22, 108, 9999]), cookie);
     } else {
         let stray = rng.next();
@@ -816,7 +800,7 @@ fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u
         out.extend_from_slice(&framed);
     }
     // Some payload, rarely as long as the header claims.
-    let payload = (rng.next() % 64) as usize;
+    let payload = rng.index(64);
     for _ in 0..payload {
         out.push(rng.pick(&[0u8, 1, 0x10, 0xff]));
     }
@@ -828,9 +812,9 @@ fn random_replies_end_in_errors_or_answers_never_in_a_panic_or_a_hang() {
     for seed in 0..200u64 {
         let offer = if seed % 2 == 0 { STRUCTURED } else { EXTENDED };
         let (client, server) = connect(offer, ConnectOptions::default(), move |fake| {
-            let mut rng = Rng(seed);
+            let mut rng = Xorshift::new(seed);
             let requests = [fake.request(), fake.request()];
-            for _ in 0..1 + rng.next() % 6 {
+            for _ in 0..1 + rng.below(6) {
                 let frame = random_frame(&mut rng, fake, &requests);
                 fake.send(&frame);
             }
