@@ -8,8 +8,9 @@
 
 mod common;
 
-use common::*;
-use nbd_client::{BASE_ALLOCATION, Client, ConnectOptions, Extent, ReplyMode, RequestFlags};
+use common::{blockwatch, dirty, nbdinfo_dirty};
+use nbd_client::{BASE_ALLOCATION, Client, ConnectOptions, ReplyMode, RequestFlags};
+use testkit::{MIB, ServerProcess, TempDir, random_bytes, run_program};
 
 /// blockwatch tracks changes in regions of 64 KiB.
 const REGION: u64 = 64 * 1024;
@@ -26,37 +27,7 @@ fn serve(dir: &TempDir, image: &str) -> ServerProcess {
         "--size",
         "64M",
     ];
-    ServerProcess::start(
-        binary.to_str().unwrap(),
-        &args,
-        &socket,
-        &dir.join("blockwatch.log"),
-    )
-}
-
-fn dirty(client: &Client, context: &str) -> Vec<(u64, u64)> {
-    let end = client.size_bytes();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut position = 0;
-    while position < end {
-        let extents = client
-            .block_status(context, position, end - position)
-            .unwrap();
-        assert!(
-            !extents.is_empty(),
-            "an empty BLOCK_STATUS reply at {position}"
-        );
-        for extent in extents.iter().filter(|e| e.is_dirty()) {
-            match runs.last_mut() {
-                Some((offset, length)) if *offset + *length == extent.offset_bytes => {
-                    *length += extent.length_bytes
-                }
-                _ => runs.push((extent.offset_bytes, extent.length_bytes)),
-            }
-        }
-        position = extents.last().map(Extent::end_bytes).unwrap();
-    }
-    runs
+    ServerProcess::start(binary, &args, &socket, &dir.join("blockwatch.log"))
 }
 
 #[test]
@@ -70,17 +41,14 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     assert_eq!(client.size_bytes(), 64 * MIB);
     assert!(client.info().has_meta_context(BASE_ALLOCATION));
 
-    let before = pattern(1, 3 * MIB as usize);
+    let before = random_bytes(1, 3 * MIB as usize);
     client.write_at(&before, 0, RequestFlags::FUA).unwrap();
     let mut back = vec![0; before.len()];
     client.read_at(&mut back, 0).unwrap();
     assert!(back == before, "a write before the checkpoint reads back");
     client.flush().unwrap();
 
-    run(
-        blockwatch().to_str().unwrap(),
-        &["checkpoint", &image, "monday"],
-    );
+    run_program(blockwatch(), ["checkpoint", &image, "monday"]);
     let options = ConnectOptions {
         dirty_bitmap: Some("monday".to_string()),
         ..ConnectOptions::default()
@@ -89,16 +57,16 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     let context = "qemu:dirty-bitmap:monday";
     assert_eq!(dirty(&tracked, context), vec![]);
 
-    let small = pattern(2, 4096);
+    let small = random_bytes(2, 4096);
     tracked
         .write_at(&small, 4 * MIB, RequestFlags::NONE)
         .unwrap();
     tracked
-        .write_at(&pattern(3, 128 * 1024), 10 * MIB, RequestFlags::NONE)
+        .write_at(&random_bytes(3, 128 * 1024), 10 * MIB, RequestFlags::NONE)
         .unwrap();
     // 1000 bytes across the 20 MiB boundary dirty a region on each side.
     tracked
-        .write_at(&pattern(4, 1000), 20_971_000, RequestFlags::NONE)
+        .write_at(&random_bytes(4, 1000), 20_971_000, RequestFlags::NONE)
         .unwrap();
     tracked
         .write_zeroes(30 * MIB, REGION, RequestFlags::NONE)
@@ -113,19 +81,11 @@ fn blockwatch_round_trips_and_reports_the_writes_after_a_checkpoint() {
     ];
     assert_eq!(dirty(&tracked, context), expected);
     // nbdinfo reads the same context the same way.
-    let seen: Vec<(u64, u64)> = nbdinfo_map(&server.uri(), context)
-        .into_iter()
-        .filter(|&(_, _, flags)| flags & 1 != 0)
-        .map(|(offset, length, _)| (offset, length))
-        .collect();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (offset, length) in seen {
-        match merged.last_mut() {
-            Some((o, l)) if *o + *l == offset => *l += length,
-            _ => merged.push((offset, length)),
-        }
-    }
-    assert_eq!(merged, expected, "nbdinfo --map={context}");
+    assert_eq!(
+        nbdinfo_dirty(&server.uri(), context),
+        expected,
+        "nbdinfo --map={context}"
+    );
 
     // The other connection sees the new data too.
     let mut back = vec![0; small.len()];

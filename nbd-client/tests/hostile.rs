@@ -21,6 +21,7 @@ use nbd_client::{
     STATUS_CHUNK_LEN_MAX, Stream,
 };
 use nbd_server::proto::*;
+use testkit::Xorshift;
 
 /// How long any one client call may take before it counts as hung.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -99,6 +100,26 @@ impl Fake {
         (be32(&header[8..12]), self.read(length))
     }
 
+    /// Sends a META_CONTEXT reply to `option` naming context `id`.
+    fn meta_context(&mut self, option: u32, id: u32, name: &str) {
+        let mut reply = id.to_be_bytes().to_vec();
+        reply.extend_from_slice(name.as_bytes());
+        self.option_reply(option, REP_META_CONTEXT, &reply);
+    }
+
+    /// Greets, then answers every option with `answer` until the client
+    /// gives up with ABORT, which is acknowledged as a server must.
+    fn answer_until_abort(&mut self, mut answer: impl FnMut(&mut Fake, u32)) {
+        self.greet();
+        loop {
+            let (option, _) = self.option();
+            if option == OPT_ABORT {
+                return self.option_reply(option, REP_ACK, &[]);
+            }
+            answer(self, option);
+        }
+    }
+
     /// Negotiates like a plain server with `base:allocation` (id 1) and
     /// `qemu:dirty-bitmap:b` (id 2), up to GO or EXPORT_NAME.
     fn handshake(&mut self, offer: Offer) {
@@ -118,9 +139,7 @@ impl Fake {
                     let text = String::from_utf8_lossy(&data).into_owned();
                     for (id, name) in [(1u32, "base:allocation"), (2, "qemu:dirty-bitmap:b")] {
                         if text.contains(name) {
-                            let mut reply = id.to_be_bytes().to_vec();
-                            reply.extend_from_slice(name.as_bytes());
-                            self.option_reply(option, REP_META_CONTEXT, &reply);
+                            self.meta_context(option, id, name);
                         }
                     }
                     self.option_reply(option, REP_ACK, &[]);
@@ -677,21 +696,14 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // Unknown export: the client says goodbye with ABORT.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_GO => fake.option_reply(option, REP_ERR_UNKNOWN, b"no such disk"),
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                OPT_SET_META_CONTEXT => {
-                    let mut reply = 2u32.to_be_bytes().to_vec();
-                    reply.extend_from_slice(b"qemu:dirty-bitmap:b");
-                    fake.option_reply(option, REP_META_CONTEXT, &reply);
-                    fake.option_reply(option, REP_ACK, &[]);
-                }
-                _ => fake.option_reply(option, REP_ACK, &[]),
+        fake.answer_until_abort(|fake, option| match option {
+            OPT_GO => fake.option_reply(option, REP_ERR_UNKNOWN, b"no such disk"),
+            OPT_SET_META_CONTEXT => {
+                fake.meta_context(option, 2, "qemu:dirty-bitmap:b");
+                fake.option_reply(option, REP_ACK, &[]);
             }
-        }
+            _ => fake.option_reply(option, REP_ACK, &[]),
+        })
     });
     assert!(
         matches!(&error, HandshakeError::UnknownExport { name, message }
@@ -701,20 +713,12 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // The dirty bitmap is not there: the error lists what is.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_LIST_META_CONTEXT => {
-                    let mut reply = 0u32.to_be_bytes().to_vec();
-                    reply.extend_from_slice(b"qemu:dirty-bitmap:other");
-                    fake.option_reply(option, REP_META_CONTEXT, &reply);
-                    fake.option_reply(option, REP_ACK, &[]);
-                }
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                _ => fake.option_reply(option, REP_ACK, &[]),
+        fake.answer_until_abort(|fake, option| {
+            if option == OPT_LIST_META_CONTEXT {
+                fake.meta_context(option, 0, "qemu:dirty-bitmap:other");
             }
-        }
+            fake.option_reply(option, REP_ACK, &[]);
+        })
     });
     assert!(
         matches!(&error, HandshakeError::MissingContext { available, .. }
@@ -737,14 +741,9 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
 
     // TLS required.
     let error = refused(|fake| {
-        fake.greet();
-        loop {
-            let (option, _) = fake.option();
-            match option {
-                OPT_ABORT => return fake.option_reply(option, REP_ACK, &[]),
-                _ => fake.option_reply(option, REP_ERR_TLS_REQD, b"use TLS"),
-            }
-        }
+        fake.answer_until_abort(|fake, option| {
+            fake.option_reply(option, REP_ERR_TLS_REQD, b"use TLS")
+        })
     });
     assert!(
         matches!(error, HandshakeError::TlsRequired { .. }),
@@ -752,26 +751,9 @@ fn handshake_refusals_and_nonsense_are_clear_errors() {
     );
 }
 
-/// splitmix64, so that a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
-        choices[(self.next() % choices.len() as u64) as usize]
-    }
-}
-
 /// A plausible-looking but random reply frame for one of `requests`.
-fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u8> {
-    let request = requests[(rng.next() % requests.len() as u64) as usize];
+fn random_frame(rng: &mut Xorshift, fake: &Fake, requests: &[RequestHeader]) -> Vec<u8> {
+    let request = rng.pick(requests);
     let stray = rng.next();
     let cookie = rng.pick(&[request.cookie, request.cookie, stray]);
     let chunk_type = rng.pick(&[
@@ -788,7 +770,7 @@ fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u
     let length = rng.pick(&[0, 4, 6, 12, 14, 24, 100, 4104, 1 << 20, u32::MAX as u64]);
     let flags = rng.pick(&[0, REPLY_FLAG_DONE]);
     let mut out = Vec::new();
-    if rng.next() % 8 == 0 {
+    if rng.below(8) == 0 {
         put_simple_reply(&mut out, rng.pick(&[0, 5, 22, 108, 9999]), cookie);
     } else {
         let stray = rng.next();
@@ -818,7 +800,7 @@ fn random_frame(rng: &mut Rng, fake: &Fake, requests: &[RequestHeader]) -> Vec<u
         out.extend_from_slice(&framed);
     }
     // Some payload, rarely as long as the header claims.
-    let payload = (rng.next() % 64) as usize;
+    let payload = rng.index(64);
     for _ in 0..payload {
         out.push(rng.pick(&[0u8, 1, 0x10, 0xff]));
     }
@@ -830,9 +812,9 @@ fn random_replies_end_in_errors_or_answers_never_in_a_panic_or_a_hang() {
     for seed in 0..200u64 {
         let offer = if seed % 2 == 0 { STRUCTURED } else { EXTENDED };
         let (client, server) = connect(offer, ConnectOptions::default(), move |fake| {
-            let mut rng = Rng(seed);
+            let mut rng = Xorshift::new(seed);
             let requests = [fake.request(), fake.request()];
-            for _ in 0..1 + rng.next() % 6 {
+            for _ in 0..1 + rng.below(6) {
                 let frame = random_frame(&mut rng, fake, &requests);
                 fake.send(&frame);
             }

@@ -8,56 +8,12 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::*;
+use common::{map, nbdinfo_extents, nbdkit};
 use nbd_client::{
-    BASE_ALLOCATION, Client, CommandFailure, ConnectOptions, Extent, NbdError, Pending, ReplyMode,
+    BASE_ALLOCATION, Client, CommandFailure, ConnectOptions, NbdError, Pending, ReplyMode,
     RequestFlags,
 };
-
-/// Reads the whole `[offset, offset + length)` status of `context`, one
-/// request after another, as a copier would.
-fn map(client: &Client, context: &str, offset: u64, length: u64) -> Vec<Extent> {
-    let end = offset + length;
-    let mut extents: Vec<Extent> = Vec::new();
-    let mut position = offset;
-    while position < end {
-        let reply = client
-            .block_status(context, position, end - position)
-            .unwrap();
-        assert!(
-            !reply.is_empty(),
-            "an empty BLOCK_STATUS reply at {position}"
-        );
-        for extent in reply {
-            assert_eq!(extent.offset_bytes, position, "extents are contiguous");
-            position = extent.end_bytes();
-            match extents.last_mut() {
-                Some(last) if last.flags == extent.flags => {
-                    last.length_bytes += extent.length_bytes
-                }
-                _ => extents.push(extent),
-            }
-        }
-    }
-    assert_eq!(position, end, "extents stop at the end asked for");
-    extents
-}
-
-/// nbdinfo's map with adjacent runs of the same type merged, as `map` does.
-fn merged_nbdinfo_map(uri: &str, context: &str) -> Vec<Extent> {
-    let mut extents: Vec<Extent> = Vec::new();
-    for (offset_bytes, length_bytes, flags) in nbdinfo_map(uri, context) {
-        match extents.last_mut() {
-            Some(last) if last.flags == flags => last.length_bytes += length_bytes,
-            _ => extents.push(Extent {
-                offset_bytes,
-                length_bytes,
-                flags,
-            }),
-        }
-    }
-    extents
-}
+use testkit::{MIB, TempDir, Xorshift, random_bytes};
 
 fn read(client: &Client, offset: u64, length: usize) -> Vec<u8> {
     let mut buf = vec![0xee; length];
@@ -93,7 +49,7 @@ fn memory_export_round_trips_patterns_zeroes_and_trims() {
     ];
     let mut model = vec![0u8; 64 * MIB as usize];
     for (seed, &(offset, length, flags)) in writes.iter().enumerate() {
-        let data = pattern(seed as u64, length);
+        let data = random_bytes(seed as u64, length);
         client.write_at(&data, offset, flags).unwrap();
         model[offset as usize..offset as usize + length].copy_from_slice(&data);
         assert_eq!(
@@ -131,8 +87,8 @@ fn memory_export_round_trips_patterns_zeroes_and_trims() {
         "{data:?}"
     );
     assert_eq!(
-        map(&client, BASE_ALLOCATION, 0, 64 * MIB),
-        merged_nbdinfo_map(&server.uri(), BASE_ALLOCATION)
+        map(&client, BASE_ALLOCATION),
+        nbdinfo_extents(&server.uri(), BASE_ALLOCATION)
     );
     client.close().unwrap();
 }
@@ -176,7 +132,7 @@ fn many_requests_in_flight_from_several_threads_match_a_model() {
 /// together; returns the model.
 fn worker(client: &Client, thread: u64, threads: u64, slots: u64) -> Vec<u8> {
     let mut model = vec![0u8; (slots * SLOT_BYTES) as usize];
-    let mut rng = Rng::new(0x5eed + thread);
+    let mut rng = Xorshift::new(0x5eed + thread);
     for round in 0..24 {
         let mut used = HashSet::new();
         let mut reads: Vec<(usize, Pending<Vec<u8>>)> = Vec::new();
@@ -191,7 +147,7 @@ fn worker(client: &Client, thread: u64, threads: u64, slots: u64) -> Vec<u8> {
             let range = offset as usize..offset as usize + length;
             match rng.below(4) {
                 0 | 1 => {
-                    let data = pattern(rng.next_u64(), length);
+                    let data = random_bytes(rng.next(), length);
                     writes.push(
                         client
                             .submit_write(&data, offset, RequestFlags::NONE)
@@ -235,8 +191,8 @@ fn file_export_writes_reach_the_file_and_allocation_agrees_with_nbdinfo() {
         .unwrap();
     let server = nbdkit(&dir, &["file", image.to_str().unwrap()]);
     let client = Client::connect(&server.uri()).unwrap();
-    let first = pattern(1, 3 * MIB as usize);
-    let second = pattern(2, 100_000);
+    let first = random_bytes(1, 3 * MIB as usize);
+    let second = random_bytes(2, 100_000);
     client.write_at(&first, MIB, RequestFlags::NONE).unwrap();
     client
         .write_at(&second, 10 * MIB + 4096, RequestFlags::FUA)
@@ -258,8 +214,8 @@ fn file_export_writes_reach_the_file_and_allocation_agrees_with_nbdinfo() {
         "read back through NBD"
     );
     assert_eq!(
-        map(&client, BASE_ALLOCATION, 0, 16 * MIB),
-        merged_nbdinfo_map(&server.uri(), BASE_ALLOCATION)
+        map(&client, BASE_ALLOCATION),
+        nbdinfo_extents(&server.uri(), BASE_ALLOCATION)
     );
     client.close().unwrap();
     assert!(
@@ -275,7 +231,7 @@ fn a_server_without_structured_replies_gets_simple_requests() {
     let client = Client::connect(&server.uri()).unwrap();
     assert_eq!(client.info().reply_mode, ReplyMode::Simple);
     assert!(client.info().meta_contexts.is_empty());
-    let data = pattern(9, 5 * MIB as usize);
+    let data = random_bytes(9, 5 * MIB as usize);
     client.write_at(&data, 4096, RequestFlags::NONE).unwrap();
     assert_eq!(read(&client, 4096, data.len()), data);
     let error = client.block_status(BASE_ALLOCATION, 0, 4096).unwrap_err();
@@ -325,7 +281,7 @@ fn block_size_constraints_are_honoured_and_requests_split_at_the_maximum() {
         (512, 4096, MIB as u32, true)
     );
     assert_eq!(client.payload_max_bytes(), MIB);
-    let data = pattern(3, 5 * MIB as usize + 512);
+    let data = random_bytes(3, 5 * MIB as usize + 512);
     client.write_at(&data, 512, RequestFlags::NONE).unwrap();
     assert_eq!(read(&client, 512, data.len()), data);
     client

@@ -9,11 +9,12 @@
 
 mod common;
 
-use common::*;
+use common::{dirty, map, nbdinfo_extents};
 use nbd_client::{
-    BASE_ALLOCATION, Client, CommandFailure, ConnectError, ConnectOptions, Extent, HandshakeError,
+    BASE_ALLOCATION, Client, CommandFailure, ConnectError, ConnectOptions, HandshakeError,
     NbdError, ReplyMode, RequestFlags,
 };
+use testkit::{MIB, ServerProcess, TempDir, random_bytes, require_tool, run_program};
 
 const BITMAP: &str = "b1";
 const GRANULARITY: u64 = 64 * 1024;
@@ -39,18 +40,18 @@ fn image_with_bitmap(dir: &TempDir) -> String {
     require_tool("qemu-io", "qemu-utils");
     let image = dir.join("disk.qcow2");
     let image = image.to_str().unwrap().to_string();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "64M"]);
-    run(
+    run_program("qemu-img", ["create", "-q", "-f", "qcow2", &image, "64M"]);
+    run_program(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &image],
+        ["-f", "qcow2", "-c", "write -P 0x11 0 1M", &image],
     );
-    run("qemu-img", &["bitmap", "--add", &image, BITMAP]);
+    run_program("qemu-img", ["bitmap", "--add", &image, BITMAP]);
     let mut args = vec!["-f", "qcow2"];
     for (command, _, _) in WRITES {
         args.extend(["-c", command]);
     }
     args.push(&image);
-    run("qemu-io", &args);
+    run_program("qemu-io", args);
     image
 }
 
@@ -75,32 +76,6 @@ fn qemu_nbd(dir: &TempDir, image: &str) -> ServerProcess {
     ServerProcess::start("qemu-nbd", &args, &socket, &dir.join("qemu-nbd.log"))
 }
 
-fn map(client: &Client, context: &str) -> Vec<Extent> {
-    let end = client.size_bytes();
-    let mut extents: Vec<Extent> = Vec::new();
-    let mut position = 0;
-    while position < end {
-        let reply = client
-            .block_status(context, position, end - position)
-            .unwrap();
-        assert!(
-            !reply.is_empty(),
-            "an empty BLOCK_STATUS reply at {position}"
-        );
-        for extent in reply {
-            assert_eq!(extent.offset_bytes, position, "extents are contiguous");
-            position = extent.end_bytes();
-            match extents.last_mut() {
-                Some(last) if last.flags == extent.flags => {
-                    last.length_bytes += extent.length_bytes
-                }
-                _ => extents.push(extent),
-            }
-        }
-    }
-    extents
-}
-
 fn options(extended_headers: bool) -> ConnectOptions {
     ConnectOptions {
         dirty_bitmap: Some(BITMAP.to_string()),
@@ -115,31 +90,17 @@ fn dirty_bitmap_reports_exactly_the_written_regions_and_allocation_matches_nbdin
     let image = image_with_bitmap(&dir);
     let server = qemu_nbd(&dir, &image);
     let context = format!("qemu:dirty-bitmap:{BITMAP}");
-    let nbdinfo_allocation: Vec<Extent> = {
-        let mut merged: Vec<Extent> = Vec::new();
-        for (offset_bytes, length_bytes, flags) in nbdinfo_map(&server.uri(), BASE_ALLOCATION) {
-            match merged.last_mut() {
-                Some(last) if last.flags == flags => last.length_bytes += length_bytes,
-                _ => merged.push(Extent {
-                    offset_bytes,
-                    length_bytes,
-                    flags,
-                }),
-            }
-        }
-        merged
-    };
+    let nbdinfo_allocation = nbdinfo_extents(&server.uri(), BASE_ALLOCATION);
     for (extended, mode) in [(true, ReplyMode::Extended), (false, ReplyMode::Structured)] {
         let client = Client::connect_with(&server.uri(), &options(extended)).unwrap();
         assert_eq!(client.info().reply_mode, mode);
         assert!(client.info().is_read_only());
-        let dirty: Vec<(u64, u64)> = map(&client, &context)
-            .into_iter()
-            .filter(Extent::is_dirty)
-            .map(|e| (e.offset_bytes, e.length_bytes))
-            .collect();
         let expected: Vec<(u64, u64)> = WRITES.iter().map(|&(_, o, l)| (o, l)).collect();
-        assert_eq!(dirty, expected, "{mode:?}: dirty regions");
+        assert_eq!(
+            dirty(&client, &context),
+            expected,
+            "{mode:?}: dirty regions"
+        );
         assert_eq!(
             map(&client, BASE_ALLOCATION),
             nbdinfo_allocation,
@@ -221,7 +182,7 @@ fn writes_zeroes_and_trims_go_through_in_both_reply_modes() {
     require_tool("qemu-nbd", "qemu-utils");
     let image = dir.join("disk.qcow2");
     let image = image.to_str().unwrap().to_string();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "64M"]);
+    run_program("qemu-img", ["create", "-q", "-f", "qcow2", &image, "64M"]);
     let socket = dir.join("qemu.sock");
     let args = [
         "-t",
@@ -245,10 +206,10 @@ fn writes_zeroes_and_trims_go_through_in_both_reply_modes() {
         assert!(client.info().can_trim() && client.info().can_write_zeroes());
         let mut model = vec![0u8; 64 * MIB as usize];
         // 40 MiB: more than qemu's 32 MiB maximum, so split in two.
-        let big = pattern(seed, 40 * MIB as usize);
+        let big = random_bytes(seed, 40 * MIB as usize);
         client.write_at(&big, 4096, RequestFlags::NONE).unwrap();
         model[4096..4096 + big.len()].copy_from_slice(&big);
-        let small = pattern(seed + 10, 70_000);
+        let small = random_bytes(seed + 10, 70_000);
         client
             .write_at(&small, 50 * MIB, RequestFlags::FUA)
             .unwrap();

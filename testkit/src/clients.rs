@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-use crate::process::run;
+use crate::process::{parse_json, run, run_program};
+use crate::tools::require_tool;
 
 /// `qemu-io -f raw -c CMD... URI` (qemu-utils), not yet run.
 pub fn qemu_io_command(uri: &str, commands: &[&str]) -> Command {
@@ -26,4 +27,25 @@ pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
         "qemu-io reported a failure:\n{stdout}"
     );
     stdout
+}
+
+/// `nbdinfo --json --map=CONTEXT URI` (libnbd-bin) as (offset, length,
+/// type) triples, in the order nbdinfo printed them.
+pub fn nbdinfo_map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    require_tool("nbdinfo", "libnbd-bin");
+    let map = format!("--map={context}");
+    let text = run_program("nbdinfo", ["--json", map.as_str(), uri]);
+    parse_json(&text, "nbdinfo --json --map")
+        .as_array()
+        .unwrap_or_else(|| panic!("nbdinfo --json --map printed no array:\n{text}"))
+        .iter()
+        .map(|extent| {
+            let field = |name: &str| {
+                extent[name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("nbdinfo --json --map: no {name} in {extent}"))
+            };
+            (field("offset"), field("length"), field("type"))
+        })
+        .collect()
 }

@@ -1,17 +1,20 @@
 //! What the workspace's tests share, written once: every test tree
-//! (`tests/`, `fsmap/tests/`, `tracker/tests/`, `nbd-server/tests/`, and
-//! the unit tests through `fsmap/src/testing.rs`) takes it as a
-//! dev-dependency. It is never published and nothing but tests uses it.
+//! (`tests/`, `fsmap/tests/`, `tracker/tests/`, `nbd-server/tests/`,
+//! `nbd-client/tests/`, and the unit tests through `fsmap/src/testing.rs`)
+//! takes it as a dev-dependency. It is never published and nothing but
+//! tests uses it.
 //!
 //! Files and what each owns:
 //! - `files.rs`: `TempDir`, a directory removed on drop, and the file
 //!   helpers around it (sparse files, positioned writes, byte-exact
 //!   comparisons naming the first differing offset).
 //! - `clients.rs`: the NBD clients driven from more than one test file
-//!   (qemu-io), failing with what the client printed.
+//!   (qemu-io, `nbdinfo --json --map`), failing with what the client printed.
 //! - `process.rs`: running a client to completion with a bound on how long
 //!   it may take, failing with its command line, status and output;
 //!   feeding it standard input; parsing the JSON it prints; signals.
+//! - `server.rs`: `ServerProcess`, a server (nbdkit, qemu-nbd, ...) on a
+//!   unix socket, waited for until it accepts and stopped on drop.
 //! - `tools.rs`: finding an installed tool or failing with the package
 //!   that provides it; whether the tests run as root.
 //! - `random.rs`: the one seeded generator (xorshift64) and the bytes it
@@ -28,9 +31,10 @@ mod files;
 mod mount;
 mod process;
 mod random;
+mod server;
 mod tools;
 
-pub use clients::{qemu_io, qemu_io_command};
+pub use clients::{nbdinfo_map, qemu_io, qemu_io_command};
 pub use files::{
     MIB, TempDir, assert_file_range, assert_files_equal, create_file, create_sparse_file, write_at,
     write_random_file,
@@ -41,4 +45,5 @@ pub use process::{
     run_with_input, run_within, signal, status_text, wait_bounded,
 };
 pub use random::{Xorshift, random_bytes};
+pub use server::ServerProcess;
 pub use tools::{find_in_path, is_root, require_tool, skipped_unless_root, tool};

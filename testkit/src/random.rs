@@ -44,6 +44,11 @@ impl Xorshift {
         self.below(length as u64) as usize
     }
 
+    /// One of `choices`, each as likely as the others.
+    pub fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[self.index(choices.len())]
+    }
+
     /// True `percent` times in a hundred.
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -96,5 +101,14 @@ mod tests {
         }
         assert_eq!(random.below(0), 0);
         assert_eq!(random.index(0), 0);
+    }
+
+    #[test]
+    fn pick_returns_only_the_choices_and_reaches_every_one() {
+        let mut random = Xorshift::new(11);
+        let choices = [3u8, 5, 7];
+        let picked: Vec<u8> = (0..300).map(|_| random.pick(&choices)).collect();
+        assert!(picked.iter().all(|p| choices.contains(p)), "{picked:?}");
+        assert!(choices.iter().all(|c| picked.contains(c)), "{picked:?}");
     }
 }
