@@ -24,17 +24,21 @@
 //! the `snapshot` pins an earlier one left (`SnapshotManager::register`).
 //!
 //! Files and what each owns:
-//! - `snapshot.rs`: `SnapshotManager` (the generation hook, take, release,
-//!   leftovers), `SnapshotLimits` and their defaults, the errors.
+//! - `snapshot.rs`: `SnapshotManager` (the generation hook, take,
+//!   release), `SnapshotLimits` and their defaults.
+//! - `snapshot/error.rs`: `RegisterError`, `TakeError`, `ReleaseError`.
+//! - `snapshot/files.rs`: the store's file name and directory, the
+//!   free-space check, removing what an earlier process left.
 //! - `snapshot/store.rs`: the store file, its in-memory index, the claim
 //!   and bounded wait of a first touch, the copy threads.
 //! - `snapshot/view.rs`: `Snapshot`, the read-only `BlockBackend`, with
 //!   the read path's ordering argument.
 
+mod error;
+mod files;
 mod store;
 mod view;
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,8 +46,12 @@ use std::time::Duration;
 use backend::BlockBackend;
 use tracker::catalog::Checkpoint;
 use tracker::regions::RegionRun;
-use tracker::{CheckpointError, GenerationHook, Tracker};
+use tracker::{GenerationHook, Tracker};
 
+pub use error::{RegisterError, ReleaseError, TakeError};
+use files::{
+    create_private_dir, free_bytes, remove_leftover_pins, remove_leftover_stores, store_file_name,
+};
 use store::Store;
 pub use view::{Snapshot, SnapshotStatus};
 
@@ -99,91 +107,6 @@ impl SnapshotLimits {
 pub fn default_store_bytes_max(image_bytes: u64) -> u64 {
     let share = image_bytes / 100 * STORE_SHARE_DEFAULT_PERCENT;
     share.max(STORE_FLOOR_DEFAULT_BYTES.min(image_bytes))
-}
-
-/// Registering the manager (`SnapshotManager::register`).
-#[derive(Debug, thiserror::Error)]
-pub enum RegisterError {
-    #[error(
-        "the storage backend is {storage_bytes} bytes but the tracker tracks {tracker_bytes}; give the manager the backend under the tracker"
-    )]
-    SizeMismatch {
-        storage_bytes: u64,
-        tracker_bytes: u64,
-    },
-    #[error("removing leftover snapshot stores in {path}")]
-    Leftovers { path: PathBuf, source: io::Error },
-    #[error("removing the pins of leftover snapshots")]
-    Pins { source: CheckpointError },
-}
-
-/// Taking a snapshot (`SnapshotManager::take`).
-#[derive(Debug, thiserror::Error)]
-pub enum TakeError {
-    #[error(
-        "snapshot {name:?}: snapshot {open:?} is open; release it first (one snapshot at a time per disk)"
-    )]
-    AlreadyOpen { name: String, open: String },
-    #[error(
-        "snapshot {name:?}: a store of {store_bytes_max} bytes cannot hold one {region_bytes}-byte region; allow at least that"
-    )]
-    StoreTooSmall {
-        name: String,
-        store_bytes_max: u64,
-        region_bytes: u64,
-    },
-    #[error(
-        "snapshot {name:?}: {path} has {free_bytes} bytes free, less than the store's limit of {store_bytes_max} bytes; free space or ask for a smaller store"
-    )]
-    NoSpace {
-        name: String,
-        path: PathBuf,
-        free_bytes: u64,
-        store_bytes_max: u64,
-    },
-    #[error("snapshot {name:?}: creating its copy-before-write store {path}")]
-    Store {
-        name: String,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("snapshot {name:?}: taking its checkpoint")]
-    Checkpoint {
-        name: String,
-        source: CheckpointError,
-    },
-    #[error(
-        "snapshot {name:?}: checkpoint {name:?} was taken, but this manager did not see its switch; register the manager with this tracker before Tracker::start"
-    )]
-    NotActivated { name: String },
-    #[error(
-        "snapshot {name:?}: pinning its checkpoint (the checkpoint stays; the snapshot was dropped)"
-    )]
-    Pin {
-        name: String,
-        source: CheckpointError,
-    },
-}
-
-/// Releasing a snapshot (`SnapshotManager::release`). Past `NotOpen` the
-/// snapshot is gone whatever the error says; the error names what was left.
-#[derive(Debug, thiserror::Error)]
-pub enum ReleaseError {
-    #[error("no snapshot {name:?} is open{}", open.as_ref().map(|open| format!(" (snapshot {open:?} is)")).unwrap_or_default())]
-    NotOpen { name: String, open: Option<String> },
-    #[error("snapshot {name:?} released, but its store {path} could not be removed")]
-    RemoveStore {
-        name: String,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error(
-        "snapshot {name:?} released, but its checkpoint could not be unpinned (blockwatch unpin {name} {PIN_HOLDER})"
-    )]
-    Unpin {
-        name: String,
-        source: CheckpointError,
-    },
 }
 
 #[derive(Debug, Default)]
@@ -505,105 +428,9 @@ impl Drop for SnapshotManager {
     }
 }
 
-/// The store's file name for snapshot `name`: checkpoint names may hold
-/// any printable character (`/`, `..`), so everything but letters, digits,
-/// `-`, `_` and inner dots becomes `_`, cut to 100 bytes. Two names may
-/// share a file name: only one snapshot is open at a time.
-fn store_file_name(name: &str) -> String {
-    let mut file: String = name
-        .chars()
-        .enumerate()
-        .map(|(index, c)| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
-            '.' if index > 0 => c,
-            _ => '_',
-        })
-        .take(100)
-        .collect();
-    file.push_str(".cbw");
-    file
-}
-
-fn create_private_dir(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(path) {
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        result => result,
-    }
-}
-
-/// Bytes an unprivileged writer may still use on the file system of `path`.
-fn free_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is NUL-terminated and `stat` is writable memory of
-    // the type statvfs fills.
-    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `stat`.
-    let stat = unsafe { stat.assume_init() };
-    #[allow(
-        clippy::useless_conversion,
-        reason = "fsblkcnt_t and c_ulong are u32 on some targets"
-    )]
-    Ok(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
-}
-
-/// Stores an earlier process left: their index died with it.
-fn remove_leftover_stores(store_dir: &Path) -> io::Result<()> {
-    let entries = match std::fs::read_dir(store_dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(error),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        if path.extension().is_some_and(|extension| extension == "cbw") {
-            std::fs::remove_file(&path)?;
-            tracing::warn!(store = %path.display(), "removed the store of a snapshot an earlier server left open; a copy reading it fails");
-        }
-    }
-    Ok(())
-}
-
-/// Pins of snapshots an earlier process left open.
-fn remove_leftover_pins(tracker: &Tracker) -> Result<(), CheckpointError> {
-    let checkpoints = tracker.checkpoints();
-    for pin in tracker.pins()? {
-        if pin.holder != PIN_HOLDER {
-            continue;
-        }
-        if let Some(checkpoint) = checkpoints.iter().find(|c| c.generation == pin.generation) {
-            tracker.unpin(&checkpoint.name, PIN_HOLDER)?;
-            tracing::warn!(checkpoint = %checkpoint.name, "removed the pin of a snapshot an earlier server left open");
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn store_file_names_stay_inside_the_store_directory() {
-        let cases = [
-            ("nightly", "nightly.cbw"),
-            ("2024-05-01.full", "2024-05-01.full.cbw"),
-            ("../../etc/passwd", "_._.._etc_passwd.cbw"),
-            (".hidden", "_hidden.cbw"),
-            ("a/b", "a_b.cbw"),
-            ("naïve", "na_ve.cbw"),
-        ];
-        for (name, file) in cases {
-            assert_eq!(store_file_name(name), file, "{name:?}");
-        }
-        let long = "x".repeat(200);
-        assert_eq!(store_file_name(&long).len(), 104);
-    }
 
     #[test]
     fn default_store_limit_is_a_tenth_of_the_image_with_a_floor() {
