@@ -1,6 +1,6 @@
-//! `copy` and `verify`: copies of a tracked disk to a replica, and a check
-//! of a replica against its source. Today both run with no server: the
-//! live copy (a copy-before-write snapshot of the running disk) comes next.
+//! `copy` and `verify`: copies of a tracked disk to a replica (of a running
+//! disk through the server's snapshot, of a stopped one directly, or of
+//! any NBD export), and a check of a replica against its source.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -77,16 +77,20 @@ fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(target))
 }
 
-/// Refuses while a server serves the image: the offline copy reads the
-/// image directly and needs it to hold still.
-fn refuse_if_served(image: &Path, state: Option<&Path>) -> anyhow::Result<()> {
+/// Whether a server serves the image (it holds the state's lock).
+fn is_served(image: &Path, state: Option<&Path>) -> anyhow::Result<bool> {
     let image = std::path::absolute(image)?;
     let state_dir = state.map_or_else(|| default_state_dir(&image), Path::to_path_buf);
-    if state_is_locked(&state_dir) {
+    Ok(state_is_locked(&state_dir))
+}
+
+/// Refuses while a server serves the image: verify reads the image
+/// directly and needs it to hold still.
+fn refuse_if_served(image: &Path, state: Option<&Path>) -> anyhow::Result<()> {
+    if is_served(image, state)? {
         bail!(
-            "a blockwatch server is serving {} (it holds {}); copies of a running disk need its snapshot, which is not in this release yet: stop the server (SIGTERM) and copy again",
-            image.display(),
-            state_dir.display()
+            "a blockwatch server is serving {}; verify compares with the image as it is, so stop the server (SIGTERM) first",
+            image.display()
         );
     }
     Ok(())
@@ -104,14 +108,20 @@ pub fn copy(args: CopyArgs) -> anyhow::Result<ExitCode> {
         })?,
         None => {
             let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-            refuse_if_served(&image, args.state.as_deref())?;
-            copy_offline(&CopyOptions {
+            let options = CopyOptions {
                 image,
                 state_dir: args.state,
                 replica,
                 full: args.full,
                 workers: WORKERS_DEFAULT,
-            })?
+            };
+            if is_served(&options.image, options.state_dir.as_deref())? {
+                bail!(
+                    "a blockwatch server is serving {}; copies of a running disk need its snapshot export, which the server does not serve yet: stop the server (SIGTERM) and copy again",
+                    options.image.display()
+                );
+            }
+            copy_offline(&options)?
         }
     };
     if args.json {

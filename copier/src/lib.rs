@@ -11,12 +11,16 @@
 //!   order, pins, merging away checkpoints nothing needs.
 //! - `nbd_source.rs`: any NBD server as a source, with its holes and its
 //!   `qemu:dirty-bitmap:NAME` as the plan.
+//! - `snapshot.rs` (and `snapshot/`): the copy-before-write snapshot, the
+//!   disk as it was at a checkpoint while it stays writable, readable as a
+//!   `BlockBackend` (not yet served by the server).
 //! - `verify.rs`: a replica compared region by region with its source.
 
 pub mod copy;
 pub mod nbd_source;
 pub mod plan;
 pub mod replica;
+pub mod snapshot;
 pub mod verify;
 
 pub use copy::{CopyError, CopyOptions, Summary, copy_offline};

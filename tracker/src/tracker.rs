@@ -275,6 +275,13 @@ impl Tracker {
     /// Returns once every region of the range is durably marked. The
     /// caller issues its write next: the range's blocks count as written
     /// from here on, whether the write succeeds or not.
+    ///
+    /// A first touch (some region not yet marked) tells each hook
+    /// (`before_first_touch`) before the mark is queued: the copier's
+    /// snapshot copies the old contents out there. The hooks return before
+    /// the mark and the mark's bit is set after the commit, so a request
+    /// that takes the fast path below comes after the hooks returned for
+    /// its regions. The fast path calls nothing.
     pub fn ensure_marked(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
         if length_bytes == 0 {
             return Ok(());
@@ -283,6 +290,9 @@ impl Tracker {
         self.fine.note(offset_bytes, length_bytes);
         if self.marked.all_set(run) {
             return Ok(());
+        }
+        for hook in self.hooks() {
+            hook.before_first_touch(run);
         }
         self.committer().mark(run)?;
         debug_assert!(self.marked.all_set(run), "a committed mark sets its bits");
