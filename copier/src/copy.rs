@@ -126,12 +126,7 @@ pub struct Summary {
 /// Copies `options.image` to its replica; see the module comment.
 pub fn copy_offline(options: &CopyOptions) -> Result<Summary, CopyError> {
     let started = Instant::now();
-    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
-        CopyError::Replica(ReplicaError::Io {
-            path: options.replica.clone(),
-            source,
-        })
-    })?;
+    let replica_path = absolute_replica(&options.replica)?;
     let source =
         FileBackend::open(&options.image, true).map_err(|source| CopyError::SourceOpen {
             image: options.image.clone(),
@@ -161,6 +156,16 @@ pub fn copy_offline(options: &CopyOptions) -> Result<Summary, CopyError> {
     summary.seconds = started.elapsed().as_secs_f64();
     summary.mib_per_second = summary.data_bytes as f64 / (1 << 20) as f64 / summary.seconds;
     Ok(summary)
+}
+
+/// The replica's path made absolute (its record and pin name it so).
+fn absolute_replica(replica: &Path) -> Result<PathBuf, CopyError> {
+    std::path::absolute(replica).map_err(|source| {
+        CopyError::Replica(ReplicaError::Io {
+            path: replica.to_path_buf(),
+            source,
+        })
+    })
 }
 
 /// An image id as the replica record writes it.
@@ -356,12 +361,7 @@ pub struct NbdCopyOptions {
 /// covers; the replica's record names the export and the bitmap copied.
 pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
     let started = Instant::now();
-    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
-        CopyError::Replica(ReplicaError::Io {
-            path: options.replica.clone(),
-            source,
-        })
-    })?;
+    let replica_path = absolute_replica(&options.replica)?;
     let source_id = format!("nbd:{}", options.uri);
     let lock = ReplicaLock::acquire(&replica_path)?;
     let bitmap = options.bitmap.as_ref().filter(|_| !options.full);
@@ -456,12 +456,7 @@ pub fn copy_live(options: &CopyOptions) -> Result<Summary, CopyError> {
         ChangesReply, ChangesRequest, CheckpointsReply, SnapshotReply, StatusReply,
     };
     let started = Instant::now();
-    let replica_path = std::path::absolute(&options.replica).map_err(|source| {
-        CopyError::Replica(ReplicaError::Io {
-            path: options.replica.clone(),
-            source,
-        })
-    })?;
+    let replica_path = absolute_replica(&options.replica)?;
     let image = std::path::absolute(&options.image).map_err(|source| CopyError::Source {
         image: options.image.clone(),
         source,
