@@ -4,16 +4,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::bail;
 use clap::Args;
+use copier::copy::Progress;
+use copier::copy::copy_live;
 use copier::copy::{NbdCopyOptions, WORKERS_DEFAULT, copy_from_nbd};
-use copier::{CopyOptions, copy_offline};
+use copier::target::TargetSpec;
+use copier::{CopyOptions, Summary, copy_offline};
 use tracker::tracker::{default_state_dir, state_is_locked};
 
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CopyArgs {
     /// The tracked image (default ./blockwatch.img).
     #[arg(conflicts_with = "from")]
@@ -28,7 +32,9 @@ pub struct CopyArgs {
     /// that holds an earlier copy of the same export.
     #[arg(long, value_name = "NAME", requires = "from")]
     bitmap: Option<String>,
-    /// Where to: `file:PATH` or a plain PATH (a raw sparse replica).
+    /// Where to: `file:PATH` or a plain PATH (a raw sparse replica), or an
+    /// NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`)
+    /// of the disk's size.
     #[arg(long, value_name = "TARGET")]
     to: String,
     /// Copy everything and overwrite what the target holds, even a file
@@ -41,6 +47,10 @@ pub struct CopyArgs {
     /// Tracking state directory (default: IMAGE.blockwatch beside the image).
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// Pieces (4 MiB each) read and written at once.
+    #[arg(long, value_name = "N", default_value_t = WORKERS_DEFAULT as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
 }
 
 #[derive(Debug, Args)]
@@ -54,27 +64,32 @@ pub struct VerifyArgs {
     state: Option<PathBuf>,
 }
 
-/// The replica path a target names; other kinds are refused clearly.
-fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
+/// The target `--to` names; kinds not in this release are refused clearly.
+fn target_of(target: &str) -> anyhow::Result<TargetSpec> {
     if let Some(path) = target.strip_prefix("file:") {
-        return Ok(PathBuf::from(path));
+        return Ok(TargetSpec::File(PathBuf::from(path)));
     }
-    for scheme in [
-        "nbd:",
-        "nbd+unix:",
-        "nbds:",
-        "nbds+unix:",
-        "tape:",
-        "s3:",
-        "tar:",
-    ] {
+    if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
+        return Ok(TargetSpec::Nbd(target.to_string()));
+    }
+    for scheme in ["nbds:", "nbds+unix:", "tape:", "s3:", "tar:"] {
         if target.starts_with(scheme) {
             bail!(
-                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica)"
+                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica) or nbd://..."
             );
         }
     }
-    Ok(PathBuf::from(target))
+    Ok(TargetSpec::File(PathBuf::from(target)))
+}
+
+/// The replica file a target names (verify and --from copies take files).
+fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
+    match target_of(target)? {
+        TargetSpec::File(path) => Ok(path),
+        TargetSpec::Nbd(_) => bail!(
+            "{target}: this command takes a replica file (file:PATH); NBD targets are copied to, not from"
+        ),
+    }
 }
 
 /// Whether a server serves the image (it holds the state's lock).
@@ -96,36 +111,90 @@ fn refuse_if_served(image: &Path, state: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A progress bar on stderr when it is a terminal; nothing on a pipe.
+#[derive(Debug)]
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn for_stderr() -> Arc<Bar> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return Arc::new(Bar(None));
+        }
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} [{bar:40}] {binary_bytes_per_sec}, {eta} left",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        Arc::new(Bar(Some(bar)))
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn planned(&self, total_bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_length(total_bytes);
+        }
+    }
+
+    fn copied(&self, bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(bytes);
+        }
+    }
+}
+
 pub fn copy(args: CopyArgs) -> anyhow::Result<ExitCode> {
-    let replica = replica_of(&args.to)?;
-    let summary = match args.from {
+    let bar = Bar::for_stderr();
+    let progress: Arc<dyn Progress> = bar.clone();
+    let copied = copy_with(args.clone(), progress);
+    bar.finish();
+    let summary = copied?;
+    print_summary(&summary, args.json)
+}
+
+fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summary> {
+    Ok(match args.from {
         Some(uri) => copy_from_nbd(&NbdCopyOptions {
             uri,
             bitmap: args.bitmap,
-            replica,
+            replica: replica_of(&args.to)?,
             full: args.full,
-            workers: WORKERS_DEFAULT,
+            workers: usize::from(args.workers),
+            progress,
         })?,
         None => {
             let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
             let options = CopyOptions {
                 image,
                 state_dir: args.state,
-                replica,
+                target: target_of(&args.to)?,
                 full: args.full,
-                workers: WORKERS_DEFAULT,
+                workers: usize::from(args.workers),
+                progress,
             };
             if is_served(&options.image, options.state_dir.as_deref())? {
-                bail!(
-                    "a blockwatch server is serving {}; copies of a running disk need its snapshot export, which the server does not serve yet: stop the server (SIGTERM) and copy again",
-                    options.image.display()
-                );
+                copy_live(&options)?
+            } else {
+                copy_offline(&options)?
             }
-            copy_offline(&options)?
         }
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+    })
+}
+
+fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
         return Ok(ExitCode::SUCCESS);
     }
     let why = summary

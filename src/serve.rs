@@ -19,8 +19,11 @@ use tracker::tracker::default_state_dir;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 mod check;
+mod snapshots;
 
 use check::{Plan, check_no_listener};
+use copier::snapshot::{SnapshotManager, default_store_bytes_max};
+use snapshots::ServeHandler;
 
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 const DEFAULT_SOCKET: &str = "blockwatch.sock";
@@ -84,6 +87,12 @@ pub struct ServeArgs {
     /// existing state uses; equal to the granularity keeps none).
     #[arg(long, value_name = "SIZE")]
     precision: Option<String>,
+    /// Bound of a copy-before-write snapshot's store (old contents of the
+    /// regions written while a copy runs; the snapshot is dropped and the
+    /// copy fails when it fills, the disk's writes never do). Default: a
+    /// tenth of the image, at least 64M.
+    #[arg(long, value_name = "SIZE")]
+    snapshot_max: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -108,7 +117,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             human_bytes(*size_bytes)
         );
     }
-    for tracker in &trackers {
+    for tracked in &trackers {
+        let tracker = &tracked.tracker;
         for warning in tracker.warnings() {
             eprintln!("blockwatch: {}: {warning}", tracker.image_path().display());
         }
@@ -137,9 +147,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         port: listeners.tcp.as_ref().map(|(_, address)| address.port()),
         export_name: first.name.clone(),
     };
+    let endpoints = listeners.endpoints();
     let result = serve(
         Exports::new(exports),
         &trackers,
+        endpoints,
         &listeners,
         args.run.as_deref(),
         environment,
@@ -171,7 +183,15 @@ impl Created {
     }
 }
 
-type Started = (Vec<Export>, Vec<Arc<Tracker>>, Listeners);
+type Started = (Vec<Export>, Vec<Tracked>, Listeners);
+
+/// A tracked disk: its tracker, its snapshots and its export's name.
+struct Tracked {
+    tracker: Arc<Tracker>,
+    snapshots: Arc<SnapshotManager>,
+    export_name: String,
+    snapshot_max_bytes: u64,
+}
 
 /// Creates what `plan` asks for, opens and tracks each image, and binds
 /// the listeners; records in `created` what did not exist before.
@@ -190,7 +210,18 @@ fn start(args: &ServeArgs, plan: &Plan, created: &mut Created) -> anyhow::Result
             file
         } else {
             let tracker = open_tracker(args, plan, &path, file.size_bytes(), created)?;
-            trackers.push(Arc::clone(&tracker));
+            // Before the tracker starts: it removes what a snapshot of an
+            // earlier server left.
+            let snapshots = SnapshotManager::register(&tracker, Arc::clone(&file))
+                .with_context(|| format!("cannot prepare snapshots of {}", path.display()))?;
+            trackers.push(Tracked {
+                tracker: Arc::clone(&tracker),
+                snapshots,
+                export_name: snapshot_disk_name(&image.export_name, &path),
+                snapshot_max_bytes: plan
+                    .snapshot_max_bytes
+                    .unwrap_or_else(|| default_store_bytes_max(file.size_bytes())),
+            });
             Arc::new(TrackedBackend::new(file, tracker))
         };
         exports.push(Export {
@@ -230,6 +261,18 @@ fn open_tracker(
     Ok(Arc::new(opened.with_context(|| {
         format!("cannot track {}", path.display())
     })?))
+}
+
+/// The name before `@` in a snapshot export's name: the disk's export
+/// name, or the image's file stem for the default export "".
+fn snapshot_disk_name(export_name: &str, image: &Path) -> String {
+    if !export_name.is_empty() {
+        return export_name.to_string();
+    }
+    image.file_stem().map_or_else(
+        || "disk".to_string(),
+        |stem| stem.to_string_lossy().into_owned(),
+    )
 }
 
 /// Creates `image` sparse with `size_bytes`; a file that cannot be sized
@@ -311,17 +354,13 @@ impl Listeners {
     }
 
     fn uri(&self, export_name: &str) -> String {
-        let export = uri_escape(export_name);
-        match (&self.unix_path, &self.tcp) {
-            (Some(path), _) => format!(
-                "nbd+unix:///{export}?socket={}",
-                uri_escape(&path.to_string_lossy())
-            ),
-            (None, Some((_, SocketAddr::V6(address)))) => {
-                format!("nbd://[{}]:{}/{export}", address.ip(), address.port())
-            }
-            (None, Some((_, address))) => format!("nbd://{address}/{export}"),
-            (None, None) => unreachable!("at least one listener is bound"),
+        self.endpoints().uri(export_name)
+    }
+
+    fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            unix_path: self.unix_path.clone(),
+            tcp: self.tcp.as_ref().map(|(_, address)| *address),
         }
     }
 
@@ -331,6 +370,31 @@ impl Listeners {
         }
         if let Some(dir) = &self.private_dir {
             let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Where the server listens, to make URIs of exports added later.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoints {
+    unix_path: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+}
+
+impl Endpoints {
+    /// A URI that reaches `export_name` (the unix socket when there is one).
+    pub(crate) fn uri(&self, export_name: &str) -> String {
+        let export = uri_escape(export_name);
+        match (&self.unix_path, &self.tcp) {
+            (Some(path), _) => format!(
+                "nbd+unix:///{export}?socket={}",
+                uri_escape(&path.to_string_lossy())
+            ),
+            (None, Some(SocketAddr::V6(address))) => {
+                format!("nbd://[{}]:{}/{export}", address.ip(), address.port())
+            }
+            (None, Some(address)) => format!("nbd://{address}/{export}"),
+            (None, None) => unreachable!("at least one listener is bound"),
         }
     }
 }
@@ -449,7 +513,8 @@ struct CaptiveEnv {
 
 fn serve(
     exports: Exports,
-    trackers: &[Arc<Tracker>],
+    trackers: &[Tracked],
+    endpoints: Endpoints,
     listeners: &Listeners,
     run: Option<&str>,
     environment: CaptiveEnv,
@@ -465,20 +530,27 @@ fn serve(
         .build()?;
     // Control sockets start after the fork: their threads must live in the server.
     let mut controls = Vec::with_capacity(trackers.len());
-    for tracker in trackers {
+    for tracked in trackers {
+        let tracker = &tracked.tracker;
         tracker.start();
         if let Some(files) = tracker.files() {
             files.build_in_background();
         }
+        let handler = ServeHandler {
+            tracker: Arc::clone(tracker),
+            snapshots: Arc::clone(&tracked.snapshots),
+            exports: exports.clone(),
+            disk_name: tracked.export_name.clone(),
+            endpoints: endpoints.clone(),
+            store_bytes_max: tracked.snapshot_max_bytes,
+        };
         controls.push(
-            ControlServer::start(tracker.state_dir(), Arc::clone(tracker) as _).with_context(
-                || {
-                    format!(
-                        "cannot open the control socket in {}",
-                        tracker.state_dir().display()
-                    )
-                },
-            )?,
+            ControlServer::start(tracker.state_dir(), Arc::new(handler)).with_context(|| {
+                format!(
+                    "cannot open the control socket in {}",
+                    tracker.state_dir().display()
+                )
+            })?,
         );
     }
     let result = runtime.block_on(async move {
@@ -513,7 +585,8 @@ fn serve(
     for mut control in controls {
         control.stop();
     }
-    for tracker in trackers {
+    for tracked in trackers {
+        let tracker = &tracked.tracker;
         if let Err(error) = tracker.close() {
             eprintln!(
                 "blockwatch: {}: could not record a clean shutdown: {}",

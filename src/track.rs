@@ -414,7 +414,7 @@ pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
         out!("{}", serde_json::to_string_pretty(&reply["status"])?);
         return Ok(ExitCode::SUCCESS);
     }
-    let StatusReply { status } = transport::typed(reply)?;
+    let StatusReply { status, .. } = transport::typed(reply)?;
     for (key, value) in status_lines(&status) {
         out!("{key:<18} {value}");
     }

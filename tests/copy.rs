@@ -49,7 +49,7 @@ fn full_then_incremental_copies_match_the_image_and_keep_holes() {
 
     let full = copy_json(&image, &target, &[]);
     assert_eq!(full["kind"], "full", "{full:#}");
-    assert_eq!(full["full_reason"], "the first copy to this replica");
+    assert_eq!(full["full_reason"], "the first copy to this target");
     assert_files_equal(&image, &replica);
     let allocated = std::fs::metadata(&replica).unwrap().blocks() * 512;
     assert!(
@@ -231,8 +231,8 @@ fn a_copy_that_runs_out_of_space_leaves_the_record_and_a_rerun_finishes() {
         record,
         "a failed copy must not advance the replica's record"
     );
-    // The replica holds a half-written copy now, so its mtime moved: only
-    // --full may write it again, or more space and the same base.
+    // The replica holds a half-written copy now; --full starts over (a
+    // rerun without it resumes: tests/copy_nbd.rs).
     run_program("mount", ["-o", "remount,size=64M", small.to_str().unwrap()]);
     let rerun = copy_json(&image, replica_arg, &["--full"]);
     assert_eq!(rerun["kind"], "full");

@@ -124,7 +124,7 @@ pub enum Reply {
     Checkpoints(CheckpointsReply),
     Changes(ChangesReply),
     FileChanges(FileChangesReply),
-    Status(StatusReply),
+    Status(Box<StatusReply>),
     Pin(PinReply),
     Snapshot(SnapshotReply),
 }
@@ -358,6 +358,23 @@ pub struct StatusInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub status: StatusInfo,
+    /// The open copy-before-write snapshot of a running server, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+}
+
+/// An open snapshot, as status reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub checkpoint: String,
+    pub generation: u64,
+    pub export: String,
+    /// Why it was dropped, once it was: its reads fail from then on.
+    pub broken: Option<String>,
+    /// Old contents copied out so far, and the bound.
+    pub store_bytes: u64,
+    pub max_store_bytes: u64,
+    pub regions_copied: u64,
 }
 
 #[cfg(test)]

@@ -50,6 +50,28 @@ impl Plan {
         Plan { ranges }
     }
 
+    /// The plan of a copy resuming one that was interrupted: below
+    /// `done_below` the target holds the disk as of the interrupted copy's
+    /// checkpoint, so only what changed since then (`since_interrupted`)
+    /// is copied there; from `done_below` on, what the target's own base
+    /// needs (`since_base`, or everything for a full copy). Both sorted.
+    pub fn resumed(
+        since_interrupted: &[(u64, u64)],
+        since_base: &[(u64, u64)],
+        done_below: u64,
+    ) -> Plan {
+        let below = since_interrupted.iter().filter_map(|&(offset, length)| {
+            let end = (offset + length).min(done_below);
+            (offset < end).then(|| (offset, end - offset))
+        });
+        let above = since_base.iter().filter_map(|&(offset, length)| {
+            let start = offset.max(done_below);
+            let end = offset + length;
+            (start < end).then(|| (start, end - start))
+        });
+        Plan::from_ranges(below.chain(above))
+    }
+
     pub fn bytes(&self) -> u64 {
         self.ranges.iter().map(|&(_, length)| length).sum()
     }
@@ -101,6 +123,23 @@ mod tests {
                 (0, 8192 + 4096 + COALESCE_GAP_BYTES + 4096),
                 (10 << 20, 4096)
             ]
+        );
+    }
+
+    #[test]
+    fn a_resumed_plan_takes_new_changes_below_the_mark_and_the_base_plan_above() {
+        let mb = 1 << 20;
+        let since_interrupted = [(mb, 4096), (10 * mb, 4096), (30 * mb, 4096)];
+        let since_base = [(0, 8 * mb), (10 * mb, 4096), (12 * mb, 20 * mb)];
+        let plan = Plan::resumed(&since_interrupted, &since_base, 16 * mb);
+        assert_eq!(
+            plan.ranges,
+            [(mb, 4096), (10 * mb, 4096), (16 * mb, 16 * mb)],
+            "below 16M only what changed since; above it the rest of the base plan"
+        );
+        assert_eq!(
+            Plan::resumed(&[], &since_base, 0).ranges,
+            Plan::from_ranges(since_base).ranges
         );
     }
 

@@ -74,30 +74,47 @@ pub fn record_path(replica: &Path) -> PathBuf {
 /// The record of `replica`: None when there is none.
 pub fn read_record(replica: &Path) -> Result<Option<ReplicaRecord>, ReplicaError> {
     let path = record_path(replica);
-    let file = match File::open(&path) {
+    let Some(record) = read_checked::<ReplicaRecord>(&path)? else {
+        return Ok(None);
+    };
+    if record.format != RECORD_FORMAT {
+        return Err(ReplicaError::DamagedRecord {
+            path,
+            reason: format!("format {} is not {RECORD_FORMAT}", record.format),
+        });
+    }
+    Ok(Some(record))
+}
+
+/// A JSON line with a `crc32c HEX` line after it: None when the file
+/// does not exist.
+pub(crate) fn read_checked<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, ReplicaError> {
+    let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(ReplicaError::Io { path, source }),
+        Err(source) => {
+            return Err(ReplicaError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let io_error = |source| ReplicaError::Io {
+        path: path.to_path_buf(),
+        source,
     };
     let damaged = |reason: String| ReplicaError::DamagedRecord {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason,
     };
-    let length = file
-        .metadata()
-        .map_err(|source| ReplicaError::Io {
-            path: path.clone(),
-            source,
-        })?
-        .len();
+    let length = file.metadata().map_err(io_error)?.len();
     if length > RECORD_BYTES_MAX {
         return Err(damaged(format!("{length} bytes, over {RECORD_BYTES_MAX}")));
     }
     let mut text = String::new();
-    io::Read::read_to_string(&mut &file, &mut text).map_err(|source| ReplicaError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    io::Read::read_to_string(&mut &file, &mut text).map_err(io_error)?;
     let (body, crc_line) = text
         .trim_end_matches('\n')
         .rsplit_once('\n')
@@ -109,15 +126,9 @@ pub fn read_record(replica: &Path) -> Result<Option<ReplicaRecord>, ReplicaError
     if crc32c::crc32c(body.as_bytes()) != crc {
         return Err(damaged("checksum mismatch".into()));
     }
-    let record: ReplicaRecord =
-        serde_json::from_str(body).map_err(|error| damaged(error.to_string()))?;
-    if record.format != RECORD_FORMAT {
-        return Err(damaged(format!(
-            "format {} is not {RECORD_FORMAT}",
-            record.format
-        )));
-    }
-    Ok(Some(record))
+    serde_json::from_str(body)
+        .map(Some)
+        .map_err(|error| damaged(error.to_string()))
 }
 
 /// The lock that keeps two copies from writing one replica.
@@ -241,28 +252,96 @@ impl Replica {
     /// Commits `record`: after this returns, the replica holds its
     /// checkpoint. Call after `sync`.
     pub fn commit(&self, record: &ReplicaRecord) -> Result<(), ReplicaError> {
-        let path = record_path(&self.path);
-        let io_error = |source| ReplicaError::Io {
-            path: path.clone(),
-            source,
-        };
-        let body = serde_json::to_string(record).expect("a record serializes");
-        let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
-        let temporary = path.with_extension("blockwatch-replica.new");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io_error)?;
-        file.write_all(text.as_bytes()).map_err(io_error)?;
-        file.sync_all().map_err(io_error)?;
-        std::fs::rename(&temporary, &path).map_err(io_error)?;
-        let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
-        File::open(directory.unwrap_or(Path::new(".")))
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_error)
+        write_record(&self.path, record)
+    }
+}
+
+/// Writes the record of `replica` aside, syncs it and renames it over the
+/// old one (the commit), then syncs the directory.
+pub fn write_record(replica: &Path, record: &ReplicaRecord) -> Result<(), ReplicaError> {
+    write_checked(&record_path(replica), record)
+}
+
+/// Writes `value` as a JSON line and its `crc32c` line, atomically: aside,
+/// synced, renamed over `path`, directory synced.
+pub(crate) fn write_checked(path: &Path, value: &impl Serialize) -> Result<(), ReplicaError> {
+    let io_error = |source| ReplicaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let body = serde_json::to_string(value).expect("a record serializes");
+    let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+    let mut temporary = path.as_os_str().to_os_string();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io_error)?;
+    file.write_all(text.as_bytes()).map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    std::fs::rename(&temporary, path).map_err(io_error)?;
+    sync_parent(path).map_err(io_error)
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(directory.unwrap_or(Path::new("."))).and_then(|dir| dir.sync_all())
+}
+
+/// Where an interrupted copy to `replica` left its progress.
+pub fn partial_path(replica: &Path) -> PathBuf {
+    let mut name = record_path(replica).into_os_string();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Bytes a progress record takes: reserved by its first write, then
+/// overwritten in place, so that a copy stopped by a full file system can
+/// still record how far it got.
+const PARTIAL_RECORD_BYTES: usize = 4096;
+
+/// Writes a progress record in place (JSON, its `crc32c` line, newlines
+/// up to `PARTIAL_RECORD_BYTES`) and syncs it. A write torn by a crash
+/// fails its checksum and is ignored: the copy then starts over.
+pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<(), ReplicaError> {
+    let path = partial_path(replica);
+    let io_error = |source| ReplicaError::Io {
+        path: path.clone(),
+        source,
+    };
+    let body = serde_json::to_string(value).expect("a record serializes");
+    let mut text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes())).into_bytes();
+    if text.len() > PARTIAL_RECORD_BYTES {
+        return Err(io_error(io::Error::other("a progress record over 4 KiB")));
+    }
+    text.resize(PARTIAL_RECORD_BYTES, b'\n');
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_error)?;
+    file.write_all_at(&text, 0).map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    if !existed {
+        sync_parent(&path).map_err(io_error)?;
+    }
+    Ok(())
+}
+
+/// Removes the progress of an interrupted copy (the copy finished).
+pub(crate) fn remove_partial(replica: &Path) -> Result<(), ReplicaError> {
+    let path = partial_path(replica);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_parent(&path).map_err(|source| ReplicaError::Io { path, source }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ReplicaError::Io { path, source }),
     }
 }
 

@@ -33,9 +33,12 @@
 //!   and bounded wait of a first touch, the copy threads.
 //! - `snapshot/view.rs`: `Snapshot`, the read-only `BlockBackend`, with
 //!   the read path's ordering argument.
+//! - `snapshot/metadata.rs`: the snapshot's `base:allocation` extents and
+//!   the dirty bitmaps of the checkpoints before it.
 
 mod error;
 mod files;
+mod metadata;
 mod store;
 mod view;
 
@@ -401,6 +404,7 @@ impl GenerationHook for SnapshotManager {
             store: Arc::clone(store),
             live: Arc::clone(&self.live),
             tracker: tracker.clone(),
+            dirty: Default::default(),
         };
         *slot = Slot::Active(Arc::new(snapshot));
     }

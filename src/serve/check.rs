@@ -18,6 +18,8 @@ pub(super) struct Plan {
     pub(super) images: Vec<ImagePlan>,
     pub(super) granularity_bytes: Option<u64>,
     pub(super) precision_bytes: Option<u64>,
+    /// `--snapshot-max`: the copy-before-write store's bound.
+    pub(super) snapshot_max_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -36,6 +38,13 @@ impl Plan {
         let granularity_bytes = granularity_bytes.transpose().map_err(anyhow::Error::msg)?;
         let precision_bytes = args.precision.as_deref().map(parse_precision);
         let precision_bytes = precision_bytes.transpose().map_err(anyhow::Error::msg)?;
+        let snapshot_max_bytes = args.snapshot_max.as_deref().map(parse_size);
+        let snapshot_max_bytes = snapshot_max_bytes
+            .transpose()
+            .map_err(|error| anyhow::anyhow!("--snapshot-max: {error}"))?;
+        if snapshot_max_bytes == Some(0) {
+            bail!("--snapshot-max 0 leaves no room for a snapshot: give a size such as 2G");
+        }
         if let (Some(precision), Some(granularity)) = (precision_bytes, granularity_bytes)
             && precision > granularity
         {
@@ -89,6 +98,7 @@ impl Plan {
             images,
             granularity_bytes,
             precision_bytes,
+            snapshot_max_bytes,
         })
     }
 }

@@ -89,9 +89,10 @@ pub fn handle(tracker: &Tracker, request: Request) -> Result<Reply, String> {
                     .collect(),
             }))
         }
-        Request::Status => Ok(Reply::Status(StatusReply {
+        Request::Status => Ok(Reply::Status(Box::new(StatusReply {
             status: status_info(tracker),
-        })),
+            snapshot: None,
+        }))),
         Request::Snapshot { .. } | Request::ReleaseSnapshot { .. } => Err(
             "snapshots are served by a running blockwatch serve, not by the tracker alone".into(),
         ),

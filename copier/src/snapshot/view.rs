@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
-use backend::{BlockBackend, ZeroError, ZeroRequest};
+use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 use tracker::Tracker;
 use tracker::regions::{Granularity, RegionRun};
 
@@ -39,6 +39,9 @@ pub struct Snapshot {
     pub(crate) live: Arc<dyn BlockBackend>,
     /// Weak: the tracker holds the manager (a hook) that holds this.
     pub(crate) tracker: Weak<Tracker>,
+    /// The dirty-bitmap contexts' extents, computed once each (what
+    /// changed up to the snapshot's checkpoint never changes again).
+    pub(crate) dirty: super::metadata::DirtyCache,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -99,7 +102,42 @@ impl Snapshot {
         }
     }
 
-    fn refused(&self, refusal: Refusal) -> io::Error {
+    /// Steps 3 of the read path (see `read_at`): where the regions of
+    /// `run` are copied out now, given where they were (`before`) when the
+    /// caller started reading the live disk. A region not copied out at
+    /// either time was not written in between; one the tracker shows
+    /// marked and still not copied out ends the snapshot.
+    pub(crate) fn settle(
+        &self,
+        run: RegionRun,
+        before: &[Option<u64>],
+    ) -> io::Result<Vec<Option<u64>>> {
+        let tracker = self.tracker.upgrade().ok_or_else(|| {
+            io::Error::other(format!("snapshot {:?}: its server stopped", self.name))
+        })?;
+        // The marks before the index: a copy-out is recorded before its
+        // region's mark is set, so a mark seen here set by a first touch
+        // comes with its copy-out seen below.
+        let marked: Vec<bool> = (run.first_region..)
+            .zip(before)
+            .map(|(region, before)| {
+                let (start, length) = self.region_bytes(region);
+                before.is_none() && tracker.is_marked(start, length)
+            })
+            .collect();
+        let after = self
+            .store
+            .copied_offsets(run)
+            .map_err(|r| self.refused(r))?;
+        for (region, (marked, after)) in (run.first_region..).zip(marked.iter().zip(&after)) {
+            if *marked && after.is_none() {
+                return Err(self.written_unseen(region));
+            }
+        }
+        Ok(after)
+    }
+
+    pub(crate) fn refused(&self, refusal: Refusal) -> io::Error {
         io::Error::other(match refusal {
             Refusal::Broken(reason) => format!(
                 "snapshot {:?} is broken: {reason}; a copy from it cannot go on",
@@ -122,7 +160,7 @@ impl Snapshot {
     }
 
     /// The byte range of a region, cut at the end of the image.
-    fn region_bytes(&self, region: u64) -> (u64, u64) {
+    pub(crate) fn region_bytes(&self, region: u64) -> (u64, u64) {
         let (start, length) = self.granularity.byte_range(RegionRun {
             first_region: region,
             region_count: 1,
@@ -252,23 +290,7 @@ impl BlockBackend for Snapshot {
         if before.iter().all(Option::is_some) {
             return Ok(());
         }
-        let tracker = self.tracker.upgrade().ok_or_else(|| {
-            io::Error::other(format!("snapshot {:?}: its server stopped", self.name))
-        })?;
-        // The marks before the index: a copy-out is recorded before its
-        // region's mark is set, so a mark seen here set by a first touch
-        // comes with its copy-out seen below.
-        let marked: Vec<bool> = (run.first_region..)
-            .zip(&before)
-            .map(|(region, before)| {
-                let (start, length) = self.region_bytes(region);
-                before.is_none() && tracker.is_marked(start, length)
-            })
-            .collect();
-        let after = self
-            .store
-            .copied_offsets(run)
-            .map_err(|r| self.refused(r))?;
+        let after = self.settle(run, &before)?;
         for (index, region) in (run.first_region..run.first_region + run.region_count).enumerate() {
             match (before[index], after[index]) {
                 (Some(_), _) => {}
@@ -280,11 +302,39 @@ impl BlockBackend for Snapshot {
                     };
                     self.read_piece(buf, offset, piece)?;
                 }
-                (None, None) if marked[index] => return Err(self.written_unseen(region)),
                 (None, None) => {}
             }
         }
         Ok(())
+    }
+
+    fn can_extents(&self) -> bool {
+        self.live.can_extents()
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.allocation_extents(offset, length, max_extents, out)
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        self.dirty_context_names()
+    }
+
+    fn context_extents(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.dirty_extents(context, offset, length, max_extents, out)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {

@@ -1,0 +1,309 @@
+//! Where a copy goes. A `Target` says what it holds of a source (so the
+//! copy knows its base, or refuses what may be someone else's data), takes
+//! the pieces, and commits: only a committed copy counts, and an
+//! interrupted one leaves the target's claim as it was.
+//!
+//! Today: `ReplicaTarget`, a raw sparse image file with its record, and
+//! `NbdTarget` (`target/nbd.rs`), any NBD server's export.
+
+mod nbd;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::copy::{CopyError, unix_seconds};
+use crate::replica::{
+    RECORD_FORMAT, Replica, ReplicaError, ReplicaLock, ReplicaRecord, partial_path, read_checked,
+    read_record, remove_partial, write_partial,
+};
+
+/// A checkpoint as a copy names it: its name and the generation it closed
+/// (names may be reused after a delete; the pair may not).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    pub checkpoint: String,
+    pub generation: u64,
+}
+
+/// The source disk, as targets record it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// The tracker's image id (hex), or `nbd:URI` for an untracked export.
+    pub id: String,
+    pub size_bytes: u64,
+    pub granularity_bytes: u64,
+}
+
+/// The progress of a copy that did not finish, kept beside the target's
+/// record: everything the plan had below `done_below_bytes` is on the
+/// target, durable, as of checkpoint `taken`. A rerun on the same base
+/// copies there only what changed since `taken`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Partial {
+    pub format: u32,
+    pub source_id: String,
+    /// The target's checkpoint the interrupted copy built on (None: full).
+    pub base: Option<Held>,
+    pub taken: Held,
+    pub done_below_bytes: u64,
+}
+
+pub const PARTIAL_FORMAT: u32 = 1;
+
+/// One copy's destination.
+pub trait Target: Sync {
+    /// `file:PATH`, `tape:PATH`: for summaries and messages.
+    fn describe(&self) -> String;
+    /// The pin holder of the checkpoint this target holds: no spaces,
+    /// stable for the target.
+    fn holder(&self) -> String;
+    /// What the target holds of `source_id`: None when it holds nothing
+    /// yet. Refuses (an error) what may be someone else's data.
+    fn held(&mut self, source_id: &str) -> Result<Option<Held>, CopyError>;
+    /// Prepares to take a copy of `source` at `checkpoint`, on top of
+    /// `base` (None: a full copy).
+    fn open(
+        &mut self,
+        source: &SourceInfo,
+        checkpoint: &Held,
+        base: Option<&Held>,
+    ) -> Result<(), CopyError>;
+    fn write_data(&self, offset: u64, data: &[u8]) -> Result<(), CopyError>;
+    /// Makes a range read as zeroes (a hole where the target can).
+    fn write_zero(&self, offset: u64, length: u64) -> Result<(), CopyError>;
+    /// Whether pieces must arrive in plan order (a sequential stream).
+    fn in_order(&self) -> bool {
+        false
+    }
+    /// Makes the copy durable and then claims its checkpoint.
+    fn commit(&mut self) -> Result<(), CopyError>;
+    /// Makes what was written durable, then records `partial`. Targets
+    /// that cannot resume (a tape) record nothing.
+    fn save_partial(&self, partial: &Partial) -> Result<(), CopyError> {
+        let _ = partial;
+        Ok(())
+    }
+    /// What an interrupted copy left, if anything usable.
+    fn load_partial(&self) -> Option<Partial> {
+        None
+    }
+    /// Forgets an interrupted copy (after a commit).
+    fn clear_partial(&self) -> Result<(), CopyError> {
+        Ok(())
+    }
+}
+
+/// The partial record kept for `key` (a replica path, or an NBD target's
+/// record key); a damaged one is ignored (the copy then starts over).
+pub(crate) fn load_partial_of(key: &Path) -> Option<Partial> {
+    match read_checked::<Partial>(&partial_path(key)) {
+        Ok(partial) => partial.filter(|p| p.format == PARTIAL_FORMAT),
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the progress record of an interrupted copy");
+            None
+        }
+    }
+}
+
+pub use nbd::{NbdTarget, nbd_holder};
+
+/// A target as the command line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// `file:PATH` or a plain path: a raw sparse replica.
+    File(PathBuf),
+    /// `nbd://...`, `nbd+unix://...`: an NBD export.
+    Nbd(String),
+}
+
+impl TargetSpec {
+    /// Opens (locks, connects to) the target. An NBD target's record
+    /// lives in the source's state directory, `targets/`.
+    pub fn open(&self, state_dir: &Path) -> Result<Box<dyn Target>, CopyError> {
+        Ok(match self {
+            TargetSpec::File(path) => Box::new(ReplicaTarget::lock(path)?),
+            TargetSpec::Nbd(uri) => {
+                Box::new(NbdTarget::connect(uri, &state_dir.join(TARGETS_DIR))?)
+            }
+        })
+    }
+}
+
+/// Where NBD targets' records live, under the source's state directory.
+pub const TARGETS_DIR: &str = "targets";
+
+/// Refuses a record of another source.
+fn checked_source(target: &str, record: &ReplicaRecord, source_id: &str) -> Result<(), CopyError> {
+    if record.image_id != source_id {
+        return Err(CopyError::TargetRefused {
+            target: target.to_string(),
+            reason: format!(
+                "it holds a copy of another disk (image id {}, this one is {source_id}); copy with --full to overwrite it",
+                record.image_id
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The pin holder for a replica path.
+pub fn replica_holder(replica: &Path) -> String {
+    let path = replica.as_os_str().as_encoded_bytes();
+    format!("replica-{:08x}", crc32c::crc32c(path))
+}
+
+/// A raw sparse replica file; its record (`PATH.blockwatch-replica`) says
+/// which disk and checkpoint it holds.
+#[derive(Debug)]
+pub struct ReplicaTarget {
+    path: PathBuf,
+    /// Until `open` moves it into the replica.
+    lock: Option<ReplicaLock>,
+    replica: Option<Replica>,
+    pending: Option<(SourceInfo, Held)>,
+}
+
+impl ReplicaTarget {
+    /// Locks the replica at `path` (made absolute: its record and pin name
+    /// it so) against other copies.
+    pub fn lock(path: &Path) -> Result<ReplicaTarget, CopyError> {
+        let path = std::path::absolute(path).map_err(|source| {
+            CopyError::Replica(ReplicaError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
+        let lock = ReplicaLock::acquire(&path)?;
+        Ok(ReplicaTarget {
+            path,
+            lock: Some(lock),
+            replica: None,
+            pending: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn replica(&self) -> &Replica {
+        self.replica
+            .as_ref()
+            .expect("a replica target is opened before it is written")
+    }
+}
+
+impl Target for ReplicaTarget {
+    fn describe(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+
+    fn holder(&self) -> String {
+        replica_holder(&self.path)
+    }
+
+    fn held(&mut self, source_id: &str) -> Result<Option<Held>, CopyError> {
+        // A copy of ours that was interrupted wrote the replica after its
+        // record: its progress record accounts for the new mtime.
+        let interrupted = self.load_partial().filter(|p| p.source_id == source_id);
+        let record = checked_record(&self.path, source_id, interrupted.as_ref())?;
+        Ok(record.map(|record| Held {
+            checkpoint: record.checkpoint,
+            generation: record.generation,
+        }))
+    }
+
+    fn open(
+        &mut self,
+        source: &SourceInfo,
+        checkpoint: &Held,
+        _base: Option<&Held>,
+    ) -> Result<(), CopyError> {
+        let lock = self.lock.take().expect("a replica target is opened once");
+        self.replica = Some(Replica::open(&self.path, source.size_bytes, lock)?);
+        self.pending = Some((source.clone(), checkpoint.clone()));
+        Ok(())
+    }
+
+    fn write_data(&self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
+        Ok(self.replica().write_at(data, offset)?)
+    }
+
+    fn write_zero(&self, offset: u64, length: u64) -> Result<(), CopyError> {
+        Ok(self.replica().zero(offset, length)?)
+    }
+
+    fn commit(&mut self) -> Result<(), CopyError> {
+        let (source, checkpoint) = self.pending.take().expect("opened before committed");
+        let replica = self.replica();
+        replica.sync()?;
+        let metadata = replica.metadata()?;
+        replica.commit(&ReplicaRecord {
+            format: RECORD_FORMAT,
+            image_id: source.id,
+            source_size_bytes: source.size_bytes,
+            granularity_bytes: source.granularity_bytes,
+            checkpoint: checkpoint.checkpoint,
+            generation: checkpoint.generation,
+            copied_unix_seconds: unix_seconds(),
+            replica_size_bytes: metadata.len(),
+            replica_mtime_seconds: metadata.mtime(),
+            replica_mtime_nanoseconds: metadata.mtime_nsec(),
+        })?;
+        Ok(())
+    }
+
+    fn save_partial(&self, partial: &Partial) -> Result<(), CopyError> {
+        self.replica().sync()?;
+        Ok(write_partial(&self.path, partial)?)
+    }
+
+    fn load_partial(&self) -> Option<Partial> {
+        load_partial_of(&self.path)
+    }
+
+    fn clear_partial(&self) -> Result<(), CopyError> {
+        Ok(remove_partial(&self.path)?)
+    }
+}
+
+/// The replica's record when it is a replica of `source_id` and nobody
+/// changed it since (but our own `interrupted` copy on top of that
+/// record); None when there is no replica yet (or an empty file).
+pub(crate) fn checked_record(
+    replica: &Path,
+    source_id: &str,
+    interrupted: Option<&Partial>,
+) -> Result<Option<ReplicaRecord>, CopyError> {
+    let metadata = std::fs::metadata(replica).ok();
+    let record = match read_record(replica)? {
+        Some(record) => record,
+        // Our own first copy, interrupted, wrote it.
+        None if interrupted.is_some_and(|partial| partial.base.is_none()) => return Ok(None),
+        None if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
+            return Err(CopyError::NotAReplica {
+                replica: replica.to_path_buf(),
+            });
+        }
+        None => return Ok(None),
+    };
+    if record.image_id != source_id {
+        return Err(CopyError::Foreign {
+            replica: replica.to_path_buf(),
+            theirs: record.image_id,
+            ours: source_id.to_string(),
+        });
+    }
+    let ours_since = interrupted.is_some_and(|partial| {
+        partial.base.as_ref().is_some_and(|base| {
+            base.checkpoint == record.checkpoint && base.generation == record.generation
+        })
+    });
+    if !ours_since && !metadata.as_ref().is_some_and(|m| record.matches_file(m)) {
+        return Err(CopyError::ChangedBehindOurBack {
+            replica: replica.to_path_buf(),
+            checkpoint: record.checkpoint,
+        });
+    }
+    Ok(Some(record))
+}
