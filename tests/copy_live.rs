@@ -443,3 +443,100 @@ fn a_live_copy_holds_the_disk_as_it_was_at_its_checkpoint_under_writes() {
     // The disk moved on after the copy: those regions are skipped.
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
 }
+
+/// Starts `blockwatch copy IMAGE --to REPLICA` and returns once it has
+/// begun writing (its progress record exists), the copy still running.
+fn copy_under_way(image: &Path, replica: &Path) -> std::process::Child {
+    let partial = PathBuf::from(format!("{}.blockwatch-replica.partial", replica.display()));
+    let mut copy = command(
+        BLOCKWATCH,
+        [
+            "copy",
+            image.to_str().unwrap(),
+            "--to",
+            replica.to_str().unwrap(),
+            "--workers",
+            "1",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while !partial.exists() {
+        if let Some(status) = copy.try_wait().unwrap() {
+            panic!("the copy ended ({status}) before it was under way");
+        }
+        assert!(started.elapsed() < WAIT_LIMIT, "the copy did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    copy
+}
+
+#[test]
+fn a_killed_copier_releases_its_snapshot_and_a_rerun_finishes_the_copy() {
+    let dir = TempDir::new("live-copy-killed");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "512M");
+    qemu_io(&server.uri(), &["write -P 1 0 448M"]);
+    let replica = dir.join("replica.img");
+    let mut copy = copy_under_way(&image, &replica);
+    copy.kill().unwrap();
+    let status = copy.wait().unwrap();
+    assert!(!status.success(), "killed before it finished: {status}");
+    wait_for("the killed copy's snapshot to be released", || {
+        !nbdinfo_list(&server).contains('@') && !pin_holders(&image).contains(&"snapshot".into())
+    });
+    assert!(!dir.join("replica.img.blockwatch-replica").exists());
+
+    let rerun = output(&mut command(
+        BLOCKWATCH,
+        [
+            "copy",
+            image.to_str().unwrap(),
+            "--to",
+            replica.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(rerun.status.success(), "{rerun:?}");
+    let summary = parse_json(&String::from_utf8_lossy(&rerun.stdout), "copy --json");
+    assert_eq!(summary["kind"], "full", "{summary:#}");
+    assert!(summary["resumed_from"].is_string(), "{summary:#}");
+    assert_files_equal(&image, &replica);
+    // The killed copy's checkpoint is merged away, its pin gone.
+    assert_eq!(copy_checkpoints(&image).len(), 1);
+    assert_eq!(pin_holders(&image).len(), 1, "{:?}", pin_holders(&image));
+    server.stop();
+}
+
+#[test]
+fn a_copy_whose_server_is_killed_fails_and_a_rerun_after_the_restart_finishes() {
+    let dir = TempDir::new("live-copy-server-killed");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "512M");
+    qemu_io(&server.uri(), &["write -P 1 0 448M"]);
+    let replica = dir.join("replica.img");
+    let copy = copy_under_way(&image, &replica);
+    server.kill();
+    let failed = copy.wait_with_output().unwrap();
+    assert_eq!(failed.status.code(), Some(2), "{failed:?}");
+    assert!(!dir.join("replica.img.blockwatch-replica").exists());
+
+    let server = Server::start(dir.path(), &[&image], &[]);
+    qemu_io(&server.uri(), &["write -P 2 100M 1M"]);
+    let rerun = output(&mut command(
+        BLOCKWATCH,
+        [
+            "copy",
+            image.to_str().unwrap(),
+            "--to",
+            replica.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(rerun.status.success(), "{rerun:?}\n{}", server.logs());
+    assert_files_equal(&image, &replica);
+    server.stop();
+}
