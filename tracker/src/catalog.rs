@@ -22,6 +22,10 @@ const PINS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("pins");
 const KEY_IDENTITY: &str = "identity";
 const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
 const KEY_PRECISION: &str = "precision";
+/// The current generation at least: written when the newest checkpoint is
+/// deleted, since the generation after the newest one left would be one
+/// lower than the journal's.
+const KEY_GENERATION_FLOOR: &str = "generation_floor";
 const KEY_FINE_CURRENT: &str = "fine_current";
 /// Largest catalog value accepted (a full 2^32-region bitmap serializes to ~512 MiB
 /// at worst; real ones are far smaller). Checked before decoding.
@@ -393,6 +397,39 @@ impl Catalog {
                 fine.insert(checkpoint.generation, with_checksum(&record).as_slice())
                     .map_err(db_error)?;
             }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// The lowest the current generation can be (see KEY_GENERATION_FLOOR).
+    pub fn generation_floor(&self) -> Result<Option<u64>, CatalogError> {
+        let Some(bytes) = self.get_meta(KEY_GENERATION_FLOOR)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CatalogError::Malformed {
+                key: KEY_GENERATION_FLOOR.into(),
+                reason: "wrong length",
+            })?;
+        Ok(Some(u64::from_le_bytes(bytes)))
+    }
+
+    /// In one durable transaction: removes the newest checkpoint (of
+    /// `generation`) and records that the current generation stays
+    /// `generation + 1`.
+    pub fn remove_newest_checkpoint(&self, generation: u64) -> Result<(), CatalogError> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(CHECKPOINTS).map_err(db_error)?;
+            let mut fine = txn.open_table(FINE).map_err(db_error)?;
+            table.remove(generation).map_err(db_error)?;
+            fine.remove(generation).map_err(db_error)?;
+            let mut meta = txn.open_table(META).map_err(db_error)?;
+            let floor = (generation + 1).to_le_bytes();
+            meta.insert(KEY_GENERATION_FLOOR, with_checksum(&floor).as_slice())
+                .map_err(db_error)?;
         }
         txn.commit().map_err(db_error)
     }

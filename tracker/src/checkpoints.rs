@@ -183,8 +183,10 @@ impl Tracker {
             }
             None => {
                 self.merge_into_current(deleted, name)?;
+                // The current generation stays what it is: a restart must
+                // not take it for one lower (the journal's is this one).
                 self.catalog
-                    .replace_checkpoints(&[deleted.generation], None)
+                    .remove_newest_checkpoint(deleted.generation)
                     .map_err(catalog_error)?;
                 self.checkpoints
                     .lock()

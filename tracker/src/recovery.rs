@@ -265,7 +265,15 @@ pub(crate) fn recover(
         &image_metadata,
         &mut findings,
     );
-    let generation = checkpoints.last().map_or(1, |c| c.generation + 1);
+    // After the newest checkpoint was deleted, the current generation is
+    // above the newest one left: the floor says so. A floor that cannot be
+    // read only costs the journal's trust below (everything counts as
+    // changed), never a missed change.
+    let floor = catalog.generation_floor().ok().flatten().unwrap_or(0);
+    let generation = checkpoints
+        .last()
+        .map_or(1, |c| c.generation + 1)
+        .max(floor);
     let header = FileHeader {
         generation,
         granularity_shift: granularity.shift(),
