@@ -99,18 +99,6 @@ fn is_served(image: &Path, state: Option<&Path>) -> anyhow::Result<bool> {
     Ok(state_is_locked(&state_dir))
 }
 
-/// Refuses while a server serves the image: verify reads the image
-/// directly and needs it to hold still.
-fn refuse_if_served(image: &Path, state: Option<&Path>) -> anyhow::Result<()> {
-    if is_served(image, state)? {
-        bail!(
-            "a blockwatch server is serving {}; verify compares with the image as it is, so stop the server (SIGTERM) first",
-            image.display()
-        );
-    }
-    Ok(())
-}
-
 /// A progress bar on stderr when it is a terminal; nothing on a pipe.
 #[derive(Debug)]
 struct Bar(Option<indicatif::ProgressBar>);
@@ -230,8 +218,11 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         _ => bail!("usage: blockwatch verify [IMAGE] TARGET"),
     };
     let replica = replica_of(target)?;
-    refuse_if_served(&image, args.state.as_deref())?;
-    let report = copier::verify::verify_offline(&image, args.state.as_deref(), &replica)?;
+    let report = if is_served(&image, args.state.as_deref())? {
+        copier::verify::verify_live(&image, args.state.as_deref(), &replica)?
+    } else {
+        copier::verify::verify_offline(&image, args.state.as_deref(), &replica)?
+    };
     let code = if report.regions_differing == 0 {
         ExitCode::SUCCESS
     } else {

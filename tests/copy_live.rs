@@ -435,13 +435,64 @@ fn a_live_copy_holds_the_disk_as_it_was_at_its_checkpoint_under_writes() {
     assert!(!pin_holders(&image).contains(&"snapshot".to_string()));
     // Only the newest copy's checkpoint is kept, pinned for the replica.
     assert_eq!(copy_checkpoints(&image).len(), 1);
+
+    // Verify while served: through a snapshot of its own, which it drops.
+    let verify = |expect: i32| {
+        let out = output(&mut command(
+            BLOCKWATCH,
+            ["verify", image.to_str().unwrap(), target.as_str()],
+        ));
+        assert_eq!(
+            out.status.code(),
+            Some(expect),
+            "{out:?}\n{}",
+            server.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    verify(0);
+    assert_eq!(
+        copy_checkpoints(&image).len(),
+        1,
+        "verify leaves no checkpoint"
+    );
+    // A region nobody wrote since the copy, damaged in the replica: found.
+    let changed = run_program(
+        BLOCKWATCH,
+        [
+            "changes",
+            image.to_str().unwrap(),
+            "--since",
+            copy_checkpoints(&image)[0].as_str(),
+        ],
+    );
+    let written: Vec<(u64, u64)> = changed
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
+        .collect();
+    // A whole 64 KiB region that no change touches.
+    let untouched = (0..2048u64)
+        .map(|n| n * 65536)
+        .find(|&region| {
+            !written
+                .iter()
+                .any(|&(offset, length)| offset < region + 65536 && region < offset + length)
+        })
+        .unwrap();
+    write_at(&replica, untouched + 100, b"damage");
+    let said = verify(1);
+    assert!(said.contains(&format!("differs {untouched} ")), "{said}");
     server.stop();
     let verified = output(&mut command(
         BLOCKWATCH,
         ["verify", image.to_str().unwrap(), target.as_str()],
     ));
-    // The disk moved on after the copy: those regions are skipped.
-    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    // Offline too; the disk moved on after the copy: those regions are
+    // skipped, and the damage is still found.
+    assert_eq!(verified.status.code(), Some(1), "{verified:?}");
 }
 
 /// Starts `blockwatch copy IMAGE --to REPLICA` and returns once it has

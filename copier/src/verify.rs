@@ -1,7 +1,9 @@
 //! `verify`: a replica compared, region by region (crc32c), with its
 //! source as of the checkpoint the replica holds. With no server running
-//! the source is the image itself; regions written since that checkpoint
-//! cannot be compared and are skipped and counted.
+//! the source is the image itself; with one, a copy-before-write snapshot
+//! the server takes for the verify (its checkpoint is deleted again, its
+//! changes merging into the next). Regions written since the replica's
+//! checkpoint cannot be compared and are skipped and counted.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -54,6 +56,13 @@ pub enum VerifyError {
     },
     #[error("changes")]
     Query(#[from] tracker::QueryError),
+    #[error("the running server")]
+    Control(#[from] control::CallError),
+    #[error("connecting to {uri}")]
+    Connect {
+        uri: String,
+        source: nbd_client::ConnectError,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -113,13 +122,34 @@ pub fn verify_offline(
             source,
         })?;
     let report = if crate::copy::hex_id(&tracker.image_id()) == record.image_id {
-        compare(
-            &tracker,
-            &source,
-            replica,
-            &record.checkpoint,
-            record.generation,
-        )
+        let known = tracker
+            .checkpoints()
+            .iter()
+            .any(|c| c.name == record.checkpoint && c.generation == record.generation);
+        if known {
+            tracker
+                .changes(&record.checkpoint, None)
+                .map_err(VerifyError::from)
+                .and_then(|changes| {
+                    let written: Vec<(u64, u64)> = changes
+                        .iter()
+                        .map(|e| (e.offset_bytes, e.length_bytes))
+                        .collect();
+                    compare(
+                        &source,
+                        tracker.image_path(),
+                        replica,
+                        &record.checkpoint,
+                        tracker.granularity().bytes(),
+                        &written,
+                    )
+                })
+        } else {
+            Err(VerifyError::CheckpointGone {
+                replica: replica.to_path_buf(),
+                checkpoint: record.checkpoint.clone(),
+            })
+        }
     } else {
         Err(VerifyError::Foreign {
             replica: replica.to_path_buf(),
@@ -133,23 +163,16 @@ pub fn verify_offline(
     Ok(report)
 }
 
+/// Compares `replica` with `source` region by region, skipping the
+/// regions `written` (since the replica's checkpoint) touches.
 fn compare(
-    tracker: &Tracker,
-    source: &FileBackend,
+    source: &dyn BlockBackend,
+    source_path: &Path,
     replica: &Path,
     checkpoint: &str,
-    generation: u64,
+    region_bytes: u64,
+    written: &[(u64, u64)],
 ) -> Result<VerifyReport, VerifyError> {
-    let known = tracker
-        .checkpoints()
-        .iter()
-        .any(|c| c.name == checkpoint && c.generation == generation);
-    if !known {
-        return Err(VerifyError::CheckpointGone {
-            replica: replica.to_path_buf(),
-            checkpoint: checkpoint.to_string(),
-        });
-    }
     let read_error = |path: &Path, source| VerifyError::Read {
         path: path.to_path_buf(),
         source,
@@ -164,12 +187,11 @@ fn compare(
             source_bytes: size_bytes,
         });
     }
-    let region_bytes = tracker.granularity().bytes();
     let region_count = size_bytes.div_ceil(region_bytes);
     let mut skipped = vec![false; region_count as usize];
-    for extent in tracker.changes(checkpoint, None)? {
-        let first = extent.offset_bytes / region_bytes;
-        let end = (extent.offset_bytes + extent.length_bytes).div_ceil(region_bytes);
+    for &(offset, length) in written {
+        let first = (offset / region_bytes).min(region_count);
+        let end = (offset + length).div_ceil(region_bytes).min(region_count);
         skipped[first as usize..end as usize].fill(true);
     }
     let chunk_bytes = PIECE_BYTES_MAX.max(region_bytes);
@@ -191,7 +213,7 @@ fn compare(
         let (ours, theirs) = (&mut ours[..length as usize], &mut theirs[..length as usize]);
         source
             .read_at(ours, offset)
-            .map_err(|e| read_error(tracker.image_path(), e))?;
+            .map_err(|e| read_error(source_path, e))?;
         file.read_exact_at(theirs, offset)
             .map_err(|e| read_error(replica, e))?;
         for (index, (a, b)) in ours
@@ -215,5 +237,88 @@ fn compare(
         }
         offset += length;
     }
+    Ok(report)
+}
+
+/// Verifies a replica of a served disk against a snapshot the server
+/// takes for it; see the module comment.
+pub fn verify_live(
+    image: &Path,
+    state_dir: Option<&Path>,
+    replica: &Path,
+) -> Result<VerifyReport, VerifyError> {
+    use control::Request;
+    use control::proto::{
+        ChangesReply, ChangesRequest, CheckpointsReply, SnapshotReply, StatusReply,
+    };
+    let started = Instant::now();
+    let record = read_record(replica)?.ok_or_else(|| VerifyError::NoRecord {
+        replica: replica.to_path_buf(),
+    })?;
+    let image = std::path::absolute(image).map_err(|source| VerifyError::Read {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    let state_dir = state_dir.map_or_else(
+        || tracker::tracker::default_state_dir(&image),
+        Path::to_path_buf,
+    );
+    let mut server = control::transport::Connection::open(&state_dir)?;
+    let StatusReply { status, .. } = server.call(&Request::Status)?;
+    if status.image_id != record.image_id {
+        return Err(VerifyError::Foreign {
+            replica: replica.to_path_buf(),
+        });
+    }
+    let CheckpointsReply { checkpoints } = server.call(&Request::Checkpoints)?;
+    if !checkpoints
+        .iter()
+        .any(|c| c.name == record.checkpoint && c.generation == record.generation)
+    {
+        return Err(VerifyError::CheckpointGone {
+            replica: replica.to_path_buf(),
+            checkpoint: record.checkpoint,
+        });
+    }
+    let snapshot: SnapshotReply = server.call(&Request::Snapshot {
+        name: None,
+        max_store_bytes: None,
+    })?;
+    let result = (|| {
+        let changes: ChangesReply = server.call(&Request::Changes(ChangesRequest {
+            since: record.checkpoint.clone(),
+            until: Some(snapshot.checkpoint.clone()),
+            ..ChangesRequest::default()
+        }))?;
+        let written: Vec<(u64, u64)> = changes
+            .extents
+            .iter()
+            .map(|e| (e.offset_bytes, e.length_bytes))
+            .collect();
+        let client =
+            nbd_client::Client::connect(&snapshot.uri).map_err(|source| VerifyError::Connect {
+                uri: snapshot.uri.clone(),
+                source,
+            })?;
+        let source = crate::nbd_source::NbdSource::new(client);
+        compare(
+            &source,
+            Path::new(&snapshot.uri),
+            replica,
+            &record.checkpoint,
+            status.granularity_bytes,
+            &written,
+        )
+    })();
+    // The verify's own checkpoint goes again: its changes merge into the
+    // next generation, so nobody's answers change.
+    let _ = server.call::<serde_json::Value>(&Request::ReleaseSnapshot {
+        name: snapshot.checkpoint.clone(),
+    });
+    let _ = server.call::<serde_json::Value>(&Request::DeleteCheckpoint {
+        name: snapshot.checkpoint,
+    });
+    let mut report = result?;
+    report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
