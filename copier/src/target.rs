@@ -161,6 +161,9 @@ pub struct ReplicaTarget {
     lock: Option<ReplicaLock>,
     replica: Option<Replica>,
     pending: Option<(SourceInfo, Held)>,
+    /// The replica was an empty (or new) regular file when opened: it
+    /// reads as zeroes everywhere, so zero ranges need no hole punched.
+    fresh: bool,
 }
 
 impl ReplicaTarget {
@@ -179,6 +182,7 @@ impl ReplicaTarget {
             lock: Some(lock),
             replica: None,
             pending: None,
+            fresh: false,
         })
     }
 
@@ -220,6 +224,10 @@ impl Target for ReplicaTarget {
         _base: Option<&Held>,
     ) -> Result<(), CopyError> {
         let lock = self.lock.take().expect("a replica target is opened once");
+        self.fresh = match std::fs::metadata(&self.path) {
+            Ok(metadata) => metadata.file_type().is_file() && metadata.len() == 0,
+            Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+        };
         self.replica = Some(Replica::open(&self.path, source.size_bytes, lock)?);
         self.pending = Some((source.clone(), checkpoint.clone()));
         Ok(())
@@ -230,6 +238,9 @@ impl Target for ReplicaTarget {
     }
 
     fn write_zero(&self, offset: u64, length: u64) -> Result<(), CopyError> {
+        if self.fresh {
+            return Ok(());
+        }
         Ok(self.replica().zero(offset, length)?)
     }
 
