@@ -173,13 +173,16 @@ pub struct Replica {
     path: PathBuf,
     file: File,
     _lock: ReplicaLock,
-    /// Ranges written and sent to writeback, oldest first; see `write_at`.
-    behind: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Ranges written and sent to writeback, oldest first, and their
+    /// bytes; see `write_at`.
+    behind: std::sync::Mutex<(std::collections::VecDeque<(u64, u64)>, u64)>,
 }
 
-/// Written ranges whose writeback may still be under way before the
-/// oldest is waited for and dropped from the page cache.
-const WRITEBACK_BEHIND_RANGES: usize = 16;
+/// Bytes written whose writeback may still be under way before the
+/// oldest ranges are waited for and dropped from the page cache: 16 full
+/// pieces. An incremental copy of scattered small ranges below it waits
+/// for none of them one by one; its final fdatasync writes them together.
+const WRITEBACK_BEHIND_BYTES: u64 = 64 << 20;
 
 impl Replica {
     /// Opens (creating when missing) the replica under its lock, sized to
@@ -218,8 +221,8 @@ impl Replica {
     }
 
     /// Writes `buf` in calls of at most `WRITE_CALL_BYTES`, starts its
-    /// writeback at once, and once `WRITEBACK_BEHIND_RANGES` more ranges
-    /// followed, waits for it and drops it from the page cache (as
+    /// writeback at once, and once `WRITEBACK_BEHIND_BYTES` more followed,
+    /// waits for it and drops it from the page cache (as
     /// nbdcopy does): a copy of a whole disk neither evicts everything else
     /// cached nor makes the kernel find fresh pages for all of it, which
     /// on this project's VMs made each 256 KiB write 12x slower (769 us
@@ -232,14 +235,21 @@ impl Replica {
         }
         let length = buf.len() as u64;
         self.sync_range(offset, length, libc::SYNC_FILE_RANGE_WRITE);
-        let oldest = {
+        let mut oldest = Vec::new();
+        {
             let mut behind = self.behind.lock().expect("writeback lock");
-            behind.push_back((offset, length));
-            (behind.len() > WRITEBACK_BEHIND_RANGES)
-                .then(|| behind.pop_front())
-                .flatten()
-        };
-        if let Some((offset, length)) = oldest {
+            let (ranges, bytes) = &mut *behind;
+            ranges.push_back((offset, length));
+            *bytes += length;
+            while *bytes > WRITEBACK_BEHIND_BYTES {
+                let Some(range) = ranges.pop_front() else {
+                    break;
+                };
+                *bytes -= range.1;
+                oldest.push(range);
+            }
+        }
+        for (offset, length) in oldest {
             self.sync_range(
                 offset,
                 length,
