@@ -231,14 +231,8 @@ impl TapeWriter {
             failed: false,
             extent_end_bytes: 0,
         };
-        session.write_record(
-            RecordKind::Header,
-            0,
-            0,
-            &payload,
-            crc32c::crc32c(&payload),
-            0,
-        )?;
+        let (length, crc) = (payload.len() as u64, crc32c::crc32c(&payload));
+        session.write_record(RecordKind::Header, 0, length, &payload, crc, 0)?;
         Ok(session)
     }
 }
