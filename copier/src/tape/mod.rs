@@ -37,7 +37,7 @@ pub use format::{
 pub use media::ENOSPC_AFTER_BLOCKS_ENV;
 pub use reader::{Record, SessionStart, TapeReader};
 pub use restore::{RestoreError, RestoreSummary, RestoreTarget, restore};
-pub use verify::{ChainReport, SessionReport, verify_chain};
+pub use verify::{ChainReport, SessionReport, verify_chain, verify_chain_until_damage};
 pub use writer::{
     NewSession, SessionWriter, TapeOptions, TapeWriter, ZSTD_LEVEL_DEFAULT, last_session,
 };

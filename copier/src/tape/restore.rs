@@ -16,7 +16,7 @@ use nbd_client::{Client, Pending, RequestFlags};
 
 use super::error::TapeError;
 use super::reader::{Record, TapeReader};
-use super::verify::{ChainReport, SessionReport, verify_chain};
+use super::verify::{ChainReport, SessionReport, verify_chain_until_damage};
 
 /// Requests kept in flight on an NBD target.
 const NBD_IN_FLIGHT: usize = 32;
@@ -50,8 +50,12 @@ impl RestoreTarget {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("{0}; nothing was written to the target")]
-    Refused(TapeError),
+    #[error("{}; nothing was written to the target{}", .error, .good_until.as_ref().map(|c| format!(" (the chain reads well up to checkpoint {c}: restore with --until {c})")).unwrap_or_default())]
+    Refused {
+        error: TapeError,
+        /// The last checkpoint the chain reads well up to, if any.
+        good_until: Option<String>,
+    },
     #[error("{source}; the target was partly restored: restore again")]
     Reread { source: TapeError },
     #[error("restore target {target}")]
@@ -88,7 +92,15 @@ pub fn restore(
     target: &RestoreTarget,
     until: Option<&str>,
 ) -> Result<RestoreSummary, RestoreError> {
-    let chain = verify_chain(tapes, until).map_err(RestoreError::Refused)?;
+    let chain = match verify_chain_until_damage(tapes, until) {
+        (chain, None) => chain,
+        (good, Some(error)) => {
+            return Err(RestoreError::Refused {
+                good_until: good.last_checkpoint().map(str::to_string),
+                error,
+            });
+        }
+    };
     let sessions = chain.restore_sessions();
     let first_applied = chain.sessions.len() - sessions.len();
     let size_bytes = sessions[0].header.source_size_bytes;

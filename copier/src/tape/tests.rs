@@ -124,7 +124,7 @@ fn sessions_read_back_as_written_and_chain_by_parent() {
     assert_eq!(sessions[2].0.compression, Compression::Zstd);
     let last = last_session(&path).unwrap().unwrap();
     assert_eq!(last, sessions[2].0);
-    let report = verify_chain(&[path.clone()], None).unwrap();
+    let report = verify_chain(std::slice::from_ref(&path), None).unwrap();
     assert_eq!(report.sessions.len(), 3);
     assert_eq!(report.data_bytes(), 90_000);
     let until = verify_chain(&[path], Some("c1")).unwrap();
@@ -144,7 +144,7 @@ fn every_flipped_byte_is_found_and_located() {
         let mut bytes = original.clone();
         bytes[at] ^= 0x10;
         std::fs::write(&damaged, &bytes).unwrap();
-        let error = verify_chain(&[damaged.clone()], None).unwrap_err();
+        let error = verify_chain(std::slice::from_ref(&damaged), None).unwrap_err();
         assert!(error.is_damage(), "byte {at}: {error}");
         let magic = 0..8;
         let label_magic = BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + 8;
@@ -167,7 +167,10 @@ fn every_flipped_byte_is_found_and_located() {
 
 /// Where each record sits: (kind, block, offset in block) of its header
 /// and of its payload's first byte.
-fn record_positions(bytes: &[u8]) -> Vec<(RecordKind, (usize, usize), Option<(usize, usize)>)> {
+/// (block, offset in block)
+type Place = (usize, usize);
+
+fn record_positions(bytes: &[u8]) -> Vec<(RecordKind, Place, Option<Place>)> {
     let block_bytes = BLOCK as usize;
     let mut stream = Vec::new();
     let mut places = Vec::new();
@@ -221,7 +224,7 @@ fn a_flipped_byte_in_each_record_kind_is_named_by_its_kind() {
             let mut bytes = original.clone();
             flip_and_reseal(&mut bytes, block, offset);
             std::fs::write(&damaged, &bytes).unwrap();
-            let error = verify_chain(&[damaged.clone()], None).unwrap_err();
+            let error = verify_chain(std::slice::from_ref(&damaged), None).unwrap_err();
             match &error {
                 TapeError::Damaged { part, block: b, .. } => {
                     assert_eq!(*part, want, "{kind:?} at {block}+{offset}: {error}");
@@ -258,7 +261,7 @@ fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
     for length in points {
         std::fs::write(&cut, &original[..length]).unwrap();
         let complete = ends.iter().filter(|&&end| end <= length as u64).count();
-        let verified = verify_chain(&[cut.clone()], None);
+        let verified = verify_chain(std::slice::from_ref(&cut), None);
         if length == block {
             let error = verified.unwrap_err();
             assert!(
@@ -296,7 +299,10 @@ fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
         session.write_data(0, b"after the cut").unwrap();
         session.finish().unwrap();
         assert_eq!(
-            verify_chain(&[cut.clone()], None).unwrap().sessions.len(),
+            verify_chain(std::slice::from_ref(&cut), None)
+                .unwrap()
+                .sessions
+                .len(),
             complete + 1
         );
     }
@@ -371,7 +377,10 @@ fn enospc_fails_the_session_and_leaves_the_tape_valid() {
         blocks
     );
     assert_eq!(
-        verify_chain(&[path.clone()], None).unwrap().sessions.len(),
+        verify_chain(std::slice::from_ref(&path), None)
+            .unwrap()
+            .sessions
+            .len(),
         3
     );
     // A label that does not fit leaves no tape behind.
@@ -469,7 +478,7 @@ fn a_foreign_file_and_an_empty_one_are_not_tapes() {
     let dir = TempDir::new("tape-foreign");
     let path = dir.join("foreign");
     std::fs::write(&path, random_bytes(3, 300_000)).unwrap();
-    let error = verify_chain(&[path.clone()], None).unwrap_err();
+    let error = verify_chain(std::slice::from_ref(&path), None).unwrap_err();
     assert!(matches!(error, TapeError::Foreign { .. }), "{error}");
     let error = TapeWriter::open_append(&path, &options()).unwrap_err();
     assert!(matches!(error, TapeError::Foreign { .. }), "{error}");
@@ -512,7 +521,7 @@ fn broken_chains_are_refused() {
         );
     };
     refused(&[b.clone(), a.clone()], "tapes out of order");
-    refused(&[b.clone()], "an incremental without its full");
+    refused(std::slice::from_ref(&b), "an incremental without its full");
     let other = dir.join("other.tape");
     three_sessions(&other);
     refused(&[other.clone(), b.clone()], "another chain's tape");

@@ -36,6 +36,12 @@ impl ChainReport {
     pub fn zero_bytes(&self) -> u64 {
         self.sessions.iter().map(|s| s.totals.zero_bytes).sum()
     }
+    /// The checkpoint of the last session checked.
+    pub fn last_checkpoint(&self) -> Option<&str> {
+        self.sessions
+            .last()
+            .map(|s| s.header.target.checkpoint.as_str())
+    }
     pub fn stored_bytes(&self) -> u64 {
         self.sessions.iter().map(|s| s.totals.stored_bytes).sum()
     }
@@ -54,19 +60,43 @@ impl ChainReport {
 /// checkpoint is `until` (all of it when None); the first damage or break
 /// in the chain is the error.
 pub fn verify_chain(tapes: &[PathBuf], until: Option<&str>) -> Result<ChainReport, TapeError> {
-    let Some(first) = tapes.first() else {
-        return Err(TapeError::refused(Path::new("-"), "no tapes given"));
-    };
+    match verify_chain_until_damage(tapes, until) {
+        (report, None) => Ok(report),
+        (_, Some(error)) => Err(error),
+    }
+}
+
+/// `verify_chain`, which also returns the sessions found good before the
+/// first damage or break.
+pub fn verify_chain_until_damage(
+    tapes: &[PathBuf],
+    until: Option<&str>,
+) -> (ChainReport, Option<TapeError>) {
     let mut report = ChainReport {
         tapes: Vec::with_capacity(tapes.len()),
         sessions: Vec::new(),
     };
+    let error = match walk(tapes, until, &mut report) {
+        Ok(true) => None,
+        Ok(false) => Some(chain_end_error(tapes, until, &report)),
+        Err(error) => Some(error),
+    };
+    (report, error)
+}
+
+/// Checks sessions into `report`; whether `until` was reached (or, with
+/// no `until`, whether there was a session at all).
+fn walk(
+    tapes: &[PathBuf],
+    until: Option<&str>,
+    report: &mut ChainReport,
+) -> Result<bool, TapeError> {
     for (tape_index, path) in tapes.iter().enumerate() {
         let mut reader = TapeReader::open(path)?;
-        check_tape_order(&report, path, reader.label())?;
+        check_tape_order(report, path, reader.label())?;
         report.tapes.push((path.clone(), reader.label().clone()));
         while let Some(header) = reader.next_session()?.cloned() {
-            check_session_order(&report, path, &header)?;
+            check_session_order(report, path, &header)?;
             let start = reader.session_start().expect("a session is being read");
             let totals = read_to_trailer(&mut reader)?;
             let reached = until == Some(header.target.checkpoint.as_str());
@@ -77,31 +107,31 @@ pub fn verify_chain(tapes: &[PathBuf], until: Option<&str>) -> Result<ChainRepor
                 totals,
             });
             if reached {
-                return Ok(report);
+                return Ok(true);
             }
         }
     }
+    Ok(until.is_none() && !report.sessions.is_empty())
+}
+
+fn chain_end_error(tapes: &[PathBuf], until: Option<&str>, report: &ChainReport) -> TapeError {
+    let last = tapes.last().map_or(Path::new("-"), PathBuf::as_path);
     if report.sessions.is_empty() {
-        return Err(TapeError::refused(
-            first,
-            "the tapes hold no complete session",
-        ));
+        return TapeError::refused(last, "the tapes hold no complete session");
     }
-    if let Some(until) = until {
-        let held: Vec<&str> = report
-            .sessions
-            .iter()
-            .map(|s| s.header.target.checkpoint.as_str())
-            .collect();
-        return Err(TapeError::refused(
-            tapes.last().expect("tapes were given"),
-            format!(
-                "no session of the chain brings the disk to checkpoint {until:?}; the chain holds {}",
-                held.join(", ")
-            ),
-        ));
-    }
-    Ok(report)
+    let held: Vec<&str> = report
+        .sessions
+        .iter()
+        .map(|s| s.header.target.checkpoint.as_str())
+        .collect();
+    TapeError::refused(
+        last,
+        format!(
+            "no session of the chain brings the disk to checkpoint {:?}; the chain holds {}",
+            until.unwrap_or_default(),
+            held.join(", ")
+        ),
+    )
 }
 
 /// Reads the rest of a session; its trailer's totals.
