@@ -4,10 +4,11 @@
 //! Files: `main.rs` (argument parsing, exit codes), `serve.rs` (images,
 //! listeners, daemonizing, captive `--run`, signals, tracking layers),
 //! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin),
-//! `copy.rs` (copy, verify), `size.rs` (size
-//! arguments such as `10G`).
+//! `copy.rs` (copy, verify), `restore.rs` (restore from tapes, the check
+//! of a chain of tapes), `size.rs` (size arguments such as `10G`).
 
 mod copy;
+mod restore;
 mod serve;
 mod size;
 mod track;
@@ -51,9 +52,15 @@ enum Command {
     Copy(copy::CopyArgs),
     /// Compare a replica with its source: exit 0 equal, 1 different, 2 error.
     Verify(copy::VerifyArgs),
+    /// Restore a chain of tapes onto an image or an NBD export:
+    /// blockwatch restore tape:A [tape:B ...] --to IMAGE|nbd://... [--until CHECKPOINT].
+    Restore(restore::RestoreArgs),
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = verify_tapes_shim() {
+        return code;
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         Command::Unpin(args) => track::unpin(args),
         Command::Copy(args) => copy::copy(args),
         Command::Verify(args) => copy::verify(args),
+        Command::Restore(args) => restore::run(args),
     };
     match result {
         Ok(code) => code,
@@ -74,6 +82,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `blockwatch verify tape:A [tape:B ...] [--json]`: a chain of tapes
+/// checked alone, until `copy::verify` routes `tape:` targets to
+/// `restore::verify_tapes` itself.
+fn verify_tapes_shim() -> Option<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = args.split_first()?;
+    let words: Vec<&String> = rest.iter().filter(|a| !a.starts_with('-')).collect();
+    if command != "verify" || words.is_empty() || !words.iter().all(|w| w.starts_with("tape:")) {
+        return None;
+    }
+    init_logging(0);
+    let paths: Vec<_> = words.iter().map(|w| restore::tape_path(w)).collect();
+    let json = rest.iter().any(|a| a == "--json");
+    Some(match restore::verify_tapes(&paths, json) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("blockwatch: {error:#}");
+            ExitCode::from(2)
+        }
+    })
 }
 
 fn init_logging(verbose: u8) {

@@ -25,6 +25,7 @@ pub mod nbd_source;
 pub mod plan;
 pub mod replica;
 pub mod snapshot;
+pub mod tape;
 pub mod target;
 pub mod verify;
 

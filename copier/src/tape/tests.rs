@@ -1,0 +1,594 @@
+//! Round trips, and every kind of damage: a flipped byte anywhere (the
+//! block crc), a flipped byte in each record kind behind a resealed block
+//! (the record's own checks), cuts at many points, an unfinished session,
+//! ENOSPC, hostile lengths, broken chains.
+
+use std::path::{Path, PathBuf};
+
+use testkit::{TempDir, random_bytes};
+
+use super::format::{
+    BLOCK_HEADER_BYTES, BlockHeader, FILES_BYTES_MAX, Id, RECORD_HEADER_BYTES, RecordHeader,
+    RecordKind, open_block, seal_block,
+};
+use super::*;
+use crate::target::Held;
+
+const BLOCK: u32 = 4096;
+const DISK: u64 = 1 << 20;
+
+fn held(name: &str, generation: u64) -> Held {
+    Held {
+        checkpoint: name.into(),
+        generation,
+    }
+}
+
+fn options() -> TapeOptions {
+    TapeOptions {
+        block_size_bytes: BLOCK,
+        ..TapeOptions::default()
+    }
+}
+
+fn new_session(tape: &TapeWriter, name: &str, generation: u64, compress: bool) -> NewSession {
+    let last = tape.last_session();
+    NewSession {
+        source_id: "0123abcd".into(),
+        source_size_bytes: DISK,
+        granularity_bytes: 65536,
+        base: last.map(|h| h.target.clone()),
+        target: held(name, generation),
+        parent: last.map(|h| h.session_id),
+        compress,
+    }
+}
+
+fn begin(tape: TapeWriter, name: &str, generation: u64, compress: bool) -> SessionWriter {
+    let new = new_session(&tape, name, generation, compress);
+    tape.begin_session(new).unwrap()
+}
+
+/// A full session and two incrementals on one tape (the second
+/// compressed); returns what each session's records should read as.
+fn three_sessions(path: &Path) -> Vec<Vec<Record>> {
+    let mut expected = Vec::new();
+    let mut tape = TapeWriter::open_append(path, &options()).unwrap();
+    for (round, compress) in [(0u64, false), (1, false), (2, true)] {
+        let mut session = begin(tape, &format!("c{round}"), round + 1, compress);
+        let data = random_bytes(round, 10_000);
+        let text = vec![b'a' + round as u8; 20_000];
+        session.write_data(round * 4096, &data).unwrap();
+        session.write_zero(100_000, 50_000).unwrap();
+        session.write_data(200_000, &text).unwrap();
+        let files = vec![format!("/file{round}"), "/dir/other".to_string()];
+        session.set_files(files.clone());
+        let (next, totals) = session.finish().unwrap();
+        tape = next;
+        assert_eq!(totals.extent_count, 3);
+        assert_eq!(totals.data_bytes, 30_000);
+        assert_eq!(totals.zero_bytes, 50_000);
+        assert_eq!(totals.file_count, 2);
+        if compress {
+            assert!(totals.stored_bytes < 30_000, "{totals:?}");
+        }
+        expected.push(vec![
+            Record::Data {
+                offset_bytes: round * 4096,
+                data,
+            },
+            Record::Zero {
+                offset_bytes: 100_000,
+                length_bytes: 50_000,
+            },
+            Record::Data {
+                offset_bytes: 200_000,
+                data: text,
+            },
+            Record::Files(files),
+            Record::Trailer(totals),
+        ]);
+    }
+    expected
+}
+
+fn read_all(path: &Path) -> Result<Vec<(SessionHeader, Vec<Record>)>, TapeError> {
+    let mut reader = TapeReader::open(path)?;
+    let mut sessions = Vec::new();
+    while let Some(header) = reader.next_session()?.cloned() {
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record()? {
+            records.push(record);
+        }
+        sessions.push((header, records));
+    }
+    Ok(sessions)
+}
+
+#[test]
+fn sessions_read_back_as_written_and_chain_by_parent() {
+    let dir = TempDir::new("tape-round-trip");
+    let path = dir.join("t.tape");
+    let expected = three_sessions(&path);
+    let sessions = read_all(&path).unwrap();
+    assert_eq!(sessions.len(), 3);
+    for (i, ((header, records), want)) in sessions.iter().zip(&expected).enumerate() {
+        assert_eq!(records, want, "session {i}");
+        assert_eq!(header.target.checkpoint, format!("c{i}"));
+        assert_eq!(header.is_full(), i == 0);
+        if i > 0 {
+            assert_eq!(header.parent, Some(sessions[i - 1].0.session_id));
+            assert_eq!(header.base, Some(sessions[i - 1].0.target.clone()));
+        }
+    }
+    assert_eq!(sessions[2].0.compression, Compression::Zstd);
+    let last = last_session(&path).unwrap().unwrap();
+    assert_eq!(last, sessions[2].0);
+    let report = verify_chain(std::slice::from_ref(&path), None).unwrap();
+    assert_eq!(report.sessions.len(), 3);
+    assert_eq!(report.data_bytes(), 90_000);
+    let until = verify_chain(&[path], Some("c1")).unwrap();
+    assert_eq!(until.sessions.len(), 2);
+}
+
+#[test]
+fn every_flipped_byte_is_found_and_located() {
+    let dir = TempDir::new("tape-flip-all");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let original = std::fs::read(&path).unwrap();
+    let damaged = dir.join("damaged.tape");
+    // Every byte of the first blocks, then a stride through the rest.
+    let positions = (0..2 * BLOCK as usize).chain((2 * BLOCK as usize..original.len()).step_by(61));
+    for at in positions {
+        let mut bytes = original.clone();
+        bytes[at] ^= 0x10;
+        std::fs::write(&damaged, &bytes).unwrap();
+        let error = verify_chain(std::slice::from_ref(&damaged), None).unwrap_err();
+        assert!(error.is_damage(), "byte {at}: {error}");
+        let magic = 0..8;
+        let label_magic = BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + 8;
+        if magic.contains(&at) || label_magic.contains(&at) {
+            assert!(
+                matches!(error, TapeError::Foreign { .. }),
+                "byte {at}: {error}"
+            );
+            continue;
+        }
+        let block = at as u64 / u64::from(BLOCK);
+        assert_eq!(error.block(), Some(block), "byte {at}: {error}");
+        let part = if block == 0 { Part::Label } else { Part::Block };
+        assert!(
+            matches!(error, TapeError::Damaged { part: p, .. } if p == part),
+            "byte {at}: {error}"
+        );
+    }
+}
+
+/// Where each record sits: (kind, block, offset in block) of its header
+/// and of its payload's first byte.
+/// (block, offset in block)
+type Place = (usize, usize);
+
+fn record_positions(bytes: &[u8]) -> Vec<(RecordKind, Place, Option<Place>)> {
+    let block_bytes = BLOCK as usize;
+    let mut stream = Vec::new();
+    let mut places = Vec::new();
+    for (index, block) in bytes.chunks(block_bytes).enumerate().skip(1) {
+        let header = open_block(block).unwrap();
+        for i in 0..header.used_bytes as usize {
+            stream.push(block[BLOCK_HEADER_BYTES + i]);
+            places.push((index, BLOCK_HEADER_BYTES + i));
+        }
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let head: [u8; RECORD_HEADER_BYTES] =
+            stream[at..at + RECORD_HEADER_BYTES].try_into().unwrap();
+        let record = RecordHeader::decode(&head).unwrap();
+        let payload = (record.stored_bytes > 0).then(|| places[at + RECORD_HEADER_BYTES]);
+        out.push((record.kind, places[at], payload));
+        at += RECORD_HEADER_BYTES + record.stored_bytes as usize;
+    }
+    out
+}
+
+/// Flips a byte and recomputes its block's crc, as damage the block crc
+/// missed (or a writer bug) would look.
+fn flip_and_reseal(bytes: &mut [u8], block: usize, offset: usize) {
+    let block_bytes = BLOCK as usize;
+    let range = block * block_bytes..(block + 1) * block_bytes;
+    let header = open_block(&bytes[range.clone()]).unwrap();
+    bytes[block * block_bytes + offset] ^= 0x01;
+    let header = BlockHeader { ..header };
+    seal_block(&mut bytes[range], &header);
+}
+
+#[test]
+fn a_flipped_byte_in_each_record_kind_is_named_by_its_kind() {
+    let dir = TempDir::new("tape-flip-kinds");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let original = std::fs::read(&path).unwrap();
+    let damaged = dir.join("damaged.tape");
+    let positions = record_positions(&original);
+    let mut kinds_seen = Vec::new();
+    for (kind, head, payload) in positions {
+        let part = Part::of(kind);
+        let mut cases = vec![(head, Part::RecordHeader)];
+        if let Some(payload) = payload {
+            cases.push((payload, part));
+        }
+        for ((block, offset), want) in cases {
+            let mut bytes = original.clone();
+            flip_and_reseal(&mut bytes, block, offset);
+            std::fs::write(&damaged, &bytes).unwrap();
+            let error = verify_chain(std::slice::from_ref(&damaged), None).unwrap_err();
+            match &error {
+                TapeError::Damaged { part, block: b, .. } => {
+                    assert_eq!(*part, want, "{kind:?} at {block}+{offset}: {error}");
+                    assert!(*b <= block as u64, "{error}");
+                }
+                other => panic!("{kind:?} at {block}+{offset}: {other}"),
+            }
+        }
+        kinds_seen.push(kind);
+    }
+    for kind in [
+        RecordKind::Header,
+        RecordKind::Data,
+        RecordKind::Zero,
+        RecordKind::Files,
+        RecordKind::Trailer,
+    ] {
+        assert!(kinds_seen.contains(&kind), "{kind:?} not on the tape");
+    }
+}
+
+#[test]
+fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
+    let dir = TempDir::new("tape-cut");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let original = std::fs::read(&path).unwrap();
+    let ends: Vec<u64> = session_ends(&path);
+    let cut = dir.join("cut.tape");
+    let block = BLOCK as usize;
+    let points = (block..original.len())
+        .step_by(1021)
+        .chain((block..original.len()).step_by(block));
+    for length in points {
+        std::fs::write(&cut, &original[..length]).unwrap();
+        let complete = ends.iter().filter(|&&end| end <= length as u64).count();
+        let verified = verify_chain(std::slice::from_ref(&cut), None);
+        if length == block {
+            let error = verified.unwrap_err();
+            assert!(
+                matches!(error, TapeError::Refused { .. }),
+                "label only: {error}"
+            );
+        } else if ends.contains(&(length as u64)) {
+            assert_eq!(
+                verified.unwrap().sessions.len(),
+                complete,
+                "cut at {length}"
+            );
+        } else {
+            let error = verified.unwrap_err();
+            assert!(error.is_damage(), "cut at {length}: {error}");
+        }
+        let last = last_session(&cut).unwrap();
+        assert_eq!(
+            last.map(|h| h.target.checkpoint),
+            (complete > 0).then(|| format!("c{}", complete - 1))
+        );
+        // Appending cuts the unfinished session off and the tape is whole.
+        let tape = TapeWriter::open_append(&cut, &options()).unwrap();
+        let kept = if complete == 0 {
+            u64::from(BLOCK)
+        } else {
+            ends[complete - 1]
+        };
+        assert_eq!(
+            std::fs::metadata(&cut).unwrap().len(),
+            kept,
+            "cut at {length}"
+        );
+        let mut session = begin(tape, "after", 9, false);
+        session.write_data(0, b"after the cut").unwrap();
+        session.finish().unwrap();
+        assert_eq!(
+            verify_chain(std::slice::from_ref(&cut), None)
+                .unwrap()
+                .sessions
+                .len(),
+            complete + 1
+        );
+    }
+}
+
+/// The byte offset where each session's last block ends.
+fn session_ends(path: &Path) -> Vec<u64> {
+    let mut reader = TapeReader::open(path).unwrap();
+    let mut ends = Vec::new();
+    while reader.next_session().unwrap().is_some() {
+        while reader.next_record().unwrap().is_some() {}
+        ends.push(reader.next_block_index() * u64::from(BLOCK));
+    }
+    ends
+}
+
+#[test]
+fn a_killed_session_is_cut_off_at_the_next_open() {
+    let dir = TempDir::new("tape-killed");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let before = std::fs::read(&path).unwrap();
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    let mut session = begin(tape, "killed", 7, false);
+    session.write_data(0, &random_bytes(9, 100_000)).unwrap();
+    // What kill -9 would leave: the session's blocks so far, no trailer
+    // (taken before the Drop that cuts them off).
+    let torn = std::fs::read(&path).unwrap();
+    assert!(torn.len() > before.len());
+    drop(session);
+    std::fs::write(&path, &torn).unwrap();
+    assert_eq!(
+        last_session(&path).unwrap().unwrap().target.checkpoint,
+        "c2"
+    );
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(tape.last_session().unwrap().target.checkpoint, "c2");
+    // A dropped (failed) session is cut off at once.
+    let mut session = begin(tape, "dropped", 8, true);
+    session.write_data(0, &random_bytes(10, 100_000)).unwrap();
+    drop(session);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn enospc_fails_the_session_and_leaves_the_tape_valid() {
+    let dir = TempDir::new("tape-enospc");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let blocks = std::fs::metadata(&path).unwrap().len() / u64::from(BLOCK);
+    let full = TapeOptions {
+        enospc_after_blocks: Some(3),
+        ..options()
+    };
+    let tape = TapeWriter::open_append(&path, &full).unwrap();
+    let mut session = begin(tape, "big", 5, false);
+    let error = session
+        .write_data(0, &random_bytes(11, 200_000))
+        .unwrap_err();
+    assert!(
+        matches!(&error, TapeError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+        "{error}"
+    );
+    assert!(
+        session.write_zero(300_000, 10).is_err(),
+        "a failed session stays failed"
+    );
+    drop(session);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len() / u64::from(BLOCK),
+        blocks
+    );
+    assert_eq!(
+        verify_chain(std::slice::from_ref(&path), None)
+            .unwrap()
+            .sessions
+            .len(),
+        3
+    );
+    // A label that does not fit leaves no tape behind.
+    let new = dir.join("new.tape");
+    let none = TapeOptions {
+        enospc_after_blocks: Some(0),
+        ..options()
+    };
+    assert!(TapeWriter::open_append(&new, &none).is_err());
+    assert_eq!(std::fs::metadata(&new).unwrap().len(), 0);
+}
+
+/// A record header with a valid crc that declares `stored` bytes, in a
+/// session's second block.
+fn hostile_tape(dir: &TempDir, kind: RecordKind, length: u64, stored: u32) -> PathBuf {
+    let path = dir.join(format!("hostile-{kind:?}-{length}.tape"));
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    let session = begin(tape, "h", 1, false);
+    let (_, _) = session.finish().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let block = BLOCK as usize;
+    let first = open_block(&bytes[block..2 * block]).unwrap();
+    // Replace the trailer (the record after the header) with the hostile one.
+    let header_len = RECORD_HEADER_BYTES + positions_payload(&bytes[block..2 * block]);
+    let record = RecordHeader {
+        kind,
+        flags: 0,
+        index: 1,
+        offset_bytes: 0,
+        length_bytes: length,
+        stored_bytes: stored,
+        data_crc: 0,
+    };
+    let at = block + BLOCK_HEADER_BYTES + header_len;
+    bytes[at..at + RECORD_HEADER_BYTES].copy_from_slice(&record.encode());
+    let used = (header_len + RECORD_HEADER_BYTES) as u32;
+    bytes[at + RECORD_HEADER_BYTES..2 * block].fill(0);
+    seal_block(
+        &mut bytes[block..2 * block],
+        &BlockHeader {
+            used_bytes: used,
+            ..first
+        },
+    );
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+fn positions_payload(block: &[u8]) -> usize {
+    let head: [u8; RECORD_HEADER_BYTES] = block
+        [BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + RECORD_HEADER_BYTES]
+        .try_into()
+        .unwrap();
+    RecordHeader::decode(&head).unwrap().stored_bytes as usize
+}
+
+#[test]
+fn huge_declared_lengths_are_refused_before_allocating() {
+    let dir = TempDir::new("tape-hostile");
+    for (kind, length, stored) in [
+        (RecordKind::Data, u64::MAX, u32::MAX),
+        (RecordKind::Data, 1 << 40, 4096),
+        (RecordKind::Files, u64::from(u32::MAX), u32::MAX),
+        (RecordKind::Header, 1 << 20, 1 << 20),
+        (RecordKind::Trailer, 1 << 30, 1 << 30),
+        (RecordKind::Zero, u64::MAX, 0),
+    ] {
+        let path = hostile_tape(&dir, kind, length, stored);
+        let error = verify_chain(&[path], None).unwrap_err();
+        assert!(error.is_damage(), "{kind:?}: {error}");
+    }
+    // Within the limit but longer than the tape: read only as far as it
+    // goes, then reported as cut.
+    let path = hostile_tape(
+        &dir,
+        RecordKind::Files,
+        u64::from(FILES_BYTES_MAX),
+        FILES_BYTES_MAX,
+    );
+    let error = verify_chain(&[path], None).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            TapeError::Truncated {
+                part: Part::Files,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_foreign_file_and_an_empty_one_are_not_tapes() {
+    let dir = TempDir::new("tape-foreign");
+    let path = dir.join("foreign");
+    std::fs::write(&path, random_bytes(3, 300_000)).unwrap();
+    let error = verify_chain(std::slice::from_ref(&path), None).unwrap_err();
+    assert!(matches!(error, TapeError::Foreign { .. }), "{error}");
+    let error = TapeWriter::open_append(&path, &options()).unwrap_err();
+    assert!(matches!(error, TapeError::Foreign { .. }), "{error}");
+    assert_eq!(std::fs::read(&path).unwrap(), random_bytes(3, 300_000));
+    assert!(last_session(&dir.join("missing")).unwrap().is_none());
+}
+
+#[test]
+fn broken_chains_are_refused() {
+    let dir = TempDir::new("tape-chains");
+    let a = dir.join("a.tape");
+    three_sessions(&a);
+    // A second tape continuing the chain, and one of another chain.
+    let label = TapeReader::open(&a).unwrap().label().clone();
+    let last = last_session(&a).unwrap().unwrap();
+    let b = dir.join("b.tape");
+    let continues = TapeOptions {
+        continues: Some(label),
+        ..options()
+    };
+    let tape = TapeWriter::open_append(&b, &continues).unwrap();
+    let mut new = new_session(&tape, "c3", 4, false);
+    new.parent = Some(last.session_id);
+    new.base = Some(last.target.clone());
+    let mut session = tape.begin_session(new).unwrap();
+    session.write_data(0, b"tape b").unwrap();
+    session.finish().unwrap();
+    assert_eq!(
+        verify_chain(&[a.clone(), b.clone()], None)
+            .unwrap()
+            .sessions
+            .len(),
+        4
+    );
+    let refused = |tapes: &[PathBuf], what: &str| {
+        let error = verify_chain(tapes, None).unwrap_err();
+        assert!(
+            matches!(error, TapeError::Refused { .. }),
+            "{what}: {error}"
+        );
+    };
+    refused(&[b.clone(), a.clone()], "tapes out of order");
+    refused(std::slice::from_ref(&b), "an incremental without its full");
+    let other = dir.join("other.tape");
+    three_sessions(&other);
+    refused(&[other.clone(), b.clone()], "another chain's tape");
+    // An incremental whose parent is not the session before it (a gap),
+    // one of another disk, one of another size.
+    for (what, change) in [("gap", 0), ("foreign disk", 1), ("resized", 2)] {
+        let c = dir.join(format!("{what}.tape"));
+        std::fs::copy(&a, &c).unwrap();
+        let tape = TapeWriter::open_append(&c, &options()).unwrap();
+        let mut new = new_session(&tape, "bad", 9, false);
+        match change {
+            0 => new.parent = Some(Id::random().unwrap()),
+            1 => new.source_id = "another".into(),
+            _ => new.source_size_bytes = DISK * 2,
+        }
+        tape.begin_session(new).unwrap().finish().unwrap();
+        refused(&[c], what);
+    }
+}
+
+#[test]
+fn writers_refuse_what_the_format_cannot_hold() {
+    let dir = TempDir::new("tape-refusals");
+    let path = dir.join("t.tape");
+    let bad_size = TapeOptions {
+        block_size_bytes: 5000,
+        ..options()
+    };
+    assert!(TapeWriter::open_append(&path, &bad_size).is_err());
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    let mut session = begin(tape, "x", 1, false);
+    assert!(
+        session.write_data(DISK - 1, b"ab").is_err(),
+        "past the disk"
+    );
+    session.write_data(1000, b"ab").unwrap();
+    assert!(
+        session.write_zero(500, 10).is_err(),
+        "before the previous extent"
+    );
+    session.write_zero(2000, 10).unwrap();
+    let (tape, totals) = session.finish().unwrap();
+    assert_eq!(totals.extent_count, 2);
+    let second = TapeWriter::open_append(&path, &options());
+    assert!(second.is_err(), "a second writer of one tape");
+    drop(tape);
+}
+
+#[test]
+fn data_longer_than_a_record_is_cut_into_records() {
+    let dir = TempDir::new("tape-long");
+    let path = dir.join("t.tape");
+    let tape = TapeWriter::open_append(&path, &TapeOptions::default()).unwrap();
+    let mut new = new_session(&tape, "long", 1, true);
+    new.source_size_bytes = 16 << 20;
+    let mut session = tape.begin_session(new).unwrap();
+    let data = random_bytes(5, 9 << 20);
+    session.write_data(4096, &data).unwrap();
+    let (_, totals) = session.finish().unwrap();
+    assert_eq!(totals.extent_count, 3);
+    let sessions = read_all(&path).unwrap();
+    let mut joined = Vec::new();
+    for record in &sessions[0].1 {
+        if let Record::Data { data, .. } = record {
+            assert!(data.len() as u64 <= super::format::EXTENT_DATA_BYTES_MAX);
+            joined.extend_from_slice(data);
+        }
+    }
+    assert_eq!(joined, data);
+}
