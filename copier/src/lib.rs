@@ -12,6 +12,7 @@
 //!   every source (`offline.rs`, `live.rs`; `nbd.rs` for untracked NBD
 //!   exports): full or incremental, workers (`pieces.rs`), the commit
 //!   order, pins, merging away checkpoints nothing needs.
+//! - `stream_write.rs`: large file writes that spare the page cache.
 //! - `target.rs`: where a copy goes: what it holds, its pieces, its commit.
 //! - `nbd_source.rs`: any NBD server as a source, with its holes and its
 //!   `qemu:dirty-bitmap:NAME` as the plan.
@@ -25,6 +26,7 @@ pub mod nbd_source;
 pub mod plan;
 pub mod replica;
 pub mod snapshot;
+mod stream_write;
 pub mod tape;
 pub mod target;
 pub mod verify;

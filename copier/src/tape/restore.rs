@@ -171,6 +171,7 @@ enum Sink {
     File {
         path: PathBuf,
         file: File,
+        writeback: crate::stream_write::Writeback,
         /// Created or empty before the restore: it reads as zeroes, so
         /// zero extents of the first session need no work.
         fresh: bool,
@@ -194,8 +195,13 @@ impl Sink {
 
     fn write(&mut self, offset_bytes: u64, data: Vec<u8>) -> Result<(), RestoreError> {
         match self {
-            Sink::File { path, file, .. } => file
-                .write_all_at(&data, offset_bytes)
+            Sink::File {
+                path,
+                file,
+                writeback,
+                ..
+            } => writeback
+                .write_at(file, &data, offset_bytes)
                 .map_err(|source| file_error(path, source)),
             Sink::Nbd(nbd) => nbd.write(offset_bytes, &data),
         }
@@ -375,6 +381,7 @@ fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
         )));
     }
     Ok(Sink::File {
+        writeback: Default::default(),
         path: path.to_path_buf(),
         file,
         fresh,
