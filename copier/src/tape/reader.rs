@@ -146,12 +146,22 @@ impl TapeReader {
         }
         let mut ends = 0;
         loop {
-            match self.read_block(Part::Block)? {
-                Some(()) => break,
+            match self.read_block(Part::Block) {
+                Ok(Some(())) => break,
                 // A drive has a filemark after the label and after each
                 // session; two in a row (or the end of a file) is the end.
-                None if self.media.device && ends == 0 => ends += 1,
-                None => return Ok(None),
+                Ok(None) if self.media.device && ends == 0 => ends += 1,
+                Ok(None) => return Ok(None),
+                // Linux st answers a read past the last filemark (end of
+                // recorded data) with EIO.
+                Err(TapeError::Io { source, .. })
+                    if self.media.device
+                        && ends > 0
+                        && source.raw_os_error() == Some(libc::EIO) =>
+                {
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
             }
         }
         let header = open_block(&self.block).map_err(|reason| self.damaged(Part::Block, reason))?;

@@ -127,8 +127,15 @@ fn sessions_read_back_as_written_and_chain_by_parent() {
     let report = verify_chain(std::slice::from_ref(&path), None).unwrap();
     assert_eq!(report.sessions.len(), 3);
     assert_eq!(report.data_bytes(), 90_000);
-    let until = verify_chain(&[path], Some("c1")).unwrap();
+    let until = verify_chain(std::slice::from_ref(&path), Some("c1")).unwrap();
     assert_eq!(until.sessions.len(), 2);
+    // A session that found nothing changed still counts, and --until
+    // stops at it (virtnbdbackup #270 skipped empty increments).
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    begin(tape, "empty", 4, false).finish().unwrap();
+    let until = verify_chain(std::slice::from_ref(&path), Some("empty")).unwrap();
+    assert_eq!(until.sessions.len(), 4);
+    assert_eq!(until.sessions[3].totals.extent_count, 0);
 }
 
 #[test]
