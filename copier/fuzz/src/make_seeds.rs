@@ -50,7 +50,9 @@ fn write_tape(path: &std::path::Path, sessions: usize, compress: bool) {
         };
         let mut session = tape.begin_session(new).expect("a session");
         let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 + round as u32) as u8).collect();
-        session.write_data(round as u64 * 8192, &data).expect("data");
+        session
+            .write_data(round as u64 * 8192, &data)
+            .expect("data");
         session.write_zero(100_000, 20_000).expect("zeroes");
         session.set_files(vec![format!("/f{round}"), "/etc/passwd".into()]);
         tape = session.finish().expect("finish").0;

@@ -14,6 +14,7 @@
 //! - `error.rs`: `TapeError`, naming the tape, block and record kind.
 //! - `writer.rs`: `TapeWriter` (open for append, cut an unfinished
 //!   session), `SessionWriter`, `last_session`.
+//! - `tail.rs`: a file tape's last complete session found from its end.
 //! - `reader.rs`: `TapeReader`: sessions and checked records.
 //! - `verify.rs`: a chain of tapes checked end to end (`verify_chain`).
 //! - `restore.rs`: a chain onto an image file or an NBD export.
@@ -23,6 +24,7 @@ pub mod format;
 mod media;
 mod reader;
 mod restore;
+mod tail;
 mod verify;
 mod writer;
 

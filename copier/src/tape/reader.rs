@@ -11,8 +11,8 @@ use std::path::Path;
 
 use super::error::{Part, TapeError};
 use super::format::{
-    BLOCK_HEADER_BYTES, BLOCK_MAGIC, BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, FLAG_ZSTD, Id, LABEL_BYTES,
-    LABEL_MAGIC, Label, RECORD_HEADER_BYTES, RecordHeader, RecordKind, SessionHeader,
+    BLOCK_HEADER_BYTES, BLOCK_MAGIC, BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, BlockHeader, FLAG_ZSTD, Id,
+    LABEL_BYTES, LABEL_MAGIC, Label, RECORD_HEADER_BYTES, RecordHeader, RecordKind, SessionHeader,
     SessionTotals, decode_files, decode_trailer, open_block,
 };
 use super::media::{BlockRead, Media};
@@ -136,6 +136,24 @@ impl TapeReader {
         self.used = 0;
         self.session = None;
         Ok(())
+    }
+
+    /// Files: block `index` read whole, with its header; None when it is
+    /// cut short, missing, or fails its crc. Leaves the reader to be
+    /// positioned again with `seek_session`.
+    pub(crate) fn block_at(
+        &mut self,
+        index: u64,
+    ) -> Result<Option<(BlockHeader, Vec<u8>)>, TapeError> {
+        let path = self.media.path.clone();
+        let io_error = |source| TapeError::io(&path, source);
+        let mut block = vec![0u8; self.block.len()];
+        let position = index * self.block_size_bytes();
+        self.media.seek(position).map_err(io_error)?;
+        if self.media.read_block(&mut block).map_err(io_error)? != BlockRead::Full {
+            return Ok(None);
+        }
+        Ok(open_block(&block).ok().map(|header| (header, block)))
     }
 
     /// The next session's header, after reading (and checking) whatever is

@@ -265,7 +265,9 @@ fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
     let points = (block..original.len())
         .step_by(1021)
         .chain((block..original.len()).step_by(block));
+    let (mut quick_count, mut point_count) = (0, 0);
     for length in points {
+        point_count += 1;
         std::fs::write(&cut, &original[..length]).unwrap();
         let complete = ends.iter().filter(|&&end| end <= length as u64).count();
         let verified = verify_chain(std::slice::from_ref(&cut), None);
@@ -285,6 +287,17 @@ fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
             let error = verified.unwrap_err();
             assert!(error.is_damage(), "cut at {length}: {error}");
         }
+        // From the end and from the start, a scan finds the same.
+        let mut reader = TapeReader::open(&cut).unwrap();
+        let quick = super::tail::scan_from_end(&mut reader, length as u64).unwrap();
+        let mut reader = TapeReader::open(&cut).unwrap();
+        let full = super::writer::scan(&mut reader).unwrap();
+        if let Some(quick) = &quick {
+            assert_eq!(quick.last, full.last, "cut at {length}");
+            assert_eq!(quick.end_block, full.end_block, "cut at {length}");
+            assert_eq!(quick.torn.is_some(), full.torn.is_some(), "cut at {length}");
+        }
+        quick_count += usize::from(quick.is_some());
         let last = last_session(&cut).unwrap();
         assert_eq!(
             last.map(|h| h.target.checkpoint),
@@ -313,6 +326,8 @@ fn a_cut_anywhere_drops_only_the_cut_session_and_append_goes_on() {
             complete + 1
         );
     }
+    // A cut leaves at most one unfinished session: the end tells it all.
+    assert_eq!(quick_count, point_count, "the quick scan fell back");
 }
 
 /// The byte offset where each session's last block ends.
@@ -598,4 +613,26 @@ fn data_longer_than_a_record_is_cut_into_records() {
         }
     }
     assert_eq!(joined, data);
+}
+
+#[test]
+fn damage_inside_an_earlier_session_is_never_cut_and_left_for_verify() {
+    let dir = TempDir::new("tape-old-damage");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = BLOCK as usize + 100;
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    assert_eq!(tape.last_session().unwrap().target.checkpoint, "c2");
+    let (_, _) = begin(tape, "c3", 4, false).finish().unwrap();
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(
+        after[..bytes.len()],
+        bytes[..],
+        "nothing before the append changed"
+    );
+    let error = verify_chain(std::slice::from_ref(&path), None).unwrap_err();
+    assert_eq!(error.block(), Some(1), "{error}");
 }
