@@ -89,12 +89,18 @@ fn main() -> ExitCode {
 /// `restore::verify_tapes` itself.
 fn verify_tapes_shim() -> Option<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (command, rest) = args.split_first()?;
+    let position = args.iter().position(|a| !a.starts_with('-'))?;
+    let (command, rest) = (&args[position], &args[position + 1..]);
     let words: Vec<&String> = rest.iter().filter(|a| !a.starts_with('-')).collect();
     if command != "verify" || words.is_empty() || !words.iter().all(|w| w.starts_with("tape:")) {
         return None;
     }
-    init_logging(0);
+    let verbose = args
+        .iter()
+        .filter(|a| a.starts_with("-v"))
+        .map(|a| a.len() - 1)
+        .sum::<usize>();
+    init_logging(verbose.min(3) as u8);
     let paths: Vec<_> = words.iter().map(|w| restore::tape_path(w)).collect();
     let json = rest.iter().any(|a| a == "--json");
     Some(match restore::verify_tapes(&paths, json) {
