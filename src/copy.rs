@@ -47,6 +47,13 @@ pub struct CopyArgs {
     /// Tracking state directory (default: IMAGE.blockwatch beside the image).
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// tape: block size of a new tape (a power of two, 4K to 4M; default
+    /// 256K); a tape keeps the block size of its label.
+    #[arg(long, value_name = "SIZE")]
+    block_size: Option<String>,
+    /// tape: zstd-compress extent data.
+    #[arg(long)]
+    compress: bool,
     /// Pieces (4 MiB each) read and written at once.
     #[arg(long, value_name = "N", default_value_t = WORKERS_DEFAULT as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -55,8 +62,9 @@ pub struct CopyArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img).
-    #[arg(value_name = "[IMAGE] TARGET", num_args = 1..=2)]
+    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img), or a chain of
+    /// tapes to check every checksum of.
+    #[arg(value_name = "[IMAGE] TARGET | tape:A [tape:B ...]", num_args = 1..)]
     words: Vec<String>,
     #[arg(long)]
     json: bool,
@@ -64,18 +72,37 @@ pub struct VerifyArgs {
     state: Option<PathBuf>,
 }
 
+/// The tape options of `copy`.
+#[derive(Debug, Clone, Copy)]
+struct TapeFlags {
+    block_size_bytes: u32,
+    compress: bool,
+}
+
+const TAPE_FLAGS_DEFAULT: TapeFlags = TapeFlags {
+    block_size_bytes: copier::tape::format::BLOCK_SIZE_DEFAULT,
+    compress: false,
+};
+
 /// The target `--to` names; kinds not in this release are refused clearly.
-fn target_of(target: &str) -> anyhow::Result<TargetSpec> {
+fn target_of(target: &str, tape: TapeFlags) -> anyhow::Result<TargetSpec> {
     if let Some(path) = target.strip_prefix("file:") {
         return Ok(TargetSpec::File(PathBuf::from(path)));
     }
     if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
         return Ok(TargetSpec::Nbd(target.to_string()));
     }
-    for scheme in ["nbds:", "nbds+unix:", "tape:", "s3:", "tar:"] {
+    if let Some(path) = target.strip_prefix("tape:") {
+        return Ok(TargetSpec::Tape {
+            path: PathBuf::from(path),
+            block_size_bytes: tape.block_size_bytes,
+            compress: tape.compress,
+        });
+    }
+    for scheme in ["nbds:", "nbds+unix:", "s3:", "tar:"] {
         if target.starts_with(scheme) {
             bail!(
-                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica) or nbd://..."
+                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://... or tape:PATH"
             );
         }
     }
@@ -84,11 +111,22 @@ fn target_of(target: &str) -> anyhow::Result<TargetSpec> {
 
 /// The replica file a target names (verify and --from copies take files).
 fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
-    match target_of(target)? {
+    match target_of(target, TAPE_FLAGS_DEFAULT)? {
         TargetSpec::File(path) => Ok(path),
-        TargetSpec::Nbd(_) => bail!(
-            "{target}: this command takes a replica file (file:PATH); NBD targets are copied to, not from"
-        ),
+        TargetSpec::Nbd(_) | TargetSpec::Tape { .. } => {
+            bail!("{target}: this command takes a replica file (file:PATH) here")
+        }
+    }
+}
+
+fn tape_block_size(text: Option<&str>) -> anyhow::Result<u32> {
+    let Some(text) = text else {
+        return Ok(copier::tape::format::BLOCK_SIZE_DEFAULT);
+    };
+    let bytes = crate::size::parse_size(text).map_err(|e| anyhow::anyhow!("--block-size: {e}"))?;
+    match u32::try_from(bytes) {
+        Ok(bytes) if copier::tape::format::block_size_is_valid(bytes) => Ok(bytes),
+        _ => bail!("--block-size {text}: give a power of two from 4K to 4M"),
     }
 }
 
@@ -166,7 +204,13 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
             let options = CopyOptions {
                 image,
                 state_dir: args.state,
-                target: target_of(&args.to)?,
+                target: target_of(
+                    &args.to,
+                    TapeFlags {
+                        block_size_bytes: tape_block_size(args.block_size.as_deref())?,
+                        compress: args.compress,
+                    },
+                )?,
                 full: args.full,
                 workers: usize::from(args.workers),
                 progress,
@@ -212,10 +256,20 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if args.words.iter().all(|word| word.starts_with("tape:")) {
+        let tapes: Vec<PathBuf> = args
+            .words
+            .iter()
+            .map(|word| PathBuf::from(&word["tape:".len()..]))
+            .collect();
+        return crate::restore::verify_tapes(&tapes, args.json);
+    }
     let (image, target) = match args.words.as_slice() {
         [target] => (PathBuf::from(DEFAULT_IMAGE), target.as_str()),
         [image, target] => (PathBuf::from(image), target.as_str()),
-        _ => bail!("usage: blockwatch verify [IMAGE] TARGET"),
+        _ => bail!(
+            "usage: blockwatch verify [IMAGE] TARGET, or blockwatch verify tape:A [tape:B ...]"
+        ),
     };
     let replica = replica_of(target)?;
     let report = if is_served(&image, args.state.as_deref())? {

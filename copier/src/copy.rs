@@ -114,6 +114,8 @@ pub enum CopyError {
         target: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tape(#[from] crate::tape::TapeError),
     #[error("{target} is refused as a target: {reason}")]
     TargetRefused { target: String, reason: String },
     #[error("the running server")]

@@ -24,6 +24,11 @@ use serde::{Deserialize, Serialize};
 
 /// The record's format version.
 pub const RECORD_FORMAT: u32 = 1;
+/// The largest write call to a replica. Measured on this project's
+/// machines (ext4, Linux 6.18): 2 GiB written into the page cache with
+/// `dd` took 0.75-0.8 s at bs=256K or 512K, 1.3 s at 1M, 2.8-7.7 s at
+/// 4M; large writes are slow there, small ones cost nothing elsewhere.
+const WRITE_CALL_BYTES: usize = 256 * 1024;
 /// Longest record file accepted (it is one short JSON line).
 const RECORD_BYTES_MAX: u64 = 64 * 1024;
 
@@ -168,7 +173,16 @@ pub struct Replica {
     path: PathBuf,
     file: File,
     _lock: ReplicaLock,
+    /// Ranges written and sent to writeback, oldest first, and their
+    /// bytes; see `write_at`.
+    behind: std::sync::Mutex<(std::collections::VecDeque<(u64, u64)>, u64)>,
 }
+
+/// Bytes written whose writeback may still be under way before the
+/// oldest ranges are waited for and dropped from the page cache: 16 full
+/// pieces. An incremental copy of scattered small ranges below it waits
+/// for none of them one by one; its final fdatasync writes them together.
+const WRITEBACK_BEHIND_BYTES: u64 = 64 << 20;
 
 impl Replica {
     /// Opens (creating when missing) the replica under its lock, sized to
@@ -195,6 +209,7 @@ impl Replica {
             path: path.to_path_buf(),
             file,
             _lock: lock,
+            behind: Default::default(),
         })
     }
 
@@ -205,10 +220,77 @@ impl Replica {
         }
     }
 
+    /// Writes `buf` in calls of at most `WRITE_CALL_BYTES`, starts its
+    /// writeback at once, and once `WRITEBACK_BEHIND_BYTES` more followed,
+    /// waits for it and drops it from the page cache (as
+    /// nbdcopy does): a copy of a whole disk neither evicts everything else
+    /// cached nor makes the kernel find fresh pages for all of it, which
+    /// on this project's VMs made each 256 KiB write 12x slower (769 us
+    /// against nbdcopy's 63 us per call, strace -c over a 4 GiB copy).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ReplicaError> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|error| self.io_error(error))
+        for (index, chunk) in buf.chunks(WRITE_CALL_BYTES).enumerate() {
+            self.file
+                .write_all_at(chunk, offset + (index * WRITE_CALL_BYTES) as u64)
+                .map_err(|error| self.io_error(error))?;
+        }
+        let length = buf.len() as u64;
+        self.sync_range(offset, length, libc::SYNC_FILE_RANGE_WRITE);
+        let mut oldest = Vec::new();
+        {
+            let mut behind = self.behind.lock().expect("writeback lock");
+            let (ranges, bytes) = &mut *behind;
+            ranges.push_back((offset, length));
+            *bytes += length;
+            while *bytes > WRITEBACK_BEHIND_BYTES {
+                let Some(range) = ranges.pop_front() else {
+                    break;
+                };
+                *bytes -= range.1;
+                oldest.push(range);
+            }
+        }
+        for (offset, length) in oldest {
+            self.sync_range(
+                offset,
+                length,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            self.drop_cached(offset, length);
+        }
+        Ok(())
+    }
+
+    /// sync_file_range: a hint for the page cache only. Durability comes
+    /// from `sync` (fdatasync) before the commit, so a failure here (an
+    /// unsupported file system, a block device) changes nothing.
+    fn sync_range(&self, offset: u64, length: u64, flags: libc::c_uint) {
+        let (Ok(offset), Ok(length)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(length),
+        ) else {
+            return;
+        };
+        // SAFETY: a syscall on a descriptor we own; no memory is passed.
+        unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, length, flags) };
+    }
+
+    fn drop_cached(&self, offset: u64, length: u64) {
+        let (Ok(offset), Ok(length)) =
+            (libc::off_t::try_from(offset), libc::off_t::try_from(length))
+        else {
+            return;
+        };
+        // SAFETY: as above; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset,
+                length,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
     }
 
     /// Makes a range read as zeroes, as a hole where the filesystem can.

@@ -3,10 +3,12 @@
 //! the pieces, and commits: only a committed copy counts, and an
 //! interrupted one leaves the target's claim as it was.
 //!
-//! Today: `ReplicaTarget`, a raw sparse image file with its record, and
-//! `NbdTarget` (`target/nbd.rs`), any NBD server's export.
+//! `ReplicaTarget`, a raw sparse image file with its record;
+//! `NbdTarget` (`target/nbd.rs`), any NBD server's export; `TapeTarget`
+//! (`target/tape.rs`), a sequential tape stream of sessions.
 
 mod nbd;
+mod tape;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +108,7 @@ pub(crate) fn load_partial_of(key: &Path) -> Option<Partial> {
 }
 
 pub use nbd::{NbdTarget, nbd_holder};
+pub use tape::{TapeTarget, tape_holder};
 
 /// A target as the command line names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +117,14 @@ pub enum TargetSpec {
     File(PathBuf),
     /// `nbd://...`, `nbd+unix://...`: an NBD export.
     Nbd(String),
+    /// `tape:PATH`: a tape stream (a file or a drive), one session per
+    /// copy, in blocks of `block_size_bytes`, zstd on extent data when
+    /// `compress`.
+    Tape {
+        path: PathBuf,
+        block_size_bytes: u32,
+        compress: bool,
+    },
 }
 
 impl TargetSpec {
@@ -125,6 +136,11 @@ impl TargetSpec {
             TargetSpec::Nbd(uri) => {
                 Box::new(NbdTarget::connect(uri, &state_dir.join(TARGETS_DIR))?)
             }
+            TargetSpec::Tape {
+                path,
+                block_size_bytes,
+                compress,
+            } => Box::new(TapeTarget::open(path, *block_size_bytes, *compress)?),
         })
     }
 }
@@ -161,6 +177,9 @@ pub struct ReplicaTarget {
     lock: Option<ReplicaLock>,
     replica: Option<Replica>,
     pending: Option<(SourceInfo, Held)>,
+    /// The replica was an empty (or new) regular file when opened: it
+    /// reads as zeroes everywhere, so zero ranges need no hole punched.
+    fresh: bool,
 }
 
 impl ReplicaTarget {
@@ -179,6 +198,7 @@ impl ReplicaTarget {
             lock: Some(lock),
             replica: None,
             pending: None,
+            fresh: false,
         })
     }
 
@@ -220,6 +240,10 @@ impl Target for ReplicaTarget {
         _base: Option<&Held>,
     ) -> Result<(), CopyError> {
         let lock = self.lock.take().expect("a replica target is opened once");
+        self.fresh = match std::fs::metadata(&self.path) {
+            Ok(metadata) => metadata.file_type().is_file() && metadata.len() == 0,
+            Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+        };
         self.replica = Some(Replica::open(&self.path, source.size_bytes, lock)?);
         self.pending = Some((source.clone(), checkpoint.clone()));
         Ok(())
@@ -230,6 +254,9 @@ impl Target for ReplicaTarget {
     }
 
     fn write_zero(&self, offset: u64, length: u64) -> Result<(), CopyError> {
+        if self.fresh {
+            return Ok(());
+        }
         Ok(self.replica().zero(offset, length)?)
     }
 

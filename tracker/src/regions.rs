@@ -87,10 +87,8 @@ impl AtomicBitmap {
             "bitmap of {bit_count} bits is over the limit"
         );
         let word_count = bit_count.div_ceil(64);
-        let words = (0..word_count).map(|_| AtomicU64::new(0)).collect();
-        let summary = (0..word_count.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect();
+        let words = zeroed_words(word_count as usize);
+        let summary = zeroed_words(word_count.div_ceil(64) as usize);
         AtomicBitmap {
             words,
             summary,
@@ -140,12 +138,17 @@ impl AtomicBitmap {
         });
     }
 
+    /// Clears every bit. Visits only the words the summary says may hold
+    /// set bits: call it with no setter running (a generation switch,
+    /// gate closed), when every set bit's summary bit is set too.
     pub fn clear_all(&self) {
-        for summary in &self.summary {
-            summary.store(0, Ordering::Release);
-        }
-        for word in &self.words {
-            word.store(0, Ordering::Release);
+        for (summary_index, summary) in self.summary.iter().enumerate() {
+            let mut words = summary.swap(0, Ordering::AcqRel);
+            while words != 0 {
+                let index = summary_index * 64 + words.trailing_zeros() as usize;
+                words &= words - 1;
+                self.words[index].store(0, Ordering::Release);
+            }
         }
     }
 
@@ -167,27 +170,61 @@ impl AtomicBitmap {
         runs_from_sorted(bits.into_iter())
     }
 
-    /// The set bits, in order.
+    /// The set bits, in order, visiting only the words the summary marks
+    /// (a bit whose setter is still between its word and its summary may
+    /// be missed: its write is not issued yet).
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(index, word)| {
-            let mut value = word.load(Ordering::Acquire);
-            std::iter::from_fn(move || {
-                if value == 0 {
-                    return None;
-                }
-                let bit = value.trailing_zeros() as u64;
-                value &= value - 1;
-                Some(index as u64 * 64 + bit)
+        self.summary
+            .iter()
+            .enumerate()
+            .flat_map(|(summary_index, summary)| {
+                let mut words = summary.load(Ordering::SeqCst);
+                std::iter::from_fn(move || {
+                    if words == 0 {
+                        return None;
+                    }
+                    let index = summary_index * 64 + words.trailing_zeros() as usize;
+                    words &= words - 1;
+                    Some(index)
+                })
             })
-        })
+            .flat_map(|index| {
+                let mut value = self.words[index].load(Ordering::Acquire);
+                std::iter::from_fn(move || {
+                    if value == 0 {
+                        return None;
+                    }
+                    let bit = value.trailing_zeros() as u64;
+                    value &= value - 1;
+                    Some(index as u64 * 64 + bit)
+                })
+            })
     }
 
     pub fn count_set(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|word| u64::from(word.load(Ordering::Acquire).count_ones()))
-            .sum()
+        let mut count = 0;
+        for (summary_index, summary) in self.summary.iter().enumerate() {
+            let mut words = summary.load(Ordering::SeqCst);
+            while words != 0 {
+                let index = summary_index * 64 + words.trailing_zeros() as usize;
+                words &= words - 1;
+                count += u64::from(self.words[index].load(Ordering::Acquire).count_ones());
+            }
+        }
+        count
     }
+}
+
+/// `count` zeroed atomic words, from a zeroed allocation: the kernel maps
+/// its pages lazily, so a large bitmap (a 15 TiB disk's 4 KiB fine record
+/// is 512 MiB) costs memory only where bits get set.
+fn zeroed_words(count: usize) -> Vec<AtomicU64> {
+    let mut words = std::mem::ManuallyDrop::new(vec![0u64; count]);
+    let (pointer, length, capacity) = (words.as_mut_ptr(), words.len(), words.capacity());
+    // SAFETY: AtomicU64 has the same size, alignment and bit validity as
+    // u64 (its documentation says so), the allocation is the Vec's own,
+    // and ManuallyDrop keeps it from being freed twice.
+    unsafe { Vec::from_raw_parts(pointer.cast::<AtomicU64>(), length, capacity) }
 }
 
 /// Calls `f(word_index, mask)` for each 64-bit word the run covers.

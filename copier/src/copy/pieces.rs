@@ -15,6 +15,119 @@ use crate::target::Target;
 
 /// Extents asked of the source per piece (holes and data alternate).
 const EXTENTS_PER_PIECE_MAX: usize = 1024;
+/// Extents of the source's allocation learnt before the copy, at most
+/// (16 bytes each); past them pieces ask the source one by one.
+const ALLOCATION_EXTENTS_MAX: usize = 1 << 20;
+/// Extents asked per query while learning the allocation.
+const ALLOCATION_QUERY_EXTENTS: usize = 4096;
+/// Plan ranges closer than this are learnt in one span (the gap's
+/// allocation costs less than another round trip).
+const LEARN_GAP_BYTES: u64 = 1 << 30;
+
+/// Which parts of the source read as zeroes, learnt in a few large
+/// queries before the copy instead of one per piece (which, over NBD,
+/// doubled the round trips of an incremental copy of small pieces).
+/// Sources never change while copied (an image under the state lock, a
+/// snapshot), so the map stays true.
+#[derive(Debug, Default)]
+struct Allocation {
+    /// (start, end, reads as zeroes), sorted and contiguous from the
+    /// plan's start up to `covered_end`.
+    extents: Vec<(u64, u64, bool)>,
+    covered_end: u64,
+    /// Gaps between spans: in `extents` to keep them contiguous, but not
+    /// learnt (no piece falls there).
+    unknown: Vec<(u64, u64)>,
+}
+
+impl Allocation {
+    /// Learns the allocation of the plan's spans: its ranges grouped
+    /// where less than `LEARN_GAP_BYTES` apart, each span in queries of
+    /// `ALLOCATION_QUERY_EXTENTS`, up to `ALLOCATION_EXTENTS_MAX` in all.
+    fn learn(source: &dyn BlockBackend, plan: &Plan) -> io::Result<Allocation> {
+        let mut allocation = Allocation::default();
+        if !source.can_extents() {
+            return Ok(allocation);
+        }
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for &(offset, length) in &plan.ranges {
+            match spans.last_mut() {
+                Some((_, end)) if offset < *end + LEARN_GAP_BYTES => *end = offset + length,
+                _ => spans.push((offset, offset + length)),
+            }
+        }
+        let mut found = Vec::new();
+        for (start, end) in spans {
+            let mut position = start;
+            // Extents between spans are not learnt: mark the gap unknown.
+            if allocation
+                .extents
+                .last()
+                .is_some_and(|&(_, e, _)| e < start)
+            {
+                allocation
+                    .extents
+                    .push((allocation.covered_end, start, false));
+                allocation.unknown.push((allocation.covered_end, start));
+            }
+            while position < end {
+                if allocation.extents.len() >= ALLOCATION_EXTENTS_MAX {
+                    return Ok(allocation);
+                }
+                found.clear();
+                source.extents(
+                    position,
+                    end - position,
+                    ALLOCATION_QUERY_EXTENTS,
+                    &mut found,
+                )?;
+                if found.is_empty() {
+                    return Ok(allocation);
+                }
+                for extent in &found {
+                    let extent_end = (position + extent.length_bytes).min(end);
+                    allocation
+                        .extents
+                        .push((position, extent_end, extent.flags & STATE_ZERO != 0));
+                    position = extent_end;
+                    allocation.covered_end = position;
+                }
+            }
+        }
+        Ok(allocation)
+    }
+
+    /// The parts of `[offset, offset + length)` if the map covers it.
+    fn parts(&self, offset: u64, length: u64) -> Option<Vec<Part>> {
+        let end = offset + length;
+        if end > self.covered_end
+            || self
+                .extents
+                .first()
+                .is_none_or(|&(start, _, _)| offset < start)
+            || self
+                .unknown
+                .iter()
+                .any(|&(start, stop)| offset < stop && start < end)
+        {
+            return None;
+        }
+        let mut index = self.extents.partition_point(|&(_, e, _)| e <= offset);
+        let mut parts = Vec::new();
+        let mut position = offset;
+        while position < end {
+            let &(_, extent_end, zero) = self.extents.get(index)?;
+            let part_end = extent_end.min(end);
+            parts.push(Part {
+                length: part_end - position,
+                zero,
+            });
+            position = part_end;
+            index += 1;
+        }
+        Some(parts)
+    }
+}
 
 /// Why a piece failed: its source read (which the caller explains: a
 /// broken snapshot, a lost server) or the target.
@@ -130,6 +243,16 @@ pub(crate) fn run_plan(
         changed: Condvar::new(),
     };
     let in_order = target.in_order();
+    let allocation = match Allocation::learn(source, plan) {
+        Ok(allocation) => allocation,
+        Err(error) => {
+            return Outcome {
+                moved: Moved::default(),
+                done_below: plan.ranges.first().map_or(0, |&(offset, _)| offset),
+                error: Some(PieceError::Source(error)),
+            };
+        }
+    };
     std::thread::scope(|scope| {
         for _ in 0..workers.max(1).min(pieces.len().max(1)) {
             scope.spawn(|| {
@@ -143,7 +266,14 @@ pub(crate) fn run_plan(
                     let Some(&(offset, length)) = pieces.get(index) else {
                         return;
                     };
-                    let piece = read_piece(source, offset, length, &mut buffer, &mut extents);
+                    let piece = read_piece(
+                        source,
+                        &allocation,
+                        offset,
+                        length,
+                        &mut buffer,
+                        &mut extents,
+                    );
                     let written = piece.and_then(|parts| {
                         if in_order && !turn.wait_for(index, &failure) {
                             return Err(PieceError::Abandoned);
@@ -193,12 +323,37 @@ struct Part {
 /// says which parts are data and which zeroes.
 fn read_piece(
     source: &dyn BlockBackend,
+    allocation: &Allocation,
     offset: u64,
     length: u64,
     buffer: &mut [u8],
     extents: &mut Vec<Extent>,
 ) -> Result<Vec<Part>, PieceError> {
     debug_assert!(length <= buffer.len() as u64);
+    let parts = match allocation.parts(offset, length) {
+        Some(parts) => parts,
+        None => parts_asked(source, offset, length, extents)?,
+    };
+    let mut position = 0;
+    for part in &parts {
+        if !part.zero {
+            let range = position as usize..(position + part.length) as usize;
+            source
+                .read_at(&mut buffer[range], offset + position)
+                .map_err(PieceError::Source)?;
+        }
+        position += part.length;
+    }
+    Ok(parts)
+}
+
+/// The parts of one piece, asked of the source.
+fn parts_asked(
+    source: &dyn BlockBackend,
+    offset: u64,
+    length: u64,
+    extents: &mut Vec<Extent>,
+) -> Result<Vec<Part>, PieceError> {
     extents.clear();
     if source.can_extents() {
         source
@@ -224,16 +379,6 @@ fn read_piece(
             length: length - covered,
             zero: false,
         });
-    }
-    let mut position = 0;
-    for part in &parts {
-        if !part.zero {
-            let range = position as usize..(position + part.length) as usize;
-            source
-                .read_at(&mut buffer[range], offset + position)
-                .map_err(PieceError::Source)?;
-        }
-        position += part.length;
     }
     Ok(parts)
 }

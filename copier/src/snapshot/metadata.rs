@@ -14,6 +14,9 @@ use super::view::Snapshot;
 /// Changed byte ranges, sorted and disjoint.
 type Ranges = Arc<Vec<(u64, u64)>>;
 
+/// The most one `base:allocation` answer of a snapshot looks at.
+const ALLOCATION_QUERY_BYTES_MAX: u64 = 1 << 30;
+
 /// Contexts whose extents a snapshot keeps at once; one more drops the
 /// oldest (computed again when asked for again).
 const DIRTY_CACHE_MAX: usize = 64;
@@ -45,6 +48,9 @@ impl Snapshot {
         if length == 0 || max_extents == 0 {
             return Ok(());
         }
+        // Extents may cover less than asked: one answer looks at a bounded
+        // number of regions (a client may ask for the whole disk).
+        let length = length.min(ALLOCATION_QUERY_BYTES_MAX);
         let run = self.granularity.run_of(offset, length);
         let before = self
             .store

@@ -1,0 +1,171 @@
+//! `blockwatch copy --to tape:PATH` end to end: a full and two incremental
+//! sessions of a live disk (with and without --compress), restored by
+//! `blockwatch restore` to a file at each checkpoint (`--until`) and
+//! compared with cmp against the disk as it was; `verify tape:`; a tape of
+//! another disk refused; a copy cut short by a full tape (ENOSPC after N
+//! blocks) leaves the tape's last session as it was, and a rerun appends
+//! a whole session.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use testkit::*;
+
+fn copy_to(image: &Path, target: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["copy", image.to_str().unwrap(), "--to", target, "--json"];
+    args.extend_from_slice(extra);
+    output(&mut command(BLOCKWATCH, &args))
+}
+
+fn copied(image: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
+    let out = copy_to(image, target, extra);
+    assert!(
+        out.status.success(),
+        "copy to {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_json(&String::from_utf8_lossy(&out.stdout), "copy --json")
+}
+
+fn restore(tape: &Path, to: &Path, extra: &[&str]) {
+    let tape_arg = format!("tape:{}", tape.display());
+    let mut args = vec!["restore", tape_arg.as_str(), "--to", to.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = output(&mut command(BLOCKWATCH, &args));
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn chain_through_a_tape(compress: bool) {
+    let dir = TempDir::new(if compress { "copy-tape-z" } else { "copy-tape" });
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    qemu_io(
+        &server.uri(),
+        &["write -P 1 0 4M", "write -P 2 40M 1M", "write -z 50M 1M"],
+    );
+    let tape = dir.join("disk.tape");
+    let target = format!("tape:{}", tape.display());
+    let extra: &[&str] = if compress {
+        &["--compress", "--block-size", "64K"]
+    } else {
+        &[]
+    };
+    let mut states = Vec::new();
+    for (round, commands) in [
+        &[][..],
+        &["write -P 3 8M 64k", "discard 40M 512k"][..],
+        &["write -P 4 1M 4k", "write -P 5 63M 1M"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        qemu_io(&server.uri(), commands);
+        let at = dir.join(format!("at-{round}.img"));
+        std::fs::copy(&image, &at).unwrap();
+        let summary = copied(&image, &target, extra);
+        assert_eq!(
+            summary["kind"],
+            if round == 0 { "full" } else { "incremental" },
+            "{summary:#}"
+        );
+        if round > 0 {
+            assert!(
+                summary["planned_bytes"].as_u64().unwrap() <= 2 << 20,
+                "{summary:#}"
+            );
+        }
+        states.push((summary["checkpoint"].as_str().unwrap().to_string(), at));
+    }
+    server.stop();
+    // The whole chain, then each point in time.
+    let restored = dir.join("restored.img");
+    restore(&tape, &restored, &[]);
+    assert_files_equal(&states[2].1, &restored);
+    for (checkpoint, at) in &states[..2] {
+        let until = dir.join(format!("until-{checkpoint}.img"));
+        restore(&tape, &until, &["--until", checkpoint]);
+        assert_files_equal(at, &until);
+    }
+    let verified = output(&mut command(BLOCKWATCH, ["verify", target.as_str()]));
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    // Only the newest copy's checkpoint is kept, pinned for the tape.
+    let listing = parse_json(
+        &run_program(
+            BLOCKWATCH,
+            ["checkpoints", image.to_str().unwrap(), "--json"],
+        ),
+        "checkpoints",
+    );
+    let listing = listing.as_array().unwrap();
+    assert_eq!(listing.len(), 1, "{listing:#?}");
+    assert_eq!(listing[0]["name"], states[2].0.as_str());
+}
+
+#[test]
+fn a_live_disk_copied_to_a_tape_restores_to_each_checkpoint() {
+    chain_through_a_tape(false);
+}
+
+#[test]
+fn a_compressed_tape_with_small_blocks_restores_the_same() {
+    chain_through_a_tape(true);
+}
+
+#[test]
+fn a_tape_of_another_disk_is_refused_and_a_full_tape_keeps_its_last_session() {
+    let dir = TempDir::new("copy-tape-refusals");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "32M");
+    qemu_io(&server.uri(), &["write -P 1 0 8M"]);
+    let tape = dir.join("disk.tape");
+    let target = format!("tape:{}", tape.display());
+    copied(&image, &target, &[]);
+    let first = dir.join("first.img");
+    std::fs::copy(&image, &first).unwrap();
+
+    let other = dir.join("other.img");
+    let other_server = Server::start_with_size(dir.path(), &other, "32M");
+    let refused = copy_to(&other, &target, &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("another disk"),
+        "{refused:?}"
+    );
+    other_server.stop();
+
+    // A tape that fills after 20 more blocks (of 256 KiB): the session is
+    // cut, the tape still holds the first copy, and the rerun appends.
+    qemu_io(&server.uri(), &["write -P 2 0 16M"]);
+    let length_before = std::fs::metadata(&tape).unwrap().len();
+    let label_and_first = length_before / (256 << 10);
+    let mut full = command(
+        BLOCKWATCH,
+        ["copy", image.to_str().unwrap(), "--to", target.as_str()],
+    );
+    full.env(
+        "BLOCKWATCH_TAPE_ENOSPC_AFTER_BLOCKS",
+        (label_and_first + 20).to_string(),
+    );
+    let cut = output(&mut full);
+    assert_eq!(cut.status.code(), Some(2), "{cut:?}");
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("No space left"),
+        "{cut:?}"
+    );
+    let restored = dir.join("restored.img");
+    restore(&tape, &restored, &[]);
+    assert_files_equal(&first, &restored);
+
+    let rerun = copied(&image, &target, &[]);
+    assert_eq!(rerun["kind"], "incremental", "{rerun:#}");
+    server.stop();
+    let restored = dir.join("restored-2.img");
+    restore(&tape, &restored, &[]);
+    assert_files_equal(&image, &restored);
+}
