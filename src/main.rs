@@ -58,9 +58,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = verify_tapes_shim() {
-        return code;
-    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -82,28 +79,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// `blockwatch verify tape:A [tape:B ...] [--json]`: a chain of tapes
-/// checked alone, until `copy::verify` routes `tape:` targets to
-/// `restore::verify_tapes` itself.
-fn verify_tapes_shim() -> Option<ExitCode> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (command, rest) = args.split_first()?;
-    let words: Vec<&String> = rest.iter().filter(|a| !a.starts_with('-')).collect();
-    if command != "verify" || words.is_empty() || !words.iter().all(|w| w.starts_with("tape:")) {
-        return None;
-    }
-    init_logging(0);
-    let paths: Vec<_> = words.iter().map(|w| restore::tape_path(w)).collect();
-    let json = rest.iter().any(|a| a == "--json");
-    Some(match restore::verify_tapes(&paths, json) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("blockwatch: {error:#}");
-            ExitCode::from(2)
-        }
-    })
 }
 
 fn init_logging(verbose: u8) {

@@ -54,7 +54,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     if args.to.starts_with("tape:") {
         bail!("restore writes an image or an NBD export, not a tape: --to IMAGE|nbd://...");
     }
-    let target = RestoreTarget::parse(&args.to);
+    let target = RestoreTarget::parse(&args.to)?;
     let started = Instant::now();
     let summary = restore(&tapes, &target, args.until.as_deref())?;
     let seconds = started.elapsed().as_secs_f64();

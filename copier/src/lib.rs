@@ -1,8 +1,9 @@
 //! Point-in-time copies of a tracked disk's changed blocks to other
 //! storage, with verify. Today: replicas (raw sparse image files) of a
 //! disk with or without its server running (then through a
-//! copy-before-write snapshot), and of any NBD export; NBD targets and
-//! tape streams come next.
+//! copy-before-write snapshot), and of any NBD export; NBD targets; tape
+//! streams (`tape/`: written, verified and restored; copies to them come
+//! next).
 //!
 //! Files and what each owns:
 //! - `plan.rs`: the byte ranges a copy moves, from the tracker's changes,
@@ -20,6 +21,8 @@
 //!   disk as it was at a checkpoint while it stays writable, readable as a
 //!   `BlockBackend`, which the server serves as `DISK@CHECKPOINT`.
 //! - `verify.rs`: a replica compared region by region with its source.
+//! - `tape/`: `tape:PATH` streams (format, writer, reader, verify of a
+//!   chain of tapes, restore onto an image or an NBD export).
 
 pub mod copy;
 pub mod nbd_source;

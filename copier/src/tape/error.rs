@@ -60,7 +60,7 @@ pub enum TapeError {
         reason: String,
     },
     #[error(
-        "tape {tape} ends at block {block}, inside a session ({part}): that session was never finished"
+        "tape {tape} ends at block {block}, inside the {part}: the tape was cut short, or its last session never finished"
     )]
     Truncated {
         tape: PathBuf,

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 /// drive).
 pub const ENOSPC_AFTER_BLOCKS_ENV: &str = "BLOCKWATCH_TAPE_ENOSPC_AFTER_BLOCKS";
 
+/// How long an append waits for another holder of the tape's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 #[derive(Debug)]
 pub struct Media {
     pub path: PathBuf,
@@ -69,8 +73,24 @@ impl Media {
         })
     }
 
-    /// Keeps a second writer off this tape (flock, released on close).
+    /// Keeps a second writer off this tape (flock, released on close),
+    /// waiting up to `LOCK_WAIT` for it: a process that forks (to start
+    /// a program) holds a copy of every descriptor, and so of a just
+    /// closed tape's lock, until its child execs.
     pub fn lock_exclusive(&self) -> io::Result<bool> {
+        let started = std::time::Instant::now();
+        loop {
+            if self.try_lock_exclusive()? {
+                return Ok(true);
+            }
+            if started.elapsed() > LOCK_WAIT {
+                return Ok(false);
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
+
+    fn try_lock_exclusive(&self) -> io::Result<bool> {
         // SAFETY: flock on a descriptor we own.
         let result = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if result == 0 {

@@ -11,8 +11,8 @@ use std::path::Path;
 
 use super::error::{Part, TapeError};
 use super::format::{
-    BLOCK_HEADER_BYTES, BLOCK_MAGIC, BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, FLAG_ZSTD, Id, LABEL_BYTES,
-    LABEL_MAGIC, Label, RECORD_HEADER_BYTES, RecordHeader, RecordKind, SessionHeader,
+    BLOCK_HEADER_BYTES, BLOCK_MAGIC, BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, BlockHeader, FLAG_ZSTD, Id,
+    LABEL_BYTES, LABEL_MAGIC, Label, RECORD_HEADER_BYTES, RecordHeader, RecordKind, SessionHeader,
     SessionTotals, decode_files, decode_trailer, open_block,
 };
 use super::media::{BlockRead, Media};
@@ -138,6 +138,24 @@ impl TapeReader {
         Ok(())
     }
 
+    /// Files: block `index` read whole, with its header; None when it is
+    /// cut short, missing, or fails its crc. Leaves the reader to be
+    /// positioned again with `seek_session`.
+    pub(crate) fn block_at(
+        &mut self,
+        index: u64,
+    ) -> Result<Option<(BlockHeader, Vec<u8>)>, TapeError> {
+        let path = self.media.path.clone();
+        let io_error = |source| TapeError::io(&path, source);
+        let mut block = vec![0u8; self.block.len()];
+        let position = index * self.block_size_bytes();
+        self.media.seek(position).map_err(io_error)?;
+        if self.media.read_block(&mut block).map_err(io_error)? != BlockRead::Full {
+            return Ok(None);
+        }
+        Ok(open_block(&block).ok().map(|header| (header, block)))
+    }
+
     /// The next session's header, after reading (and checking) whatever is
     /// left of the current one; `None` where the tape ends.
     pub fn next_session(&mut self) -> Result<Option<&SessionHeader>, TapeError> {
@@ -146,12 +164,22 @@ impl TapeReader {
         }
         let mut ends = 0;
         loop {
-            match self.read_block(Part::Block)? {
-                Some(()) => break,
+            match self.read_block(Part::Block) {
+                Ok(Some(())) => break,
                 // A drive has a filemark after the label and after each
                 // session; two in a row (or the end of a file) is the end.
-                None if self.media.device && ends == 0 => ends += 1,
-                None => return Ok(None),
+                Ok(None) if self.media.device && ends == 0 => ends += 1,
+                Ok(None) => return Ok(None),
+                // Linux st answers a read past the last filemark (end of
+                // recorded data) with EIO.
+                Err(TapeError::Io { source, .. })
+                    if self.media.device
+                        && ends > 0
+                        && source.raw_os_error() == Some(libc::EIO) =>
+                {
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
             }
         }
         let header = open_block(&self.block).map_err(|reason| self.damaged(Part::Block, reason))?;

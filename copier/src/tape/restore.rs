@@ -32,12 +32,23 @@ pub enum RestoreTarget {
 }
 
 impl RestoreTarget {
-    /// `nbd://`/`nbd+unix://` URIs, `file:PATH`, or a plain path.
-    pub fn parse(text: &str) -> RestoreTarget {
+    /// `nbd://`/`nbd+unix://` URIs, `file:PATH`, or a plain path; other
+    /// URI schemes (`nbds://`, `s3://`) are refused, not taken for file
+    /// names.
+    pub fn parse(text: &str) -> Result<RestoreTarget, RestoreError> {
         if text.starts_with("nbd://") || text.starts_with("nbd+unix://") {
-            return RestoreTarget::Nbd(text.to_string());
+            return Ok(RestoreTarget::Nbd(text.to_string()));
         }
-        RestoreTarget::File(PathBuf::from(text.strip_prefix("file:").unwrap_or(text)))
+        if let Some(path) = text.strip_prefix("file:") {
+            return Ok(RestoreTarget::File(PathBuf::from(path)));
+        }
+        if text.contains("://") {
+            return Err(RestoreError::TargetRefused {
+                target: text.to_string(),
+                reason: "restore writes an image file, a block device or an nbd:// or nbd+unix:// export".into(),
+            });
+        }
+        Ok(RestoreTarget::File(PathBuf::from(text)))
     }
 
     pub fn describe(&self) -> String {

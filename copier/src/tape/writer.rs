@@ -15,7 +15,8 @@ use super::format::{
     block_size_is_valid, encode_files, encode_trailer, seal_block,
 };
 use super::media::Media;
-use super::reader::{Record, TapeReader};
+use super::reader::{Record, SessionStart, TapeReader};
+use super::tail::scan_from_end;
 use crate::copy::unix_seconds;
 use crate::target::Held;
 
@@ -117,7 +118,7 @@ impl TapeWriter {
         }
         let enospc_after_blocks = media.enospc_after_blocks;
         let mut reader = TapeReader::from_media(media)?;
-        let scan = scan(&mut reader)?;
+        let scan = quick_scan(&mut reader)?;
         let label = reader.label().clone();
         let block_bytes = reader.block_size_bytes();
         let mut media = reader.into_media();
@@ -247,7 +248,23 @@ pub fn last_session(path: &Path) -> Result<Option<SessionHeader>, TapeError> {
         _ => {}
     }
     let mut reader = TapeReader::open(path)?;
-    Ok(scan(&mut reader)?.last)
+    Ok(quick_scan(&mut reader)?.last)
+}
+
+/// `scan`, from the end of a file when that is enough (`tail.rs`): an
+/// append then costs a few blocks, not a read of the whole tape.
+fn quick_scan(reader: &mut TapeReader) -> Result<Scan, TapeError> {
+    let file_bytes = match std::fs::metadata(reader.path()) {
+        Ok(metadata) if metadata.is_file() => Some(metadata.len()),
+        _ => None,
+    };
+    if let Some(file_bytes) = file_bytes {
+        if let Some(found) = scan_from_end(reader, file_bytes)? {
+            return Ok(found);
+        }
+        reader.seek_session(SessionStart { block_index: 1 })?;
+    }
+    scan(reader)
 }
 
 /// Reads every session, checking everything; an unfinished session that
