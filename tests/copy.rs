@@ -202,20 +202,7 @@ fn a_copy_that_runs_out_of_space_leaves_the_record_and_a_rerun_finishes() {
     let server = Server::start_with_size(dir.path(), &image, "64M");
     qemu_io(&server.uri(), &["write -P 1 0 1M"]);
     server.stop();
-    let small = dir.join("small");
-    std::fs::create_dir(&small).unwrap();
-    run_program(
-        "mount",
-        [
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4M",
-            "tmpfs",
-            small.to_str().unwrap(),
-        ],
-    );
-    let unmount = Unmount(small.clone());
+    let small = Tmpfs::mount(dir.path(), "small", "4M");
     let replica = small.join("r.img");
     let replica_arg = replica.to_str().unwrap();
     let first = copy_json(&image, replica_arg, &[]);
@@ -233,20 +220,11 @@ fn a_copy_that_runs_out_of_space_leaves_the_record_and_a_rerun_finishes() {
     );
     // The replica holds a half-written copy now; --full starts over (a
     // rerun without it resumes: tests/copy_nbd.rs).
-    run_program("mount", ["-o", "remount,size=64M", small.to_str().unwrap()]);
+    small.resize("64M");
     let rerun = copy_json(&image, replica_arg, &["--full"]);
     assert_eq!(rerun["kind"], "full");
     assert_ne!(rerun["checkpoint"], first["checkpoint"]);
     assert_files_equal(&image, &replica);
-    drop(unmount);
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// qemu-nbd serving `qcow2` read-only (with `-B bitmap` when given) on a

@@ -176,20 +176,7 @@ fn a_copy_cut_short_by_enospc_resumes_without_redoing_what_it_copied() {
     let server = Server::start_with_size(dir.path(), &image, "64M");
     qemu_io(&server.uri(), &["write -P 1 0 1M"]);
     server.stop();
-    let small = dir.join("small");
-    std::fs::create_dir(&small).unwrap();
-    run_program(
-        "mount",
-        [
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=7M",
-            "tmpfs",
-            small.to_str().unwrap(),
-        ],
-    );
-    let _unmount = Unmount(small.clone());
+    let small = Tmpfs::mount(dir.path(), "small", "7M");
     let replica = small.join("r.img");
     let replica_arg = replica.to_str().unwrap();
     copy_json(&image, replica_arg, &[]);
@@ -219,7 +206,7 @@ fn a_copy_cut_short_by_enospc_resumes_without_redoing_what_it_copied() {
     );
     assert!(small.join("r.img.blockwatch-replica.partial").exists());
 
-    run_program("mount", ["-o", "remount,size=64M", small.to_str().unwrap()]);
+    small.resize("64M");
     let rerun = copy_json(&image, replica_arg, &[]);
     assert_eq!(rerun["kind"], "incremental", "{rerun:#}");
     assert!(rerun["resumed_from"].is_string(), "{rerun:#}");
@@ -244,12 +231,4 @@ fn a_copy_cut_short_by_enospc_resumes_without_redoing_what_it_copied() {
         ["verify", image.to_str().unwrap(), replica_arg],
     ));
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }

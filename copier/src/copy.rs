@@ -182,18 +182,6 @@ pub struct Summary {
     pub mib_per_second: f64,
 }
 
-/// An error with its causes, for logs.
-fn error_text(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// An image id as the replica record writes it.
 pub(crate) fn hex_id(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -325,7 +313,7 @@ pub(crate) fn copy_tracked(
     target.save_partial(&partial(0))?;
     let save = |done_below| {
         if let Err(error) = target.save_partial(&partial(done_below)) {
-            tracing::warn!(error = %error_text(&error), "cannot record how far the copy got");
+            tracing::warn!(error = %tracker::tracker::error_chain(&error), "cannot record how far the copy got");
         }
     };
     let outcome = run_plan(source.as_ref(), &*target, &plan, workers, progress, &save);

@@ -457,3 +457,54 @@ impl LiveFs {
         self.server.take().expect("server running").stop();
     }
 }
+
+/// A small tmpfs mounted in a test's directory (root only), to run a
+/// target out of space; unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, name: &str, size: &str) -> Tmpfs {
+        let path = dir.join(name);
+        std::fs::create_dir(&path).unwrap();
+        run_program(
+            "mount",
+            [
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ],
+        );
+        Tmpfs { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Gives it more (or less) room; what it holds stays.
+    pub fn resize(&self, size: &str) {
+        run_program(
+            "mount",
+            [
+                "-o",
+                &format!("remount,size={size}"),
+                self.path.to_str().unwrap(),
+            ],
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
