@@ -2,8 +2,7 @@
 //! storage, with verify. Today: replicas (raw sparse image files) of a
 //! disk with or without its server running (then through a
 //! copy-before-write snapshot), and of any NBD export; NBD targets; tape
-//! streams (`tape/`: written, verified and restored; copies to them come
-//! next).
+//! streams (`tape/`: written by copies, verified, restored).
 //!
 //! Files and what each owns:
 //! - `plan.rs`: the byte ranges a copy moves, from the tracker's changes,
@@ -14,7 +13,8 @@
 //!   exports): full or incremental, workers (`pieces.rs`), the commit
 //!   order, pins, merging away checkpoints nothing needs.
 //! - `stream_write.rs`: large file writes that spare the page cache.
-//! - `target.rs`: where a copy goes: what it holds, its pieces, its commit.
+//! - `target.rs` (and `target/`): where a copy goes: what it holds, its
+//!   pieces, its commit (replica file, NBD export, tape).
 //! - `nbd_source.rs`: any NBD server as a source, with its holes and its
 //!   `qemu:dirty-bitmap:NAME` as the plan.
 //! - `snapshot.rs` (and `snapshot/`): the copy-before-write snapshot, the
