@@ -169,3 +169,54 @@ fn a_tape_of_another_disk_is_refused_and_a_full_tape_keeps_its_last_session() {
     restore(&tape, &restored, &[]);
     assert_files_equal(&image, &restored);
 }
+
+#[test]
+fn an_incremental_session_of_an_ext4_disk_lists_the_files_it_changed() {
+    if skipped_unless_root("mount -o loop and FUSE") {
+        return;
+    }
+    let dir = TempDir::new("copy-tape-files");
+    let image = dir.join("disk.img");
+    create_sparse_file(&image, 64 << 20);
+    run_program(
+        "mkfs.ext4",
+        [
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            image.to_str().unwrap(),
+        ],
+    );
+    let tape = dir.path().join("disk.tape");
+    let target = format!("tape:{}", tape.display());
+    let image_arg = image.clone();
+    let mut fs = LiveFs::start(dir, &image, &[], 64 << 20, "loop", 0);
+    fs.mkdir("/docs");
+    fs.write("/docs/a.txt", 1, 10_000);
+    fs.sync();
+    copied(&image_arg, &target, &[]);
+    fs.write("/docs/b.txt", 2, 20_000);
+    fs.append("/docs/a.txt", 3, 5_000);
+    fs.sync();
+    let summary = copied(&image_arg, &target, &[]);
+    assert_eq!(summary["kind"], "incremental", "{summary:#}");
+    fs.stop();
+
+    let mut reader = copier::tape::TapeReader::open(&tape).unwrap();
+    let mut lists = Vec::new();
+    while reader.next_session().unwrap().is_some() {
+        let mut files = None;
+        while let Some(record) = reader.next_record().unwrap() {
+            if let copier::tape::Record::Files(paths) = record {
+                files = Some(paths);
+            }
+        }
+        lists.push(files);
+    }
+    assert_eq!(lists.len(), 2);
+    assert_eq!(lists[0], None, "a full session lists no files");
+    let files = lists[1].clone().expect("the incremental lists its files");
+    assert!(files.contains(&"+\t/docs/b.txt".to_string()), "{files:?}");
+    assert!(files.contains(&"M\t/docs/a.txt".to_string()), "{files:?}");
+}

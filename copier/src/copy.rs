@@ -231,6 +231,10 @@ pub(crate) trait TrackedDisk {
     fn pin(&mut self, name: &str, holder: &str, reason: &str) -> Result<(), CopyError>;
     fn unpin(&mut self, name: &str, holder: &str) -> Result<(), CopyError>;
     fn delete(&mut self, name: &str) -> Result<(), CopyError>;
+    /// The files changed from `since` up to `until`, one line each
+    /// (`STATUS<TAB>PATH`, status as `blockwatch changes --files` prints
+    /// it), or None when the disk has no file map or it cannot say.
+    fn changed_files(&mut self, since: &str, until: &str) -> Option<Vec<String>>;
     /// Lets go of what `take` holds beyond the checkpoint (a snapshot).
     fn release(&mut self, taken: &Held) -> Result<(), CopyError>;
     /// The error to report for a source read that failed.
@@ -300,6 +304,11 @@ pub(crate) fn copy_tracked(
         ),
     )?;
     target.open(&info, &taken, base.as_ref())?;
+    if let Some(base) = base.as_ref().filter(|_| target.wants_files())
+        && let Some(files) = disk.changed_files(&base.checkpoint, &taken.checkpoint)
+    {
+        target.set_files(files);
+    }
     progress.planned(plan.bytes());
     let partial = |done_below_bytes| Partial {
         format: PARTIAL_FORMAT,

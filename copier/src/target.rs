@@ -73,6 +73,15 @@ pub trait Target: Sync {
     fn write_data(&self, offset: u64, data: &[u8]) -> Result<(), CopyError>;
     /// Makes a range read as zeroes (a hole where the target can).
     fn write_zero(&self, offset: u64, length: u64) -> Result<(), CopyError>;
+    /// Whether the target keeps the list of files a copy changed (a tape
+    /// session does); the copy then asks the file map for it.
+    fn wants_files(&self) -> bool {
+        false
+    }
+    /// The files the copy changed (`STATUS<TAB>PATH` lines).
+    fn set_files(&mut self, files: Vec<String>) {
+        let _ = files;
+    }
     /// Whether pieces must arrive in plan order (a sequential stream).
     fn in_order(&self) -> bool {
         false

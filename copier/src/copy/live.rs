@@ -10,7 +10,8 @@ use std::sync::Arc;
 use backend::BlockBackend;
 use control::Request;
 use control::proto::{
-    ChangesReply, ChangesRequest, CheckpointsReply, PinReply, SnapshotReply, StatusReply,
+    ChangesReply, ChangesRequest, CheckpointsReply, FileChangesReply, PinReply, SnapshotReply,
+    StatusReply,
 };
 use control::transport::Connection;
 
@@ -130,6 +131,25 @@ impl TrackedDisk for Live {
             name: name.to_string(),
         })?;
         Ok(())
+    }
+
+    fn changed_files(&mut self, since: &str, until: &str) -> Option<Vec<String>> {
+        let reply: FileChangesReply = self
+            .server
+            .call(&Request::Changes(ChangesRequest {
+                since: since.to_string(),
+                until: Some(until.to_string()),
+                files: true,
+                ..ChangesRequest::default()
+            }))
+            .ok()?;
+        Some(
+            reply
+                .files
+                .iter()
+                .filter_map(|file| Some(format!("{}\t{}", file.status, file.path.as_ref()?)))
+                .collect(),
+        )
     }
 
     fn release(&mut self, taken: &Held) -> Result<(), CopyError> {

@@ -131,6 +131,22 @@ impl TrackedDisk for Offline<'_> {
         Ok(())
     }
 
+    fn changed_files(&mut self, since: &str, until: &str) -> Option<Vec<String>> {
+        let report = self
+            .tracker
+            .file_changes(since, Some(until), &Default::default())
+            .ok()?;
+        Some(
+            report
+                .listed()
+                .filter_map(|(_, change)| {
+                    let path = change.paths.first()?;
+                    Some(format!("{}\t{path}", change.kind.symbol()))
+                })
+                .collect(),
+        )
+    }
+
     fn release(&mut self, _taken: &Held) -> Result<(), CopyError> {
         Ok(())
     }

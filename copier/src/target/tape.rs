@@ -156,6 +156,16 @@ impl Target for TapeTarget {
         true
     }
 
+    fn wants_files(&self) -> bool {
+        true
+    }
+
+    fn set_files(&mut self, files: Vec<String>) {
+        if let Some(session) = self.session.lock().expect("tape session lock").as_mut() {
+            session.set_files(files);
+        }
+    }
+
     fn commit(&mut self) -> Result<(), CopyError> {
         let session = self
             .session
