@@ -10,19 +10,56 @@ use nbd_client::{BASE_ALLOCATION, Client, DIRTY_BITMAP_CONTEXT_PREFIX};
 
 use crate::plan::Plan;
 
-/// An NBD export read through `Client`, as a read-only backend.
+/// An NBD export read through `Client`, as a read-only backend; reads
+/// are spread over extra connections when the export allows several
+/// (NBD_FLAG_CAN_MULTI_CONN).
 #[derive(Debug)]
 pub struct NbdSource {
     client: Client,
+    extra: Vec<Client>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl NbdSource {
     pub fn new(client: Client) -> NbdSource {
-        NbdSource { client }
+        NbdSource {
+            client,
+            extra: Vec::new(),
+            next: Default::default(),
+        }
+    }
+
+    /// Opens up to `connections - 1` more connections to `uri` when the
+    /// export says they see the same data; one that fails is left out.
+    pub fn with_connections(client: Client, uri: &str, connections: usize) -> NbdSource {
+        let mut source = NbdSource::new(client);
+        if source.client.info().can_multi_conn() {
+            for _ in 1..connections {
+                match Client::connect_with(uri, &nbd_client::ConnectOptions::default()) {
+                    Ok(client) => source.extra.push(client),
+                    Err(error) => {
+                        tracing::debug!(%error, "reading through fewer connections");
+                        break;
+                    }
+                }
+            }
+        }
+        source
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The connection for the next request, in turn.
+    fn any(&self) -> &Client {
+        let index =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (self.extra.len() + 1);
+        if index == 0 {
+            &self.client
+        } else {
+            &self.extra[index - 1]
+        }
     }
 
     /// The plan of a copy driven by the server's dirty bitmap `name`: the
@@ -73,7 +110,7 @@ impl BlockBackend for NbdSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        Ok(self.client.read_at(buf, offset)?)
+        Ok(self.any().read_at(buf, offset)?)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {

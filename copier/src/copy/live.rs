@@ -44,6 +44,10 @@ pub fn copy_live(options: &CopyOptions) -> Result<Summary, CopyError> {
     )
 }
 
+/// Connections the copy reads the snapshot export through (it is
+/// multi-conn): small scattered pieces are bound by round trips.
+const SNAPSHOT_CONNECTIONS: usize = 4;
+
 /// A reply whose fields nobody needs (only its `ok`).
 #[derive(Debug, serde::Deserialize)]
 struct Ignored {}
@@ -93,7 +97,9 @@ impl TrackedDisk for Live {
             checkpoint: snapshot.checkpoint,
             generation: snapshot.generation,
         };
-        Ok((held, Arc::new(NbdSource::new(client))))
+        let uri = self.snapshot_uri.as_deref().unwrap_or_default();
+        let source = NbdSource::with_connections(client, uri, SNAPSHOT_CONNECTIONS);
+        Ok((held, Arc::new(source)))
     }
 
     fn changes(&mut self, since: &str, until: &str) -> Result<Vec<(u64, u64)>, CopyError> {
