@@ -12,6 +12,7 @@ use copier::copy::Progress;
 use copier::copy::copy_live;
 use copier::copy::{NbdCopyOptions, WORKERS_DEFAULT, copy_from_nbd};
 use copier::target::TargetSpec;
+use copier::verify::VerifyTarget;
 use copier::{CopyOptions, Summary, copy_offline};
 use tracker::tracker::{default_state_dir, state_is_locked};
 
@@ -271,11 +272,17 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             "usage: blockwatch verify [IMAGE] TARGET, or blockwatch verify tape:A [tape:B ...]"
         ),
     };
-    let replica = replica_of(target)?;
+    let target = match target_of(target, TAPE_FLAGS_DEFAULT)? {
+        TargetSpec::File(path) => VerifyTarget::File(path),
+        TargetSpec::Nbd(uri) => VerifyTarget::Nbd(uri),
+        TargetSpec::Tape { .. } => bail!(
+            "verify tapes alone: blockwatch verify tape:A [tape:B ...] checks every checksum of the chain"
+        ),
+    };
     let report = if is_served(&image, args.state.as_deref())? {
-        copier::verify::verify_live(&image, args.state.as_deref(), &replica)?
+        copier::verify::verify_live(&image, args.state.as_deref(), &target)?
     } else {
-        copier::verify::verify_offline(&image, args.state.as_deref(), &replica)?
+        copier::verify::verify_offline(&image, args.state.as_deref(), &target)?
     };
     let code = if report.regions_differing == 0 {
         ExitCode::SUCCESS

@@ -59,6 +59,22 @@ fn chain_to(dir: &Path, target_uri: &str) {
         read_out(target_uri, &out);
         assert_files_equal(&image, &out);
     }
+    // verify reads the export back, through a snapshot of the served disk.
+    let verify = |expect: i32| {
+        let out = output(&mut command(
+            BLOCKWATCH,
+            ["verify", image.to_str().unwrap(), target_uri],
+        ));
+        assert_eq!(out.status.code(), Some(expect), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    verify(0);
+    // Damage behind our back, in a region nobody wrote since the copy.
+    qemu_io(target_uri, &["write -P 9 20M 4k"]);
+    let said = verify(1);
+    assert!(said.contains(&format!("differs {} ", 20 * MIB)), "{said}");
+    qemu_io(target_uri, &["write -z 20M 4k"]);
+    verify(0);
     server.stop();
 }
 

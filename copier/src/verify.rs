@@ -5,8 +5,6 @@
 //! changes merging into the next). Regions written since the replica's
 //! checkpoint cannot be compared and are skipped and counted.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +15,76 @@ use tracker::{OpenError, Tracker, TrackerOptions};
 
 use crate::plan::PIECE_BYTES_MAX;
 use crate::replica::{ReplicaError, read_record};
+
+/// What a verify compares with the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyTarget {
+    /// A replica file, its record beside it.
+    File(PathBuf),
+    /// An NBD export a copy went to, its record in the source's state
+    /// directory (`targets/`).
+    Nbd(String),
+}
+
+impl VerifyTarget {
+    /// The name errors and reports use.
+    fn label(&self) -> PathBuf {
+        match self {
+            VerifyTarget::File(path) => path.clone(),
+            VerifyTarget::Nbd(uri) => PathBuf::from(uri),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            VerifyTarget::File(path) => format!("file:{}", path.display()),
+            VerifyTarget::Nbd(uri) => uri.clone(),
+        }
+    }
+
+    /// Its record, or NoRecord.
+    fn record(&self, state_dir: &Path) -> Result<crate::replica::ReplicaRecord, VerifyError> {
+        let key = match self {
+            VerifyTarget::File(path) => path.clone(),
+            VerifyTarget::Nbd(uri) => state_dir
+                .join(crate::target::TARGETS_DIR)
+                .join(crate::target::nbd_holder(uri)),
+        };
+        read_record(&key)?.ok_or_else(|| VerifyError::NoRecord {
+            replica: self.label(),
+        })
+    }
+
+    fn open(&self) -> Result<Box<dyn BlockBackend>, VerifyError> {
+        match self {
+            VerifyTarget::File(path) => Ok(Box::new(FileBackend::open(path, true).map_err(
+                |source| VerifyError::SourceOpen {
+                    image: path.clone(),
+                    source,
+                },
+            )?)),
+            VerifyTarget::Nbd(uri) => {
+                let client =
+                    nbd_client::Client::connect(uri).map_err(|source| VerifyError::Connect {
+                        uri: uri.clone(),
+                        source,
+                    })?;
+                Ok(Box::new(crate::nbd_source::NbdSource::new(client)))
+            }
+        }
+    }
+}
+
+fn state_dir_of(image: &Path, state_dir: Option<&Path>) -> Result<PathBuf, VerifyError> {
+    let image = std::path::absolute(image).map_err(|source| VerifyError::Read {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    Ok(state_dir.map_or_else(
+        || tracker::tracker::default_state_dir(&image),
+        Path::to_path_buf,
+    ))
+}
 
 /// Differing regions listed in a report (the count is always exact).
 pub const DIFFERING_LISTED_MAX: usize = 1000;
@@ -98,12 +166,12 @@ fn open_for_query(options: &TrackerOptions, size_bytes: u64) -> Result<Tracker, 
 pub fn verify_offline(
     image: &Path,
     state_dir: Option<&Path>,
-    replica: &Path,
+    target: &VerifyTarget,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let record = read_record(replica)?.ok_or_else(|| VerifyError::NoRecord {
-        replica: replica.to_path_buf(),
-    })?;
+    let record = target.record(&state_dir_of(image, state_dir)?)?;
+    let replica = target.label();
+    let replica = replica.as_path();
     let source = FileBackend::open(image, true).map_err(|source| VerifyError::SourceOpen {
         image: image.to_path_buf(),
         source,
@@ -138,7 +206,7 @@ pub fn verify_offline(
                     compare(
                         &source,
                         tracker.image_path(),
-                        replica,
+                        target,
                         &record.checkpoint,
                         tracker.granularity().bytes(),
                         &written,
@@ -168,7 +236,7 @@ pub fn verify_offline(
 fn compare(
     source: &dyn BlockBackend,
     source_path: &Path,
-    replica: &Path,
+    target: &VerifyTarget,
     checkpoint: &str,
     region_bytes: u64,
     written: &[(u64, u64)],
@@ -177,8 +245,10 @@ fn compare(
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(replica).map_err(|e| read_error(replica, e))?;
-    let replica_bytes = file.metadata().map_err(|e| read_error(replica, e))?.len();
+    let replica = target.label();
+    let replica = replica.as_path();
+    let file = target.open()?;
+    let replica_bytes = file.size_bytes();
     let size_bytes = source.size_bytes();
     if replica_bytes != size_bytes {
         return Err(VerifyError::SizeMismatch {
@@ -198,7 +268,7 @@ fn compare(
     let mut ours = vec![0u8; chunk_bytes as usize];
     let mut theirs = vec![0u8; chunk_bytes as usize];
     let mut report = VerifyReport {
-        target: format!("file:{}", replica.display()),
+        target: target.describe(),
         checkpoint: checkpoint.to_string(),
         granularity_bytes: region_bytes,
         regions_compared: 0,
@@ -214,7 +284,7 @@ fn compare(
         source
             .read_at(ours, offset)
             .map_err(|e| read_error(source_path, e))?;
-        file.read_exact_at(theirs, offset)
+        file.read_at(theirs, offset)
             .map_err(|e| read_error(replica, e))?;
         for (index, (a, b)) in ours
             .chunks(region_bytes as usize)
@@ -245,24 +315,17 @@ fn compare(
 pub fn verify_live(
     image: &Path,
     state_dir: Option<&Path>,
-    replica: &Path,
+    target: &VerifyTarget,
 ) -> Result<VerifyReport, VerifyError> {
     use control::Request;
     use control::proto::{
         ChangesReply, ChangesRequest, CheckpointsReply, SnapshotReply, StatusReply,
     };
     let started = Instant::now();
-    let record = read_record(replica)?.ok_or_else(|| VerifyError::NoRecord {
-        replica: replica.to_path_buf(),
-    })?;
-    let image = std::path::absolute(image).map_err(|source| VerifyError::Read {
-        path: image.to_path_buf(),
-        source,
-    })?;
-    let state_dir = state_dir.map_or_else(
-        || tracker::tracker::default_state_dir(&image),
-        Path::to_path_buf,
-    );
+    let state_dir = state_dir_of(image, state_dir)?;
+    let record = target.record(&state_dir)?;
+    let replica = target.label();
+    let replica = replica.as_path();
     let mut server = control::transport::Connection::open(&state_dir)?;
     let StatusReply { status, .. } = server.call(&Request::Status)?;
     if status.image_id != record.image_id {
@@ -304,7 +367,7 @@ pub fn verify_live(
         compare(
             &source,
             Path::new(&snapshot.uri),
-            replica,
+            target,
             &record.checkpoint,
             status.granularity_bytes,
             &written,
