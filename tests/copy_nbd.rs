@@ -174,6 +174,14 @@ fn an_export_holding_data_is_refused_unless_full_and_a_foreign_one_too() {
     ));
     assert_eq!(sized.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&sized.stderr).contains("bytes"));
+    // Nothing of the refused copy is pinned for a resume.
+    let listing = parse_json(
+        &run_program(BLOCKWATCH, ["checkpoints", big.to_str().unwrap(), "--json"]),
+        "checkpoints",
+    );
+    for checkpoint in listing.as_array().unwrap() {
+        assert_eq!(checkpoint["pins"], serde_json::json!([]), "{listing:#}");
+    }
     let out = dir.join("out.img");
     read_out(&uri, &out);
     assert_files_equal(&image, &out);

@@ -294,6 +294,9 @@ pub(crate) fn copy_tracked(
     let plan_seconds = started.elapsed().as_secs_f64();
     let holder = target.holder();
     let partial_holder = format!("{holder}{PARTIAL_HOLDER_SUFFIX}");
+    // A target that refuses to open (a wrong size) has nothing of this
+    // copy: then nothing is pinned for a resume either.
+    target.open(&info, &taken, base.as_ref())?;
     // Kept if this copy is interrupted, so that a rerun can resume from it.
     disk.pin(
         &taken.checkpoint,
@@ -303,7 +306,6 @@ pub(crate) fn copy_tracked(
             target.describe()
         ),
     )?;
-    target.open(&info, &taken, base.as_ref())?;
     if let Some(base) = base.as_ref().filter(|_| target.wants_files())
         && let Some(files) = disk.changed_files(&base.checkpoint, &taken.checkpoint)
     {
