@@ -411,12 +411,32 @@ pub fn status(args: ListArgs) -> anyhow::Result<ExitCode> {
     let image = image_or_default(args.image.as_ref());
     let reply = ask(&image, args.state.state.as_deref(), &Request::Status)?;
     if args.json {
-        out!("{}", serde_json::to_string_pretty(&reply["status"])?);
+        let mut printed = reply["status"].clone();
+        if let (Some(snapshot), Some(object)) = (reply.get("snapshot"), printed.as_object_mut()) {
+            object.insert("snapshot".into(), snapshot.clone());
+        }
+        out!("{}", serde_json::to_string_pretty(&printed)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let StatusReply { status, .. } = transport::typed(reply)?;
+    let StatusReply { status, snapshot } = transport::typed(reply)?;
     for (key, value) in status_lines(&status) {
         out!("{key:<18} {value}");
+    }
+    if let Some(open) = snapshot {
+        let state = match &open.broken {
+            Some(reason) => format!("broken: {reason}"),
+            None => format!(
+                "{} of {} bytes in its store ({} regions copied out)",
+                open.store_bytes, open.max_store_bytes, open.regions_copied
+            ),
+        };
+        out!(
+            "{:<18} {} at checkpoint {}, export {}; {state}",
+            "snapshot:",
+            "open",
+            open.checkpoint,
+            open.export
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

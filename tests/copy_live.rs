@@ -102,6 +102,19 @@ fn a_snapshot_export_shows_the_disk_at_its_checkpoint_while_writes_go_on() {
     );
     let listed = nbdinfo_list(&server);
     assert!(listed.contains("\"disk@now\""), "{listed}");
+    let status = run_program(BLOCKWATCH, ["status", image.to_str().unwrap()]);
+    assert!(
+        status.contains("snapshot:") && status.contains("export disk@now"),
+        "{status}"
+    );
+    let status = parse_json(
+        &run_program(BLOCKWATCH, ["status", image.to_str().unwrap(), "--json"]),
+        "status --json",
+    );
+    assert!(
+        status["snapshot"]["store_bytes"].as_u64().unwrap() > 0,
+        "{status:#}"
+    );
 
     let read = dir.join("snapshot.img");
     let out = nbdcopy_to(&snapshot.uri, &read);
