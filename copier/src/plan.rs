@@ -2,8 +2,6 @@
 //! of what changed (never one request per region), coalesced into large
 //! extents and cut into pieces the workers take one at a time.
 
-use tracker::ChangedExtent;
-
 /// Extents closer than this are merged: reading a little unchanged data
 /// costs less than another request and seek.
 pub const COALESCE_GAP_BYTES: u64 = 64 * 1024;
@@ -26,11 +24,6 @@ impl Plan {
                 vec![(0, size_bytes)]
             },
         }
-    }
-
-    /// The changed extents, merged where closer than `COALESCE_GAP_BYTES`.
-    pub fn from_changes(extents: &[ChangedExtent]) -> Plan {
-        Plan::from_ranges(extents.iter().map(|e| (e.offset_bytes, e.length_bytes)))
     }
 
     /// Sorted byte ranges, merged where closer than `COALESCE_GAP_BYTES`.
@@ -100,22 +93,13 @@ impl Plan {
 mod tests {
     use super::*;
 
-    fn extent(offset_bytes: u64, length_bytes: u64) -> ChangedExtent {
-        ChangedExtent {
-            offset_bytes,
-            length_bytes,
-            saved: true,
-            exact: true,
-        }
-    }
-
     #[test]
     fn near_extents_merge_and_far_ones_stay_apart() {
-        let plan = Plan::from_changes(&[
-            extent(0, 4096),
-            extent(8192, 4096),
-            extent(8192 + 4096 + COALESCE_GAP_BYTES, 4096),
-            extent(10 << 20, 4096),
+        let plan = Plan::from_ranges([
+            (0, 4096),
+            (8192, 4096),
+            (8192 + 4096 + COALESCE_GAP_BYTES, 4096),
+            (10 << 20, 4096),
         ]);
         assert_eq!(
             plan.ranges,
