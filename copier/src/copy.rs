@@ -251,13 +251,14 @@ pub(crate) fn copy_tracked(
 ) -> Result<Summary, CopyError> {
     let started = Instant::now();
     let info = disk.info()?;
+    let checkpoints = disk.checkpoints()?;
     let (base, full_reason) = if full {
         (None, Some("--full was given".to_string()))
     } else {
         match target.held(&info.id)? {
             None => (None, Some("the first copy to this target".to_string())),
             Some(held) => {
-                let exists = disk.checkpoints()?.into_iter().any(|c| c.held == held);
+                let exists = checkpoints.iter().any(|c| c.held == held);
                 if exists {
                     (Some(held), None)
                 } else {
@@ -270,7 +271,6 @@ pub(crate) fn copy_tracked(
             }
         }
     };
-    let checkpoints = disk.checkpoints()?;
     // An interrupted copy on the same base whose checkpoint still exists:
     // what it finished is not copied again.
     let interrupted = target.load_partial().filter(|partial| {
