@@ -239,17 +239,7 @@ impl Catalog {
     /// The state's precision (fine-record block size) as a shift; None
     /// for state from before fine records.
     pub fn precision_shift(&self) -> Result<Option<u32>, CatalogError> {
-        let Some(bytes) = self.get_meta(KEY_PRECISION)? else {
-            return Ok(None);
-        };
-        let bytes: [u8; 4] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| CatalogError::Malformed {
-                key: KEY_PRECISION.into(),
-                reason: "wrong length",
-            })?;
-        Ok(Some(u32::from_le_bytes(bytes)))
+        Ok(self.get_meta_fixed(KEY_PRECISION)?.map(u32::from_le_bytes))
     }
 
     pub fn set_precision_shift(&self, shift: u32) -> Result<(), CatalogError> {
@@ -403,17 +393,9 @@ impl Catalog {
 
     /// The lowest the current generation can be (see KEY_GENERATION_FLOOR).
     pub fn generation_floor(&self) -> Result<Option<u64>, CatalogError> {
-        let Some(bytes) = self.get_meta(KEY_GENERATION_FLOOR)? else {
-            return Ok(None);
-        };
-        let bytes: [u8; 8] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| CatalogError::Malformed {
-                key: KEY_GENERATION_FLOOR.into(),
-                reason: "wrong length",
-            })?;
-        Ok(Some(u64::from_le_bytes(bytes)))
+        Ok(self
+            .get_meta_fixed(KEY_GENERATION_FLOOR)?
+            .map(u64::from_le_bytes))
     }
 
     /// In one durable transaction: removes the newest checkpoint (of
@@ -432,6 +414,21 @@ impl Catalog {
                 .map_err(db_error)?;
         }
         txn.commit().map_err(db_error)
+    }
+
+    /// A meta value of exactly `N` bytes; another length is Malformed.
+    fn get_meta_fixed<const N: usize>(&self, key: &str) -> Result<Option<[u8; N]>, CatalogError> {
+        let Some(bytes) = self.get_meta(key)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; N] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CatalogError::Malformed {
+                key: key.into(),
+                reason: "wrong length",
+            })?;
+        Ok(Some(bytes))
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
