@@ -33,9 +33,10 @@ pub struct CopyArgs {
     /// that holds an earlier copy of the same export.
     #[arg(long, value_name = "NAME", requires = "from")]
     bitmap: Option<String>,
-    /// Where to: `file:PATH` or a plain PATH (a raw sparse replica), or an
+    /// Where to: `file:PATH` or a plain PATH (a raw sparse replica), an
     /// NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`)
-    /// of the disk's size.
+    /// of the disk's size, `tape:PATH`, or object storage
+    /// (`s3://BUCKET/PREFIX`).
     #[arg(long, value_name = "TARGET")]
     to: String,
     /// Copy everything and overwrite what the target holds, even a file
@@ -55,6 +56,8 @@ pub struct CopyArgs {
     /// tape: zstd-compress extent data.
     #[arg(long)]
     compress: bool,
+    #[command(flatten)]
+    s3: crate::s3::S3Flags,
     /// Pieces (4 MiB each) read and written at once.
     #[arg(long, value_name = "N", default_value_t = WORKERS_DEFAULT as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -63,12 +66,19 @@ pub struct CopyArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img), or a chain of
-    /// tapes to check every checksum of.
-    #[arg(value_name = "[IMAGE] TARGET | tape:A [tape:B ...]", num_args = 1..)]
+    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img), a chain of
+    /// tapes to check every checksum of, or s3://BUCKET/PREFIX[#SESSION]
+    /// whose chunks to read back.
+    #[arg(value_name = "[IMAGE] TARGET | tape:A [tape:B ...] | s3://...", num_args = 1..)]
     words: Vec<String>,
     #[arg(long)]
     json: bool,
+    /// s3: read back about this percentage of the chunks (picked at random
+    /// each run) instead of all.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100.0)]
+    sample: f64,
+    #[command(flatten)]
+    s3: crate::s3::S3Flags,
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
 }
@@ -86,7 +96,17 @@ const TAPE_FLAGS_DEFAULT: TapeFlags = TapeFlags {
 };
 
 /// The target `--to` names; kinds not in this release are refused clearly.
-fn target_of(target: &str, tape: TapeFlags) -> anyhow::Result<TargetSpec> {
+fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::Result<TargetSpec> {
+    if target.starts_with("s3://") {
+        let location = copier::s3::S3Location::parse(target)?;
+        if location.session.is_some() {
+            bail!("{target}: a copy makes a new session; name the repository (s3://BUCKET/PREFIX)");
+        }
+        return Ok(TargetSpec::S3 {
+            location,
+            options: s3.options(),
+        });
+    }
     if let Some(path) = target.strip_prefix("file:") {
         return Ok(TargetSpec::File(PathBuf::from(path)));
     }
@@ -103,7 +123,7 @@ fn target_of(target: &str, tape: TapeFlags) -> anyhow::Result<TargetSpec> {
     for scheme in ["nbds:", "nbds+unix:", "s3:", "tar:"] {
         if target.starts_with(scheme) {
             bail!(
-                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://... or tape:PATH"
+                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://..., tape:PATH or s3://BUCKET/PREFIX"
             );
         }
     }
@@ -112,9 +132,9 @@ fn target_of(target: &str, tape: TapeFlags) -> anyhow::Result<TargetSpec> {
 
 /// The replica file a target names (verify and --from copies take files).
 fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
-    match target_of(target, TAPE_FLAGS_DEFAULT)? {
+    match target_of(target, TAPE_FLAGS_DEFAULT, &Default::default())? {
         TargetSpec::File(path) => Ok(path),
-        TargetSpec::Nbd(_) | TargetSpec::Tape { .. } => {
+        TargetSpec::Nbd(_) | TargetSpec::Tape { .. } | TargetSpec::S3 { .. } => {
             bail!("{target}: this command takes a replica file (file:PATH) here")
         }
     }
@@ -211,6 +231,7 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
                         block_size_bytes: tape_block_size(args.block_size.as_deref())?,
                         compress: args.compress,
                     },
+                    &args.s3,
                 )?,
                 full: args.full,
                 workers: usize::from(args.workers),
@@ -253,6 +274,12 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<ExitCode> {
         summary.seconds,
         summary.mib_per_second
     );
+    if let Some(stored) = &summary.stored {
+        println!(
+            "session {}: {} bytes new to the repository, {} bytes uploaded",
+            stored.session, stored.new_bytes, stored.uploaded_bytes
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -265,6 +292,11 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             .collect();
         return crate::restore::verify_tapes(&tapes, args.json);
     }
+    if let [word] = args.words.as_slice()
+        && word.starts_with("s3://")
+    {
+        return crate::s3::verify(word, &args.s3, args.sample, args.json);
+    }
     let (image, target) = match args.words.as_slice() {
         [target] => (PathBuf::from(DEFAULT_IMAGE), target.as_str()),
         [image, target] => (PathBuf::from(image), target.as_str()),
@@ -272,11 +304,14 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             "usage: blockwatch verify [IMAGE] TARGET, or blockwatch verify tape:A [tape:B ...]"
         ),
     };
-    let target = match target_of(target, TAPE_FLAGS_DEFAULT)? {
+    let target = match target_of(target, TAPE_FLAGS_DEFAULT, &args.s3)? {
         TargetSpec::File(path) => VerifyTarget::File(path),
         TargetSpec::Nbd(uri) => VerifyTarget::Nbd(uri),
         TargetSpec::Tape { .. } => bail!(
             "verify tapes alone: blockwatch verify tape:A [tape:B ...] checks every checksum of the chain"
+        ),
+        TargetSpec::S3 { .. } => bail!(
+            "verify a repository alone: blockwatch verify s3://BUCKET/PREFIX[#SESSION] reads back and checks its chunks"
         ),
     };
     let report = if is_served(&image, args.state.as_deref())? {

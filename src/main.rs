@@ -5,10 +5,12 @@
 //! listeners, daemonizing, captive `--run`, signals, tracking layers),
 //! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin),
 //! `copy.rs` (copy, verify), `restore.rs` (restore from tapes, the check
-//! of a chain of tapes), `size.rs` (size arguments such as `10G`).
+//! of a chain of tapes), `s3.rs` (object storage: restore, verify, prune,
+//! and `sessions` of any target), `size.rs` (size arguments such as `10G`).
 
 mod copy;
 mod restore;
+mod s3;
 mod serve;
 mod size;
 mod track;
@@ -55,6 +57,11 @@ enum Command {
     /// Restore a chain of tapes onto an image or an NBD export:
     /// blockwatch restore tape:A [tape:B ...] --to IMAGE|nbd://... [--until CHECKPOINT].
     Restore(restore::RestoreArgs),
+    /// What a target holds: blockwatch sessions s3://...|tape:PATH|REPLICA [--json].
+    Sessions(s3::SessionsArgs),
+    /// Remove sessions of a repository that a retention policy does not
+    /// keep, then the data no session needs: blockwatch prune s3://... --keep-last N ...
+    Prune(s3::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +78,8 @@ fn main() -> ExitCode {
         Command::Copy(args) => copy::copy(args),
         Command::Verify(args) => copy::verify(args),
         Command::Restore(args) => restore::run(args),
+        Command::Sessions(args) => s3::sessions(args),
+        Command::Prune(args) => s3::prune(args),
     };
     match result {
         Ok(code) => code,

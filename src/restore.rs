@@ -28,8 +28,10 @@ macro_rules! out {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The tapes of the chain, in order: tape:PATH (a file or a tape drive).
-    #[arg(value_name = "tape:PATH", required = true, num_args = 1..)]
+    /// The tapes of the chain, in order: tape:PATH (a file or a tape
+    /// drive); or one s3://BUCKET/PREFIX[#SESSION] (default: the newest
+    /// session, when the repository holds one disk's).
+    #[arg(value_name = "tape:PATH | s3://...", required = true, num_args = 1..)]
     tapes: Vec<String>,
     /// Where to: an image file (created sparse if missing; an existing one
     /// must be empty or of the disk's size), a block device, or an NBD
@@ -42,6 +44,8 @@ pub struct RestoreArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    s3: crate::s3::S3Flags,
 }
 
 /// The file or drive a `tape:PATH` word names (the prefix may be left out).
@@ -50,6 +54,19 @@ pub fn tape_path(word: &str) -> PathBuf {
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if args.tapes.iter().any(|word| word.starts_with("s3://")) {
+        let [word] = args.tapes.as_slice() else {
+            bail!(
+                "restore takes one s3://BUCKET/PREFIX[#SESSION]: its manifest holds the whole disk"
+            );
+        };
+        if args.until.is_some() {
+            bail!(
+                "--until is for tapes; name the session: s3://BUCKET/PREFIX#SESSION (blockwatch sessions lists them)"
+            );
+        }
+        return crate::s3::restore(word, &args.s3, &args.to, args.json);
+    }
     let tapes: Vec<PathBuf> = args.tapes.iter().map(|w| tape_path(w)).collect();
     if args.to.starts_with("tape:") {
         bail!("restore writes an image or an NBD export, not a tape: --to IMAGE|nbd://...");

@@ -116,10 +116,20 @@ pub enum CopyError {
     },
     #[error(transparent)]
     Tape(#[from] crate::tape::TapeError),
+    /// Boxed: object_store's errors are large, and every copy result
+    /// carries this enum.
+    #[error(transparent)]
+    S3(Box<crate::s3::S3Error>),
     #[error("{target} is refused as a target: {reason}")]
     TargetRefused { target: String, reason: String },
     #[error("the running server")]
     Control(#[from] control::CallError),
+}
+
+impl From<crate::s3::S3Error> for CopyError {
+    fn from(error: crate::s3::S3Error) -> CopyError {
+        CopyError::S3(Box::new(error))
+    }
 }
 
 /// Told how a copy advances (a progress bar on a terminal).
@@ -180,6 +190,8 @@ pub struct Summary {
     pub plan_seconds: f64,
     pub seconds: f64,
     pub mib_per_second: f64,
+    /// What a deduplicating target stored (object storage).
+    pub stored: Option<crate::target::StoredTotals>,
 }
 
 /// An image id as the replica record writes it.
@@ -380,5 +392,6 @@ pub(crate) fn copy_tracked(
         plan_seconds,
         seconds,
         mib_per_second: moved.data_bytes as f64 / (1 << 20) as f64 / seconds,
+        stored: target.stored(),
     })
 }

@@ -21,6 +21,9 @@
 //!   disk as it was at a checkpoint while it stays writable, readable as a
 //!   `BlockBackend`, which the server serves as `DISK@CHECKPOINT`.
 //! - `verify.rs`: a replica compared region by region with its source.
+//! - `s3/`: `s3://BUCKET/PREFIX` repositories in object storage
+//!   (deduplicated chunks in packs, manifests, encryption, restore,
+//!   verify, prune).
 //! - `tape/`: `tape:PATH` streams (format, writer, reader, verify of a
 //!   chain of tapes, restore onto an image or an NBD export).
 
@@ -28,6 +31,7 @@ pub mod copy;
 pub mod nbd_source;
 pub mod plan;
 pub mod replica;
+pub mod s3;
 pub mod snapshot;
 mod stream_write;
 pub mod tape;

@@ -5,7 +5,8 @@
 //!
 //! `ReplicaTarget`, a raw sparse image file with its record;
 //! `NbdTarget` (`target/nbd.rs`), any NBD server's export; `TapeTarget`
-//! (`target/tape.rs`), a sequential tape stream of sessions.
+//! (`target/tape.rs`), a sequential tape stream of sessions; `S3Target`
+//! (`s3/target.rs`), sessions in an object storage repository.
 
 mod nbd;
 mod tape;
@@ -51,6 +52,17 @@ pub struct Partial {
 }
 
 pub const PARTIAL_FORMAT: u32 = 1;
+
+/// What a deduplicating target (object storage) stored of a copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredTotals {
+    /// The session the copy made.
+    pub session: String,
+    /// Bytes of data the target did not hold yet (before compression).
+    pub new_bytes: u64,
+    /// Bytes sent to the target (compressed, sealed, packed).
+    pub uploaded_bytes: u64,
+}
 
 /// One copy's destination.
 pub trait Target: Sync {
@@ -98,6 +110,10 @@ pub trait Target: Sync {
     fn load_partial(&self) -> Option<Partial> {
         None
     }
+    /// What a deduplicating target stored of the committed copy.
+    fn stored(&self) -> Option<StoredTotals> {
+        None
+    }
     /// Forgets an interrupted copy (after a commit).
     fn clear_partial(&self) -> Result<(), CopyError> {
         Ok(())
@@ -134,6 +150,12 @@ pub enum TargetSpec {
         block_size_bytes: u32,
         compress: bool,
     },
+    /// `s3://BUCKET/PREFIX`: a repository in object storage, one session
+    /// per copy.
+    S3 {
+        location: crate::s3::S3Location,
+        options: crate::s3::S3Options,
+    },
 }
 
 impl TargetSpec {
@@ -150,6 +172,9 @@ impl TargetSpec {
                 block_size_bytes,
                 compress,
             } => Box::new(TapeTarget::open(path, *block_size_bytes, *compress)?),
+            TargetSpec::S3 { location, options } => {
+                Box::new(crate::s3::S3Target::open(location, options)?)
+            }
         })
     }
 }

@@ -66,6 +66,7 @@ pub use format::{
 };
 pub use media::ENOSPC_AFTER_BLOCKS_ENV;
 pub use reader::{Record, SessionStart, TapeReader};
+pub(crate) use restore::Sink;
 pub use restore::{RestoreError, RestoreSummary, RestoreTarget, restore};
 pub use verify::{ChainReport, SessionReport, verify_chain, verify_chain_until_damage};
 pub use writer::{

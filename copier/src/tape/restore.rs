@@ -178,7 +178,7 @@ fn apply(
     Ok((data_bytes, zero_bytes))
 }
 
-enum Sink {
+pub(crate) enum Sink {
     File {
         path: PathBuf,
         file: File,
@@ -190,21 +190,21 @@ enum Sink {
     Nbd(Box<NbdSink>),
 }
 
-struct NbdSink {
+pub(crate) struct NbdSink {
     uri: String,
     client: Client,
     in_flight: VecDeque<Pending<()>>,
 }
 
 impl Sink {
-    fn open(target: &RestoreTarget, size_bytes: u64) -> Result<Sink, RestoreError> {
+    pub(crate) fn open(target: &RestoreTarget, size_bytes: u64) -> Result<Sink, RestoreError> {
         match target {
             RestoreTarget::File(path) => open_file(path, size_bytes),
             RestoreTarget::Nbd(uri) => Ok(Sink::Nbd(Box::new(NbdSink::connect(uri, size_bytes)?))),
         }
     }
 
-    fn write(&mut self, offset_bytes: u64, data: Vec<u8>) -> Result<(), RestoreError> {
+    pub(crate) fn write(&mut self, offset_bytes: u64, data: Vec<u8>) -> Result<(), RestoreError> {
         match self {
             Sink::File {
                 path,
@@ -218,7 +218,11 @@ impl Sink {
         }
     }
 
-    fn zero(&mut self, offset_bytes: u64, length_bytes: u64) -> Result<(), RestoreError> {
+    pub(crate) fn zero(
+        &mut self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), RestoreError> {
         match self {
             Sink::File { fresh: true, .. } => Ok(()),
             Sink::File { path, file, .. } => zero_file(file, offset_bytes, length_bytes)
@@ -242,7 +246,7 @@ impl Sink {
     }
 
     /// Makes everything durable.
-    fn finish(mut self) -> Result<(), RestoreError> {
+    pub(crate) fn finish(mut self) -> Result<(), RestoreError> {
         self.drain()?;
         match &self {
             Sink::File { path, file, .. } => {
@@ -268,7 +272,7 @@ impl NbdSink {
         }
         if client.size_bytes() < size_bytes {
             return Err(refuse(format!(
-                "the export is {} bytes, the tapes' disk is {size_bytes}",
+                "the export is {} bytes, the backup's disk is {size_bytes}",
                 client.size_bytes()
             )));
         }
@@ -378,7 +382,7 @@ fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
             .map_err(|source| file_error(path, source))?;
         if device_bytes < size_bytes {
             return Err(refuse(format!(
-                "the device is {device_bytes} bytes, the tapes' disk is {size_bytes}"
+                "the device is {device_bytes} bytes, the backup's disk is {size_bytes}"
             )));
         }
     } else if metadata.len() == 0 {
@@ -387,7 +391,7 @@ fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
         fresh = true;
     } else if metadata.len() != size_bytes {
         return Err(refuse(format!(
-            "it is {} bytes, the tapes' disk is {size_bytes}: restore to a new file or one of that size",
+            "it is {} bytes, the backup's disk is {size_bytes}: restore to a new file or one of that size",
             metadata.len()
         )));
     }

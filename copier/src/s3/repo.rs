@@ -1,0 +1,713 @@
+//! A repository in an S3 bucket (`s3://BUCKET/PREFIX`), spoken to with
+//! the `object_store` crate (retries with backoff, the usual AWS
+//! environment for endpoint, region and credentials, path-style requests
+//! for self-hosted services). Its objects, under PREFIX:
+//!
+//! - `config`: how the others are made (JSON; encryption's wrapped keys);
+//! - `packs/XX/PACK`: sealed chunks, one after another (a few MiB each,
+//!   so that 64 KiB changes do not become millions of objects);
+//! - `index/PACK`: where each chunk of a pack is; written after its pack;
+//! - `sessions/DISK/SESSION`: a copy's manifest, written last: the commit;
+//! - `locks/ID`: a copy, restore or verify under way (refreshed while it
+//!   runs), which prune waits for;
+//! - `marks/MARK.packs`, `marks/MARK.locks`: prune's first phase.
+//!
+//! The calls here are blocking: each runs on the repository's own tokio
+//! runtime, and the copier's threads call them as they call files.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::format::{
+    CONFIG_FORMAT, ChunkRef, Encryption, INDEX_BYTES_MAX, MANIFEST_BYTES_MAX, Manifest, PackId,
+    RepoConfig, decode_index,
+};
+use super::seal::{Keys, SealError, Sealer, random_bytes, read_key_file};
+use super::{S3Error, S3Options};
+
+/// The config object, at most (JSON of a few hundred bytes).
+const CONFIG_BYTES_MAX: usize = 64 << 10;
+/// A lock or mark object, at most.
+const SMALL_OBJECT_BYTES_MAX: usize = 256 << 20;
+/// Requests in flight when many objects are read at once.
+pub const IN_FLIGHT: usize = 16;
+/// A lock not refreshed for this long belongs to a process that died.
+pub const LOCK_STALE: Duration = Duration::from_secs(30 * 60);
+const LOCK_REFRESH: Duration = Duration::from_secs(5 * 60);
+pub const AEAD_NAME: &str = "aes-256-gcm";
+
+/// `s3://BUCKET/PREFIX[#SESSION]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without slashes at either end; may be empty.
+    pub prefix: String,
+    pub session: Option<String>,
+}
+
+impl S3Location {
+    pub fn parse(text: &str) -> Result<S3Location, S3Error> {
+        let refuse = |reason: &str| S3Error::Location {
+            location: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = text
+            .strip_prefix("s3://")
+            .ok_or_else(|| refuse("it does not start with s3://"))?;
+        let (rest, session) = match rest.split_once('#') {
+            Some((rest, session)) if !session.is_empty() => (rest, Some(session.to_string())),
+            Some((rest, _)) => (rest, None),
+            None => (rest, None),
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(refuse("it names no bucket"));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if prefix.split('/').any(|part| part == "." || part == "..") {
+            return Err(refuse("its prefix has . or .. parts"));
+        }
+        Ok(S3Location {
+            bucket: bucket.to_string(),
+            prefix,
+            session,
+        })
+    }
+
+    /// `s3://BUCKET/PREFIX`, without a session.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// An object as a listing shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Its key below the repository's prefix.
+    pub key: String,
+    pub size_bytes: u64,
+    /// The server's clock, in seconds since 1970.
+    pub modified_unix: i64,
+}
+
+/// An open repository.
+pub struct Repository {
+    pub url: String,
+    runtime: tokio::runtime::Runtime,
+    store: Arc<AmazonS3>,
+    prefix: String,
+    pub sealer: Arc<Sealer>,
+    pub config: RepoConfig,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Repository {
+    /// Opens the repository at `location`; `create`: make it (its config)
+    /// when the prefix holds none yet.
+    pub fn open(
+        location: &S3Location,
+        options: &S3Options,
+        create: bool,
+    ) -> Result<Repository, S3Error> {
+        let url = location.url();
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&location.bucket)
+            .with_virtual_hosted_style_request(false);
+        let endpoint = options
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        if let Some(endpoint) = &endpoint {
+            // A plain-HTTP endpoint given by the user is one they chose
+            // (a service on loopback or a private network).
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &options.region {
+            builder = builder.with_region(region);
+        }
+        let store = builder.build().map_err(|source| S3Error::Store {
+            what: format!("setting up {url}"),
+            source,
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("blockwatch-s3")
+            .enable_all()
+            .build()
+            .map_err(|source| S3Error::Runtime { source })?;
+        let mut repo = Repository {
+            url,
+            runtime,
+            store: Arc::new(store),
+            prefix: location.prefix.clone(),
+            sealer: Arc::new(Sealer::new(None)),
+            config: RepoConfig {
+                format: CONFIG_FORMAT,
+                repository_id: String::new(),
+                created_unix: 0,
+                encryption: None,
+            },
+        };
+        let user_key = match &options.key_file {
+            Some(path) => Some(read_key_file(path).map_err(|reason| S3Error::KeyFile {
+                path: path.clone(),
+                reason,
+            })?),
+            None => None,
+        };
+        let config = match repo.get_optional("config", CONFIG_BYTES_MAX)? {
+            Some(bytes) => serde_json::from_slice::<RepoConfig>(&bytes).map_err(|error| {
+                repo.damaged("config", format!("it is not a repository config: {error}"))
+            })?,
+            None if create => repo.create_config(user_key.as_ref())?,
+            None => {
+                return Err(S3Error::NoRepository {
+                    url: repo.url.clone(),
+                });
+            }
+        };
+        if config.format != CONFIG_FORMAT {
+            return Err(repo.damaged(
+                "config",
+                format!(
+                    "it is of format {}, this blockwatch reads {CONFIG_FORMAT}",
+                    config.format
+                ),
+            ));
+        }
+        let keys = repo.open_keys(&config, user_key, options.key_file.as_ref())?;
+        repo.sealer = Arc::new(Sealer::new(keys));
+        repo.config = config;
+        Ok(repo)
+    }
+
+    fn create_config(&self, user_key: Option<&[u8; 32]>) -> Result<RepoConfig, S3Error> {
+        let encryption = user_key.map(|user_key| Encryption {
+            aead: AEAD_NAME.to_string(),
+            wrapped_keys: crate::copy::hex_id(&Sealer::wrap(user_key, &random_bytes::<64>())),
+        });
+        let config = RepoConfig {
+            format: CONFIG_FORMAT,
+            repository_id: crate::copy::hex_id(&random_bytes::<16>()),
+            created_unix: crate::copy::unix_seconds(),
+            encryption,
+        };
+        let bytes = serde_json::to_vec_pretty(&config).expect("a config serializes");
+        self.put("config", bytes)?;
+        tracing::info!(url = %self.url, encrypted = user_key.is_some(), "created a repository");
+        Ok(config)
+    }
+
+    fn open_keys(
+        &self,
+        config: &RepoConfig,
+        user_key: Option<[u8; 32]>,
+        key_file: Option<&PathBuf>,
+    ) -> Result<Option<Keys>, S3Error> {
+        match (&config.encryption, user_key) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(S3Error::NotEncrypted {
+                url: self.url.clone(),
+            }),
+            (Some(_), None) => Err(S3Error::NeedsKey {
+                url: self.url.clone(),
+            }),
+            (Some(encryption), Some(user_key)) => {
+                if encryption.aead != AEAD_NAME {
+                    return Err(self.damaged(
+                        "config",
+                        format!("it names cipher {:?}, not {AEAD_NAME}", encryption.aead),
+                    ));
+                }
+                let wrapped = hex_bytes(&encryption.wrapped_keys)
+                    .ok_or_else(|| self.damaged("config", "its wrapped keys are not hex"))?;
+                let material =
+                    Sealer::unwrap(&user_key, &wrapped).ok_or_else(|| S3Error::WrongKey {
+                        url: self.url.clone(),
+                        key_file: key_file.cloned().unwrap_or_default(),
+                    })?;
+                Ok(Some(Keys::from_material(&material)))
+            }
+        }
+    }
+
+    pub fn damaged(&self, key: &str, reason: impl Into<String>) -> S3Error {
+        S3Error::Damaged {
+            object: format!("{}/{key}", self.url),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, key: &str) -> StorePath {
+        if self.prefix.is_empty() {
+            StorePath::from(key)
+        } else {
+            StorePath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn store_error(&self, what: String) -> impl FnOnce(object_store::Error) -> S3Error {
+        move |source| S3Error::Store { what, source }
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(future)
+    }
+
+    /// A handle for tasks that put and get on their own.
+    pub fn client(&self) -> Client {
+        Client {
+            store: self.store.clone(),
+            prefix: self.prefix.clone(),
+            url: self.url.clone(),
+        }
+    }
+
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), S3Error> {
+        self.block_on(self.client().put(key, bytes))
+    }
+
+    pub fn get(&self, key: &str, limit_bytes: usize) -> Result<Vec<u8>, S3Error> {
+        self.get_optional(key, limit_bytes)?
+            .ok_or_else(|| self.damaged(key, "it is missing"))
+    }
+
+    pub fn get_optional(&self, key: &str, limit_bytes: usize) -> Result<Option<Vec<u8>>, S3Error> {
+        self.block_on(self.client().get_optional(key, limit_bytes))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), S3Error> {
+        let path = self.path(key);
+        match self.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(S3Error::Store {
+                what: format!("deleting {}/{key}", self.url),
+                source,
+            }),
+        }
+    }
+
+    /// Every object under `dir` (a key prefix ending in `/`).
+    pub fn list(&self, dir: &str) -> Result<Vec<Listed>, S3Error> {
+        let base = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let path = self.path(dir.trim_end_matches('/'));
+        let listed: Vec<_> = self
+            .block_on(self.store.list(Some(&path)).try_collect::<Vec<_>>())
+            .map_err(self.store_error(format!("listing {}/{dir}", self.url)))?;
+        let mut out: Vec<Listed> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let key = meta.location.as_ref().strip_prefix(&base)?.to_string();
+                Some(Listed {
+                    key,
+                    size_bytes: meta.size,
+                    modified_unix: meta.last_modified.timestamp(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Opens an object this repository sealed as `kind`.
+    pub fn open_sealed(
+        &self,
+        key: &str,
+        kind: &[u8],
+        limit_bytes: usize,
+    ) -> Result<Vec<u8>, S3Error> {
+        let sealed = self.get(key, limit_bytes.saturating_add(1024))?;
+        self.sealer
+            .open(kind, &sealed, limit_bytes)
+            .map_err(|error| sealed_error(self, key, error))
+    }
+
+    /// The manifest at `sessions/DISK/SESSION`.
+    pub fn manifest(&self, key: &str) -> Result<Manifest, S3Error> {
+        let plain = self.open_sealed(key, b"manifest", MANIFEST_BYTES_MAX)?;
+        Manifest::decode(&plain).map_err(|error| self.damaged(key, error.0))
+    }
+
+    /// Every session of the repository, oldest first per disk.
+    pub fn sessions(&self) -> Result<Vec<SessionKey>, S3Error> {
+        Ok(self
+            .list("sessions/")?
+            .into_iter()
+            .filter_map(|listed| SessionKey::parse(&listed.key))
+            .collect())
+    }
+
+    /// Every chunk the repository's pack indexes name, but those in packs
+    /// a prune marked for deletion (`excluded`): a copy must not make a
+    /// new session need them.
+    pub fn chunk_index(
+        &self,
+        excluded: &std::collections::HashSet<PackId>,
+    ) -> Result<HashMap<super::seal::ChunkId, ChunkRef>, S3Error> {
+        let packs: Vec<PackId> = self
+            .list("index/")?
+            .iter()
+            .filter_map(|listed| PackId::parse(listed.key.strip_prefix("index/")?))
+            .filter(|pack| !excluded.contains(pack))
+            .collect();
+        let client = self.client();
+        let sealer = self.sealer.clone();
+        let indexes: Vec<Result<Vec<ChunkRef>, S3Error>> = self.block_on(
+            futures::stream::iter(packs.into_iter().map(|pack| {
+                let client = client.clone();
+                let sealer = sealer.clone();
+                async move {
+                    let key = format!("index/{}", pack.hex());
+                    let sealed = client.get_optional(&key, INDEX_BYTES_MAX + 1024).await?;
+                    let Some(sealed) = sealed else {
+                        // Swept by a prune since the listing.
+                        return Ok(Vec::new());
+                    };
+                    let plain = sealer
+                        .open(b"index", &sealed, INDEX_BYTES_MAX)
+                        .map_err(|error| client.sealed_error(&key, error))?;
+                    decode_index(pack, &plain).map_err(|error| S3Error::Damaged {
+                        object: format!("{}/{key}", client.url),
+                        reason: error.0,
+                    })
+                }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .collect(),
+        );
+        let mut chunks = HashMap::new();
+        for index in indexes {
+            match index {
+                Ok(entries) => {
+                    for entry in entries {
+                        chunks.insert(entry.id, entry);
+                    }
+                }
+                // A damaged index only costs deduplication: its chunks
+                // are uploaded again.
+                Err(S3Error::Damaged { object, reason }) => {
+                    tracing::warn!(%object, %reason, "ignoring a damaged pack index");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(chunks)
+    }
+
+    pub fn small_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, S3Error> {
+        let bytes = self.open_sealed(key, b"record", SMALL_OBJECT_BYTES_MAX)?;
+        serde_json::from_slice(&bytes).map_err(|error| self.damaged(key, error.to_string()))
+    }
+
+    pub fn put_small_json<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), S3Error> {
+        let bytes = serde_json::to_vec(value).expect("a record serializes");
+        self.put(key, self.sealer.seal(b"record", &bytes))
+    }
+}
+
+fn sealed_error(repo: &Repository, key: &str, error: SealError) -> S3Error {
+    repo.client().sealed_error(key, error)
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
+        .collect()
+}
+
+/// `sessions/DISK/SESSION`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub disk: String,
+    pub session: String,
+}
+
+impl SessionKey {
+    fn parse(key: &str) -> Option<SessionKey> {
+        let rest = key.strip_prefix("sessions/")?;
+        let (disk, session) = rest.split_once('/')?;
+        (!disk.is_empty() && !session.is_empty() && !session.contains('/')).then(|| SessionKey {
+            disk: disk.to_string(),
+            session: session.to_string(),
+        })
+    }
+
+    pub fn key(&self) -> String {
+        format!("sessions/{}/{}", self.disk, self.session)
+    }
+}
+
+/// The name a disk's sessions are kept under: its image id when that is
+/// hex (a tracked disk), a digest of its id otherwise (`nbd:URI`).
+pub fn disk_key(source_id: &str) -> String {
+    if !source_id.is_empty()
+        && source_id.len() <= 64
+        && source_id.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        source_id.to_ascii_lowercase()
+    } else {
+        format!(
+            "x{}",
+            &crate::copy::hex_id(blake3::hash(source_id.as_bytes()).as_bytes())[..32]
+        )
+    }
+}
+
+/// A session id: the time (so they sort), then 4 random bytes.
+pub fn new_session_id() -> String {
+    let seconds = crate::copy::unix_seconds();
+    let (year, month, day) = super::prune::civil_from_days((seconds / 86400) as i64);
+    let in_day = seconds % 86400;
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z-{}",
+        in_day / 3600,
+        in_day / 60 % 60,
+        in_day % 60,
+        crate::copy::hex_id(&random_bytes::<4>())
+    )
+}
+
+/// What tasks of the repository's runtime put and get with.
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<AmazonS3>,
+    prefix: String,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("url", &self.url).finish()
+    }
+}
+
+impl Client {
+    fn path(&self, key: &str) -> StorePath {
+        if self.prefix.is_empty() {
+            StorePath::from(key)
+        } else {
+            StorePath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), S3Error> {
+        self.store
+            .put(&self.path(key), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|source| S3Error::Store {
+                what: format!("uploading {}/{key}", self.url),
+                source,
+            })
+    }
+
+    pub async fn get_optional(
+        &self,
+        key: &str,
+        limit_bytes: usize,
+    ) -> Result<Option<Vec<u8>>, S3Error> {
+        let what = || format!("reading {}/{key}", self.url);
+        let result = match self.store.get(&self.path(key)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(source) => {
+                return Err(S3Error::Store {
+                    what: what(),
+                    source,
+                });
+            }
+        };
+        if result.meta.size > limit_bytes as u64 {
+            return Err(S3Error::Damaged {
+                object: format!("{}/{key}", self.url),
+                reason: format!(
+                    "it is {} bytes, more than the {limit_bytes} such an object may be",
+                    result.meta.size
+                ),
+            });
+        }
+        let bytes = result.bytes().await.map_err(|source| S3Error::Store {
+            what: what(),
+            source,
+        })?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// Bytes `range` of an object (a chunk in its pack).
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, S3Error> {
+        let expected = range.end - range.start;
+        let bytes = self
+            .store
+            .get_range(&self.path(key), range)
+            .await
+            .map_err(|source| S3Error::Store {
+                what: format!("reading {}/{key}", self.url),
+                source,
+            })?;
+        if bytes.len() as u64 != expected {
+            return Err(S3Error::Damaged {
+                object: format!("{}/{key}", self.url),
+                reason: format!("it returned {} bytes of {expected} asked", bytes.len()),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    pub fn sealed_error(&self, key: &str, error: SealError) -> S3Error {
+        match error {
+            SealError::NeedsKey => S3Error::NeedsKey {
+                url: self.url.clone(),
+            },
+            other => S3Error::Damaged {
+                object: format!("{}/{key}", self.url),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A copy, restore or verify under way, as `locks/ID`: prune deletes
+/// nothing a process that held a lock when it marked may still need.
+/// Refreshed while held; deleted on drop.
+#[derive(Debug)]
+pub struct RepoLock {
+    pub key: String,
+    client: Client,
+    refresher: tokio::task::JoinHandle<()>,
+    handle: tokio::runtime::Handle,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LockRecord {
+    kind: String,
+    host: String,
+    pid: u32,
+    started_unix: u64,
+}
+
+impl RepoLock {
+    pub fn take(repo: &Repository, kind: &str) -> Result<RepoLock, S3Error> {
+        let key = format!("locks/{}", crate::copy::hex_id(&random_bytes::<16>()));
+        let record = LockRecord {
+            kind: kind.to_string(),
+            host: hostname(),
+            pid: std::process::id(),
+            started_unix: crate::copy::unix_seconds(),
+        };
+        let bytes = serde_json::to_vec(&record).expect("a lock serializes");
+        repo.put(&key, bytes.clone())?;
+        let client = repo.client();
+        let refresher = {
+            let client = client.clone();
+            let key = key.clone();
+            repo.spawn(async move {
+                loop {
+                    tokio::time::sleep(LOCK_REFRESH).await;
+                    if let Err(error) = client.put(&key, bytes.clone()).await {
+                        tracing::warn!(%error, "refreshing a repository lock");
+                    }
+                }
+            })
+        };
+        Ok(RepoLock {
+            key,
+            client,
+            refresher,
+            handle: repo.runtime.handle().clone(),
+        })
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        self.refresher.abort();
+        let path = self.client.path(&self.key);
+        let store = self.client.store.clone();
+        // Dropped on a plain thread (never inside the runtime).
+        let result = self
+            .handle
+            .block_on(async move { store.delete(&path).await });
+        if let Err(error) = result {
+            tracing::warn!(%error, key = %self.key, "removing a repository lock");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_with_and_without_prefix_and_session() {
+        let location = S3Location::parse("s3://bucket/a/b/#20261202T000000Z-1").unwrap();
+        assert_eq!(location.bucket, "bucket");
+        assert_eq!(location.prefix, "a/b");
+        assert_eq!(location.session.as_deref(), Some("20261202T000000Z-1"));
+        assert_eq!(location.url(), "s3://bucket/a/b");
+        let bare = S3Location::parse("s3://bucket").unwrap();
+        assert_eq!((bare.prefix.as_str(), bare.session), ("", None));
+        for bad in ["s3://", "s3:///x", "http://bucket", "s3://b/../x"] {
+            assert!(S3Location::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_keys_are_image_ids_or_digests() {
+        assert_eq!(disk_key("ABcd01"), "abcd01");
+        let key = disk_key("nbd:nbd+unix:///?socket=/tmp/x");
+        assert!(key.starts_with('x') && key.len() == 33, "{key}");
+        assert_eq!(
+            SessionKey::parse("sessions/abcd/2026-1"),
+            Some(SessionKey {
+                disk: "abcd".into(),
+                session: "2026-1".into()
+            })
+        );
+        assert_eq!(SessionKey::parse("sessions/abcd"), None);
+    }
+}

@@ -1,0 +1,365 @@
+//! Reading sessions back: `restore s3://...[#SESSION] --to IMAGE|nbd://`
+//! (one manifest holds the disk's whole map, so one session is enough),
+//! `verify s3://...` (every chunk read back, opened and hashed, or a
+//! sample of them), and the list of sessions. Chunks are fetched with
+//! `IN_FLIGHT` ranged GETs at once; each is checked against its id before
+//! a byte of it is written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::S3Error;
+use super::format::{ChunkRef, Manifest};
+use super::repo::{Client, IN_FLIGHT, RepoLock, Repository, S3Location, SessionKey};
+use super::seal::{ChunkId, Sealer};
+use super::target::chunk_kind;
+use crate::tape::{RestoreTarget, Sink};
+
+/// A session as `blockwatch sessions` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRow {
+    pub session: String,
+    pub disk: String,
+    pub source_id: String,
+    pub kind: String,
+    pub base_checkpoint: Option<String>,
+    pub checkpoint: String,
+    pub created_unix: u64,
+    pub size_bytes: u64,
+    /// Bytes of the disk the session's map holds data for.
+    pub mapped_bytes: u64,
+    pub data_bytes: u64,
+    pub new_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub files: usize,
+}
+
+impl SessionRow {
+    fn of(key: &SessionKey, manifest: &Manifest) -> SessionRow {
+        let header = &manifest.header;
+        SessionRow {
+            session: key.session.clone(),
+            disk: key.disk.clone(),
+            source_id: header.source_id.clone(),
+            kind: if header.base.is_some() {
+                "incremental"
+            } else {
+                "full"
+            }
+            .into(),
+            base_checkpoint: header.base.as_ref().map(|b| b.checkpoint.clone()),
+            checkpoint: header.checkpoint.checkpoint.clone(),
+            created_unix: header.created_unix,
+            size_bytes: header.size_bytes,
+            mapped_bytes: manifest.mapped_bytes(),
+            data_bytes: header.data_bytes,
+            new_bytes: header.new_bytes,
+            uploaded_bytes: header.uploaded_bytes,
+            files: header.files.len(),
+        }
+    }
+}
+
+/// Every session of the repository, oldest first per disk.
+pub fn list_sessions(repo: &Repository) -> Result<Vec<SessionRow>, S3Error> {
+    let mut rows = Vec::new();
+    for key in repo.sessions()? {
+        let manifest = repo.manifest(&key.key())?;
+        rows.push(SessionRow::of(&key, &manifest));
+    }
+    Ok(rows)
+}
+
+/// The session `location` names (`#SESSION`, or a unique prefix of one),
+/// or the newest one when the repository holds sessions of one disk.
+fn chosen_session(repo: &Repository, location: &S3Location) -> Result<SessionKey, S3Error> {
+    let sessions = repo.sessions()?;
+    let refuse = |reason: String| S3Error::Refused {
+        url: repo.url.clone(),
+        reason,
+    };
+    match &location.session {
+        Some(wanted) => {
+            let matching: Vec<&SessionKey> = sessions
+                .iter()
+                .filter(|key| key.session.starts_with(wanted.as_str()))
+                .collect();
+            match matching.as_slice() {
+                [one] => Ok((*one).clone()),
+                [] => Err(refuse(format!("it holds no session {wanted:?}"))),
+                _ => Err(refuse(format!(
+                    "{} sessions start with {wanted:?}: give more of the id",
+                    matching.len()
+                ))),
+            }
+        }
+        None => {
+            let disks: std::collections::BTreeSet<&str> =
+                sessions.iter().map(|key| key.disk.as_str()).collect();
+            match disks.len() {
+                0 => Err(refuse("it holds no sessions".into())),
+                1 => Ok(sessions.last().expect("one disk, some sessions").clone()),
+                n => Err(refuse(format!(
+                    "it holds sessions of {n} disks: name one as s3://BUCKET/PREFIX#SESSION (blockwatch sessions lists them)"
+                ))),
+            }
+        }
+    }
+}
+
+/// Fetches, opens and checks one chunk.
+async fn fetch_chunk(
+    client: &Client,
+    sealer: &Sealer,
+    chunk: &ChunkRef,
+) -> Result<Vec<u8>, S3Error> {
+    let hex = chunk.pack.hex();
+    let key = format!("packs/{}/{hex}", &hex[..2]);
+    let sealed = client
+        .get_range(
+            &key,
+            chunk.offset_bytes..chunk.offset_bytes + u64::from(chunk.stored_bytes),
+        )
+        .await
+        .map_err(|error| match error {
+            S3Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            } => S3Error::Damaged {
+                object: format!("{}/{key}", client.url),
+                reason: format!("it is missing (chunk {})", chunk.id.hex()),
+            },
+            other => other,
+        })?;
+    let damaged = |reason: String| S3Error::Damaged {
+        object: format!("{}/{key}", client.url),
+        reason: format!(
+            "chunk {} at byte {}: {reason}",
+            chunk.id.hex(),
+            chunk.offset_bytes
+        ),
+    };
+    let plain = sealer
+        .open(&chunk_kind(&chunk.id), &sealed, chunk.raw_bytes as usize)
+        .map_err(|error| damaged(error.to_string()))?;
+    if plain.len() != chunk.raw_bytes as usize || sealer.chunk_id(&plain) != chunk.id {
+        return Err(damaged("its contents do not hash to its id".into()));
+    }
+    Ok(plain)
+}
+
+/// What a restore wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct S3RestoreSummary {
+    pub session: String,
+    pub checkpoint: String,
+    pub size_bytes: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub chunks: usize,
+    pub seconds: f64,
+    pub mib_per_second: f64,
+}
+
+/// Restores one session onto `target`. Nothing is written before the
+/// manifest opened and checked; a damaged chunk stops the restore with
+/// the target partly written (and says so).
+pub fn restore(
+    repo: &Repository,
+    location: &S3Location,
+    target: &RestoreTarget,
+) -> Result<S3RestoreSummary, S3Error> {
+    let started = Instant::now();
+    let _lock = RepoLock::take(repo, "restore")?;
+    let key = chosen_session(repo, location)?;
+    let manifest = repo.manifest(&key.key())?;
+    let size_bytes = manifest.header.size_bytes;
+    let mut sink = Sink::open(target, size_bytes).map_err(S3Error::Restore)?;
+    // Each chunk once, in the order the disk first needs it.
+    let mut uses: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    let mut order: Vec<u32> = Vec::new();
+    for (index, extent) in manifest.extents.iter().enumerate() {
+        let entry = uses.entry(extent.chunk).or_default();
+        if entry.is_empty() {
+            order.push(extent.chunk);
+        }
+        entry.push(index);
+    }
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(IN_FLIGHT);
+    let client = repo.client();
+    let sealer = repo.sealer.clone();
+    let chunks: Vec<ChunkRef> = order.iter().map(|&n| manifest.chunks[n as usize]).collect();
+    let fetcher = repo.spawn(async move {
+        let mut fetched = futures::stream::iter(chunks.into_iter().map(|chunk| {
+            let client = client.clone();
+            let sealer = sealer.clone();
+            async move { fetch_chunk(&client, &sealer, &chunk).await }
+        }))
+        .buffered(IN_FLIGHT);
+        while let Some(result) = fetched.next().await {
+            if sender.send(result).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut data_bytes = 0u64;
+    let partly = |error: S3Error| S3Error::PartlyRestored {
+        target: target.describe(),
+        source: Box::new(error),
+    };
+    for &number in &order {
+        let plain = match receiver.blocking_recv() {
+            Some(Ok(plain)) => plain,
+            Some(Err(error)) => return Err(partly(error)),
+            None => {
+                return Err(partly(
+                    repo.damaged(&key.key(), "the fetches stopped early"),
+                ));
+            }
+        };
+        for &index in &uses[&number] {
+            let extent = manifest.extents[index];
+            let start = extent.chunk_offset_bytes as usize;
+            let slice = plain[start..start + extent.length_bytes as usize].to_vec();
+            sink.write(extent.offset_bytes, slice)
+                .map_err(|error| partly(S3Error::Restore(error)))?;
+            data_bytes += u64::from(extent.length_bytes);
+        }
+    }
+    let _ = repo.block_on(fetcher);
+    let mut zero_bytes = 0u64;
+    let mut position = 0u64;
+    for extent in manifest
+        .extents
+        .iter()
+        .map(|e| (e.offset_bytes, u64::from(e.length_bytes)))
+        .chain([(size_bytes, 0)])
+    {
+        if extent.0 > position {
+            sink.zero(position, extent.0 - position)
+                .map_err(|error| partly(S3Error::Restore(error)))?;
+            zero_bytes += extent.0 - position;
+        }
+        position = extent.0 + extent.1;
+    }
+    sink.finish()
+        .map_err(|error| partly(S3Error::Restore(error)))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(S3RestoreSummary {
+        session: key.session,
+        checkpoint: manifest.header.checkpoint.checkpoint,
+        size_bytes,
+        data_bytes,
+        zero_bytes,
+        chunks: order.len(),
+        seconds,
+        mib_per_second: data_bytes as f64 / f64::from(1 << 20) / seconds,
+    })
+}
+
+/// What a verify found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct S3VerifyReport {
+    pub sessions: usize,
+    pub chunks_total: usize,
+    pub chunks_checked: usize,
+    pub bytes_read: u64,
+    /// Damaged objects (manifests, chunks), with what is wrong and which
+    /// sessions need them.
+    pub damaged: Vec<Damage>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Damage {
+    pub object: String,
+    pub reason: String,
+    pub sessions: Vec<String>,
+}
+
+/// Reads back the chunks of every session (or the one `location`
+/// names): all of them, or about `sample_percent` of them picked at
+/// random each run.
+pub fn verify(
+    repo: &Repository,
+    location: &S3Location,
+    sample_percent: f64,
+) -> Result<S3VerifyReport, S3Error> {
+    let started = Instant::now();
+    let _lock = RepoLock::take(repo, "verify")?;
+    let keys = match &location.session {
+        Some(_) => vec![chosen_session(repo, location)?],
+        None => repo.sessions()?,
+    };
+    let mut report = S3VerifyReport {
+        sessions: keys.len(),
+        ..Default::default()
+    };
+    let mut needed: HashMap<(ChunkId, super::format::PackId), (ChunkRef, Vec<String>)> =
+        HashMap::new();
+    for key in &keys {
+        match repo.manifest(&key.key()) {
+            Ok(manifest) => {
+                for chunk in &manifest.chunks {
+                    needed
+                        .entry((chunk.id, chunk.pack))
+                        .or_insert_with(|| (*chunk, Vec::new()))
+                        .1
+                        .push(key.session.clone());
+                }
+            }
+            Err(S3Error::Damaged { object, reason }) => report.damaged.push(Damage {
+                object,
+                reason,
+                sessions: vec![key.session.clone()],
+            }),
+            Err(error) => return Err(error),
+        }
+    }
+    report.chunks_total = needed.len();
+    let sample_key: [u8; 32] = super::seal::random_bytes();
+    let threshold = (sample_percent.clamp(0.0, 100.0) / 100.0 * u64::MAX as f64) as u64;
+    let mut picked: Vec<(ChunkRef, Vec<String>)> = needed
+        .into_values()
+        .filter(|(chunk, _)| {
+            sample_percent >= 100.0 || {
+                let hash = blake3::keyed_hash(&sample_key, &chunk.id.0);
+                u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8")) < threshold
+            }
+        })
+        .collect();
+    picked.sort_by_key(|(chunk, _)| (chunk.pack, chunk.offset_bytes));
+    report.chunks_checked = picked.len();
+    report.bytes_read = picked.iter().map(|(c, _)| u64::from(c.stored_bytes)).sum();
+    let client = repo.client();
+    let sealer = repo.sealer.clone();
+    // Each chunk's bytes are dropped once checked: only the outcome stays.
+    let results: Vec<(Vec<String>, Result<(), S3Error>)> = repo.block_on(
+        futures::stream::iter(picked.into_iter().map(|(chunk, sessions)| {
+            let client = client.clone();
+            let sealer = sealer.clone();
+            async move {
+                let checked = fetch_chunk(&client, &sealer, &chunk).await.map(drop);
+                (sessions, checked)
+            }
+        }))
+        .buffer_unordered(IN_FLIGHT)
+        .collect(),
+    );
+    for (sessions, result) in results {
+        match result {
+            Ok(()) => {}
+            Err(S3Error::Damaged { object, reason }) => report.damaged.push(Damage {
+                object,
+                reason,
+                sessions,
+            }),
+            Err(error) => return Err(error),
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
