@@ -43,6 +43,9 @@ pub struct S3Target {
     lock: Option<RepoLock>,
     /// Packs prune has marked: never named by a new session.
     excluded: HashSet<PackId>,
+    /// A mark could not be read: no stored chunk is reused (any may be
+    /// about to be deleted).
+    reuse_nothing: bool,
     /// The disk's newest readable session, once `held` looked.
     newest: Option<(SessionKey, Manifest)>,
     building: Option<Building>,
@@ -113,6 +116,7 @@ impl S3Target {
             repo: Arc::new(repo),
             lock: None,
             excluded: HashSet::new(),
+            reuse_nothing: false,
             newest: None,
             building: None,
         })
@@ -123,7 +127,14 @@ impl S3Target {
     fn prepare(&mut self) -> Result<(), S3Error> {
         if self.lock.is_none() {
             self.lock = Some(RepoLock::take(&self.repo, "copy")?);
-            self.excluded = pending_marks(&self.repo)?;
+            match pending_marks(&self.repo) {
+                Ok(excluded) => self.excluded = excluded,
+                Err(S3Error::Damaged { object, reason }) => {
+                    tracing::warn!(%object, %reason, "a prune mark is damaged: this copy uploads every chunk again");
+                    self.reuse_nothing = true;
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(())
     }
@@ -203,7 +214,11 @@ impl Target for S3Target {
                 }
             },
         };
-        let known = self.repo.chunk_index(&self.excluded)?;
+        let known = if self.reuse_nothing {
+            HashMap::new()
+        } else {
+            self.repo.chunk_index(&self.excluded)?
+        };
         let mut state = State {
             map: BTreeMap::new(),
             chunks: HashMap::new(),
