@@ -2,7 +2,8 @@
 //! (`tests/`, `fsmap/tests/`, `tracker/tests/`, `nbd-server/tests/`,
 //! `nbd-client/tests/`, and the unit tests through `fsmap/src/testing.rs`)
 //! takes it as a dev-dependency. It is never published and nothing but
-//! tests uses it.
+//! tests uses it, apart from `s3s-fs-serve`, its one binary, which the
+//! benchmark scripts run.
 //!
 //! Files and what each owns:
 //! - `files.rs`: `TempDir`, a directory removed on drop, and the file
@@ -25,6 +26,8 @@
 //! - `s3.rs`: `S3Server`, an S3 server on 127.0.0.1 (s3s-fs in process,
 //!   its objects plain files a test can corrupt, or moto_server as a child
 //!   process) reached with fixed credentials, stopped on drop.
+//! - `bin/s3s-fs-serve.rs`: the same s3s-fs server as a program, printing
+//!   its endpoint and serving until killed.
 //!
 //! Every helper panics with a readable message rather than returning an
 //! error: a failed helper is a failed test.

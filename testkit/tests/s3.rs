@@ -4,6 +4,9 @@
 //! proves the fixed credentials and path-style requests work, against
 //! s3s-fs (which checks signatures) and moto (which does not).
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
@@ -272,4 +275,56 @@ async fn moto_put_into_a_missing_bucket_fails() {
         .put(&ObjectPath::from("k"), PutPayload::from_static(b"v"))
         .await;
     assert_refused(put, "NoSuchBucket", "a put into a missing bucket");
+}
+
+/// `s3s-fs-serve` prints its endpoint once it listens and then serves the
+/// same credentials as `S3Server::s3s_fs`.
+#[tokio::test]
+async fn s3s_fs_serve_prints_an_endpoint_that_serves() {
+    let dir = TempDir::new("s3s-fs-serve");
+    let root = dir.join("root");
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_s3s-fs-serve"))
+            .args(["--root".as_ref(), root.as_os_str()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start s3s-fs-serve"),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the endpoint");
+    let endpoint = line.trim_end().to_string();
+    assert!(
+        endpoint.starts_with("http://127.0.0.1:"),
+        "s3s-fs-serve printed {line:?}"
+    );
+    std::fs::create_dir(root.join("served")).expect("create a bucket");
+    let served = AmazonS3Builder::new()
+        .with_bucket_name("served")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_region(testkit::S3_REGION)
+        .with_access_key_id(testkit::S3_ACCESS_KEY_ID)
+        .with_secret_access_key(testkit::S3_SECRET_ACCESS_KEY)
+        .build()
+        .expect("an S3 client");
+    served
+        .put(&ObjectPath::from("k"), PutPayload::from_static(b"v"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot put through {endpoint}: {e}"));
+    assert_eq!(
+        std::fs::read(root.join("served/k")).expect("the object"),
+        b"v"
+    );
+}
+
+/// A child process killed and reaped on drop, also when the test fails.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
