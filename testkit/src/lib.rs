@@ -2,7 +2,8 @@
 //! (`tests/`, `fsmap/tests/`, `tracker/tests/`, `nbd-server/tests/`,
 //! `nbd-client/tests/`, and the unit tests through `fsmap/src/testing.rs`)
 //! takes it as a dev-dependency. It is never published and nothing but
-//! tests uses it.
+//! tests uses it, apart from `s3s-fs-serve`, its one binary, which the
+//! benchmark scripts run.
 //!
 //! Files and what each owns:
 //! - `files.rs`: `TempDir`, a directory removed on drop, and the file
@@ -22,6 +23,11 @@
 //! - `mount.rs`: an export exposed as a file by nbdfuse and a filesystem
 //!   mounted through a loop device, both undone on drop, and the
 //!   kernel's extent map of mounted files (FIEMAP through filefrag).
+//! - `s3.rs`: `S3Server`, an S3 server on 127.0.0.1 (s3s-fs in process,
+//!   its objects plain files a test can corrupt, or moto_server as a child
+//!   process) reached with fixed credentials, stopped on drop.
+//! - `bin/s3s-fs-serve.rs`: the same s3s-fs server as a program, printing
+//!   its endpoint and serving until killed.
 //!
 //! Every helper panics with a readable message rather than returning an
 //! error: a failed helper is a failed test.
@@ -31,6 +37,7 @@ mod files;
 mod mount;
 mod process;
 mod random;
+mod s3;
 mod server;
 mod tools;
 
@@ -45,5 +52,6 @@ pub use process::{
     run_with_input, run_within, signal, status_text, wait_bounded,
 };
 pub use random::{Xorshift, random_bytes};
+pub use s3::{S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY, S3Server};
 pub use server::ServerProcess;
 pub use tools::{find_in_path, is_root, require_tool, skipped_unless_root, tool};
