@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::S3Error;
 use super::format::PackId;
-use super::repo::{LOCK_STALE, Listed, RepoLock, Repository, SessionKey};
+use super::repo::{RepoLock, Repository, SessionKey};
 
 /// What to keep of each disk's sessions; a session any rule keeps stays.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,7 +140,7 @@ pub fn prune(repo: &Repository, retention: &Retention) -> Result<PruneSummary, S
             reason: "a prune that keeps nothing would remove every session: give --keep-last, --keep-daily, --keep-weekly or --keep-monthly".into(),
         });
     }
-    let lock = RepoLock::take(repo, "prune")?;
+    let lock = RepoLock::take(repo, "prune", None)?;
     let mut summary = PruneSummary::default();
     sweep_marks(repo, &lock, &mut summary)?;
     let mut manifests = BTreeMap::new();
@@ -207,38 +207,17 @@ fn stored_packs(repo: &Repository) -> Result<BTreeMap<PackId, u64>, S3Error> {
     Ok(packs)
 }
 
-/// Locks of other processes that are alive (refreshed within
-/// `LOCK_STALE` by the server's clock, read off our own lock). Another
-/// prune's live lock refuses this one; stale locks are removed.
-fn live_locks(repo: &Repository, own: &RepoLock) -> Result<Vec<Listed>, S3Error> {
-    let locks = repo.list("locks/")?;
-    let now = locks
-        .iter()
-        .find(|listed| listed.key == own.key)
-        .map(|listed| listed.modified_unix)
-        .ok_or_else(|| repo.damaged(&own.key, "our own lock is not listed"))?;
-    let mut live = Vec::new();
-    for listed in locks {
-        if listed.key == own.key {
-            continue;
-        }
-        if now - listed.modified_unix > LOCK_STALE.as_secs() as i64 {
-            tracing::warn!(lock = %listed.key, "removing a stale lock (its process stopped refreshing it)");
-            repo.delete(&listed.key)?;
-            continue;
-        }
-        if let Ok(Some(bytes)) = repo.get_optional(&listed.key, 4096)
-            && serde_json::from_slice::<serde_json::Value>(&bytes)
-                .is_ok_and(|record| record["kind"] == "prune")
-        {
-            return Err(S3Error::Refused {
-                url: repo.url.clone(),
-                reason: format!("another prune is running ({})", listed.key),
-            });
-        }
-        live.push(listed);
+/// Locks of other processes that are alive; another prune's refuses
+/// this one.
+fn live_locks(repo: &Repository, own: &RepoLock) -> Result<Vec<String>, S3Error> {
+    let live = own.others(repo)?;
+    if let Some((key, _)) = live.iter().find(|(_, record)| record.kind == "prune") {
+        return Err(S3Error::Refused {
+            url: repo.url.clone(),
+            reason: format!("another prune is running ({key})"),
+        });
     }
-    Ok(live)
+    Ok(live.into_iter().map(|(key, _)| key).collect())
 }
 
 /// Deletes the packs of every mark that no session names, when no other

@@ -16,7 +16,7 @@
 //! runtime, and the copier's threads call them as they call files.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -488,16 +488,21 @@ pub fn disk_key(source_id: &str) -> String {
     }
 }
 
-/// A session id: the time (so they sort), then 4 random bytes.
+/// A session id: the time to the microsecond (so a disk's sessions sort
+/// in the order they were made), then 4 random bytes.
 pub fn new_session_id() -> String {
-    let seconds = crate::copy::unix_seconds();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = now.as_secs();
     let (year, month, day) = super::prune::civil_from_days((seconds / 86400) as i64);
     let in_day = seconds % 86400;
     format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z-{}",
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:06}Z-{}",
         in_day / 3600,
         in_day / 60 % 60,
         in_day % 60,
+        now.subsec_micros(),
         crate::copy::hex_id(&random_bytes::<4>())
     )
 }
@@ -616,19 +621,23 @@ pub struct RepoLock {
     handle: tokio::runtime::Handle,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct LockRecord {
-    kind: String,
-    host: String,
-    pid: u32,
-    started_unix: u64,
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LockRecord {
+    pub kind: String,
+    /// The disk a copy copies.
+    #[serde(default)]
+    pub disk: Option<String>,
+    pub host: String,
+    pub pid: u32,
+    pub started_unix: u64,
 }
 
 impl RepoLock {
-    pub fn take(repo: &Repository, kind: &str) -> Result<RepoLock, S3Error> {
+    pub fn take(repo: &Repository, kind: &str, disk: Option<&str>) -> Result<RepoLock, S3Error> {
         let key = format!("locks/{}", crate::copy::hex_id(&random_bytes::<16>()));
         let record = LockRecord {
             kind: kind.to_string(),
+            disk: disk.map(str::to_string),
             host: hostname(),
             pid: std::process::id(),
             started_unix: crate::copy::unix_seconds(),
@@ -654,6 +663,54 @@ impl RepoLock {
             refresher,
             handle: repo.runtime.handle().clone(),
         })
+    }
+}
+
+impl RepoLock {
+    /// The locks of other processes that are alive: rewritten within
+    /// `LOCK_STALE` by the server's clock (read off this lock's own
+    /// Last-Modified). Stale ones are removed.
+    pub fn others(&self, repo: &Repository) -> Result<Vec<(String, LockRecord)>, S3Error> {
+        let locks = repo.list("locks/")?;
+        let now = locks
+            .iter()
+            .find(|listed| listed.key == self.key)
+            .map(|listed| listed.modified_unix)
+            .ok_or_else(|| repo.damaged(&self.key, "our own lock is not listed"))?;
+        let mut live = Vec::new();
+        for listed in locks {
+            if listed.key == self.key {
+                continue;
+            }
+            if now - listed.modified_unix > LOCK_STALE.as_secs() as i64 {
+                tracing::warn!(lock = %listed.key, "removing a stale lock (its process stopped refreshing it)");
+                repo.delete(&listed.key)?;
+                continue;
+            }
+            // Gone since the listing: its process ended.
+            let Some(bytes) = repo.get_optional(&listed.key, 4096)? else {
+                continue;
+            };
+            // A lock this blockwatch cannot read still counts, as a copy.
+            let record = serde_json::from_slice(&bytes).unwrap_or(LockRecord {
+                kind: "copy".into(),
+                disk: None,
+                host: String::new(),
+                pid: 0,
+                started_unix: 0,
+            });
+            // A process of this host that is gone (killed) holds nothing.
+            if record.pid != 0
+                && record.host == hostname()
+                && !Path::new(&format!("/proc/{}", record.pid)).exists()
+            {
+                tracing::warn!(lock = %listed.key, pid = record.pid, "removing the lock of a process that ended");
+                repo.delete(&listed.key)?;
+                continue;
+            }
+            live.push((listed.key, record));
+        }
+        Ok(live)
     }
 }
 

@@ -173,7 +173,7 @@ pub fn restore(
     target: &RestoreTarget,
 ) -> Result<S3RestoreSummary, S3Error> {
     let started = Instant::now();
-    let _lock = RepoLock::take(repo, "restore")?;
+    let _lock = RepoLock::take(repo, "restore", None)?;
     let key = chosen_session(repo, location)?;
     let manifest = repo.manifest(&key.key())?;
     let size_bytes = manifest.header.size_bytes;
@@ -289,7 +289,7 @@ pub fn verify(
     sample_percent: f64,
 ) -> Result<S3VerifyReport, S3Error> {
     let started = Instant::now();
-    let _lock = RepoLock::take(repo, "verify")?;
+    let _lock = RepoLock::take(repo, "verify", None)?;
     let keys = match &location.session {
         Some(_) => vec![chosen_session(repo, location)?],
         None => repo.sessions()?,

@@ -123,10 +123,25 @@ impl S3Target {
     }
 
     /// The lock first, then prune's marks: a prune that marks after the
-    /// lock waits for this copy; one that marked before is seen.
-    fn prepare(&mut self) -> Result<(), S3Error> {
+    /// lock waits for this copy; one that marked before is seen. One copy
+    /// of a disk to a repository at a time.
+    fn prepare(&mut self, disk: &str) -> Result<(), S3Error> {
         if self.lock.is_none() {
-            self.lock = Some(RepoLock::take(&self.repo, "copy")?);
+            let lock = RepoLock::take(&self.repo, "copy", Some(disk))?;
+            if let Some((key, record)) = lock
+                .others(&self.repo)?
+                .into_iter()
+                .find(|(_, record)| record.kind == "copy" && record.disk.as_deref() == Some(disk))
+            {
+                return Err(S3Error::Refused {
+                    url: self.repo.url.clone(),
+                    reason: format!(
+                        "another copy of this disk to it is running (pid {} on {:?}, {key})",
+                        record.pid, record.host
+                    ),
+                });
+            }
+            self.lock = Some(lock);
             match pending_marks(&self.repo) {
                 Ok(excluded) => self.excluded = excluded,
                 Err(S3Error::Damaged { object, reason }) => {
@@ -176,7 +191,7 @@ impl Target for S3Target {
     }
 
     fn held(&mut self, source_id: &str) -> Result<Option<Held>, CopyError> {
-        self.prepare()?;
+        self.prepare(&disk_key(source_id))?;
         self.newest = self.newest_session(&disk_key(source_id))?;
         Ok(self.newest.as_ref().and_then(|(_, manifest)| {
             (manifest.header.source_id == source_id).then(|| manifest.header.checkpoint.clone())
@@ -189,7 +204,7 @@ impl Target for S3Target {
         checkpoint: &Held,
         base: Option<&Held>,
     ) -> Result<(), CopyError> {
-        self.prepare()?;
+        self.prepare(&disk_key(&source.id))?;
         let parent = match base {
             None => None,
             Some(base) => match &self.newest {
@@ -270,48 +285,21 @@ impl Target for S3Target {
         Ok(())
     }
 
+    /// A piece's runs of non-zero 4 KiB blocks become its chunks, its
+    /// zero blocks holes: so the chunks of equal contents are equal
+    /// whether the source reported their zeroes as holes or as data.
     fn write_data(&self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
-        let building = self.building();
-        building.check_failure()?;
-        if is_zero(data) {
-            return self.write_zero(offset, data.len() as u64);
-        }
+        self.building().check_failure()?;
         assert!(
             data.len() <= crate::plan::PIECE_BYTES_MAX as usize,
             "pieces are at most 4 MiB"
         );
-        let id = building.sealer.chunk_id(data);
-        let mapped = Mapped {
-            length: data.len() as u32,
-            chunk: id,
-            chunk_offset: 0,
-        };
-        if building.reuse(offset, mapped) {
-            return Ok(());
-        }
-        let sealed = building.sealer.seal(&chunk_kind(&id), data);
-        let full_pack = {
-            let mut state = building.state.lock().expect("s3 state lock");
-            state.data_bytes += data.len() as u64;
-            if !state.chunks.contains_key(&id) {
-                let entry = ChunkRef {
-                    id,
-                    pack: state.pack.id,
-                    offset_bytes: state.pack.bytes.len() as u64,
-                    stored_bytes: sealed.len() as u32,
-                    raw_bytes: data.len() as u32,
-                };
-                state.pack.bytes.extend_from_slice(&sealed);
-                state.pack.entries.push(entry);
-                state.chunks.insert(id, entry);
-                state.new_bytes += data.len() as u64;
+        for (start, end, zero) in zero_runs(offset, data) {
+            if zero {
+                self.write_zero(offset + start as u64, (end - start) as u64)?;
+            } else {
+                self.store_chunk(offset + start as u64, &data[start..end]);
             }
-            overlay(&mut state.map, offset, Some(mapped));
-            (state.pack.bytes.len() >= PACK_BYTES_TARGET)
-                .then(|| std::mem::replace(&mut state.pack, Pack::new()))
-        };
-        if let Some(pack) = full_pack {
-            building.upload(&self.repo, pack);
         }
         Ok(())
     }
@@ -340,6 +328,60 @@ impl Target for S3Target {
     }
 
     fn commit(&mut self) -> Result<(), CopyError> {
+        self.commit_session()
+    }
+
+    fn stored(&self) -> Option<StoredTotals> {
+        let (_, manifest) = self.newest.as_ref()?;
+        Some(StoredTotals {
+            session: manifest.header.session_id.clone(),
+            new_bytes: manifest.header.new_bytes,
+            uploaded_bytes: manifest.header.uploaded_bytes,
+        })
+    }
+}
+
+impl S3Target {
+    /// Maps `data` at `offset` as one chunk, uploading it (in a pack)
+    /// unless the repository holds it.
+    fn store_chunk(&self, offset: u64, data: &[u8]) {
+        let building = self.building();
+        let id = building.sealer.chunk_id(data);
+        let mapped = Mapped {
+            length: data.len() as u32,
+            chunk: id,
+            chunk_offset: 0,
+        };
+        if building.reuse(offset, mapped) {
+            return;
+        }
+        let sealed = building.sealer.seal(&chunk_kind(&id), data);
+        let full_pack = {
+            let mut state = building.state.lock().expect("s3 state lock");
+            state.data_bytes += data.len() as u64;
+            if !state.chunks.contains_key(&id) {
+                let entry = ChunkRef {
+                    id,
+                    pack: state.pack.id,
+                    offset_bytes: state.pack.bytes.len() as u64,
+                    stored_bytes: sealed.len() as u32,
+                    raw_bytes: data.len() as u32,
+                };
+                state.pack.bytes.extend_from_slice(&sealed);
+                state.pack.entries.push(entry);
+                state.chunks.insert(id, entry);
+                state.new_bytes += data.len() as u64;
+            }
+            overlay(&mut state.map, offset, Some(mapped));
+            (state.pack.bytes.len() >= PACK_BYTES_TARGET)
+                .then(|| std::mem::replace(&mut state.pack, Pack::new()))
+        };
+        if let Some(pack) = full_pack {
+            building.upload(&self.repo, pack);
+        }
+    }
+
+    fn commit_session(&mut self) -> Result<(), CopyError> {
         let building = self
             .building
             .take()
@@ -369,15 +411,6 @@ impl Target for S3Target {
         self.newest = Some((key, manifest));
         self.lock = None;
         Ok(())
-    }
-
-    fn stored(&self) -> Option<StoredTotals> {
-        let (_, manifest) = self.newest.as_ref()?;
-        Some(StoredTotals {
-            session: manifest.header.session_id.clone(),
-            new_bytes: manifest.header.new_bytes,
-            uploaded_bytes: manifest.header.uploaded_bytes,
-        })
     }
 }
 
@@ -521,10 +554,30 @@ fn overlay_clear(map: &mut BTreeMap<u64, Mapped>, start: u64, end: u64) {
     }
 }
 
-/// Whether every byte is zero (a chunk not worth storing).
+/// Blocks whose zeroes are cut out of chunks.
+const ZERO_BLOCK_BYTES: u64 = 4096;
+
+/// `data` (at disk offset `offset`) as runs `(start, end, all zero)`, cut
+/// at 4 KiB boundaries of the disk.
+fn zero_runs(offset: u64, data: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let to_boundary = ZERO_BLOCK_BYTES - (offset + start as u64) % ZERO_BLOCK_BYTES;
+        let end = (start + to_boundary as usize).min(data.len());
+        let zero = is_zero(&data[start..end]);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 = end,
+            _ => runs.push((start, end, zero)),
+        }
+        start = end;
+    }
+    runs
+}
+
+/// Whether every byte is zero.
 fn is_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+    data.iter().fold(0u8, |acc, &b| acc | b) == 0
 }
 
 #[cfg(test)]
@@ -570,10 +623,28 @@ mod tests {
     }
 
     #[test]
-    fn zero_detection_sees_one_set_byte_anywhere() {
-        let mut data = vec![0u8; 1 << 20];
-        assert!(is_zero(&data));
-        data[(1 << 20) - 1] = 1;
-        assert!(!is_zero(&data));
+    fn zero_blocks_are_cut_out_at_disk_block_boundaries() {
+        let mut data = vec![0u8; 5 * 4096];
+        assert_eq!(zero_runs(0, &data), vec![(0, 5 * 4096, true)]);
+        data[4096] = 1;
+        data[3 * 4096 + 100] = 1;
+        assert_eq!(
+            zero_runs(0, &data),
+            vec![
+                (0, 4096, true),
+                (4096, 2 * 4096, false),
+                (2 * 4096, 3 * 4096, true),
+                (3 * 4096, 4 * 4096, false),
+                (4 * 4096, 5 * 4096, true)
+            ]
+        );
+        // At an offset that is not block-aligned, the first block is short.
+        assert_eq!(zero_runs(4000, &data[..200]), vec![(0, 200, true)]);
+        let mut tail = vec![0u8; 200];
+        tail[150] = 7;
+        assert_eq!(
+            zero_runs(4000, &tail),
+            vec![(0, 96, true), (96, 200, false)]
+        );
     }
 }
