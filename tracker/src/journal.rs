@@ -5,10 +5,13 @@
 //! header and a payload padded to 8 bytes. Integers are little-endian.
 //!
 //! Replay reads records until the first one that does not check out. If no
-//! valid record follows it, that is a torn tail (a commit cut short: none of
-//! the writes it would have allowed were issued) and it is dropped. A valid
-//! record after a bad one means the file is corrupt: the caller must treat
-//! every region as changed.
+//! valid record follows it and its bytes stop short of a whole record (or
+//! were never written: zeroes), that is a torn tail (a commit cut short:
+//! none of the writes it would have allowed were issued) and it is
+//! dropped. A whole record whose checksum fails is damage, not a tear,
+//! even at the very end of the file; so is a valid record after a bad one.
+//! Damage means the file is corrupt: the caller must treat every region as
+//! changed.
 
 use std::fs::File;
 use std::io;
@@ -307,7 +310,9 @@ pub fn replay(file: &File) -> Result<Replay, JournalError> {
                 sequence += 1;
             }
             Err(reason) => {
-                if any_valid_record_after(&bytes, offset + 8) {
+                if any_valid_record_after(&bytes, offset + 8)
+                    || is_whole_damaged_record(&bytes[offset..], sequence)
+                {
                     return Err(JournalError::Corrupt {
                         offset: offset as u64,
                         reason,
@@ -323,6 +328,41 @@ pub fn replay(file: &File) -> Result<Replay, JournalError> {
         end_offset: offset as u64,
         next_sequence: sequence,
         torn_bytes: (bytes.len() - offset) as u64,
+    })
+}
+
+/// Whether `rest`, a record that failed to decode and everything after it
+/// to the end of the file, is one whole record with damaged bytes rather
+/// than a tear. A tear stops short: the file ends before the record does,
+/// or what follows was never written (zeroes). The record is whole when
+/// its length field says it ends where the file does, or, should the
+/// damage be in its magic or its length, when its checksum matches with
+/// them set to what a record ending at the end of the file has.
+fn is_whole_damaged_record(rest: &[u8], sequence: u64) -> bool {
+    if rest.len() < RECORD_HEADER_LEN || rest.iter().all(|&b| b == 0) {
+        return false;
+    }
+    let declared = le32(&rest[8..12]);
+    if declared <= RECORD_PAYLOAD_MAX
+        && RECORD_HEADER_LEN + (declared as usize).next_multiple_of(8) == rest.len()
+    {
+        return true;
+    }
+    let payload_room = rest.len() - RECORD_HEADER_LEN;
+    if payload_room % 8 != 0 || payload_room > RECORD_PAYLOAD_MAX as usize {
+        return false;
+    }
+    let stored_crc = le32(&rest[12..16]);
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    header.copy_from_slice(&rest[..RECORD_HEADER_LEN]);
+    header[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    header[16..24].copy_from_slice(&sequence.to_le_bytes());
+    (payload_room.saturating_sub(7)..=payload_room).any(|length| {
+        header[8..12].copy_from_slice(&(length as u32).to_le_bytes());
+        record_crc(
+            &header,
+            &rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + length],
+        ) == stored_crc
     })
 }
 
@@ -507,6 +547,50 @@ pub(crate) mod tests {
             assert_eq!(replayed.records, sample_records()[..2], "cut at {cut}");
             assert_eq!(replayed.end_offset, first_two_end as u64);
         }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Regression: a flipped byte inside the journal's last record (all of
+    /// its bytes present) was taken for a torn tail and the record
+    /// dropped, so the write it marked was missed. Every byte of the last
+    /// record, and of every record of the last commit, is damage now.
+    #[test]
+    fn a_damaged_byte_in_the_last_commit_is_damage_not_a_torn_tail() {
+        let (path, file) = temp_file("damaged-tail");
+        let mut writer =
+            JournalWriter::create(Box::new(file.try_clone().unwrap()), header()).unwrap();
+        writer.append(&sample_records()[..1]).unwrap();
+        writer.sync().unwrap();
+        // The last commit: two records in one write.
+        writer.append(&sample_records()[1..]).unwrap();
+        writer.sync().unwrap();
+        let full = std::fs::read(&path).unwrap();
+        let first_end = {
+            let mut bytes = Vec::new();
+            encode_record(&sample_records()[0], 1, &mut bytes);
+            FILE_HEADER_LEN + bytes.len()
+        };
+        for index in first_end..full.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bytes = full.clone();
+                bytes[index] ^= flip;
+                std::fs::write(&path, &bytes).unwrap();
+                let file = File::open(&path).unwrap();
+                match replay(&file) {
+                    Err(JournalError::Corrupt { .. }) => {}
+                    // Padding is not part of a record's contents.
+                    Ok(replayed) if replayed.records == sample_records() => {}
+                    other => panic!("byte {index} ^ {flip:#x}: {other:?}"),
+                }
+            }
+        }
+        // Never-written bytes after a whole record are a tear still.
+        let mut bytes = full.clone();
+        bytes.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&path, &bytes).unwrap();
+        let replayed = replay(&File::open(&path).unwrap()).unwrap();
+        assert_eq!(replayed.records, sample_records());
+        assert_eq!(replayed.torn_bytes, 4096);
         std::fs::remove_file(path).unwrap();
     }
 
