@@ -145,6 +145,15 @@ impl Repository {
         if let Some(region) = &options.region {
             builder = builder.with_region(region);
         }
+        // A signed payload costs a SHA-256 of every byte on both sides.
+        // Every object carries its own digest or AEAD tag, checked on each
+        // read; over TLS, or for an encrypted repository (whose tags no
+        // one can forge), the payload needs no signature of its own.
+        // Over plain HTTP without encryption, it keeps one.
+        let plain_http = endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        builder = builder.with_unsigned_payload(!plain_http || options.key_file.is_some());
         let store = builder.build().map_err(|source| S3Error::Store {
             what: format!("setting up {url}"),
             source,

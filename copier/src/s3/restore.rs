@@ -110,19 +110,23 @@ fn chosen_session(repo: &Repository, location: &S3Location) -> Result<SessionKey
     }
 }
 
-/// Fetches, opens and checks one chunk.
-async fn fetch_chunk(
-    client: &Client,
-    sealer: &Sealer,
-    chunk: &ChunkRef,
-) -> Result<Vec<u8>, S3Error> {
+/// Chunks a restore fetches with one GET at most: neighbours in a pack.
+const GROUP_BYTES_MAX: u64 = 8 << 20;
+
+fn pack_key(chunk: &ChunkRef) -> String {
     let hex = chunk.pack.hex();
-    let key = format!("packs/{}/{hex}", &hex[..2]);
-    let sealed = client
-        .get_range(
-            &key,
-            chunk.offset_bytes..chunk.offset_bytes + u64::from(chunk.stored_bytes),
-        )
+    format!("packs/{}/{hex}", &hex[..2])
+}
+
+/// Bytes `range` of the pack `chunk` is in; a missing pack is damage.
+async fn fetch_range(
+    client: &Client,
+    chunk: &ChunkRef,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, S3Error> {
+    let key = pack_key(chunk);
+    client
+        .get_range(&key, range)
         .await
         .map_err(|error| match error {
             S3Error::Store {
@@ -133,9 +137,18 @@ async fn fetch_chunk(
                 reason: format!("it is missing (chunk {})", chunk.id.hex()),
             },
             other => other,
-        })?;
+        })
+}
+
+/// Opens a chunk's sealed bytes and checks them against its id.
+fn open_chunk(
+    client: &Client,
+    sealer: &Sealer,
+    chunk: &ChunkRef,
+    sealed: &[u8],
+) -> Result<Vec<u8>, S3Error> {
     let damaged = |reason: String| S3Error::Damaged {
-        object: format!("{}/{key}", client.url),
+        object: format!("{}/{}", client.url, pack_key(chunk)),
         reason: format!(
             "chunk {} at byte {}: {reason}",
             chunk.id.hex(),
@@ -143,12 +156,74 @@ async fn fetch_chunk(
         ),
     };
     let plain = sealer
-        .open(&chunk_kind(&chunk.id), &sealed, chunk.raw_bytes as usize)
+        .open(&chunk_kind(&chunk.id), sealed, chunk.raw_bytes as usize)
         .map_err(|error| damaged(error.to_string()))?;
     if plain.len() != chunk.raw_bytes as usize || sealer.chunk_id(&plain) != chunk.id {
         return Err(damaged("its contents do not hash to its id".into()));
     }
     Ok(plain)
+}
+
+/// Fetches, opens and checks one chunk.
+async fn fetch_chunk(
+    client: &Client,
+    sealer: &Sealer,
+    chunk: &ChunkRef,
+) -> Result<Vec<u8>, S3Error> {
+    let range = chunk.offset_bytes..chunk.offset_bytes + u64::from(chunk.stored_bytes);
+    let sealed = fetch_range(client, chunk, range).await?;
+    open_chunk(client, sealer, chunk, &sealed)
+}
+
+/// `chunks`, in order, cut into runs that lie back to back in one pack
+/// (a pack's chunks are mostly read in the order they were written).
+fn fetch_groups(chunks: Vec<ChunkRef>) -> Vec<Vec<ChunkRef>> {
+    let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
+    for chunk in chunks {
+        if let Some(group) = groups.last_mut() {
+            let first = group[0];
+            let last = group[group.len() - 1];
+            let end = last.offset_bytes + u64::from(last.stored_bytes);
+            if last.pack == chunk.pack
+                && end == chunk.offset_bytes
+                && end + u64::from(chunk.stored_bytes) - first.offset_bytes <= GROUP_BYTES_MAX
+            {
+                group.push(chunk);
+                continue;
+            }
+        }
+        groups.push(vec![chunk]);
+    }
+    groups
+}
+
+/// Fetches a group with one ranged GET and opens each of its chunks.
+async fn fetch_group(
+    client: &Client,
+    sealer: &Sealer,
+    group: &[ChunkRef],
+) -> Result<Vec<Vec<u8>>, S3Error> {
+    let first = group[0];
+    let last = group[group.len() - 1];
+    let start = first.offset_bytes;
+    let sealed = fetch_range(
+        client,
+        &first,
+        start..last.offset_bytes + u64::from(last.stored_bytes),
+    )
+    .await?;
+    group
+        .iter()
+        .map(|chunk| {
+            let at = (chunk.offset_bytes - start) as usize;
+            open_chunk(
+                client,
+                sealer,
+                chunk,
+                &sealed[at..at + chunk.stored_bytes as usize],
+            )
+        })
+        .collect()
 }
 
 /// What a restore wrote.
@@ -193,15 +268,21 @@ pub fn restore(
     let sealer = repo.sealer.clone();
     let chunks: Vec<ChunkRef> = order.iter().map(|&n| manifest.chunks[n as usize]).collect();
     let fetcher = repo.spawn(async move {
-        let mut fetched = futures::stream::iter(chunks.into_iter().map(|chunk| {
+        let mut fetched = futures::stream::iter(fetch_groups(chunks).into_iter().map(|group| {
             let client = client.clone();
             let sealer = sealer.clone();
-            async move { fetch_chunk(&client, &sealer, &chunk).await }
+            async move { fetch_group(&client, &sealer, &group).await }
         }))
         .buffered(IN_FLIGHT);
         while let Some(result) = fetched.next().await {
-            if sender.send(result).await.is_err() {
-                break;
+            let plains = match result {
+                Ok(plains) => plains.into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(error)],
+            };
+            for plain in plains {
+                if sender.send(plain).await.is_err() {
+                    return;
+                }
             }
         }
     });
