@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use common::{BLOCKWATCH, LiveFs, entry, files, lines, pretty, ranges};
+use common::{
+    BLOCKWATCH, LiveFs, entry, files, lines, pretty, ranges, until_metadata_stays_in_the_journal,
+};
 use serde_json::Value;
 use testkit::{
     MIB, TempDir, create_sparse_file, parse_json, require_tool, run_program, skipped_unless_root,
@@ -297,14 +299,17 @@ fn files_changed_on_a_live_mounted_ext4_are_reported_exactly() {
     if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    let fs = LiveFs::start_ext4("files-exact", &["--granularity", "4K"]);
-    build_baseline(&fs);
-    fs.sync();
-    fs.checkpoint("c1");
-    change_baseline(&fs);
-    // No unmount and no syncfs: the map must read the newest metadata
-    // through the jbd2 journal, as it lies on the disk now.
-    fs.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/fresh/made.txt");
+    let fs = until_metadata_stays_in_the_journal(|| {
+        let fs = LiveFs::start_ext4("files-exact", &["--granularity", "4K"]);
+        build_baseline(&fs);
+        fs.sync();
+        fs.checkpoint("c1");
+        change_baseline(&fs);
+        // No unmount and no syncfs: the map must read the newest metadata
+        // through the jbd2 journal, as it lies on the disk now.
+        fs.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/fresh/made.txt")
+            .then_some(fs)
+    });
 
     let first = fs.file_changes(&["--since", "c1"]);
     assert_eq!(

@@ -13,7 +13,10 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{BLOCKWATCH, LiveFs, Server, change_lines, entry, files, lines, pretty, ranges};
+use common::{
+    BLOCKWATCH, LiveFs, Server, change_lines, entry, files, lines, pretty, ranges,
+    until_metadata_stays_in_the_journal,
+};
 use serde_json::{Value, json};
 use testkit::{
     MIB, TempDir, create_sparse_file, parse_json, random_bytes, require_tool, run_program,
@@ -340,8 +343,8 @@ fn change_baseline(disk: &LiveDisk) {
 /// Commits the changes through fsync only, and checks that the newest
 /// metadata is then in the journal and not yet in place, so the map has
 /// to read it through the journal.
-fn commit_through_the_journal(disk: &LiveDisk) {
-    disk.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/docs/new.txt");
+fn commit_through_the_journal(disk: &LiveDisk) -> bool {
+    disk.commit_through_the_journal(BASELINE_CHANGED_PATHS, "/docs/new.txt")
 }
 
 /// Checks a `--files` reply for the baseline changes on `layout`'s ext4.
@@ -413,15 +416,19 @@ fn partitioned_disk_reports_files_per_partition(label: &str, table: Table) {
     if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    let mut disk = LiveDisk::start(label, PARTITIONED_DISK_BYTES, table);
-    build_baseline(&disk);
-    disk.sync();
-    disk.checkpoint("c1");
-    change_baseline(&disk);
+    let mut disk = until_metadata_stays_in_the_journal(|| {
+        let disk = LiveDisk::start(label, PARTITIONED_DISK_BYTES, table);
+        build_baseline(&disk);
+        disk.sync();
+        disk.checkpoint("c1");
+        change_baseline(&disk);
+        let raw = disk.layout.raw.expect("a raw partition");
+        let raw_offset = raw.offset_bytes + RAW_WRITE_OFFSET_IN_PARTITION_BYTES;
+        disk.write_raw(raw_offset, &random_bytes(500, RAW_WRITE_BYTES as usize));
+        commit_through_the_journal(&disk).then_some(disk)
+    });
     let raw = disk.layout.raw.expect("a raw partition");
     let raw_offset = raw.offset_bytes + RAW_WRITE_OFFSET_IN_PARTITION_BYTES;
-    disk.write_raw(raw_offset, &random_bytes(500, RAW_WRITE_BYTES as usize));
-    commit_through_the_journal(&disk);
 
     let reply = disk.file_changes(&["--since", "c1"]);
     let text = pretty(&reply);
@@ -547,12 +554,14 @@ fn files_query_works_offline_after_the_server_stopped() {
     if skipped_unless_root(NEEDS_ROOT) {
         return;
     }
-    let mut disk = LiveDisk::start("disks-offline", WHOLE_DISK_BYTES, Table::None);
-    build_baseline(&disk);
-    disk.sync();
-    disk.checkpoint("c1");
-    change_baseline(&disk);
-    commit_through_the_journal(&disk);
+    let mut disk = until_metadata_stays_in_the_journal(|| {
+        let disk = LiveDisk::start("disks-offline", WHOLE_DISK_BYTES, Table::None);
+        build_baseline(&disk);
+        disk.sync();
+        disk.checkpoint("c1");
+        change_baseline(&disk);
+        commit_through_the_journal(&disk).then_some(disk)
+    });
     disk.checkpoint("c2");
     let query = ["--since", "c1", "--until", "c2"];
     let online = disk.file_changes(&query);
