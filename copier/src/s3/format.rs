@@ -42,15 +42,19 @@ impl PackId {
     }
 }
 
-pub fn parse_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
-    if hex.len() != N * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+/// Bytes from hex digits (either case); None for anything else.
+pub fn parse_hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 || !hex.is_ascii() {
         return None;
     }
-    let mut bytes = [0u8; N];
-    for (index, byte) in bytes.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).ok()?;
-    }
-    Some(bytes)
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok())
+        .collect()
+}
+
+/// Exactly `N` bytes from hex digits.
+pub fn parse_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    parse_hex_bytes(hex)?.try_into().ok()
 }
 
 /// `PREFIX/config`: how the repository's objects are made.

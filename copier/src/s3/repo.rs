@@ -248,7 +248,7 @@ impl Repository {
                         format!("it names cipher {:?}, not {AEAD_NAME}", encryption.aead),
                     ));
                 }
-                let wrapped = hex_bytes(&encryption.wrapped_keys)
+                let wrapped = super::format::parse_hex_bytes(&encryption.wrapped_keys)
                     .ok_or_else(|| self.damaged("config", "its wrapped keys are not hex"))?;
                 let material =
                     Sealer::unwrap(&user_key, &wrapped).ok_or_else(|| S3Error::WrongKey {
@@ -268,11 +268,7 @@ impl Repository {
     }
 
     fn path(&self, key: &str) -> StorePath {
-        if self.prefix.is_empty() {
-            StorePath::from(key)
-        } else {
-            StorePath::from(format!("{}/{key}", self.prefix))
-        }
+        object_path(&self.prefix, key)
     }
 
     fn store_error(&self, what: String) -> impl FnOnce(object_store::Error) -> S3Error {
@@ -450,13 +446,13 @@ fn sealed_error(repo: &Repository, key: &str, error: SealError) -> S3Error {
     repo.client().sealed_error(key, error)
 }
 
-fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
-        return None;
+/// The store's path of `key` under the repository's prefix.
+fn object_path(prefix: &str, key: &str) -> StorePath {
+    if prefix.is_empty() {
+        StorePath::from(key)
+    } else {
+        StorePath::from(format!("{prefix}/{key}"))
     }
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
-        .collect()
 }
 
 /// `sessions/DISK/SESSION`, parsed.
@@ -532,11 +528,7 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     fn path(&self, key: &str) -> StorePath {
-        if self.prefix.is_empty() {
-            StorePath::from(key)
-        } else {
-            StorePath::from(format!("{}/{key}", self.prefix))
-        }
+        object_path(&self.prefix, key)
     }
 
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), S3Error> {

@@ -287,12 +287,7 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
         return Ok(key);
     }
     let text = String::from_utf8_lossy(&bytes);
-    let text = text.trim();
-    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let mut key = [0u8; 32];
-        for (index, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).expect("hex digits");
-        }
+    if let Some(key) = super::format::parse_hex::<32>(text.trim()) {
         return Ok(key);
     }
     Err(format!(
