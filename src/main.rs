@@ -52,10 +52,12 @@ enum Command {
     /// Copy what changed since the target's last copy (or everything) to a
     /// replica: blockwatch copy [IMAGE] --to TARGET.
     Copy(copy::CopyArgs),
-    /// Compare a replica with its source: exit 0 equal, 1 different, 2 error.
+    /// Compare a replica with its source, or check a chain of tapes or a
+    /// repository's chunks: exit 0 equal, 1 different or damaged, 2 error.
     Verify(copy::VerifyArgs),
-    /// Restore a chain of tapes onto an image or an NBD export:
-    /// blockwatch restore tape:A [tape:B ...] --to IMAGE|nbd://... [--until CHECKPOINT].
+    /// Restore a chain of tapes, or a session of an object storage
+    /// repository, onto an image or an NBD export: blockwatch restore
+    /// tape:A [tape:B ...] [--until CHECKPOINT] | s3://BUCKET/PREFIX[#SESSION] --to IMAGE|nbd://...
     Restore(restore::RestoreArgs),
     /// What a target holds: blockwatch sessions s3://...|tape:PATH|REPLICA [--json].
     Sessions(s3::SessionsArgs),
