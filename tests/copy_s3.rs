@@ -37,6 +37,17 @@ fn run_ok(s3: &S3Server, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs blockwatch expecting it to fail (exit 2) with each of `messages`
+/// in what it printed on stderr.
+fn refused(s3: &S3Server, args: &[&str], messages: &[&str]) {
+    let out = output(&mut blockwatch(s3, args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    for message in messages {
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
 fn copied(s3: &S3Server, image: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["copy", image.to_str().unwrap(), "--to", target, "--json"];
     args.extend_from_slice(extra);
@@ -71,20 +82,10 @@ fn new_bytes(summary: &serde_json::Value) -> u64 {
 fn chain_through(s3: &S3Server, dir: &TempDir, extra: &[&str]) {
     let image = dir.join("disk.img");
     let server = Server::start_with_size(dir.path(), &image, "64M");
-    qemu_io(
-        &server.uri(),
-        &["write -P 1 0 4M", "write -P 2 40M 1M", "write -z 50M 1M"],
-    );
+    qemu_io(&server.uri(), CHAIN_START);
     let target = format!("s3://{BUCKET}/chain");
     let mut states = Vec::new();
-    for (round, commands) in [
-        &[][..],
-        &["write -P 3 8M 64k", "discard 40M 512k"][..],
-        &["write -P 4 1M 4k", "write -P 5 63M 1M"][..],
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (round, commands) in CHAIN_ROUNDS.iter().enumerate() {
         qemu_io(&server.uri(), commands);
         let at = dir.join(format!("at-{round}.img"));
         std::fs::copy(&image, &at).unwrap();
@@ -238,10 +239,7 @@ fn an_encrypted_repository_holds_no_plaintext_and_refuses_a_wrong_or_missing_key
             "is not encrypted",
         ),
     ] {
-        let out = output(&mut blockwatch(&s3, &args));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        refused(&s3, &args, &[message]);
     }
     assert!(
         !dir.join("r.img").exists() || std::fs::metadata(dir.join("r.img")).unwrap().len() == 0
@@ -312,7 +310,7 @@ fn a_second_full_uploads_almost_nothing_and_two_disks_share_their_common_chunks(
         .collect();
     assert_eq!(disks.len(), 2, "{listed:#?}");
     // Two disks' sessions: a restore must be told which.
-    let out = output(&mut blockwatch(
+    refused(
         &s3,
         &[
             "restore",
@@ -320,11 +318,7 @@ fn a_second_full_uploads_almost_nothing_and_two_disks_share_their_common_chunks(
             "--to",
             dir.join("x.img").to_str().unwrap(),
         ],
-    ));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("2 disks"),
-        "{out:?}"
+        &["2 disks"],
     );
     // B's one session (the listing sorts by disk, then time).
     let row_of = |summary: &serde_json::Value| {
@@ -383,7 +377,7 @@ fn a_copy_killed_mid_upload_leaves_no_session_and_its_rerun_reuses_the_uploaded_
     let indexes = keys_under(&s3, "killed/index/").len();
     assert!(keys_under(&s3, "killed/sessions/").is_empty());
     assert!(sessions(&s3, target, &[]).is_empty());
-    let out = output(&mut blockwatch(
+    refused(
         &s3,
         &[
             "restore",
@@ -391,11 +385,7 @@ fn a_copy_killed_mid_upload_leaves_no_session_and_its_rerun_reuses_the_uploaded_
             "--to",
             dir.join("none.img").to_str().unwrap(),
         ],
-    ));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no sessions"),
-        "{out:?}"
+        &["no sessions"],
     );
 
     let rerun = copied(&s3, &image, target, &[]);
@@ -511,8 +501,7 @@ fn prune_under_a_concurrent_restore_keeps_every_chunk_the_restore_needs() {
     restore(&s3, target, &newest, &[]);
     assert_files_equal(&image, &newest);
     // A prune that would keep nothing is refused.
-    let out = output(&mut blockwatch(&s3, &["prune", target]));
-    assert_eq!(out.status.code(), Some(2));
+    refused(&s3, &["prune", target], &["keeps nothing"]);
 }
 
 #[test]
@@ -551,7 +540,7 @@ fn a_damaged_chunk_is_found_by_verify_and_stops_a_restore() {
         stdout.contains("damaged") && stdout.contains(&pack),
         "{stdout}"
     );
-    let out = output(&mut blockwatch(
+    refused(
         &s3,
         &[
             "restore",
@@ -559,12 +548,7 @@ fn a_damaged_chunk_is_found_by_verify_and_stops_a_restore() {
             "--to",
             dir.join("r.img").to_str().unwrap(),
         ],
-    ));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("damaged") && stderr.contains("partly restored"),
-        "{stderr}"
+        &["damaged", "partly restored"],
     );
 }
 

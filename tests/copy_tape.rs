@@ -45,10 +45,7 @@ fn chain_through_a_tape(compress: bool) {
     let dir = TempDir::new(if compress { "copy-tape-z" } else { "copy-tape" });
     let image = dir.join("disk.img");
     let server = Server::start_with_size(dir.path(), &image, "64M");
-    qemu_io(
-        &server.uri(),
-        &["write -P 1 0 4M", "write -P 2 40M 1M", "write -z 50M 1M"],
-    );
+    qemu_io(&server.uri(), CHAIN_START);
     let tape = dir.join("disk.tape");
     let target = format!("tape:{}", tape.display());
     let extra: &[&str] = if compress {
@@ -57,14 +54,7 @@ fn chain_through_a_tape(compress: bool) {
         &[]
     };
     let mut states = Vec::new();
-    for (round, commands) in [
-        &[][..],
-        &["write -P 3 8M 64k", "discard 40M 512k"][..],
-        &["write -P 4 1M 4k", "write -P 5 63M 1M"][..],
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (round, commands) in CHAIN_ROUNDS.iter().enumerate() {
         qemu_io(&server.uri(), commands);
         let at = dir.join(format!("at-{round}.img"));
         std::fs::copy(&image, &at).unwrap();

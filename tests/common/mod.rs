@@ -52,6 +52,16 @@ pub fn until_metadata_stays_in_the_journal<T>(mut scenario: impl FnMut() -> Opti
     );
 }
 
+/// A chain of copies of a 64 MiB disk, for every kind of target: the
+/// disk's first contents, then the qemu-io writes before each copy (none
+/// before the full one; data, a discard and writes at either end after).
+pub const CHAIN_START: &[&str] = &["write -P 1 0 4M", "write -P 2 40M 1M", "write -z 50M 1M"];
+pub const CHAIN_ROUNDS: [&[&str]; 3] = [
+    &[],
+    &["write -P 3 8M 64k", "discard 40M 512k"],
+    &["write -P 4 1M 4k", "write -P 5 63M 1M"],
+];
+
 /// A `blockwatch serve -f -U SOCKET ...` process. Dropping it sends SIGTERM
 /// and asserts that the server exits 0 (unless the test is already failing).
 #[derive(Debug)]
