@@ -10,12 +10,14 @@
 //!   chunk ids, key files;
 //! - `format.rs`: the config, pack indexes and manifests as bytes, with
 //!   their limits and checks;
-//! - `repo.rs`: the bucket (object_store), its layout, listings, locks;
+//! - `repo.rs`: the bucket (object_store), its layout, listings;
+//! - `lock.rs`: the locks of copies, restores, verifies and prunes;
 //! - `target.rs`: the copy target (chunks, packs, the manifest commit);
 //! - `restore.rs`: restore, verify and the list of sessions;
 //! - `prune.rs`: retention, mark and sweep.
 
 mod format;
+mod lock;
 mod prune;
 mod repo;
 mod restore;

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::S3Error;
 use super::format::PackId;
-use super::repo::{RepoLock, Repository, SessionKey};
+use super::lock::RepoLock;
+use super::repo::{Repository, SessionKey};
 
 /// What to keep of each disk's sessions; a session any rule keeps stays.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

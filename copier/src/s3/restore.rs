@@ -13,7 +13,8 @@ use serde::Serialize;
 
 use super::S3Error;
 use super::format::{ChunkRef, Manifest};
-use super::repo::{Client, IN_FLIGHT, RepoLock, Repository, S3Location, SessionKey};
+use super::lock::RepoLock;
+use super::repo::{Client, IN_FLIGHT, Repository, S3Location, SessionKey};
 use super::seal::{ChunkId, Sealer};
 use super::target::chunk_kind;
 use crate::tape::{RestoreTarget, Sink};

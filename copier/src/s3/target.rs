@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use super::format::{
     ChunkRef, Extent, Manifest, PackId, SESSION_FORMAT, SessionHeader, encode_index,
 };
+use super::lock::RepoLock;
 use super::prune::pending_marks;
-use super::repo::{Client, RepoLock, Repository, S3Location, SessionKey, disk_key, new_session_id};
+use super::repo::{Client, Repository, S3Location, SessionKey, disk_key, new_session_id};
 use super::seal::{ChunkId, Sealer};
 use super::{S3Error, S3Options};
 use crate::copy::CopyError;
