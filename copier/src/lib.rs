@@ -26,6 +26,8 @@
 //!   verify, prune).
 //! - `tape/`: `tape:PATH` streams (format, writer, reader, verify of a
 //!   chain of tapes, restore onto an image or an NBD export).
+//! - `view.rs` (and `view/`): any backup at one of its checkpoints as a
+//!   read-only disk (a replica, a tape chain, an object storage session).
 
 pub mod copy;
 pub mod nbd_source;
@@ -37,5 +39,6 @@ mod stream_write;
 pub mod tape;
 pub mod target;
 pub mod verify;
+pub mod view;
 
 pub use copy::{CopyError, CopyOptions, Summary, copy_offline};

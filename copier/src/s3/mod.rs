@@ -16,11 +16,11 @@
 //! - `restore.rs`: restore, verify and the list of sessions;
 //! - `prune.rs`: retention, mark and sweep.
 
-mod format;
-mod lock;
+pub(crate) mod format;
+pub(crate) mod lock;
 mod prune;
-mod repo;
-mod restore;
+pub(crate) mod repo;
+pub(crate) mod restore;
 mod seal;
 mod target;
 

@@ -76,7 +76,10 @@ pub fn list_sessions(repo: &Repository) -> Result<Vec<SessionRow>, S3Error> {
 
 /// The session `location` names (`#SESSION`, or a unique prefix of one),
 /// or the newest one when the repository holds sessions of one disk.
-fn chosen_session(repo: &Repository, location: &S3Location) -> Result<SessionKey, S3Error> {
+pub(crate) fn chosen_session(
+    repo: &Repository,
+    location: &S3Location,
+) -> Result<SessionKey, S3Error> {
     let sessions = repo.sessions()?;
     let refuse = |reason: String| S3Error::Refused {
         url: repo.url.clone(),
@@ -166,7 +169,7 @@ fn open_chunk(
 }
 
 /// Fetches, opens and checks one chunk.
-async fn fetch_chunk(
+pub(crate) async fn fetch_chunk(
     client: &Client,
     sealer: &Sealer,
     chunk: &ChunkRef,

@@ -65,10 +65,13 @@ pub use format::{
     SessionTotals, block_size_is_valid,
 };
 pub use media::ENOSPC_AFTER_BLOCKS_ENV;
-pub use reader::{Record, SessionStart, TapeReader};
+pub(crate) use reader::decompress;
+pub use reader::{PayloadPosition, Record, SessionStart, TapeReader};
 pub(crate) use restore::Sink;
 pub use restore::{RestoreError, RestoreSummary, RestoreTarget, restore};
-pub use verify::{ChainReport, SessionReport, verify_chain, verify_chain_until_damage};
+pub use verify::{
+    ChainReport, SessionReport, verify_chain, verify_chain_until_damage, verify_chain_visiting,
+};
 pub use writer::{
     NewSession, SessionWriter, TapeOptions, TapeWriter, ZSTD_LEVEL_DEFAULT, last_session,
 };

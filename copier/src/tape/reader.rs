@@ -65,6 +65,17 @@ pub struct TapeReader {
     stream_session: Id,
     next_sequence: u64,
     session: Option<Session>,
+    /// Where the payload of the record read last begins.
+    payload_at: PayloadPosition,
+    last_header: Option<RecordHeader>,
+}
+
+/// Where a record's payload begins on a tape file: the block (counted
+/// from the label, block 0) and the byte within that block's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PayloadPosition {
+    pub block_index: u64,
+    pub cursor_bytes: u32,
 }
 
 impl TapeReader {
@@ -90,6 +101,8 @@ impl TapeReader {
             stream_session: Id::NONE,
             next_sequence: 0,
             session: None,
+            payload_at: PayloadPosition::default(),
+            last_header: None,
         })
     }
 
@@ -123,6 +136,17 @@ impl TapeReader {
     /// sessions ends once the last trailer has been read.
     pub fn next_block_index(&self) -> u64 {
         self.block_index + 1
+    }
+
+    /// Where the payload of the record `next_record` returned last begins
+    /// (random access to a data extent by `view::tape`).
+    pub fn last_payload_position(&self) -> PayloadPosition {
+        self.payload_at
+    }
+
+    /// The header of the record `next_record` returned last.
+    pub fn last_record_header(&self) -> Option<RecordHeader> {
+        self.last_header
     }
 
     /// Goes back to a session read before, so that `next_session` reads
@@ -278,6 +302,18 @@ impl TapeReader {
                 format!("record {} found where record {index} belongs (a record is missing or repeated)", record.index),
             ));
         }
+        self.last_header = Some(record);
+        self.payload_at = if self.cursor == self.used {
+            PayloadPosition {
+                block_index: self.block_index + 1,
+                cursor_bytes: 0,
+            }
+        } else {
+            PayloadPosition {
+                block_index: self.block_index,
+                cursor_bytes: self.cursor as u32,
+            }
+        };
         // Bounded by RecordHeader::decode; grown as the bytes arrive.
         let stored = record.stored_bytes as usize;
         let mut payload = Vec::with_capacity(stored.min(self.block.len()));
@@ -470,7 +506,7 @@ fn check_extent(
 
 /// One zstd frame into exactly `length_bytes` (at most
 /// EXTENT_DATA_BYTES_MAX, checked by the record header).
-fn decompress(payload: &[u8], length_bytes: usize) -> Result<Vec<u8>, String> {
+pub(crate) fn decompress(payload: &[u8], length_bytes: usize) -> Result<Vec<u8>, String> {
     let mut data = vec![0u8; length_bytes];
     let count = zstd::bulk::decompress_to_buffer(payload, &mut data[..])
         .map_err(|error| format!("compressed data does not decompress: {error}"))?;

@@ -72,11 +72,22 @@ pub fn verify_chain_until_damage(
     tapes: &[PathBuf],
     until: Option<&str>,
 ) -> (ChainReport, Option<TapeError>) {
+    verify_chain_visiting(tapes, until, &mut |_, _| {})
+}
+
+/// `verify_chain_until_damage`, handing `visit` each checked record with
+/// the reader that read it (its `last_payload_position`), so that one
+/// pass both checks a chain and indexes its extents.
+pub fn verify_chain_visiting(
+    tapes: &[PathBuf],
+    until: Option<&str>,
+    visit: &mut dyn FnMut(&TapeReader, &Record),
+) -> (ChainReport, Option<TapeError>) {
     let mut report = ChainReport {
         tapes: Vec::with_capacity(tapes.len()),
         sessions: Vec::new(),
     };
-    let error = match walk(tapes, until, &mut report) {
+    let error = match walk(tapes, until, &mut report, visit) {
         Ok(true) => None,
         Ok(false) => Some(chain_end_error(tapes, until, &report)),
         Err(error) => Some(error),
@@ -90,6 +101,7 @@ fn walk(
     tapes: &[PathBuf],
     until: Option<&str>,
     report: &mut ChainReport,
+    visit: &mut dyn FnMut(&TapeReader, &Record),
 ) -> Result<bool, TapeError> {
     for (tape_index, path) in tapes.iter().enumerate() {
         let mut reader = TapeReader::open(path)?;
@@ -98,7 +110,7 @@ fn walk(
         while let Some(header) = reader.next_session()?.cloned() {
             check_session_order(report, path, &header)?;
             let start = reader.session_start().expect("a session is being read");
-            let totals = read_to_trailer(&mut reader)?;
+            let totals = read_to_trailer_visiting(&mut reader, visit)?;
             let reached = until == Some(header.target.checkpoint.as_str());
             report.sessions.push(SessionReport {
                 tape_index,
@@ -134,9 +146,14 @@ fn chain_end_error(tapes: &[PathBuf], until: Option<&str>, report: &ChainReport)
     )
 }
 
-/// Reads the rest of a session; its trailer's totals.
-pub(crate) fn read_to_trailer(reader: &mut TapeReader) -> Result<SessionTotals, TapeError> {
+/// Reads the rest of a session, handing each record to `visit`; its
+/// trailer's totals.
+fn read_to_trailer_visiting(
+    reader: &mut TapeReader,
+    visit: &mut dyn FnMut(&TapeReader, &Record),
+) -> Result<SessionTotals, TapeError> {
     while let Some(record) = reader.next_record()? {
+        visit(reader, &record);
         if let Record::Trailer(totals) = record {
             return Ok(totals);
         }
