@@ -9,6 +9,7 @@
 //! and `sessions` of any target), `size.rs` (size arguments such as `10G`).
 
 mod copy;
+mod files;
 mod restore;
 mod s3;
 mod serve;
@@ -61,6 +62,10 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// What a target holds: blockwatch sessions s3://...|tape:PATH|REPLICA [--json].
     Sessions(s3::SessionsArgs),
+    /// The files a backup holds at a checkpoint, read from its disk with
+    /// no mount: blockwatch files tape:A [tape:B ...]|s3://...|REPLICA
+    /// [--at CHECKPOINT] [PATH-GLOB] [--json].
+    Files(files::FilesArgs),
     /// Remove sessions of a repository that a retention policy does not
     /// keep, then the data no session needs: blockwatch prune s3://... --keep-last N ...
     Prune(s3::PruneArgs),
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => copy::verify(args),
         Command::Restore(args) => restore::run(args),
         Command::Sessions(args) => s3::sessions(args),
+        Command::Files(args) => files::files(args),
         Command::Prune(args) => s3::prune(args),
     };
     match result {

@@ -18,6 +18,7 @@ use nbd_server::{Export, Exports, Server};
 use tracker::tracker::default_state_dir;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
+mod backup;
 mod check;
 mod snapshots;
 
@@ -58,6 +59,16 @@ pub struct ServeArgs {
     /// Serve read-only.
     #[arg(short = 'r', long = "readonly")]
     read_only: bool,
+    /// A backup (tape:PATH..., s3://..., file:REPLICA): the checkpoint to
+    /// serve (default its newest; TARGET@CHECKPOINT says the same).
+    #[arg(long, value_name = "CHECKPOINT")]
+    at: Option<String>,
+    /// A backup: take writes into FILE (sparse, created when missing) and
+    /// leave the backup untouched.
+    #[arg(long, value_name = "FILE")]
+    overlay: Option<PathBuf>,
+    #[command(flatten)]
+    s3: crate::s3::S3Flags,
     /// Stay in the foreground (logs go to stderr).
     #[arg(short = 'f', long)]
     foreground: bool,
@@ -98,17 +109,23 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Every argument is checked before anything is created, so a refused
     // start leaves no image, state directory or socket behind.
-    let plan = Plan::check(&args)?;
-    let mut created = Created::default();
-    let (exports, trackers, listeners) = match start(&args, &plan, &mut created) {
-        Ok(started) => started,
-        Err(error) => {
-            // What failed after the checks (a lock held elsewhere, a port
-            // in use, a full disk) is undone the same way.
-            created.undo();
-            return Err(error);
-        }
+    let backup = if backup::names_a_backup(&args.images) {
+        Some(backup::plan(&args)?)
+    } else {
+        None
     };
+    let plan = Plan::check(&args, backup.is_some())?;
+    let mut created = Created::default();
+    let (mut exports, trackers, listeners) =
+        match start(&args, &plan, backup.as_ref(), &mut created) {
+            Ok(started) => started,
+            Err(error) => {
+                // What failed after the checks (a lock held elsewhere, a port
+                // in use, a full disk) is undone the same way.
+                created.undo();
+                return Err(error);
+            }
+        };
     // Said only now: a start that fails prints nothing but its error.
     for (image, size_bytes) in &created.images {
         eprintln!(
@@ -124,13 +141,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let captive = args.run.is_some();
-    let first = &exports[0];
-    let uri = listeners.uri(&first.name);
+    let first_name = exports[0].name.clone();
+    let uri = listeners.uri(&first_name);
     if !captive {
         print_banner(&exports, &listeners, &uri);
     }
     if !args.foreground && !captive {
+        // A view's threads (a repository's runtime) would not survive
+        // the fork: it was opened to check it, and is opened again after.
+        let reopen = backup.as_ref().filter(|plan| plan.has_threads());
+        if reopen.is_some() {
+            exports.clear();
+        }
         daemonize()?;
+        if let Some(plan) = reopen {
+            exports.push(backup::open_export(plan, &args)?);
+        }
     }
     if let Some(pidfile) = &args.pidfile
         && let Err(error) = std::fs::write(pidfile, format!("{}\n", std::process::id()))
@@ -145,7 +171,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         uri,
         unix_socket: listeners.unix_path.clone(),
         port: listeners.tcp.as_ref().map(|(_, address)| address.port()),
-        export_name: first.name.clone(),
+        export_name: first_name,
     };
     let endpoints = listeners.endpoints();
     let result = serve(
@@ -195,9 +221,17 @@ struct Tracked {
 
 /// Creates what `plan` asks for, opens and tracks each image, and binds
 /// the listeners; records in `created` what did not exist before.
-fn start(args: &ServeArgs, plan: &Plan, created: &mut Created) -> anyhow::Result<Started> {
+fn start(
+    args: &ServeArgs,
+    plan: &Plan,
+    backup: Option<&backup::BackupPlan>,
+    created: &mut Created,
+) -> anyhow::Result<Started> {
     let mut exports = Vec::with_capacity(plan.images.len());
     let mut trackers = Vec::new();
+    if let Some(backup) = backup {
+        exports.push(backup::open_export(backup, args)?);
+    }
     for image in &plan.images {
         if let Some(size_bytes) = image.create_bytes {
             create_image(&image.path, size_bytes)?;

@@ -26,10 +26,13 @@
 //!   verify, prune).
 //! - `tape/`: `tape:PATH` streams (format, writer, reader, verify of a
 //!   chain of tapes, restore onto an image or an NBD export).
+//! - `files.rs`: the files a backup holds (its view's ext4 map): lists,
+//!   lookups.
 //! - `view.rs` (and `view/`): any backup at one of its checkpoints as a
 //!   read-only disk (a replica, a tape chain, an object storage session).
 
 pub mod copy;
+pub mod files;
 pub mod nbd_source;
 pub mod plan;
 pub mod replica;

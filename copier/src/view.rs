@@ -9,8 +9,10 @@
 //! - `cache.rs`: the few blocks or chunks a view keeps after a read.
 //! - `tape.rs`: a tape chain, indexed by one checked pass.
 //! - `s3.rs`: an object storage session, through its manifest.
+//! - `overlay.rs`: writes over a view kept in a file of their own.
 
 mod cache;
+mod overlay;
 mod ranges;
 mod s3;
 mod tape;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 use backend::{BlockBackend, FileBackend};
 
+pub use overlay::{Overlay, record_path as overlay_record_path};
 pub use s3::S3View;
 pub use tape::TapeView;
 

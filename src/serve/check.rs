@@ -31,7 +31,8 @@ pub(super) struct ImagePlan {
 }
 
 impl Plan {
-    pub(super) fn check(args: &ServeArgs) -> anyhow::Result<Plan> {
+    /// `backup`: the words name a backup (checked by `backup::plan`), not images.
+    pub(super) fn check(args: &ServeArgs, backup: bool) -> anyhow::Result<Plan> {
         let size_bytes = args.size.as_deref().map(parse_size).transpose();
         let size_bytes = size_bytes.map_err(anyhow::Error::msg)?;
         let granularity_bytes = args.granularity.as_deref().map(parse_granularity);
@@ -55,12 +56,18 @@ impl Plan {
             );
         }
         let is_default = args.images.is_empty();
-        let paths = if is_default {
+        let paths = if backup {
+            Vec::new()
+        } else if is_default {
             vec![PathBuf::from(DEFAULT_IMAGE)]
         } else {
             args.images.clone()
         };
-        let names = export_names(&paths, &args.export_names)?;
+        let names = if backup {
+            Vec::new()
+        } else {
+            export_names(&paths, &args.export_names)?
+        };
         if args.state.is_some() && paths.len() > 1 {
             bail!("--state names one state directory: serve one image with it, or drop --state");
         }

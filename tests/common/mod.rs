@@ -77,6 +77,17 @@ impl Server {
     /// example `["--size", "64M"]` or `["-r"]`), and returns once the server
     /// greets a connection (see `greets`).
     pub fn start(dir: &Path, images: &[&Path], args: &[&str]) -> Server {
+        Server::start_with_env(dir, images, args, &[])
+    }
+
+    /// `start`, with `env` added to the server's environment (an object
+    /// storage server's endpoint and credentials).
+    pub fn start_with_env(
+        dir: &Path,
+        images: &[&Path],
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Server {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
         let socket = dir.join(format!("server-{unique}.sock"));
@@ -90,6 +101,7 @@ impl Server {
             .arg(&socket)
             .args(images)
             .args(args)
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(create_file(&stdout_path))
             .stderr(create_file(&stderr_path));

@@ -26,7 +26,7 @@ mod target;
 
 use std::path::PathBuf;
 
-pub use prune::{PruneSummary, Retention, prune};
+pub use prune::{PruneSummary, Retention, civil_from_days, prune};
 pub use repo::{Repository, S3Location};
 pub use restore::{
     Damage, S3RestoreSummary, S3VerifyReport, SessionRow, list_sessions, restore, verify,
