@@ -7,7 +7,8 @@
 //!
 //! - `ranges.rs`: disk ranges mapped to their sources, newer over older.
 //! - `cache.rs`: the few blocks or chunks a view keeps after a read.
-//! - `tape.rs`: a tape chain, indexed by one checked pass.
+//! - `tape.rs`: a tape chain, indexed by one checked pass;
+//!   `tape_index.rs` the index kept beside each tape for the next view.
 //! - `s3.rs`: an object storage session, through its manifest.
 //! - `overlay.rs`: writes over a view kept in a file of their own.
 
@@ -16,6 +17,7 @@ mod overlay;
 mod ranges;
 mod s3;
 mod tape;
+mod tape_index;
 #[cfg(test)]
 mod tests;
 

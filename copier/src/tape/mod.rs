@@ -53,7 +53,7 @@ mod media;
 mod reader;
 mod restore;
 mod tail;
-mod verify;
+pub(crate) mod verify;
 mod writer;
 
 #[cfg(test)]

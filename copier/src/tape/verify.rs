@@ -126,7 +126,11 @@ fn walk(
     Ok(until.is_none() && !report.sessions.is_empty())
 }
 
-fn chain_end_error(tapes: &[PathBuf], until: Option<&str>, report: &ChainReport) -> TapeError {
+pub(crate) fn chain_end_error(
+    tapes: &[PathBuf],
+    until: Option<&str>,
+    report: &ChainReport,
+) -> TapeError {
     let last = tapes.last().map_or(Path::new("-"), PathBuf::as_path);
     if report.sessions.is_empty() {
         return TapeError::refused(last, "the tapes hold no complete session");
@@ -161,7 +165,11 @@ fn read_to_trailer_visiting(
     unreachable!("next_record returns a trailer before it returns None");
 }
 
-fn check_tape_order(report: &ChainReport, path: &Path, label: &Label) -> Result<(), TapeError> {
+pub(crate) fn check_tape_order(
+    report: &ChainReport,
+    path: &Path,
+    label: &Label,
+) -> Result<(), TapeError> {
     let Some((first_path, first)) = report.tapes.first() else {
         return Ok(());
     };
@@ -191,7 +199,7 @@ fn check_tape_order(report: &ChainReport, path: &Path, label: &Label) -> Result<
     Ok(())
 }
 
-fn check_session_order(
+pub(crate) fn check_session_order(
     report: &ChainReport,
     path: &Path,
     header: &SessionHeader,

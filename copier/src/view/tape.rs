@@ -7,16 +7,20 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use backend::{BlockBackend, Extent, STATE_HOLE, STATE_ZERO, push_extent};
 
 use super::cache::Lru;
 use super::ranges::{RangeMap, Source};
+use super::tape_index::{IndexedRecord, IndexedSession, TapeIndex};
 use super::{ViewError, damaged, read_only};
 use crate::tape::format::{BLOCK_HEADER_BYTES, FLAG_ZSTD, Id, open_block};
-use crate::tape::{ChainReport, PayloadPosition, Record, TapeReader, verify_chain_visiting};
+use crate::tape::verify::{chain_end_error, check_session_order, check_tape_order};
+use crate::tape::{
+    ChainReport, PayloadPosition, Record, SessionReport, TapeReader, verify_chain_visiting,
+};
 
 /// Blocks kept after a read (256 KiB each by default: 16 MiB).
 const BLOCK_CACHE_COUNT: usize = 64;
@@ -76,15 +80,6 @@ pub struct TapeView {
     decoded: Mutex<Lru<u32, Vec<u8>>>,
 }
 
-/// A data or zero record seen by the indexing pass, with its session.
-struct Seen {
-    session_id: Id,
-    offset_bytes: u64,
-    /// None for a zero extent.
-    extent: Option<TapeExtent>,
-    length_bytes: u64,
-}
-
 impl std::fmt::Debug for TapeView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TapeView")
@@ -99,65 +94,50 @@ impl std::fmt::Debug for TapeView {
 
 impl TapeView {
     /// Checks the chain `paths` up to `until` (its end when None) and
-    /// indexes it. Damage anywhere up to `until` refuses the view, naming
-    /// the last checkpoint that is still whole.
+    /// indexes it: from the indexes beside the tapes when each still
+    /// describes its tape, or by one checked pass over the tapes, whose
+    /// indexes are then saved. Damage anywhere up to `until` refuses the
+    /// view, naming the last checkpoint that is still whole.
     pub fn open(paths: &[PathBuf], until: Option<&str>) -> Result<TapeView, ViewError> {
         let mut tapes = Vec::with_capacity(paths.len());
         for path in paths {
-            let file = File::open(path).map_err(|source| ViewError::Io {
-                what: path.display().to_string(),
-                source,
-            })?;
-            let metadata = file.metadata().map_err(|source| ViewError::Io {
-                what: path.display().to_string(),
-                source,
-            })?;
-            if metadata.file_type().is_char_device() {
-                return Err(ViewError::Refused(format!(
-                    "{}: a tape drive is read front to back; copy the tape to a file (dd bs=BLOCKSIZE) to read it at random",
-                    path.display()
-                )));
-            }
-            tapes.push(Tape {
-                path: path.clone(),
-                file,
-                block_size_bytes: 0,
-            });
+            tapes.push(open_tape(path)?);
         }
-        let mut seen: Vec<Seen> = Vec::new();
-        let mut visit = |reader: &TapeReader, record: &Record| {
-            index_record(paths, reader, record, &mut seen);
+        let (chain, sessions) = match from_indexes(paths, until)? {
+            Some(found) => found,
+            None => by_reading(paths, until)?,
         };
-        let (chain, error) = verify_chain_visiting(paths, until, &mut visit);
-        if let Some(error) = error {
-            return Err(ViewError::Tape {
-                good_until: chain.last_checkpoint().map(str::to_string),
-                error,
-            });
-        }
         for (tape, (_, label)) in tapes.iter_mut().zip(&chain.tapes) {
             tape.block_size_bytes = u64::from(label.block_size_bytes);
         }
-        let applied: Vec<Id> = chain
-            .restore_sessions()
-            .iter()
-            .map(|s| s.header.session_id)
-            .collect();
-        let size_bytes = chain.restore_sessions()[0].header.source_size_bytes;
+        let applied = chain.restore_sessions();
+        let size_bytes = applied[0].header.source_size_bytes;
+        let first = chain.sessions.len() - applied.len();
         let mut map = RangeMap::new();
         let mut extents = Vec::new();
-        for record in seen.iter().filter(|s| applied.contains(&s.session_id)) {
-            let piece = match record.extent {
-                Some(extent) => {
-                    extents.push(extent);
-                    Piece::Data {
-                        extent: (extents.len() - 1) as u32,
-                        within: 0,
+        for (report, session) in chain.sessions[first..].iter().zip(&sessions[first..]) {
+            for record in &session.records {
+                let piece = match record.data {
+                    Some((payload, stored_bytes, flags, data_crc)) => {
+                        extents.push(TapeExtent {
+                            tape: report.tape_index as u16,
+                            session_id: report.header.session_id,
+                            session_start_block: report.start.block_index,
+                            payload,
+                            length_bytes: record.length_bytes,
+                            stored_bytes,
+                            compressed: flags & FLAG_ZSTD != 0,
+                            data_crc,
+                        });
+                        Piece::Data {
+                            extent: (extents.len() - 1) as u32,
+                            within: 0,
+                        }
                     }
-                }
-                None => Piece::Zero,
-            };
-            map.insert(record.offset_bytes, record.length_bytes, piece);
+                    None => Piece::Zero,
+                };
+                map.insert(record.offset_bytes, record.length_bytes, piece);
+            }
         }
         Ok(TapeView {
             tapes,
@@ -293,45 +273,175 @@ impl TapeView {
     }
 }
 
-fn index_record(paths: &[PathBuf], reader: &TapeReader, record: &Record, seen: &mut Vec<Seen>) {
-    let (Some(header), Some(start), Some(record_header)) = (
-        reader.header(),
-        reader.session_start(),
-        reader.last_record_header(),
-    ) else {
-        return;
+fn open_tape(path: &Path) -> Result<Tape, ViewError> {
+    let io = |source| ViewError::Io {
+        what: path.display().to_string(),
+        source,
     };
-    let tape = paths
+    let file = File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.file_type().is_char_device() {
+        return Err(ViewError::Refused(format!(
+            "{}: a tape drive is read front to back; copy the tape to a file (dd bs=BLOCKSIZE) to read it at random",
+            path.display()
+        )));
+    }
+    Ok(Tape {
+        path: path.to_path_buf(),
+        file,
+        block_size_bytes: 0,
+    })
+}
+
+type Indexed = (ChainReport, Vec<IndexedSession>);
+
+/// The chain from the indexes beside its tapes, checked for order as a
+/// pass over the tapes checks it; None when a tape has no index that
+/// still describes it (another id, block size or length).
+fn from_indexes(paths: &[PathBuf], until: Option<&str>) -> Result<Option<Indexed>, ViewError> {
+    let mut indexes = Vec::with_capacity(paths.len());
+    for path in paths {
+        let Some(index) = TapeIndex::load(path) else {
+            return Ok(None);
+        };
+        let label = TapeReader::open(path)
+            .map_err(|error| ViewError::Tape {
+                good_until: None,
+                error,
+            })?
+            .label()
+            .clone();
+        let length = std::fs::metadata(path).map_or(0, |m| m.len());
+        if index.tape_id != label.tape_id
+            || index.length_bytes != length
+            || index.block_size_bytes != label.block_size_bytes
+        {
+            return Ok(None);
+        }
+        indexes.push((label, index));
+    }
+    let mut chain = ChainReport {
+        tapes: Vec::new(),
+        sessions: Vec::new(),
+    };
+    let mut sessions = Vec::new();
+    let refused = |chain: &ChainReport, error| ViewError::Tape {
+        good_until: chain.last_checkpoint().map(str::to_string),
+        error,
+    };
+    for (tape_index, ((label, index), path)) in indexes.into_iter().zip(paths).enumerate() {
+        check_tape_order(&chain, path, &label).map_err(|e| refused(&chain, e))?;
+        chain.tapes.push((path.clone(), label));
+        for session in index.sessions {
+            check_session_order(&chain, path, &session.header).map_err(|e| refused(&chain, e))?;
+            let reached = until == Some(session.header.target.checkpoint.as_str());
+            chain.sessions.push(SessionReport {
+                tape_index,
+                start: session.start,
+                header: session.header.clone(),
+                totals: session.totals,
+            });
+            sessions.push(session);
+            if reached {
+                return Ok(Some((chain, sessions)));
+            }
+        }
+    }
+    if until.is_some() || chain.sessions.is_empty() {
+        let error = chain_end_error(paths, until, &chain);
+        return Err(refused(&chain, error));
+    }
+    Ok(Some((chain, sessions)))
+}
+
+/// The chain by one checked pass over its tapes, indexing each extent;
+/// the index of each tape read to its end is saved beside it.
+fn by_reading(paths: &[PathBuf], until: Option<&str>) -> Result<Indexed, ViewError> {
+    let mut seen: Vec<(Id, IndexedRecord)> = Vec::new();
+    let mut visit = |reader: &TapeReader, record: &Record| {
+        if let Some(indexed) = index_record(reader, record) {
+            seen.push(indexed);
+        }
+    };
+    let (chain, error) = verify_chain_visiting(paths, until, &mut visit);
+    if let Some(error) = error {
+        return Err(ViewError::Tape {
+            good_until: chain.last_checkpoint().map(str::to_string),
+            error,
+        });
+    }
+    let mut sessions: Vec<IndexedSession> = chain
+        .sessions
         .iter()
-        .position(|path| path == reader.path())
-        .expect("the reader reads one of the chain's tapes") as u16;
-    let (offset_bytes, length_bytes, extent) = match record {
-        Record::Data { offset_bytes, data } => (
-            *offset_bytes,
-            data.len() as u64,
-            Some(TapeExtent {
-                tape,
-                session_id: header.session_id,
-                session_start_block: start.block_index,
-                payload: reader.last_payload_position(),
-                length_bytes: data.len() as u64,
-                stored_bytes: record_header.stored_bytes,
-                compressed: record_header.flags & FLAG_ZSTD != 0,
-                data_crc: record_header.data_crc,
-            }),
-        ),
+        .map(|report| IndexedSession {
+            start: report.start,
+            header: report.header.clone(),
+            totals: report.totals,
+            records: Vec::new(),
+        })
+        .collect();
+    for (session_id, record) in seen {
+        if let Some(session) = sessions
+            .iter_mut()
+            .rev()
+            .find(|s| s.header.session_id == session_id)
+        {
+            session.records.push(record);
+        }
+    }
+    save_indexes(&chain, &sessions, until.is_some());
+    Ok((chain, sessions))
+}
+
+/// Saves the index of each tape the pass read to its end: all of them,
+/// unless `until` stopped it on the last one it read.
+fn save_indexes(chain: &ChainReport, sessions: &[IndexedSession], stopped: bool) {
+    let last_tape = chain.sessions.last().map_or(0, |s| s.tape_index);
+    for (tape_index, (path, label)) in chain.tapes.iter().enumerate() {
+        if stopped && tape_index >= last_tape {
+            break;
+        }
+        let index = TapeIndex {
+            tape_id: label.tape_id,
+            length_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+            block_size_bytes: label.block_size_bytes,
+            sessions: chain
+                .sessions
+                .iter()
+                .zip(sessions)
+                .filter(|(report, _)| report.tape_index == tape_index)
+                .map(|(_, session)| session.clone())
+                .collect(),
+        };
+        index.save(path);
+    }
+}
+
+/// A data or zero record as the index keeps it, with its session.
+fn index_record(reader: &TapeReader, record: &Record) -> Option<(Id, IndexedRecord)> {
+    let header = reader.header()?;
+    let record_header = reader.last_record_header()?;
+    let indexed = match record {
+        Record::Data { offset_bytes, data } => IndexedRecord {
+            offset_bytes: *offset_bytes,
+            length_bytes: data.len() as u64,
+            data: Some((
+                reader.last_payload_position(),
+                record_header.stored_bytes,
+                record_header.flags,
+                record_header.data_crc,
+            )),
+        },
         Record::Zero {
             offset_bytes,
             length_bytes,
-        } => (*offset_bytes, *length_bytes, None),
-        Record::Files(_) | Record::Trailer(_) => return,
+        } => IndexedRecord {
+            offset_bytes: *offset_bytes,
+            length_bytes: *length_bytes,
+            data: None,
+        },
+        Record::Files(_) | Record::Trailer(_) => return None,
     };
-    seen.push(Seen {
-        session_id: header.session_id,
-        offset_bytes,
-        extent,
-        length_bytes,
-    });
+    Some((header.session_id, indexed))
 }
 
 impl BlockBackend for TapeView {

@@ -147,3 +147,51 @@ fn a_damaged_block_fails_the_read_that_needs_it_and_the_next_open() {
         "{refused}"
     );
 }
+
+#[test]
+fn the_index_beside_the_tapes_serves_the_next_view_until_a_tape_changes() {
+    let dir = TempDir::new("view-index");
+    let (tapes, images) = chain(dir.path());
+    let index_of = |tape: &Path| super::tape_index::index_path(tape);
+    TapeView::open(&tapes, None).unwrap();
+    for tape in &tapes {
+        assert!(index_of(tape).exists(), "{} indexed", tape.display());
+    }
+    // From the indexes: every checkpoint reads the same.
+    for (round, image) in images.iter().enumerate() {
+        let view = TapeView::open(&tapes, Some(&format!("c{round}"))).unwrap();
+        assert!(
+            read(&view, 0, DISK as usize) == *image,
+            "c{round} from the index"
+        );
+    }
+    // A damaged index is read around: the tapes are read again.
+    let mut index = std::fs::read(index_of(&tapes[0])).unwrap();
+    let middle = index.len() / 2;
+    index[middle] ^= 1;
+    std::fs::write(index_of(&tapes[0]), &index).unwrap();
+    let view = TapeView::open(&tapes, Some("c2")).unwrap();
+    assert!(read(&view, 0, DISK as usize) == images[2]);
+    // Damage in the data is still found by the block's crc when the view
+    // comes from the index.
+    TapeView::open(&tapes, None).unwrap();
+    let mut bytes = std::fs::read(&tapes[1]).unwrap();
+    let at = bytes.len() - 3 * BLOCK as usize;
+    bytes[at] ^= 0x01;
+    std::fs::write(&tapes[1], &bytes).unwrap();
+    let view = TapeView::open(&tapes, None).unwrap();
+    let mut buf = vec![0u8; DISK as usize];
+    let error = view.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    // A tape that grew (another session) is indexed again.
+    let length = std::fs::metadata(&tapes[1]).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tapes[1])
+        .unwrap();
+    file.set_len(length + u64::from(BLOCK)).unwrap();
+    assert!(
+        TapeView::open(&tapes, None).is_err(),
+        "a cut block at the end"
+    );
+}
