@@ -29,6 +29,10 @@ pub struct MappedFs {
     pub map: FsMap,
     /// Blocks the journal replaced when the map was last read.
     pub replaced: BTreeMap<u64, Replacement>,
+    /// Whether `replaced` is what the journal said when the map was last
+    /// read from the device. A map decoded from its saved form does not
+    /// keep the replay, so its `replaced` is empty, not known.
+    pub replay_known: bool,
     pub journal_transactions: u32,
 }
 
@@ -49,6 +53,45 @@ impl MappedFs {
             }
         }
         merge_runs(out)
+    }
+
+    /// The mapped filesystem on `device` (the whole disk the map was built
+    /// from), read through the same journal replay as the map, so that
+    /// what it reads (file contents, metadata) agrees with the map. A map
+    /// decoded from its saved form kept no replay: its journal is
+    /// replayed again, as `DiskMap::build` did. The filesystem found must
+    /// be the one mapped (UUID and geometry), or `Ext4Error::Mismatch`.
+    pub fn open_fs<R: ReadAt + Clone>(
+        &self,
+        device: R,
+    ) -> Result<Ext4<Overlay<Slice<R>>>, Ext4Error> {
+        let slice = Slice {
+            inner: device,
+            start_bytes: self.start_bytes,
+            length_bytes: self.length_bytes,
+        };
+        let fs = if self.replay_known {
+            Ext4::open(Overlay {
+                inner: slice,
+                block_size: self.map.block_size,
+                replaced: self.replaced.clone(),
+            })?
+        } else {
+            // Notes are dropped: `build` made the same ones for the map.
+            open_live(slice, &mut Vec::new(), &label(self.partition))?.0
+        };
+        let sb = &fs.sb;
+        let label = label(self.partition);
+        if sb.uuid != self.map.uuid {
+            return Err(Ext4Error::Mismatch(format!("{label}: another UUID")));
+        }
+        if sb.block_size != self.map.block_size || sb.blocks_count != self.map.blocks_count {
+            return Err(Ext4Error::Mismatch(format!(
+                "{label}: {} blocks of {} bytes, where the map has {} of {}",
+                sb.blocks_count, sb.block_size, self.map.blocks_count, self.map.block_size
+            )));
+        }
+        Ok(fs)
     }
 
     /// Disk byte range of filesystem blocks (start, count).
@@ -103,6 +146,7 @@ impl DiskMap {
                         length_bytes,
                         map,
                         replaced: replay.replaced,
+                        replay_known: true,
                         journal_transactions: replay.transactions,
                     });
                 }
@@ -155,6 +199,7 @@ impl DiskMap {
             let blocks = merge_runs(blocks);
             reread += mapped.map.update(&fs, &blocks)?;
             mapped.replaced = replay.replaced;
+            mapped.replay_known = true;
             mapped.journal_transactions = replay.transactions;
         }
         Ok(reread)
@@ -285,6 +330,7 @@ impl DiskMap {
                 length_bytes,
                 map: crate::persist::decode(map_bytes)?,
                 replaced: BTreeMap::new(),
+                replay_known: false,
                 journal_transactions: 0,
             });
         }
@@ -423,6 +469,7 @@ mod tests {
                 length_bytes: 16 * 4096,
                 map,
                 replaced: BTreeMap::new(),
+                replay_known: false,
                 journal_transactions: 0,
             }],
             ..DiskMap::default()

@@ -457,6 +457,25 @@ impl FsMap {
         out
     }
 
+    /// Every path under the root with its inode, "/" first: depth first,
+    /// each directory's entries in byte order of their names, a directory
+    /// just before what it holds (the order a tar stream wants). A hard
+    /// link gives one entry per name. Each directory is listed once, at
+    /// its first name, so a directory that corruption named twice or put
+    /// in a cycle is not walked again, and the walk yields at most one
+    /// item per stored entry; directories deeper than PATH_DEPTH_MAX are
+    /// not listed, as `paths` gives them none. An entry is yielded even
+    /// when the map holds no record of its inode (see `problems`).
+    pub fn walk(&self) -> Walk<'_> {
+        Walk {
+            map: self,
+            frames: Vec::new(),
+            names: Vec::new(),
+            listed: HashSet::new(),
+            started: false,
+        }
+    }
+
     /// Brings the map up to date with `fs` after `changed` blocks (start,
     /// count) were written: re-reads only the inodes in changed inode-table
     /// blocks, the inodes whose mapping or directory blocks changed, and the
@@ -570,15 +589,86 @@ impl FsMap {
 
 /// "/a/b" from names listed child first; "/" for none.
 fn path_of(names: &[&[u8]]) -> String {
-    if names.is_empty() {
-        return "/".into();
+    String::from_utf8_lossy(&join_path(names.iter().rev().copied())).into_owned()
+}
+
+/// "/a/b" from names listed root first; "/" for none. The one spelling of
+/// a path, for `paths` (which walks up) and `walk` (which walks down).
+fn join_path<'a>(names: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut path = Vec::new();
+    for name in names {
+        path.push(b'/');
+        path.extend_from_slice(name);
     }
-    let mut path = String::new();
-    for name in names.iter().rev() {
-        path.push('/');
-        path.push_str(&String::from_utf8_lossy(name));
+    if path.is_empty() {
+        path.push(b'/');
     }
     path
+}
+
+/// Every name under the root, from `FsMap::walk`.
+#[derive(Debug)]
+pub struct Walk<'a> {
+    map: &'a FsMap,
+    /// The directories being listed, outermost first.
+    frames: Vec<Listing<'a>>,
+    /// names[k] names frames[k + 1]'s directory.
+    names: Vec<&'a [u8]>,
+    /// Directories listed so far: each is listed once.
+    listed: HashSet<u32>,
+    started: bool,
+}
+
+/// One directory of a walk: its entries, their indexes in name order, and
+/// how many of them were yielded.
+type Listing<'a> = (&'a [(Box<[u8]>, u32)], Vec<usize>, usize);
+
+impl Walk<'_> {
+    fn enter(&mut self, directory: u32) {
+        let entries = self
+            .map
+            .children
+            .get(&directory)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
+        self.frames.push((entries, order, 0));
+    }
+}
+
+impl Iterator for Walk<'_> {
+    /// (path, inode number).
+    type Item = (Vec<u8>, u32);
+
+    fn next(&mut self) -> Option<(Vec<u8>, u32)> {
+        if !self.started {
+            self.started = true;
+            self.listed.insert(ROOT_INODE);
+            self.enter(ROOT_INODE);
+            return Some((b"/".to_vec(), ROOT_INODE));
+        }
+        loop {
+            let (entries, order, yielded) = self.frames.last_mut()?;
+            let Some(&index) = order.get(*yielded) else {
+                self.frames.pop();
+                self.names.pop();
+                continue;
+            };
+            *yielded += 1;
+            let (name, child) = &entries[index];
+            let path = join_path(self.names.iter().copied().chain([&name[..]]));
+            let child = *child;
+            if self.map.children.contains_key(&child)
+                && self.frames.len() <= PATH_DEPTH_MAX
+                && self.listed.insert(child)
+            {
+                self.names.push(name);
+                self.enter(child);
+            }
+            return Some((path, child));
+        }
+    }
 }
 
 fn same_inode_state(old: &FileRecord, inode: &Inode) -> bool {
@@ -677,5 +767,85 @@ mod tests {
         assert_eq!(map.paths(30), vec!["/a/f".to_string(), "/b/g".to_string()]);
         assert_eq!(map.paths(22), vec!["/b/loop".to_string()]);
         assert_eq!(map.paths(ROOT_INODE), vec!["/".to_string()]);
+    }
+
+    fn walked(map: &FsMap) -> Vec<(String, u32)> {
+        map.walk()
+            .map(|(path, number)| (String::from_utf8(path).unwrap(), number))
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_lists_every_name_in_tar_order_once() {
+        let mut map = FsMap::default();
+        map.set_children(
+            ROOT_INODE,
+            vec![
+                (b"b".to_vec().into(), 21),
+                (b"a-z".to_vec().into(), 31),
+                (b"a".to_vec().into(), 20),
+            ],
+        );
+        map.set_children(20, vec![(b"f".to_vec().into(), 30)]);
+        map.set_children(21, vec![(b"g".to_vec().into(), 30)]); // a hard link
+        let expected = [
+            ("/", 2),
+            ("/a", 20),
+            ("/a/f", 30),
+            ("/a-z", 31),
+            ("/b", 21),
+            ("/b/g", 30),
+        ];
+        let expected: Vec<(String, u32)> = expected.iter().map(|&(p, n)| (p.into(), n)).collect();
+        assert_eq!(walked(&map), expected);
+    }
+
+    #[test]
+    fn a_walk_lists_a_directory_named_twice_or_in_a_cycle_once() {
+        let mut map = FsMap::default();
+        map.set_children(
+            ROOT_INODE,
+            vec![(b"a".to_vec().into(), 20), (b"b".to_vec().into(), 20)],
+        );
+        // 20 names itself and the root: a cycle both ways.
+        map.set_children(
+            20,
+            vec![
+                (b"self".to_vec().into(), 20),
+                (b"up".to_vec().into(), ROOT_INODE),
+            ],
+        );
+        let expected = [
+            ("/", 2),
+            ("/a", 20),
+            ("/a/self", 20),
+            ("/a/up", 2),
+            ("/b", 20),
+        ];
+        let expected: Vec<(String, u32)> = expected.iter().map(|&(p, n)| (p.into(), n)).collect();
+        assert_eq!(walked(&map), expected);
+        // Each level naming the next twice would be 2^40 paths if every
+        // name were followed.
+        let mut map = FsMap::default();
+        for level in 0..40u32 {
+            let child = 100 + level;
+            let parent = if level == 0 { ROOT_INODE } else { child - 1 };
+            map.set_children(
+                parent,
+                vec![(b"x".to_vec().into(), child), (b"y".to_vec().into(), child)],
+            );
+        }
+        assert_eq!(map.walk().count(), 1 + 2 * 40);
+    }
+
+    #[test]
+    fn a_walk_of_a_chain_deeper_than_the_depth_limit_stops_there() {
+        let count = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(|| chain_map(5000).walk().count())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(count, 1 + PATH_DEPTH_MAX + 1);
     }
 }

@@ -2,6 +2,7 @@
 //! blocks read as empty entries, so a walk of every block finds every leaf
 //! entry) and of inline-data directories; path lookup.
 
+use super::xattr::INDEX_SYSTEM;
 use super::{Ext4, Ext4Error, Inode, ReadAt, corrupt, crc32c_raw, le16, le32};
 
 /// Largest directory read whole.
@@ -11,7 +12,6 @@ const PATH_COMPONENTS_MAX: usize = 4096;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 /// File type byte of the metadata_csum tail that ends a leaf block.
 const TAIL_FILE_TYPE: u8 = 0xDE;
-const XATTR_INDEX_SYSTEM: u8 = 7;
 /// i_flags: the directory is hash-indexed (htree).
 const FLAG_INDEX: u32 = 0x1000;
 
@@ -157,31 +157,11 @@ impl<R: ReadAt> Ext4<R> {
         }];
         self.parse_entries(inode.number, &area[4..], &mut entries, false)?;
         for (index, name, value) in inode.inline_xattrs() {
-            if index == XATTR_INDEX_SYSTEM && name == b"data" && !value.is_empty() {
+            if index == INDEX_SYSTEM && name == b"data" && !value.is_empty() {
                 self.parse_entries(inode.number, &value, &mut entries, false)?;
             }
         }
         Ok(entries)
-    }
-
-    /// A symlink's target (fast, inline or in a data block).
-    pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>, Ext4Error> {
-        if let Some(target) = inode.fast_symlink_target() {
-            return Ok(target.to_vec());
-        }
-        if !inode.is_symlink() || inode.size_bytes > self.sb.block_size {
-            return Err(corrupt(format!("inode {} is not a symlink", inode.number)));
-        }
-        if inode.has_inline_data() {
-            let size = inode.size_bytes as usize;
-            return Ok(inode.block_area()[..size.min(60)].to_vec());
-        }
-        let extents = self.extents(inode)?;
-        let first = extents
-            .first()
-            .ok_or_else(|| corrupt(format!("symlink {} has no block", inode.number)))?;
-        let block = self.read_block(first.physical_block)?;
-        Ok(block[..inode.size_bytes as usize].to_vec())
     }
 
     /// Resolves an absolute path to its inode number (symlinks are not

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use super::xattr::{Entries, RawValue};
 use super::{Ext4, Ext4Error, GROUP_INODE_UNINIT, ReadAt, corrupt, crc32c_raw, le16, le32};
 
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -15,7 +16,6 @@ const EXTENT_DEPTH_MAX: u16 = 5;
 const MAP_BLOCKS_MAX: u64 = 1 << 22;
 /// Longest run one extent describes (initialised extents: 32768 blocks).
 pub const EXTENT_BLOCKS_MAX: u64 = 32768;
-const XATTR_MAGIC: u32 = 0xEA02_0000;
 const GOOD_OLD_INODE_SIZE: usize = 128;
 
 /// One in-use inode of a group: parsed, or its number and why it is unreadable.
@@ -117,42 +117,48 @@ impl Inode {
         self.raw.get(start..).unwrap_or_default()
     }
 
-    /// Extended attributes stored in the inode body: (name index, name, value).
+    /// Extended attributes stored in the inode body: (name index, name,
+    /// value), up to the first damaged entry; a value in an EA inode reads
+    /// as empty (`Ext4::xattrs` reads it, and checks every entry).
     pub fn inline_xattrs(&self) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
-        let area = self.inline_xattr_area();
-        if area.len() < 4 || le32(area) != XATTR_MAGIC {
-            return Vec::new();
-        }
-        parse_xattr_entries(&area[4..], 0)
+        Entries::in_body(self.inline_xattr_area())
+            .map_while(Result::ok)
+            .map(|entry| {
+                let value = match entry.value {
+                    RawValue::Here(bytes) => bytes.to_vec(),
+                    RawValue::Inode { .. } => Vec::new(),
+                };
+                (entry.index, entry.name.to_vec(), value)
+            })
+            .collect()
+    }
+
+    /// Where the fixed fields end: 128 bytes, plus i_extra_isize in a
+    /// large inode (checked against the inode size when it was read).
+    pub(crate) fn fields_end(&self) -> usize {
+        fields_end(&self.raw)
     }
 }
 
-/// Entries of an xattr area; value offsets count from `values_base` bytes
-/// before `area` (0 in an inode body: from the first entry).
-fn parse_xattr_entries(area: &[u8], values_base: usize) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 16 <= area.len() && le32(&area[at..]) != 0 {
-        let name_len = usize::from(area[at]);
-        let index = area[at + 1];
-        let value_offset = usize::from(le16(&area[at + 2..]));
-        let value_inode = le32(&area[at + 4..]);
-        let value_size = le32(&area[at + 8..]) as usize;
-        let Some(name) = area.get(at + 16..at + 16 + name_len) else {
-            break;
-        };
-        let value = if value_inode != 0 {
-            Vec::new() // the value lives in an EA inode of its own
-        } else {
-            let from = value_offset.saturating_sub(values_base);
-            area.get(from..from.saturating_add(value_size))
-                .map(<[u8]>::to_vec)
-                .unwrap_or_default()
-        };
-        out.push((index, name.to_vec(), value));
-        at += (16 + name_len).div_ceil(4) * 4;
+fn fields_end(raw: &[u8]) -> usize {
+    if raw.len() > GOOD_OLD_INODE_SIZE {
+        GOOD_OLD_INODE_SIZE + usize::from(le16(&raw[0x80..]))
+    } else {
+        GOOD_OLD_INODE_SIZE
     }
-    out
+}
+
+/// A timestamp of a raw inode: signed seconds at `base`; when the fixed
+/// fields reach past `extra_at`, two epoch bits (seconds past 2038) and
+/// the nanoseconds from the word there, as the kernel decodes them.
+pub(crate) fn inode_time(raw: &[u8], base: usize, extra_at: usize) -> (i64, u32) {
+    let seconds = i64::from(le32(&raw[base..]) as i32);
+    if fields_end(raw) >= extra_at + 4 {
+        let word = le32(&raw[extra_at..]);
+        (seconds + (i64::from(word & 3) << 32), word >> 2)
+    } else {
+        (seconds, 0)
+    }
 }
 
 impl<R: ReadAt> Ext4<R> {
@@ -235,18 +241,8 @@ impl<R: ReadAt> Ext4<R> {
         if self.sb.metadata_csum() {
             self.check_inode_checksum(number, generation, &raw, extra)?;
         }
-        let fits = |field_end: usize| GOOD_OLD_INODE_SIZE + extra >= field_end;
-        let time = |base: usize, extra_at: usize| {
-            let seconds = i64::from(le32(&raw[base..]) as i32);
-            if fits(extra_at + 4) {
-                let word = le32(&raw[extra_at..]);
-                (seconds + (i64::from(word & 3) << 32), word >> 2)
-            } else {
-                (seconds, 0)
-            }
-        };
-        let (ctime_seconds, ctime_nanoseconds) = time(0x0C, 0x84);
-        let (mtime_seconds, mtime_nanoseconds) = time(0x10, 0x88);
+        let (ctime_seconds, ctime_nanoseconds) = inode_time(&raw, 0x0C, 0x84);
+        let (mtime_seconds, mtime_nanoseconds) = inode_time(&raw, 0x10, 0x88);
         let flags = le32(&raw[0x20..]);
         let blocks_low = u64::from(le32(&raw[0x1C..]));
         let sectors = if self.sb.huge_file() {

@@ -3,8 +3,14 @@
 //! - `mod.rs` (here): the superblock, group descriptors and where each
 //!   group's metadata lives; metadata checksums.
 //! - `inode.rs`: inodes (read one, or a group's table at once), extent trees
-//!   of any depth, legacy direct/indirect block maps, inline data, xattr
-//!   blocks, symlinks.
+//!   of any depth, legacy direct/indirect block maps, the blocks an inode
+//!   owns.
+//! - `xattr.rs`: extended attributes in the inode body and the xattr block
+//!   (one checked parser for both), values in EA inodes, POSIX ACLs
+//!   converted to the VFS format.
+//! - `file.rs`: reading files: full metadata (`FileMeta`), where the bytes
+//!   are (`FileLayout`: data segments, holes, inline data), positioned
+//!   reads of the contents, symlink targets.
 //! - `dir.rs`: directory entries (linear and htree, which a linear walk of
 //!   the leaf blocks reads whole; inline directories) and path lookup.
 //!
@@ -14,12 +20,15 @@
 //! guessed: the caller falls back to block-only tracking.
 
 mod dir;
+mod file;
 mod inode;
+mod xattr;
 
 use std::io;
 
 pub use crate::read::ReadAt;
 pub use dir::DirEntry;
+pub use file::{FileKind, FileLayout, FileMeta, Segment, SegmentSource};
 pub use inode::{EXTENT_BLOCKS_MAX, FileExtent, Inode, InodeBlocks, InodeRead};
 
 pub const SUPERBLOCK_OFFSET: u64 = 1024;
@@ -52,6 +61,10 @@ pub enum Ext4Error {
     Unsupported(&'static str),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("the device holds another filesystem than the map ({0})")]
+    Mismatch(String),
+    #[error("read past the end of a file: {0}")]
+    PastEnd(String),
 }
 
 pub(crate) fn corrupt(what: impl Into<String>) -> Ext4Error {
