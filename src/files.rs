@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use copier::files::{FileEntry, Listing, disk_map, list};
+use copier::files::{FileEntry, Listing, disk_map, list, restore_files, restore_to_writer};
 use copier::s3::Repository;
 use copier::view::{BackupView, ViewSpec};
 
@@ -157,4 +157,66 @@ fn utc_text(seconds: i64) -> String {
         within / 60 % 60,
         within % 60
     )
+}
+
+/// `restore TARGET --file PATH... --to DIR|-`.
+pub fn restore(
+    words: &[String],
+    at: Option<&str>,
+    files: &[String],
+    to: &str,
+    json: bool,
+    flags: &S3Flags,
+) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let view = open_view(words, at, flags)?;
+    let disk = disk_map(&view);
+    if to == "-" {
+        let [file] = files else {
+            bail!("--to - writes one file to stdout: give one --file");
+        };
+        let mut stdout = std::io::stdout().lock();
+        match restore_to_writer(&view, &disk, file, &mut stdout) {
+            Ok(_) => return Ok(ExitCode::SUCCESS),
+            Err(copier::files::FileRestoreError::Write { source, .. })
+                if source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let to_dir = std::path::PathBuf::from(to);
+    if to_dir.exists() && !to_dir.is_dir() {
+        bail!("--to {to}: files are restored into a directory (or - for one file to stdout)");
+    }
+    std::fs::create_dir_all(&to_dir).with_context(|| format!("cannot create {to}"))?;
+    let summary = restore_files(&view, &disk, files, &to_dir)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let report = serde_json::json!({
+            "backup": view.description,
+            "checkpoint": view.checkpoint,
+            "to": to,
+            "summary": summary,
+            "seconds": seconds,
+        });
+        out!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for warning in &summary.warnings {
+        eprintln!("blockwatch: {warning}");
+    }
+    out!(
+        "restored {} files ({} bytes of data), {} directories, {} symlinks, {} hard links, {} special files from {} at checkpoint {} into {to}; {seconds:.2} s",
+        summary.files,
+        summary.data_bytes,
+        summary.directories,
+        summary.symlinks,
+        summary.hard_links,
+        summary.special_files,
+        view.description,
+        view.checkpoint
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,7 @@ pub struct RestoreArgs {
     /// The tapes of the chain, in order: tape:PATH (a file or a tape
     /// drive); or one s3://BUCKET/PREFIX[#SESSION] (default: the newest
     /// session, when the repository holds one disk's).
+    /// With --file, a replica file may be named too.
     #[arg(value_name = "tape:PATH | s3://...", required = true, num_args = 1..)]
     tapes: Vec<String>,
     /// Where to: an image file (created sparse if missing; an existing one
@@ -41,6 +42,16 @@ pub struct RestoreArgs {
     /// Stop after the session that brings the disk to this checkpoint.
     #[arg(long, value_name = "CHECKPOINT")]
     until: Option<String>,
+    /// Restore this file or directory tree (at its own path under --to
+    /// DIR; with --to -, one file's contents to stdout) instead of the
+    /// whole disk; give it as often as needed. N:/PATH on a disk with
+    /// several filesystems (partition N).
+    #[arg(long = "file", value_name = "PATH")]
+    files: Vec<String>,
+    /// With --file: the checkpoint the files are taken from (default: the
+    /// newest the backup holds).
+    #[arg(long, value_name = "CHECKPOINT")]
+    at: Option<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -54,6 +65,16 @@ pub fn tape_path(word: &str) -> PathBuf {
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if !args.files.is_empty() {
+        if args.until.is_some() && args.at.is_some() {
+            bail!("give the checkpoint once: --at (or --until)");
+        }
+        let at = args.at.as_deref().or(args.until.as_deref());
+        return crate::files::restore(&args.tapes, at, &args.files, &args.to, args.json, &args.s3);
+    }
+    if args.at.is_some() {
+        bail!("--at is for --file; a whole disk is restored --until a checkpoint");
+    }
     if args.tapes.iter().any(|word| word.starts_with("s3://")) {
         let [word] = args.tapes.as_slice() else {
             bail!(

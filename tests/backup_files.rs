@@ -37,9 +37,23 @@ struct Listed {
 
 /// The disk at one checkpoint: its listing and a copy of its tree.
 struct AtCheckpoint {
+    /// The checkpoints of the tape's session and the repository's (each
+    /// copy takes its own, with nothing written between them).
     checkpoint: String,
+    s3_checkpoint: String,
     listing: BTreeMap<String, Listed>,
     tree: PathBuf,
+}
+
+impl AtCheckpoint {
+    /// The checkpoint `target` holds this state as.
+    fn at(&self, target: &str) -> &str {
+        if target.starts_with("s3://") {
+            &self.s3_checkpoint
+        } else {
+            &self.checkpoint
+        }
+    }
 }
 
 fn kind_of(metadata: &std::fs::Metadata) -> char {
@@ -201,9 +215,13 @@ fn three_checkpoints(
             &run_ok(env, &["copy", image, "--to", tape, "--json"]),
             "copy --json",
         );
-        run_ok(env, &["copy", image, "--to", s3, "--json"]);
+        let s3_summary = parse_json(
+            &run_ok(env, &["copy", image, "--to", s3, "--json"]),
+            "copy --json",
+        );
         out.push(AtCheckpoint {
             checkpoint: summary["checkpoint"].as_str().unwrap().to_string(),
+            s3_checkpoint: s3_summary["checkpoint"].as_str().unwrap().to_string(),
             listing: listing(fs.mount_dir()),
             tree,
         });
@@ -249,7 +267,7 @@ fn check_file_restores(
         ));
         let mut args = vec!["restore"];
         args.extend_from_slice(target);
-        args.extend_from_slice(&["--at", &state.checkpoint, "--to", to.to_str().unwrap()]);
+        args.extend_from_slice(&["--at", state.at(target[0]), "--to", to.to_str().unwrap()]);
         let regular: Vec<&String> = state
             .listing
             .iter()
@@ -286,7 +304,7 @@ fn check_file_restores(
         args.extend_from_slice(target);
         args.extend_from_slice(&[
             "--at",
-            &state.checkpoint,
+            state.at(target[0]),
             "--file",
             "/",
             "--to",
@@ -311,7 +329,7 @@ fn check_file_restores(
         args.extend_from_slice(target);
         args.extend_from_slice(&[
             "--at",
-            &state.checkpoint,
+            state.at(target[0]),
             "--file",
             "/docs/a.txt",
             "--to",
@@ -332,7 +350,7 @@ fn check_file_restores(
 fn check_served(dir: &Path, words: &[&str], state: &AtCheckpoint, env: &[(String, String)]) {
     std::fs::create_dir_all(dir).unwrap();
     let mut args: Vec<&str> = words.to_vec();
-    args.extend_from_slice(&["--at", &state.checkpoint, "-r"]);
+    args.extend_from_slice(&["--at", state.at(words[0]), "-r"]);
     let server = Server::start_with_env(dir, &[], &args, env);
     let refused = output(&mut command(
         "qemu-io",
@@ -398,7 +416,7 @@ fn files_come_out_of_tape_and_object_storage_backups_at_every_checkpoint() {
             state.listing
         );
         assert_eq!(
-            listed_by_blockwatch(&env, &[&s3], &state.checkpoint),
+            listed_by_blockwatch(&env, &[&s3], &state.s3_checkpoint),
             state.listing
         );
     }

@@ -1,17 +1,17 @@
 //! The files a backup holds, read from its view with our ext4 map (each
 //! filesystem through its journal), never from a mount: `blockwatch files`.
 
-use std::collections::HashSet;
+mod restore;
 
 use fsmap::disk::{DiskMap, MappedFs};
-use fsmap::map::{DirEntries, FileRecord};
+use fsmap::map::FileRecord;
 use fsmap::select::path_matches;
 use serde::Serialize;
 
 use crate::view::BackupView;
 
-/// Directory levels a listing walks down (a deeper tree is corrupt).
-const DEPTH_MAX: usize = 4096;
+pub use restore::{FileRestoreError, FileRestoreSummary, restore_files, restore_to_writer};
+
 /// Names listed at most (a corrupt directory could claim billions).
 const ENTRIES_MAX: usize = 50_000_000;
 
@@ -59,12 +59,21 @@ pub fn list(disk: &DiskMap, pattern: Option<&str>) -> Listing {
         ..Listing::default()
     };
     for mapped in &disk.filesystems {
-        walk(mapped, &mut |path, record| {
-            if pattern.is_some_and(|pattern| !path_matches(pattern, path)) {
-                return;
+        // The root is not listed (find lists what is under it), nor a
+        // name whose inode the map could not read (its note says why).
+        for (path, number) in mapped.map.walk().skip(1) {
+            let Some(record) = mapped.map.inodes.get(&number) else {
+                continue;
+            };
+            let path = String::from_utf8_lossy(&path);
+            if pattern.is_some_and(|pattern| !path_matches(pattern, &path)) {
+                continue;
             }
-            listing.files.push(entry(mapped.partition, path, record));
-        });
+            listing.files.push(entry(mapped.partition, &path, record));
+            if listing.files.len() >= ENTRIES_MAX {
+                break;
+            }
+        }
         if listing.files.len() >= ENTRIES_MAX {
             listing
                 .notes
@@ -88,42 +97,6 @@ fn entry(partition: u32, path: &str, record: &FileRecord) -> FileEntry {
         uid: record.uid,
         gid: record.gid,
         links: record.links,
-    }
-}
-
-/// Calls `visit` with each path under the root (not the root itself) and
-/// its inode's record, depth first in name order (a directory, then what
-/// it holds). A directory met again (a cycle, from corruption) is not
-/// entered twice.
-pub fn walk(mapped: &MappedFs, visit: &mut dyn FnMut(&str, &FileRecord)) {
-    let map = &mapped.map;
-    let sorted = |directory: u32| -> DirEntries {
-        let mut entries = map.children.get(&directory).cloned().unwrap_or_default();
-        entries.sort();
-        entries
-    };
-    let mut entered: HashSet<u32> = HashSet::from([ROOT_INODE]);
-    // Each open directory: its path, its entries, the next one to visit.
-    let mut stack: Vec<(String, DirEntries, usize)> = vec![(String::new(), sorted(ROOT_INODE), 0)];
-    let mut visited = 0usize;
-    while let Some((path, entries, next)) = stack.last_mut() {
-        let Some((name, child)) = entries.get(*next).cloned() else {
-            stack.pop();
-            continue;
-        };
-        *next += 1;
-        let Some(record) = map.inodes.get(&child) else {
-            continue;
-        };
-        let child_path = format!("{path}/{}", String::from_utf8_lossy(&name));
-        visited += 1;
-        if visited > ENTRIES_MAX {
-            return;
-        }
-        visit(&child_path, record);
-        if record.is_directory() && stack.len() <= DEPTH_MAX && entered.insert(child) {
-            stack.push((child_path, sorted(child), 0));
-        }
     }
 }
 

@@ -115,7 +115,7 @@ pub(crate) fn chosen_session(
 }
 
 /// Chunks a restore fetches with one GET at most: neighbours in a pack.
-const GROUP_BYTES_MAX: u64 = 8 << 20;
+pub(crate) const GROUP_BYTES_MAX: u64 = 8 << 20;
 
 fn pack_key(chunk: &ChunkRef) -> String {
     let hex = chunk.pack.hex();
@@ -202,7 +202,7 @@ fn fetch_groups(chunks: Vec<ChunkRef>) -> Vec<Vec<ChunkRef>> {
 }
 
 /// Fetches a group with one ranged GET and opens each of its chunks.
-async fn fetch_group(
+pub(crate) async fn fetch_group(
     client: &Client,
     sealer: &Sealer,
     group: &[ChunkRef],

@@ -229,7 +229,7 @@ impl TapeView {
         self.decoded
             .lock()
             .expect("cache lock")
-            .put(number, data.clone());
+            .put(number, data.clone(), 1);
         Ok(data)
     }
 
@@ -268,7 +268,7 @@ impl TapeView {
         self.blocks
             .lock()
             .expect("cache lock")
-            .put(key, block.clone());
+            .put(key, block.clone(), 1);
         Ok(block)
     }
 }
