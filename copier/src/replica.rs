@@ -142,6 +142,11 @@ impl ReplicaLock {
     pub fn acquire(replica: &Path) -> Result<ReplicaLock, ReplicaError> {
         let mut lock_name = record_path(replica).into_os_string();
         lock_name.push(".lock");
+        ReplicaLock::acquire_file(replica, Path::new(&lock_name))
+    }
+
+    /// Takes the lock kept in `lock_name` for the target `target`.
+    pub(crate) fn acquire_file(target: &Path, lock_name: &Path) -> Result<ReplicaLock, ReplicaError> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -149,13 +154,13 @@ impl ReplicaLock {
             .mode(0o600)
             .open(&lock_name)
             .map_err(|source| ReplicaError::Io {
-                path: PathBuf::from(&lock_name),
+                path: lock_name.to_path_buf(),
                 source,
             })?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(ReplicaError::Busy {
-                path: replica.to_path_buf(),
+                path: target.to_path_buf(),
             });
         }
         Ok(ReplicaLock { _file: file })
