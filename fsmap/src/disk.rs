@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasherDefault;
 
 use crate::diff::{self, FsChanges};
-use crate::ext4::{Ext4, Ext4Error, ReadAt};
+use crate::ext4::{self, Ext4, Ext4Error, ReadAt};
 use crate::jbd2;
 use crate::map::{FsMap, InodeHasher};
 use crate::partition::{self, Table};
@@ -70,6 +70,12 @@ impl MappedFs {
             start_bytes: self.start_bytes,
             length_bytes: self.length_bytes,
         };
+        let label = label(self.partition);
+        // In place first: through the replay, another device would read
+        // its blocks at this journal's positions, which mean nothing there.
+        if ext4::read_superblock(&slice)?.uuid != self.map.uuid {
+            return Err(Ext4Error::Mismatch(format!("{label}: another UUID")));
+        }
         let fs = if self.replay_known {
             Ext4::open(Overlay {
                 inner: slice,
@@ -78,12 +84,13 @@ impl MappedFs {
             })?
         } else {
             // Notes are dropped: `build` made the same ones for the map.
-            open_live(slice, &mut Vec::new(), &label(self.partition))?.0
+            open_live(slice, &mut Vec::new(), &label)?.0
         };
         let sb = &fs.sb;
-        let label = label(self.partition);
         if sb.uuid != self.map.uuid {
-            return Err(Ext4Error::Mismatch(format!("{label}: another UUID")));
+            return Err(Ext4Error::Mismatch(format!(
+                "{label}: another UUID through the journal"
+            )));
         }
         if sb.block_size != self.map.block_size || sb.blocks_count != self.map.blocks_count {
             return Err(Ext4Error::Mismatch(format!(

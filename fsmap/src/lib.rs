@@ -9,16 +9,20 @@
 //! - `ext4/`: the filesystem reader. `mod.rs`: superblock, group
 //!   descriptors, where each group's metadata lives, metadata checksums;
 //!   `inode.rs`: inodes, extent trees, block maps, inline data, xattr
-//!   blocks; `dir.rs`: linear, htree and inline directories, path lookup.
+//!   blocks; `xattr.rs`: extended attributes (body and block, EA inodes,
+//!   ACLs); `file.rs`: a file's full metadata, data layout and contents,
+//!   symlink targets; `dir.rs`: linear, htree and inline directories, path
+//!   lookup.
 //! - `jbd2.rs`: journal replay (descriptor, commit, revoke blocks, checksums).
 //! - `runs.rs`: runs (start, count) of blocks or bytes and their merging.
-//! - `map.rs`: the file map: block -> owner, inode -> paths; full build
-//!   and incremental update.
+//! - `map.rs`: the file map: block -> owner, inode -> paths, the walk of
+//!   every path; full build and incremental update.
 //! - `diff.rs`: per-file changes between two maps (+ - R M ~).
 //! - `select.rs`: copy criteria (globs, sizes) and the copy set.
 //! - `persist.rs`: a map saved beside a checkpoint (CRC-checked).
 //! - `disk.rs`: a whole disk: partitions, each filesystem read through
-//!   its journal, mapped, updated, compared, saved.
+//!   its journal, mapped, updated, compared, saved, and opened again
+//!   through the same replay to read its files.
 //! - `testing.rs`: what the unit tests share (a seeded xorshift).
 
 pub mod diff;

@@ -7,10 +7,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{debugfs, mkfs_with_files};
+use common::{debugfs, debugfs_extents, mkfs_with_files};
 use testkit::{TempDir, random_bytes};
 
-use fsmap::ext4::{Ext4, FileExtent};
+use fsmap::ext4::Ext4;
 
 /// A source tree: small files, a nested directory, a sparse file with many
 /// separate extents (enough for an extent tree of depth >= 1).
@@ -44,39 +44,6 @@ fn populate(source: &Path) -> Vec<String> {
     }
     files.push("/dir/sparse.img".into());
     files
-}
-
-/// Leaf extents from `debugfs ex`: lines whose level equals the tree depth.
-fn debugfs_extents(image: &Path, path: &str) -> Vec<FileExtent> {
-    let text = debugfs(image, &format!("ex {path}"));
-    let mut extents = Vec::new();
-    for line in text.lines().skip(1) {
-        // " 0/ 0   1/  1     0 -  1953  4679 -  6632   1954 Uninit"
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let joined = line.replace('/', " / ");
-        let level: Vec<&str> = joined.split_whitespace().collect();
-        if level.len() < 3 || level[0] != level[2] {
-            continue; // an index node line
-        }
-        let numbers: Vec<u64> = fields.iter().filter_map(|f| f.parse().ok()).collect();
-        // level, depth, entry, entries, logical start, logical end, physical start, physical end, length
-        let dash_split: Vec<u64> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert!(
-            dash_split.len() >= 9,
-            "unexpected debugfs line {line:?} ({numbers:?})"
-        );
-        extents.push(FileExtent {
-            logical_block: dash_split[4],
-            physical_block: dash_split[6],
-            block_count: dash_split[8],
-            uninitialized: line.contains("Uninit"),
-        });
-    }
-    extents
 }
 
 fn check_image(label: &str, mkfs_args: &[&str], size: &str) {

@@ -131,30 +131,17 @@ fn read_block<R: ReadAt>(device: &R, block: u64, block_size: u64) -> Vec<u8> {
     data
 }
 
-/// The contents of `path` as `fs` sees it, the first `length` bytes.
-fn read_file<R: ReadAt>(
-    fs: &Ext4<R>,
-    device: &R,
-    path: &str,
-    length: usize,
-    block_size: u64,
-) -> Vec<u8> {
+/// The contents of `path` as `fs` sees it, read with the file API the
+/// restore uses.
+fn read_file<R: ReadAt>(fs: &Ext4<R>, path: &str) -> Vec<u8> {
     let number = fs
         .lookup(path)
         .unwrap_or_else(|e| panic!("lookup {path}: {e}"));
     let inode = fs.inode(number).expect("read an inode");
-    let mut data = vec![0u8; length];
-    for extent in fs.extents(&inode).expect("read extents") {
-        for index in 0..extent.block_count {
-            let at = ((extent.logical_block + index) * block_size) as usize;
-            if at >= length || extent.uninitialized {
-                continue;
-            }
-            let end = (at + block_size as usize).min(length);
-            let block = read_block(device, extent.physical_block + index, block_size);
-            data[at..end].copy_from_slice(&block[..end - at]);
-        }
-    }
+    let layout = fs.file_layout(&inode).expect("a file's layout");
+    let mut data = vec![0u8; layout.size_bytes as usize];
+    fs.read_file_at(&inode, &layout, 0, &mut data)
+        .expect("read a file");
     data
 }
 
@@ -259,7 +246,7 @@ fn check_against_e2fsck(label: &str, mkfs_args: &[&str]) {
     let stale_blocks = compare_images(label, &overlay, &image, &recovered, &journal);
     let fs = Ext4::open(&overlay).expect("open the replayed view");
     for (path, data) in live.synced.iter().chain(&live.fresh) {
-        let seen = read_file(&fs, &&overlay, path, data.len(), block_size);
+        let seen = read_file(&fs, path);
         assert!(
             &seen == data,
             "{label}: {path} reads differently through the replay"

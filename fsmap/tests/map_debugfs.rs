@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::{debugfs, index_directories, mkfs_with_files};
+use common::{debugfs, index_directories, mkfs_with_files, ncheck};
 use fsmap::ext4::{Ext4, MetaKind};
 use fsmap::map::{FsMap, Owner};
 use testkit::{TempDir, random_bytes};
@@ -66,34 +66,6 @@ fn icheck(image: &Path, blocks: &[u64]) -> BTreeMap<u64, Option<u32>> {
                 continue;
             };
             out.insert(block, fields.get(1).and_then(|f| f.parse().ok()));
-        }
-    }
-    out
-}
-
-/// `debugfs ncheck` for many inodes: inode -> paths.
-fn ncheck(image: &Path, inodes: &[u32]) -> BTreeMap<u32, BTreeSet<String>> {
-    let mut out: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for chunk in inodes.chunks(200) {
-        let request = format!(
-            "ncheck {}",
-            chunk
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        for line in debugfs(image, &request).lines().skip(1) {
-            let Some((number, path)) = line.split_once('\t') else {
-                continue;
-            };
-            let Ok(number) = number.trim().parse() else {
-                continue;
-            };
-            // debugfs prints "/a/b" and, for the root's entries, "//x" on
-            // some versions; normalise.
-            let path = format!("/{}", path.trim_start_matches('/'));
-            out.entry(number).or_default().insert(path);
         }
     }
     out

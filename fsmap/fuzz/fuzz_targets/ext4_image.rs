@@ -1,8 +1,9 @@
 //! Fuzz target: the input is an ext2/3/4 image, zero-padded to the size its
 //! superblock claims (so a seed can be an image with its trailing zeros cut
 //! off), run through every read `tests/common/exercise.rs` makes: open,
-//! every inode's blocks, directory and link target, the file map, paths,
-//! lookups and an update over every block. A panic, a hang (-timeout) or
+//! every inode's blocks, directory, link target, metadata (xattrs, ACLs),
+//! layout and contents, the file map, its walk, paths, lookups and an
+//! update over every block. A panic, a hang (-timeout) or
 //! an allocation past -rss_limit_mb is a finding.
 
 #![no_main]

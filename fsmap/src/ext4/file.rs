@@ -9,8 +9,9 @@ use super::{Ext4, Ext4Error, FileExtent, Inode, ReadAt, corrupt, le32};
 
 /// i_flags: contents and names encrypted (fscrypt); we hold no keys.
 const FLAG_ENCRYPT: u32 = 0x800;
-/// i_flags of ext2's never-finished compression.
-const FLAG_COMPRESSED: u32 = 0x4;
+/// i_flags: the file has compressed clusters (the out-of-tree e2compr
+/// patches; mainline never compresses, and ignores `chattr +c`'s 0x4).
+const FLAG_COMPRESSED_BLOCKS: u32 = 0x200;
 /// Where the extra fields keep crtime and its epoch and nanoseconds word.
 const CRTIME_AT: usize = 0x90;
 const CRTIME_EXTRA_AT: usize = 0x94;
@@ -168,8 +169,8 @@ impl<R: ReadAt> Ext4<R> {
         if inode.flags & FLAG_ENCRYPT != 0 {
             return Err(Ext4Error::Unsupported("encrypted file contents"));
         }
-        if inode.flags & FLAG_COMPRESSED != 0 && inode.flags & FLAG_EXTENTS == 0 {
-            return Err(Ext4Error::Unsupported("ext2 compressed file contents"));
+        if inode.flags & FLAG_COMPRESSED_BLOCKS != 0 && inode.flags & FLAG_EXTENTS == 0 {
+            return Err(Ext4Error::Unsupported("e2compr compressed file contents"));
         }
         if inode.has_inline_data() {
             return self.inline_layout(inode);
@@ -258,8 +259,16 @@ impl<R: ReadAt> Ext4<R> {
 
     /// A symlink's target (fast, inline or in a data block).
     pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>, Ext4Error> {
-        if !inode.is_symlink() || inode.size_bytes > self.sb.block_size {
-            return Err(corrupt(format!("inode {} is not a symlink", inode.number)));
+        let number = inode.number;
+        if !inode.is_symlink() {
+            return Err(corrupt(format!("inode {number} is not a symlink")));
+        }
+        // The kernel keeps a target in one block at most.
+        if inode.size_bytes > self.sb.block_size {
+            return Err(corrupt(format!(
+                "symlink {number}: a target of {} bytes",
+                inode.size_bytes
+            )));
         }
         let layout = self.file_layout(inode)?;
         let mut target = vec![0u8; inode.size_bytes as usize];

@@ -1,5 +1,6 @@
 //! Inodes and the blocks they own: extent trees, legacy block maps, inline
-//! data and xattr blocks, with the metadata_csum checks of each.
+//! data and xattr blocks, with the metadata_csum checks of each. (What
+//! the xattrs say is read in `xattr.rs`, what the file holds in `file.rs`.)
 
 use std::collections::HashSet;
 

@@ -313,11 +313,17 @@ pub struct Ext4<R> {
     groups: Vec<GroupDesc>,
 }
 
+/// The superblock of the filesystem on `device`, checked, without opening
+/// the filesystem (no group descriptors are read).
+pub fn read_superblock<R: ReadAt>(device: &R) -> Result<Superblock, Ext4Error> {
+    let mut raw = [0u8; 1024];
+    device.read_exact_at(&mut raw, SUPERBLOCK_OFFSET)?;
+    Superblock::parse(&raw)
+}
+
 impl<R: ReadAt> Ext4<R> {
     pub fn open(device: R) -> Result<Ext4<R>, Ext4Error> {
-        let mut raw = [0u8; 1024];
-        device.read_exact_at(&mut raw, SUPERBLOCK_OFFSET)?;
-        let sb = Superblock::parse(&raw)?;
+        let sb = read_superblock(&device)?;
         sb.refuse_unsupported()?;
         // The last block must be readable before anything is sized from
         // the superblock's counts: a truncated image fails here.
