@@ -35,8 +35,9 @@ pub struct CopyArgs {
     bitmap: Option<String>,
     /// Where to: `file:PATH` or a plain PATH (a raw sparse replica), an
     /// NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`)
-    /// of the disk's size, `tape:PATH`, or object storage
-    /// (`s3://BUCKET/PREFIX`).
+    /// of the disk's size, `tape:PATH`, object storage
+    /// (`s3://BUCKET/PREFIX`), or `tar:PATH` (the changed files that meet
+    /// --include/--exclude/--min-size/--max-size, as a pax tar).
     #[arg(long, value_name = "TARGET")]
     to: String,
     /// Copy everything and overwrite what the target holds, even a file
@@ -56,6 +57,18 @@ pub struct CopyArgs {
     /// tape: zstd-compress extent data.
     #[arg(long)]
     compress: bool,
+    /// tar: only files matching GLOB ("*.db", "/var/lib/**").
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// tar: leave out files matching GLOB.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// tar: only files at least this large (e.g. 1M).
+    #[arg(long, value_name = "SIZE")]
+    min_size: Option<String>,
+    /// tar: only files at most this large.
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<String>,
     #[command(flatten)]
     s3: crate::s3::S3Flags,
     /// Pieces (4 MiB each) read and written at once.
@@ -120,7 +133,12 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
             compress: tape.compress,
         });
     }
-    for scheme in ["nbds:", "nbds+unix:", "s3:", "tar:"] {
+    if target.starts_with("tar:") {
+        bail!(
+            "{target}: a tar target takes the changed files of a copy (blockwatch copy IMAGE --to tar:PATH); list what it holds with tar -tvf"
+        );
+    }
+    for scheme in ["nbds:", "nbds+unix:", "s3:"] {
         if target.starts_with(scheme) {
             bail!(
                 "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://..., tape:PATH or s3://BUCKET/PREFIX"
@@ -134,7 +152,10 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
 fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
     match target_of(target, TAPE_FLAGS_DEFAULT, &Default::default())? {
         TargetSpec::File(path) => Ok(path),
-        TargetSpec::Nbd(_) | TargetSpec::Tape { .. } | TargetSpec::S3 { .. } => {
+        TargetSpec::Nbd(_)
+        | TargetSpec::Tape { .. }
+        | TargetSpec::S3 { .. }
+        | TargetSpec::Tar { .. } => {
             bail!("{target}: this command takes a replica file (file:PATH) here")
         }
     }
@@ -210,7 +231,33 @@ pub fn copy(args: CopyArgs) -> anyhow::Result<ExitCode> {
     print_summary(&summary, args.json)
 }
 
+/// The copy criteria of a tar target, checked.
+fn criteria_of(args: &CopyArgs) -> anyhow::Result<fsmap::select::Criteria> {
+    let size = |text: &Option<String>| {
+        text.as_deref()
+            .map(crate::size::parse_size)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let criteria = fsmap::select::Criteria {
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        min_size_bytes: size(&args.min_size)?,
+        max_size_bytes: size(&args.max_size)?,
+    };
+    fsmap::select::validate(&criteria).map_err(anyhow::Error::msg)?;
+    Ok(criteria)
+}
+
 fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summary> {
+    let criteria = criteria_of(&args)?;
+    let is_tar = args.to.starts_with("tar:");
+    if !criteria.is_empty() && !is_tar {
+        bail!("--include, --exclude, --min-size and --max-size choose files for a tar:PATH target");
+    }
+    if is_tar && args.from.is_some() {
+        bail!("a tar target takes files from a tracked disk's file map: copy IMAGE --to tar:PATH");
+    }
     Ok(match args.from {
         Some(uri) => copy_from_nbd(&NbdCopyOptions {
             uri,
@@ -222,10 +269,14 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
         })?,
         None => {
             let image = args.image.unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
-            let options = CopyOptions {
-                image,
-                state_dir: args.state,
-                target: target_of(
+            let target = match args.to.strip_prefix("tar:") {
+                Some(path) if !path.is_empty() => TargetSpec::Tar {
+                    path: PathBuf::from(path),
+                    criteria,
+                    full: args.full,
+                },
+                Some(_) => bail!("tar: needs a path: tar:PATH"),
+                None => target_of(
                     &args.to,
                     TapeFlags {
                         block_size_bytes: tape_block_size(args.block_size.as_deref())?,
@@ -233,6 +284,11 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
                     },
                     &args.s3,
                 )?,
+            };
+            let options = CopyOptions {
+                image,
+                state_dir: args.state,
+                target,
                 full: args.full,
                 workers: usize::from(args.workers),
                 progress,
@@ -274,6 +330,27 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<ExitCode> {
         summary.seconds,
         summary.mib_per_second
     );
+    if let Some(archive) = &summary.archive {
+        println!(
+            "archive of {} bytes: {} paths, {} bytes of file data; {} deleted since the base{}",
+            archive.archive_bytes,
+            archive.files,
+            archive.data_bytes,
+            archive.deleted.len(),
+            if archive.deleted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (listed in {})",
+                    copier::target::tar_record_path(Path::new(&summary.target["tar:".len()..]))
+                        .display()
+                )
+            }
+        );
+        for note in &archive.notes {
+            eprintln!("blockwatch: {note}");
+        }
+    }
     if let Some(stored) = &summary.stored {
         println!(
             "session {}: {} bytes new to the repository, {} bytes uploaded",
@@ -313,6 +390,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         TargetSpec::S3 { .. } => bail!(
             "verify a repository alone: blockwatch verify s3://BUCKET/PREFIX[#SESSION] reads back and checks its chunks"
         ),
+        TargetSpec::Tar { .. } => unreachable!("target_of refuses tar:"),
     };
     let report = if is_served(&image, args.state.as_deref())? {
         copier::verify::verify_live(&image, args.state.as_deref(), &target)?

@@ -215,6 +215,24 @@ fn three_checkpoints(
             &run_ok(env, &["copy", image, "--to", tape, "--json"]),
             "copy --json",
         );
+        for (target, name) in [("changes.tar", "all"), ("bins.tar", "bins")] {
+            let tar_target = format!("tar:{}", fs.dir.join(target).display());
+            let mut args = vec!["copy", image, "--to", tar_target.as_str(), "--json"];
+            if name == "bins" {
+                args.extend_from_slice(&["--include", "*.bin"]);
+            }
+            let copied = parse_json(&run_ok(env, &args), "copy --json");
+            std::fs::write(
+                fs.dir.join(format!("{name}-{round}.deleted")),
+                copied["archive"]["deleted"].to_string(),
+            )
+            .unwrap();
+            std::fs::rename(
+                fs.dir.join(target),
+                fs.dir.join(format!("{name}-{round}.tar")),
+            )
+            .unwrap();
+        }
         let s3_summary = parse_json(
             &run_ok(env, &["copy", image, "--to", s3, "--json"]),
             "copy --json",
@@ -420,10 +438,110 @@ fn files_come_out_of_tape_and_object_storage_backups_at_every_checkpoint() {
             state.listing
         );
     }
+    check_tars(fs.dir.path(), &states);
     check_file_restores(&env, dir.path(), &[&tape], &states);
     check_file_restores(&env, dir.path(), &[&s3], &states);
     check_served(&dir.join("serve-tape"), &[&tape], &states[1], &env);
     check_served(&dir.join("serve-s3"), &[&s3], &states[2], &env);
+}
+
+/// What GNU tar extracts of `archive`: every path but directories.
+fn extracted(archive: &Path, into: &Path) -> BTreeMap<String, Listed> {
+    std::fs::create_dir_all(into).unwrap();
+    run_program(
+        "tar",
+        [
+            "-x".as_ref(),
+            "-p".as_ref(),
+            "--xattrs".as_ref(),
+            "--xattrs-include=*".as_ref(),
+            "--numeric-owner".as_ref(),
+            "-f".as_ref(),
+            archive.as_os_str(),
+            "-C".as_ref(),
+            into.as_os_str(),
+        ],
+    );
+    listing(into)
+        .into_iter()
+        .filter(|(_, listed)| listed.kind != '/')
+        .collect()
+}
+
+/// Each session's tar holds exactly the files that changed in it (those
+/// the criteria take), each as the disk had it then, metadata included;
+/// the record lists the files deleted.
+fn check_tars(dir: &Path, states: &[AtCheckpoint]) {
+    let changed: [&[&str]; 3] = [
+        &[],
+        &[
+            "/docs/a.txt",
+            "/docs/hard",
+            "/docs/big-renamed",
+            "/new.bin",
+            "/docs/deep/er/b.bin",
+        ],
+        &["/docs/a.txt", "/frag", "/sparse"],
+    ];
+    // Paths gone since the session before: deleted, or renamed away.
+    let deleted: [&[&str]; 3] = [&[], &["/big"], &["/docs/hard", "/new.bin"]];
+    for (round, state) in states.iter().enumerate() {
+        for name in ["all", "bins"] {
+            let out = dir.join(format!("extracted-{name}-{round}"));
+            let got = extracted(&dir.join(format!("{name}-{round}.tar")), &out);
+            let chosen = |path: &&str| name == "all" || path.ends_with(".bin");
+            let expected: Vec<&str> = if round == 0 {
+                state
+                    .listing
+                    .iter()
+                    .filter(|(path, listed)| listed.kind != '/' && chosen(&path.as_str()))
+                    .map(|(path, _)| path.as_str())
+                    .collect()
+            } else {
+                changed[round].iter().copied().filter(chosen).collect()
+            };
+            let got_paths: Vec<&str> = got.keys().map(String::as_str).collect();
+            let mut expected_sorted = expected.clone();
+            expected_sorted.sort();
+            assert_eq!(got_paths, expected_sorted, "{name}-{round}.tar");
+            for (path, listed) in &got {
+                let relative = path.trim_start_matches('/');
+                let mut want = state.listing[path].clone();
+                // An extracted file is a new inode.
+                want.inode = listed.inode;
+                assert_eq!(*listed, want, "{path} in {name}-{round}.tar");
+                if listed.kind == 'F' {
+                    assert_files_equal(&state.tree.join(relative), &out.join(relative));
+                    let a = std::fs::metadata(state.tree.join(relative)).unwrap();
+                    let b = std::fs::metadata(out.join(relative)).unwrap();
+                    assert_eq!(a.mtime_nsec(), b.mtime_nsec(), "{path} mtime");
+                    assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "{path} owner");
+                }
+            }
+            if got.contains_key("/sparse") {
+                assert!(
+                    allocated_sectors(&out.join("sparse")) < 2 * 1024 * 2,
+                    "sparse stays sparse"
+                );
+            }
+            let listed_deleted: Vec<String> = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(format!("{name}-{round}.deleted"))).unwrap(),
+            )
+            .unwrap();
+            let want_deleted: Vec<String> = deleted[round]
+                .iter()
+                .filter(|p| chosen(p))
+                .map(|p| p.to_string())
+                .collect();
+            assert_eq!(listed_deleted, want_deleted, "deleted in {name}-{round}");
+        }
+    }
+    // Hard links stay links.
+    let out = dir.join("extracted-all-1");
+    assert_eq!(
+        std::fs::metadata(out.join("docs/a.txt")).unwrap().ino(),
+        std::fs::metadata(out.join("docs/hard")).unwrap().ino()
+    );
 }
 
 #[test]

@@ -122,6 +122,8 @@ pub enum CopyError {
     S3(Box<crate::s3::S3Error>),
     #[error("{target} is refused as a target: {reason}")]
     TargetRefused { target: String, reason: String },
+    #[error("{path}: {reason}")]
+    Files { path: String, reason: String },
     #[error("the running server")]
     Control(#[from] control::CallError),
 }
@@ -192,6 +194,8 @@ pub struct Summary {
     pub mib_per_second: f64,
     /// What a deduplicating target stored (object storage).
     pub stored: Option<crate::target::StoredTotals>,
+    /// What a tar target wrote: its files, and the files deleted since.
+    pub archive: Option<crate::target::TarRecord>,
 }
 
 /// An image id as the replica record writes it.
@@ -334,12 +338,18 @@ pub(crate) fn copy_tracked(
     // Before anything is written: it reserves the record's space, and
     // tells a rerun that the target's changes since its commit are ours.
     target.save_partial(&partial(0))?;
+    let files_copied = target
+        .copy_files(source.as_ref(), &plan.ranges)
+        .map(|result| files_outcome(result, progress));
     let save = |done_below| {
         if let Err(error) = target.save_partial(&partial(done_below)) {
             tracing::warn!(error = %tracker::tracker::error_chain(&error), "cannot record how far the copy got");
         }
     };
-    let outcome = run_plan(source.as_ref(), &*target, &plan, workers, progress, &save);
+    let outcome = match files_copied {
+        Some(outcome) => outcome,
+        None => run_plan(source.as_ref(), &*target, &plan, workers, progress, &save),
+    };
     drop(source);
     if let Some(error) = outcome.error {
         save(outcome.done_below);
@@ -393,5 +403,29 @@ pub(crate) fn copy_tracked(
         seconds,
         mib_per_second: moved.data_bytes as f64 / (1 << 20) as f64 / seconds,
         stored: target.stored(),
+        archive: target.tar_record(),
     })
+}
+
+/// A copy of files as the pieces' outcome: all or nothing (a tar cannot
+/// be resumed).
+fn files_outcome(result: Result<u64, CopyError>, progress: &dyn Progress) -> pieces::Outcome {
+    match result {
+        Ok(data_bytes) => {
+            progress.copied(data_bytes);
+            pieces::Outcome {
+                moved: pieces::Moved {
+                    data_bytes,
+                    hole_bytes: 0,
+                },
+                done_below: 0,
+                error: None,
+            }
+        }
+        Err(error) => pieces::Outcome {
+            moved: pieces::Moved::default(),
+            done_below: 0,
+            error: Some(PieceError::Target(error)),
+        },
+    }
 }

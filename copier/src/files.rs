@@ -135,8 +135,16 @@ pub fn lookup<'a>(disk: &'a DiskMap, path: &str) -> Result<(&'a MappedFs, u32), 
             }
         },
     };
+    Ok((
+        mapped,
+        lookup_in(mapped, inner).map_err(|reason| format!("{path}: {reason}"))?,
+    ))
+}
+
+/// The inode `path` names in one filesystem.
+pub fn lookup_in(mapped: &MappedFs, path: &str) -> Result<u32, String> {
     let mut node = ROOT_INODE;
-    for name in inner
+    for name in path
         .split('/')
         .filter(|part| !part.is_empty() && *part != ".")
     {
@@ -144,12 +152,12 @@ pub fn lookup<'a>(disk: &'a DiskMap, path: &str) -> Result<(&'a MappedFs, u32), 
             .map
             .children
             .get(&node)
-            .ok_or_else(|| format!("{path}: not found (a component is not a directory)"))?;
+            .ok_or_else(|| "not found (a component is not a directory)".to_string())?;
         node = children
             .iter()
             .find(|(entry, _)| **entry == *name.as_bytes())
             .map(|&(_, child)| child)
-            .ok_or_else(|| format!("{path}: not found"))?;
+            .ok_or_else(|| "not found".to_string())?;
     }
-    Ok((mapped, node))
+    Ok(node)
 }

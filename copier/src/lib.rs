@@ -40,6 +40,7 @@ pub mod s3;
 pub mod snapshot;
 mod stream_write;
 pub mod tape;
+pub mod tar;
 pub mod target;
 pub mod verify;
 pub mod view;

@@ -146,13 +146,16 @@ impl ReplicaLock {
     }
 
     /// Takes the lock kept in `lock_name` for the target `target`.
-    pub(crate) fn acquire_file(target: &Path, lock_name: &Path) -> Result<ReplicaLock, ReplicaError> {
+    pub(crate) fn acquire_file(
+        target: &Path,
+        lock_name: &Path,
+    ) -> Result<ReplicaLock, ReplicaError> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(&lock_name)
+            .open(lock_name)
             .map_err(|source| ReplicaError::Io {
                 path: lock_name.to_path_buf(),
                 source,

@@ -10,6 +10,7 @@
 
 mod nbd;
 mod tape;
+mod tar;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,23 @@ pub trait Target: Sync {
     fn clear_partial(&self) -> Result<(), CopyError> {
         Ok(())
     }
+    /// A target that takes files rather than pieces (a tar): it reads
+    /// what it wants of `source` (the disk at the new checkpoint) itself,
+    /// given the byte ranges changed since its base (the whole disk for a
+    /// full copy), and returns the data bytes it wrote. None, the
+    /// default: a target of pieces.
+    fn copy_files(
+        &mut self,
+        source: &dyn backend::BlockBackend,
+        changed: &[(u64, u64)],
+    ) -> Option<Result<u64, CopyError>> {
+        let _ = (source, changed);
+        None
+    }
+    /// What a tar target's committed copy wrote.
+    fn tar_record(&self) -> Option<TarRecord> {
+        None
+    }
 }
 
 /// The partial record kept for `key` (a replica path, or an NBD target's
@@ -134,6 +152,7 @@ pub(crate) fn load_partial_of(key: &Path) -> Option<Partial> {
 
 pub use nbd::{NbdTarget, nbd_holder};
 pub use tape::{TapeTarget, tape_holder};
+pub use tar::{TarRecord, TarTarget, read_tar_record, tar_holder, tar_record_path};
 
 /// A target as the command line names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +175,14 @@ pub enum TargetSpec {
         location: crate::s3::S3Location,
         options: crate::s3::S3Options,
     },
+    /// `tar:PATH`: the changed files that meet `criteria`, as a pax tar
+    /// (`full`: every file that meets them, and PATH replaced whatever it
+    /// holds).
+    Tar {
+        path: PathBuf,
+        criteria: fsmap::select::Criteria,
+        full: bool,
+    },
 }
 
 impl TargetSpec {
@@ -175,6 +202,11 @@ impl TargetSpec {
             TargetSpec::S3 { location, options } => {
                 Box::new(crate::s3::S3Target::open(location, options)?)
             }
+            TargetSpec::Tar {
+                path,
+                criteria,
+                full,
+            } => Box::new(TarTarget::open(path, criteria.clone(), *full)?),
         })
     }
 }

@@ -231,13 +231,30 @@ impl BlockBackend for BackupView {
 
 impl fsmap::ReadAt for BackupView {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        BackendReader(self).read_exact_at(buf, offset)
+    }
+}
+
+/// Any backend (a view, a snapshot) as what the ext4 map reads: reads
+/// past its end fail, as a file's would.
+#[derive(Clone, Copy)]
+pub struct BackendReader<'a>(pub &'a dyn BlockBackend);
+
+impl std::fmt::Debug for BackendReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackendReader({} bytes)", self.0.size_bytes())
+    }
+}
+
+impl fsmap::ReadAt for BackendReader<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or(io::ErrorKind::UnexpectedEof)?;
-        if end > self.size_bytes() {
+        if end > self.0.size_bytes() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        self.read_at(buf, offset)
+        self.0.read_at(buf, offset)
     }
 }
 

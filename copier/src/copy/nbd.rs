@@ -124,5 +124,6 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
         seconds,
         mib_per_second: moved.data_bytes as f64 / (1 << 20) as f64 / seconds,
         stored: target.stored(),
+        archive: target.tar_record(),
     })
 }

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backend::{BlockBackend, Extent, STATE_HOLE, STATE_ZERO, push_extent};
@@ -30,6 +31,8 @@ const EXTENT_CACHE_COUNT: usize = 8;
 /// Where one data extent of a session is on its tape.
 #[derive(Debug, Clone, Copy)]
 struct TapeExtent {
+    /// Its session's number among the sessions the view applies.
+    session: u32,
     tape: u16,
     session_id: Id,
     /// The block holding the session's header (its block 0).
@@ -67,7 +70,15 @@ struct Tape {
     path: PathBuf,
     file: File,
     block_size_bytes: u64,
+    /// Per block: 0 until a read checked it whole (crc, session,
+    /// sequence), then its session's number in the chain << 32 | its used
+    /// bytes + 1, so that later reads take just their bytes from it.
+    /// Empty for a tape of more than CHECKED_BLOCKS_MAX blocks.
+    checked: Vec<AtomicU64>,
 }
+
+/// Blocks of one tape whose checks are remembered (8 bytes each: 128 MiB).
+const CHECKED_BLOCKS_MAX: u64 = 1 << 24;
 
 /// A tape chain at one of its checkpoints, as a read-only backend.
 pub struct TapeView {
@@ -109,17 +120,26 @@ impl TapeView {
         };
         for (tape, (_, label)) in tapes.iter_mut().zip(&chain.tapes) {
             tape.block_size_bytes = u64::from(label.block_size_bytes);
+            let blocks = tape.file.metadata().map_or(0, |m| m.len()) / tape.block_size_bytes;
+            if blocks <= CHECKED_BLOCKS_MAX {
+                tape.checked = (0..blocks).map(|_| AtomicU64::new(0)).collect();
+            }
         }
         let applied = chain.restore_sessions();
         let size_bytes = applied[0].header.source_size_bytes;
         let first = chain.sessions.len() - applied.len();
         let mut map = RangeMap::new();
         let mut extents = Vec::new();
-        for (report, session) in chain.sessions[first..].iter().zip(&sessions[first..]) {
+        for (session_number, (report, session)) in chain.sessions[first..]
+            .iter()
+            .zip(&sessions[first..])
+            .enumerate()
+        {
             for record in &session.records {
                 let piece = match record.data {
                     Some((payload, stored_bytes, flags, data_crc)) => {
                         extents.push(TapeExtent {
+                            session: session_number as u32,
                             tape: report.tape_index as u16,
                             session_id: report.header.session_id,
                             session_start_block: report.start.block_index,
@@ -160,12 +180,29 @@ impl TapeView {
         self.map.len()
     }
 
-    fn read_piece(&self, number: u32, within: u64, out: &mut [u8]) -> io::Result<()> {
+    /// Fills `out` from extent `number`, `within` bytes in. With
+    /// `nowait`, only from what needs no wait (a decompressed extent in
+    /// the cache, blocks checked before whose bytes are in the page
+    /// cache): false when the read must be done by `read_at` instead.
+    fn read_piece(
+        &self,
+        number: u32,
+        within: u64,
+        out: &mut [u8],
+        nowait: bool,
+    ) -> io::Result<bool> {
         let extent = &self.extents[number as usize];
         if extent.compressed {
-            let data = self.decoded_extent(number)?;
+            let data = if nowait {
+                match self.decoded.lock().expect("cache lock").get(&number) {
+                    Some(data) => data,
+                    None => return Ok(false),
+                }
+            } else {
+                self.decoded_extent(number)?
+            };
             out.copy_from_slice(&data[within as usize..within as usize + out.len()]);
-            return Ok(());
+            return Ok(true);
         }
         let tape = &self.tapes[usize::from(extent.tape)];
         let capacity = tape.block_size_bytes - BLOCK_HEADER_BYTES as u64;
@@ -174,22 +211,56 @@ impl TapeView {
         while done < out.len() {
             let block_index = extent.payload.block_index + stream / capacity;
             let cursor = (stream % capacity) as usize;
-            let block = self.block(extent, block_index)?;
-            let used = block.len() - BLOCK_HEADER_BYTES;
             let take = (out.len() - done).min(capacity as usize - cursor);
-            if cursor + take > used {
-                return Err(damaged(
-                    &tape.path,
-                    block_index,
-                    "the block ends before the extent it holds",
-                ));
+            let part = &mut out[done..done + take];
+            // A block checked whole before: only the bytes asked for.
+            let checked = tape
+                .checked
+                .get(block_index as usize)
+                .map_or(0, |c| c.load(Ordering::Acquire));
+            if checked >> 32 == u64::from(extent.session)
+                && cursor + take < (checked & 0xFFFF_FFFF) as usize
+            {
+                let at = block_index * tape.block_size_bytes + (BLOCK_HEADER_BYTES + cursor) as u64;
+                if !read_file_at(tape, part, at, nowait, block_index)? {
+                    return Ok(false);
+                }
+            } else if nowait {
+                return Ok(false);
+            } else {
+                let block = self.block(extent, block_index)?;
+                let used = block.len() - BLOCK_HEADER_BYTES;
+                if cursor + take > used {
+                    return Err(damaged(
+                        &tape.path,
+                        block_index,
+                        "the block ends before the extent it holds",
+                    ));
+                }
+                let at = BLOCK_HEADER_BYTES + cursor;
+                part.copy_from_slice(&block[at..at + take]);
             }
-            let at = BLOCK_HEADER_BYTES + cursor;
-            out[done..done + take].copy_from_slice(&block[at..at + take]);
             done += take;
             stream += take as u64;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    fn read_pieces(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
+        let mut done = 0usize;
+        for (_, length, piece) in self.map.pieces(offset, buf.len() as u64) {
+            let part = &mut buf[done..done + length as usize];
+            match piece {
+                Some(Piece::Data { extent, within }) => {
+                    if !self.read_piece(extent, within, part, nowait)? {
+                        return Ok(false);
+                    }
+                }
+                Some(Piece::Zero) | None => part.fill(0),
+            }
+            done += length as usize;
+        }
+        Ok(true)
     }
 
     /// A compressed extent's data, read whole, decompressed and checked.
@@ -264,6 +335,10 @@ impl TapeView {
             ));
         }
         block.truncate(BLOCK_HEADER_BYTES + header.used_bytes as usize);
+        if let Some(checked) = tape.checked.get(block_index as usize) {
+            let used = u64::from(header.used_bytes) + 1;
+            checked.store(u64::from(extent.session) << 32 | used, Ordering::Release);
+        }
         let block = Arc::new(block);
         self.blocks
             .lock()
@@ -271,6 +346,57 @@ impl TapeView {
             .put(key, block.clone(), 1);
         Ok(block)
     }
+}
+
+/// Bytes of a tape file at `at`; with `nowait` only from the page cache
+/// (false when that would wait).
+fn read_file_at(
+    tape: &Tape,
+    part: &mut [u8],
+    at: u64,
+    nowait: bool,
+    block_index: u64,
+) -> io::Result<bool> {
+    let failed = |error: io::Error| {
+        io::Error::new(
+            error.kind(),
+            format!("{} block {block_index}: {error}", tape.path.display()),
+        )
+    };
+    if !nowait {
+        tape.file.read_exact_at(part, at).map_err(failed)?;
+        return Ok(true);
+    }
+    let mut done = 0;
+    while done < part.len() {
+        let rest = &mut part[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: one iovec over `rest`, which outlives the call.
+        let count = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(&tape.file),
+                &iov,
+                1,
+                (at + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if count > 0 {
+            done += count as usize;
+            continue;
+        }
+        let error = io::Error::last_os_error();
+        match (count, error.raw_os_error()) {
+            (0, _) => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
+            (_, Some(libc::EINTR)) => {}
+            (_, Some(libc::EAGAIN | libc::EOPNOTSUPP)) => return Ok(false),
+            _ => return Err(failed(error)),
+        }
+    }
+    Ok(true)
 }
 
 fn open_tape(path: &Path) -> Result<Tape, ViewError> {
@@ -289,6 +415,7 @@ fn open_tape(path: &Path) -> Result<Tape, ViewError> {
         path: path.to_path_buf(),
         file,
         block_size_bytes: 0,
+        checked: Vec::new(),
     })
 }
 
@@ -459,16 +586,11 @@ impl BlockBackend for TapeView {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut done = 0usize;
-        for (_, length, piece) in self.map.pieces(offset, buf.len() as u64) {
-            let part = &mut buf[done..done + length as usize];
-            match piece {
-                Some(Piece::Data { extent, within }) => self.read_piece(extent, within, part)?,
-                Some(Piece::Zero) | None => part.fill(0),
-            }
-            done += length as usize;
-        }
-        Ok(())
+        self.read_pieces(buf, offset, false).map(|_| ())
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_pieces(buf, offset, true)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {

@@ -106,6 +106,12 @@ fn every_checkpoint_of_a_chain_reads_as_the_disk_did() {
                 got[..] == image[offset as usize..offset as usize + length],
                 "c{round}: {length} bytes at {offset}"
             );
+            // Read again without waiting: the blocks were checked, so it
+            // reads the same (or says it would wait, never other bytes).
+            let mut again = vec![0u8; length];
+            if view.read_at_nowait(&mut again, offset).unwrap() {
+                assert!(again == got, "c{round}: nowait {length} bytes at {offset}");
+            }
         }
     }
     let newest = TapeView::open(&tapes, None).unwrap();
