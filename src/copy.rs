@@ -110,7 +110,7 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
     if let Some(path) = target.strip_prefix("file:") {
         return Ok(TargetSpec::File(PathBuf::from(path)));
     }
-    if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
+    if nbd_client::is_nbd_uri(target) {
         return Ok(TargetSpec::Nbd(target.to_string()));
     }
     if let Some(path) = target.strip_prefix("tape:") {
@@ -120,10 +120,10 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
             compress: tape.compress,
         });
     }
-    for scheme in ["nbds:", "nbds+unix:", "s3:", "tar:"] {
+    for scheme in ["s3:", "tar:"] {
         if target.starts_with(scheme) {
             bail!(
-                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://..., tape:PATH or s3://BUCKET/PREFIX"
+                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://... or nbds://..., tape:PATH or s3://BUCKET/PREFIX"
             );
         }
     }
