@@ -383,10 +383,9 @@ impl Negotiation<'_> {
             .get_ref()
             .try_clone()
             .map_err(HandshakeError::Io)?;
-        let peer = "the NBD server".to_string();
         let connection = rustls::Connection::Client(connection);
-        let (local, _thread) = nbd_server::relay::spawn(net.into_fd(), connection, peer, ())
-            .map_err(HandshakeError::Relay)?;
+        let (local, _thread) =
+            crate::relay::spawn(net.into_fd(), connection).map_err(HandshakeError::Relay)?;
         let reader = local.try_clone().map_err(HandshakeError::Relay)?;
         *self.input = BufReader::with_capacity(READ_BUFFER_BYTES, Stream::Unix(reader));
         *self.output = Stream::Unix(local);

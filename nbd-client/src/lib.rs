@@ -31,6 +31,8 @@
 //!   STARTTLS, the plaintext end of a relay's socketpair).
 //! - `tls.rs`: the client's TLS configuration from a certificate directory
 //!   (libnbd's file names) and the server name to check.
+//! - `relay.rs`: the thread that owns a TLS session and passes plaintext
+//!   to the connection through a socketpair.
 //! - `handshake.rs`: option haggling up to GO (or EXPORT_NAME); `ConnectOptions`.
 //! - `info.rs`: `ExportInfo` (size, flags, block sizes, contexts) and the
 //!   request limits derived from it.
@@ -52,6 +54,7 @@ mod error;
 mod handshake;
 mod inflight;
 mod info;
+mod relay;
 mod reply;
 mod status;
 mod tls;

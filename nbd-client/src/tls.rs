@@ -4,9 +4,9 @@
 //! prove who we are), and the name the server's certificate must carry.
 //!
 //! After STARTTLS and the TLS handshake (`handshake.rs`), the session goes
-//! to `nbd_server::relay`, the same relay thread the server uses: the
-//! connection then reads and writes plaintext on a socketpair, so the
-//! reader thread and the senders need no lock around a TLS session.
+//! to a relay thread (`relay.rs`): the connection then reads and writes
+//! plaintext on a socketpair, so the reader thread and the senders need
+//! no lock around a TLS session.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -60,8 +60,6 @@ pub enum HandshakeError {
     BytesBeforeTls { length_bytes: usize },
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
-    #[error("cannot start the TLS relay: {0}")]
-    Relay(std::io::Error),
 }
 
 /// Negotiation state kept between options (and across STARTTLS).
@@ -215,6 +213,8 @@ where
         let mut out = Vec::new();
         let outcome = handle_option(state, exports, tls, option, &data, &mut out)?;
         writer.write_all(&out).await?;
+        // Over TLS the reply may still sit in rustls; the client waits for it.
+        writer.flush().await?;
         match outcome {
             Outcome::Continue => {}
             Outcome::Abort => return Ok(Haggled::Left),

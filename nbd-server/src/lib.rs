@@ -12,21 +12,19 @@
 //!   what STARTTLS and the other options get under each TLS mode.
 //! - `transmission.rs`: the request loop on the connection's thread:
 //!   decode, validate, execute (inline or on the blocking pool), reply.
-//! - `socket.rs`: the blocking socket a connection's thread serves on.
+//! - `socket.rs`: the blocking socket a connection's thread serves on, and
+//!   its rustls session after STARTTLS.
 //! - `export.rs`: `Export`, `Exports` and the `base:allocation` context name.
 //! - `server.rs`: unix/TCP listeners, the handshake task (and the TLS
 //!   handshake after STARTTLS) and the hand-over to the connection's
 //!   thread, shutdown.
 //! - `tls.rs`: `TlsMode`, `TlsPolicy`, certificates with nbdkit's file
 //!   names, the PEM loading the client crate shares.
-//! - `relay.rs`: the thread that terminates TLS for one connection and
-//!   passes plaintext through a socketpair (also the client's).
 
 pub mod buffers;
 pub mod export;
 pub mod handshake;
 pub mod proto;
-pub mod relay;
 pub mod server;
 pub mod socket;
 pub mod tls;

@@ -2,9 +2,9 @@
 //!
 //! One tokio task per connection runs the handshake; the transmission loop
 //! then runs on a thread of the connection's own (`transmission.rs`).
-//! After STARTTLS the task runs the TLS handshake, hands the encrypted
-//! socket to a relay thread (`relay.rs`) and goes on over the relay's
-//! plaintext socketpair, which is then what the transmission loop gets.
+//! After STARTTLS the task runs the TLS handshake (tokio-rustls) and goes
+//! on haggling over TLS; the transmission thread then gets the socket with
+//! its rustls session (`Socket::with_tls`).
 //! Shutdown is a watch channel for the tasks and a `Stop` for the threads:
 //! listeners stop accepting, connections stop reading, finish what is in
 //! flight and close; the server then flushes every export once.
@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch};
 use crate::buffers::InBuf;
 use crate::export::Exports;
 use crate::handshake::{Haggled, HandshakeError, Session, greet, haggle};
-use crate::relay;
 use crate::socket::{Socket, Stop};
 use crate::tls::TlsPolicy;
 use crate::transmission::transmit;
@@ -106,7 +105,7 @@ impl Server {
     }
 
     /// `alive` is held until the connection ends: by this task through the
-    /// handshake, then by the connection's thread (and a TLS relay's).
+    /// handshake, then by the connection's thread.
     async fn connection<S: Stream>(&self, stream: S, peer: String, alive: mpsc::Sender<()>) {
         let mut shutdown = self.shutdown_tx.subscribe();
         if *shutdown.borrow() {
@@ -114,13 +113,13 @@ impl Server {
         }
         let negotiated = tokio::select! {
             _ = shutdown.changed() => return,
-            result = self.negotiate(stream, &peer, &alive) => result,
+            result = self.negotiate(stream) => result,
             _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
                 tracing::info!(peer, "handshake timed out");
                 return;
             }
         };
-        let (fd, input, session) = match negotiated {
+        let (socket, input, session) = match negotiated {
             Ok(Some(negotiated)) => negotiated,
             Ok(None) => return,
             Err(e) => {
@@ -129,13 +128,6 @@ impl Server {
             }
         };
         tracing::debug!(peer, export = %session.export.name, mode = ?session.mode, "transmission");
-        let socket = match Socket::new(fd) {
-            Ok(socket) => socket,
-            Err(e) => {
-                tracing::warn!(peer, error = %e, "cannot take the socket from tokio");
-                return;
-            }
-        };
         let stop = Arc::clone(&self.stop);
         let runtime = tokio::runtime::Handle::current();
         let spawned = std::thread::Builder::new()
@@ -151,15 +143,13 @@ impl Server {
         }
     }
 
-    /// The handshake over `stream`, and after STARTTLS over a relay's
-    /// socketpair. Returns the socket the transmission phase serves on,
-    /// with the bytes already read from it.
+    /// The handshake over `stream`, and after STARTTLS over TLS. Returns
+    /// the socket the transmission phase serves on, with the bytes already
+    /// read from it.
     async fn negotiate<S: Stream>(
         &self,
         mut stream: S,
-        peer: &str,
-        alive: &mpsc::Sender<()>,
-    ) -> Result<Option<(OwnedFd, InBuf, Session)>, HandshakeError> {
+    ) -> Result<Option<(Socket, InBuf, Session)>, HandshakeError> {
         let mut input = InBuf::default();
         let mode = self.tls.mode();
         let (mut reader, mut writer) = tokio::io::split(&mut stream);
@@ -176,7 +166,10 @@ impl Server {
         );
         match haggled.await? {
             Haggled::Left => Ok(None),
-            Haggled::Transmit(session) => Ok(Some((stream.into_fd()?, input, session))),
+            Haggled::Transmit(session) => {
+                let socket = Socket::new(stream.into_fd()?)?;
+                Ok(Some((socket, input, session)))
+            }
             Haggled::StartTls => {
                 // A client must wait for the ACK before its TLS hello, so
                 // anything already read came from someone else: treating it
@@ -186,8 +179,13 @@ impl Server {
                         length_bytes: input.len(),
                     });
                 }
-                let mut plain = self.start_tls(stream, peer, alive).await?;
-                let (mut reader, mut writer) = tokio::io::split(&mut plain);
+                let config = self
+                    .tls
+                    .config()
+                    .expect("STARTTLS is acknowledged only with a TLS configuration");
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                let mut tls = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                let (mut reader, mut writer) = tokio::io::split(&mut tls);
                 let haggled = haggle(
                     &mut reader,
                     &mut writer,
@@ -198,34 +196,15 @@ impl Server {
                 );
                 match haggled.await? {
                     Haggled::Left => Ok(None),
-                    Haggled::Transmit(session) => Ok(Some((plain.into_fd()?, input, session))),
+                    Haggled::Transmit(session) => {
+                        let (stream, connection) = tls.into_inner();
+                        let socket = Socket::with_tls(stream.into_fd()?, connection)?;
+                        Ok(Some((socket, input, session)))
+                    }
                     Haggled::StartTls => unreachable!("a second STARTTLS is refused"),
                 }
             }
         }
-    }
-
-    /// The TLS handshake on `stream`, then a relay thread that owns the
-    /// session; returns the relay's plaintext end.
-    async fn start_tls<S: Stream>(
-        &self,
-        stream: S,
-        peer: &str,
-        alive: &mpsc::Sender<()>,
-    ) -> Result<UnixStream, HandshakeError> {
-        let config = self
-            .tls
-            .config()
-            .expect("STARTTLS is acknowledged only with a TLS configuration");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-        let tls = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-        let (stream, session) = tls.into_inner();
-        let fd = stream.into_fd().map_err(HandshakeError::Relay)?;
-        let connection = rustls::Connection::Server(session);
-        let (local, _thread) = relay::spawn(fd, connection, peer.to_string(), alive.clone())
-            .map_err(HandshakeError::Relay)?;
-        local.set_nonblocking(true).map_err(HandshakeError::Relay)?;
-        UnixStream::from_std(local).map_err(HandshakeError::Relay)
     }
 
     /// Stops accepting and asks every connection to finish.

@@ -4,9 +4,8 @@
 //!
 //! The handshake (`handshake.rs`) decides what STARTTLS and every other
 //! option get under each mode; `server.rs` runs the TLS handshake itself
-//! (tokio-rustls) and then hands the connection to a relay (`relay.rs`),
-//! so the transmission phase reads plaintext from a unix socket exactly as
-//! it does for a plaintext client.
+//! (tokio-rustls) and hands the socket with its session to the
+//! transmission thread (`Socket::with_tls` in `socket.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,16 +1,14 @@
 //! The TLS relay: one thread per TLS connection that owns the rustls
 //! session and the network socket, and moves plaintext to and from one end
-//! of a unix socketpair. The other end is what the NBD code reads and
-//! writes, so the transmission loop (server) or the reader thread and
-//! senders (client) work on TLS connections unchanged, with the raw
-//! socket calls they use for plaintext.
+//! of a unix socketpair. The other end is what the client reads and
+//! writes, so its reader thread and senders work on TLS connections
+//! unchanged, without a lock around the session.
 //!
-//! Why a relay and not a TLS stream type inside the transmission loop: a
-//! rustls session is one state that reading and writing both change,
-//! while the loop reads on its own thread and sends replies from
-//! blocking-pool threads at the same time; sharing the session would put a
-//! lock on both paths, and the plaintext path would pay for an enum at
-//! every call. docs/bench.md has what the relay costs.
+//! The server does without one (`nbd_server::socket` keeps the session
+//! beside its socket): for it the relay's extra hop through the
+//! socketpair cost 8% on 1M reads (docs/bench.md). A copier's client
+//! spends most of its time waiting on the server, where that hop matters
+//! less than keeping `Client` simple.
 //!
 //! The loop is level-triggered over two non-blocking descriptors: it does
 //! every step that can make progress, and only when none can does it sleep
@@ -37,7 +35,7 @@ const PLAIN_OUT_BYTES: usize = 1024 * 1024;
 const SOCKETPAIR_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+enum RelayError {
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -54,13 +52,10 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> RelayError {
 /// Starts a relay for `conn`, whose handshake is complete, over `net`.
 /// Returns the local end of the socketpair (blocking) and the thread; the
 /// thread ends once the local end is closed and what it sent is flushed,
-/// or when either side fails, and drops `holding` (a server's count of
-/// live connections) then.
-pub fn spawn<T: Send + 'static>(
+/// or when either side fails.
+pub(crate) fn spawn(
     net: OwnedFd,
     conn: rustls::Connection,
-    peer: String,
-    holding: T,
 ) -> io::Result<(UnixStream, JoinHandle<()>)> {
     let (ours, theirs) = UnixStream::pair()?;
     for end in [&ours, &theirs] {
@@ -73,10 +68,9 @@ pub fn spawn<T: Send + 'static>(
     let thread = std::thread::Builder::new()
         .name("nbd-tls".to_string())
         .spawn(move || {
-            let _holding = holding;
-            if let Err(error) = relay.run() {
-                tracing::info!(peer, %error, "TLS connection ended");
-            }
+            // Either way the socketpair closes, and the connection's reader
+            // reports the end (the TLS side's cause is not kept).
+            let _ = relay.run();
         })?;
     Ok((ours, thread))
 }
