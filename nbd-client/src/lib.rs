@@ -48,6 +48,8 @@
 //! directories (apt-get install nbdkit libnbd-bin qemu-utils; blockwatch is
 //! built with `cargo build -p blockwatch`, or named by `BLOCKWATCH=PATH`);
 //! `tests/hostile.rs` runs a lying server in-process on a socketpair.
+//! TLS is tested end to end through the copier in the workspace's
+//! `tests/tls.rs` (against blockwatch and `nbdkit --tls=require`).
 
 mod client;
 mod error;
