@@ -505,6 +505,14 @@ fn print_banner(exports: &[Export], listeners: &Listeners, uri: &str) {
     println!(
         "  mount:  mkdir -p /tmp/nbd /mnt/disk; nbdfuse /tmp/nbd '{uri}' & sleep 1; mount -o loop /tmp/nbd/nbd /mnt/disk"
     );
+    if let Some(dir) = &listeners.tls_certificates {
+        // qemu takes no nbds:// URI; its TLS credentials are an object.
+        println!(
+            "  qemu:   --object tls-creds-x509,id=tls0,endpoint=client,dir={} and tls-creds=tls0 on the nbd drive",
+            dir.display()
+        );
+        return;
+    }
     if let Some(path) = &listeners.unix_path {
         println!(
             "          (with the kernel nbd module: nbd-client -unix {} /dev/nbd0)",

@@ -3,8 +3,10 @@
 //! nbds:// and nbds+unix://, python3-libnbd with TLS required, qemu-img and
 //! qemu-io with tls-creds-x509, nbdcopy both ways; a plaintext client
 //! refused under require and let in under on; client certificates checked
-//! with --tls-verify-peer; and the copier's own client copying to
-//! blockwatch and to nbdkit over TLS, never falling back to plaintext.
+//! with --tls-verify-peer; the copier's own client copying to blockwatch
+//! and to nbdkit over TLS, never falling back to plaintext; TLS flags
+//! that cannot work refused before anything is created; and the warning
+//! for plaintext TCP beyond loopback.
 
 mod common;
 
@@ -307,4 +309,73 @@ fn an_nbds_uri_never_falls_back_to_plaintext() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success(), "copied in plaintext: {stderr}");
     assert!(stderr.contains("never falls back to plaintext"), "{stderr}");
+}
+
+/// `blockwatch serve ARGS --run true` in `dir`: its exit status and stderr.
+fn serve_briefly(dir: &Path, args: &[&str]) -> (bool, String) {
+    let result = output(
+        command(BLOCKWATCH, ["serve", "--no-track", "--run", "true"])
+            .args(args)
+            .current_dir(dir),
+    );
+    (
+        result.status.success(),
+        String::from_utf8_lossy(&result.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tls_flags_that_cannot_work_are_refused_before_anything_is_created() {
+    let dir = TempDir::new("tls-flags");
+    let image = dir.join("new.img");
+    let image_arg = image.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--tls=require"], "needs --tls-certificates DIR"),
+        (&["--tls-verify-peer"], "--tls-verify-peer needs TLS"),
+        (
+            &["--tls=off", "--tls-certificates", "/etc"],
+            "--tls-certificates with --tls=off",
+        ),
+        (
+            &["--tls-certificates", "/nonexistent-pki"],
+            "/nonexistent-pki/server-cert.pem",
+        ),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec![image_arg, "--size", "64M"];
+        args.extend_from_slice(flags);
+        let (succeeded, stderr) = serve_briefly(dir.path(), &args);
+        assert!(!succeeded, "{flags:?} was accepted");
+        assert!(stderr.contains(message), "{flags:?}: {stderr}");
+        assert!(!image.exists(), "{flags:?} created the image");
+    }
+}
+
+#[test]
+fn tcp_beyond_loopback_without_required_tls_is_warned_about() {
+    let dir = TempDir::new("tls-warning");
+    let certificates = Certificates::generate(dir.path());
+    let pki = certificates.dir.to_str().unwrap().to_string();
+    let port = free_port().to_string();
+    let image = dir.join("disk.img");
+    let base = [image.to_str().unwrap(), "--size", "64M", "-p", &port];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (succeeded, stderr) = serve_briefly(dir.path(), &args);
+        assert!(succeeded, "{extra:?}: {stderr}");
+        stderr
+    };
+    let warned = with(&["-i", "0.0.0.0"]);
+    assert!(
+        warned.contains("warning: serving TCP on 0.0.0.0"),
+        "{warned}"
+    );
+    assert!(warned.contains("without TLS"), "{warned}");
+    let on = with(&["-i", "0.0.0.0", "--tls=on", "--tls-certificates", &pki]);
+    assert!(on.contains("plaintext clients get in too"), "{on}");
+    let required = with(&["-i", "0.0.0.0", "--tls-certificates", &pki]);
+    assert!(!required.contains("warning"), "{required}");
+    let loopback = with(&[]);
+    assert!(!loopback.contains("warning"), "{loopback}");
 }
