@@ -123,7 +123,7 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
     if let Some(path) = target.strip_prefix("file:") {
         return Ok(TargetSpec::File(PathBuf::from(path)));
     }
-    if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
+    if nbd_client::is_nbd_uri(target) {
         return Ok(TargetSpec::Nbd(target.to_string()));
     }
     if let Some(path) = target.strip_prefix("tape:") {
@@ -138,12 +138,10 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
             "{target}: a tar target takes the changed files of a copy (blockwatch copy IMAGE --to tar:PATH); list what it holds with tar -tvf"
         );
     }
-    for scheme in ["nbds:", "nbds+unix:", "s3:"] {
-        if target.starts_with(scheme) {
-            bail!(
-                "{scheme} targets are not in this release yet: copy to file:PATH (a raw replica), nbd://..., tape:PATH or s3://BUCKET/PREFIX"
-            );
-        }
+    if target.starts_with("s3:") {
+        bail!(
+            "{target}: object storage is s3://BUCKET/PREFIX; the other targets are file:PATH (a raw replica), nbd://... or nbds://..., tape:PATH and tar:PATH"
+        );
     }
     Ok(TargetSpec::File(PathBuf::from(target)))
 }

@@ -214,7 +214,7 @@ pub fn sessions(args: SessionsArgs) -> anyhow::Result<ExitCode> {
             .collect()
     } else if let Some(path) = args.target.strip_prefix("tape:") {
         tape_sessions(Path::new(path))?
-    } else if args.target.starts_with("nbd://") || args.target.starts_with("nbd+unix://") {
+    } else if nbd_client::is_nbd_uri(&args.target) {
         let image = args
             .image
             .clone()

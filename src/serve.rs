@@ -56,6 +56,19 @@ pub struct ServeArgs {
     /// file stem of each image otherwise. "" always reaches the first export.
     #[arg(short = 'e', long = "exportname", value_name = "NAME")]
     export_names: Vec<String>,
+    /// TLS: off, on (each client chooses) or require (every client must
+    /// use TLS; options before STARTTLS are refused). Default: off, or
+    /// require when --tls-certificates is given.
+    #[arg(long, value_name = "MODE")]
+    tls: Option<nbd_server::TlsMode>,
+    /// Directory with the server's X.509 certificate and key, as nbdkit
+    /// names them: server-cert.pem, server-key.pem, and ca-cert.pem (for
+    /// --tls-verify-peer).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Let in only clients whose certificate ca-cert.pem signed.
+    #[arg(long)]
+    tls_verify_peer: bool,
     /// Serve read-only.
     #[arg(short = 'r', long = "readonly")]
     read_only: bool,
@@ -140,6 +153,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             eprintln!("blockwatch: {}: {warning}", tracker.image_path().display());
         }
     }
+    warn_if_exposed(&listeners, &plan);
     let captive = args.run.is_some();
     let first_name = exports[0].name.clone();
     let uri = listeners.uri(&first_name);
@@ -176,6 +190,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let endpoints = listeners.endpoints();
     let result = serve(
         Exports::new(exports),
+        plan.tls.clone(),
         &trackers,
         endpoints,
         &listeners,
@@ -264,7 +279,7 @@ fn start(
             backend,
         });
     }
-    let listeners = Listeners::bind(args, args.run.is_some())?;
+    let listeners = Listeners::bind(args, plan, args.run.is_some())?;
     Ok((exports, trackers, listeners))
 }
 
@@ -334,12 +349,14 @@ struct Listeners {
     /// A private directory made for the captive socket, removed at exit.
     private_dir: Option<PathBuf>,
     tcp: Option<(std::net::TcpListener, SocketAddr)>,
+    /// With `--tls=require`: the certificate directory, named in URIs.
+    tls_certificates: Option<PathBuf>,
 }
 
 impl Listeners {
     /// Binds TCP first: it leaves nothing in the file system, so a port
     /// in use fails before a socket file or private directory exists.
-    fn bind(args: &ServeArgs, captive: bool) -> anyhow::Result<Listeners> {
+    fn bind(args: &ServeArgs, plan: &Plan, captive: bool) -> anyhow::Result<Listeners> {
         let want_tcp = args.port.is_some() || args.ipaddr.is_some();
         let tcp = if want_tcp {
             let address = SocketAddr::new(
@@ -379,11 +396,16 @@ impl Listeners {
                 return Err(error);
             }
         };
+        let tls_certificates = match (plan.tls.mode(), &args.tls_certificates) {
+            (nbd_server::TlsMode::Require, Some(dir)) => Some(std::path::absolute(dir)?),
+            _ => None,
+        };
         Ok(Listeners {
             unix,
             unix_path,
             private_dir,
             tcp,
+            tls_certificates,
         })
     }
 
@@ -395,6 +417,7 @@ impl Listeners {
         Endpoints {
             unix_path: self.unix_path.clone(),
             tcp: self.tcp.as_ref().map(|(_, address)| *address),
+            tls_certificates: self.tls_certificates.clone(),
         }
     }
 
@@ -413,24 +436,59 @@ impl Listeners {
 pub(crate) struct Endpoints {
     unix_path: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    /// Set when every client must use TLS: URIs are then nbds:// ones
+    /// naming this certificate directory (libnbd's tls-certificates).
+    tls_certificates: Option<PathBuf>,
 }
 
 impl Endpoints {
     /// A URI that reaches `export_name` (the unix socket when there is one).
     pub(crate) fn uri(&self, export_name: &str) -> String {
         let export = uri_escape(export_name);
-        match (&self.unix_path, &self.tcp) {
+        let (tls, certificates) = match &self.tls_certificates {
+            Some(dir) => ("s", uri_escape(&dir.to_string_lossy())),
+            None => ("", String::new()),
+        };
+        let mut uri = match (&self.unix_path, &self.tcp) {
             (Some(path), _) => format!(
-                "nbd+unix:///{export}?socket={}",
+                "nbd{tls}+unix:///{export}?socket={}",
                 uri_escape(&path.to_string_lossy())
             ),
             (None, Some(SocketAddr::V6(address))) => {
-                format!("nbd://[{}]:{}/{export}", address.ip(), address.port())
+                format!("nbd{tls}://[{}]:{}/{export}", address.ip(), address.port())
             }
-            (None, Some(address)) => format!("nbd://{address}/{export}"),
+            (None, Some(address)) => format!("nbd{tls}://{address}/{export}"),
             (None, None) => unreachable!("at least one listener is bound"),
+        };
+        if !certificates.is_empty() {
+            uri.push(if self.unix_path.is_some() { '&' } else { '?' });
+            uri.push_str("tls-certificates=");
+            uri.push_str(&certificates);
         }
+        uri
     }
+}
+
+/// Plaintext NBD has no authentication: anyone who reaches a TCP port
+/// beyond loopback can read and write every disk, so say so.
+fn warn_if_exposed(listeners: &Listeners, plan: &Plan) {
+    let Some((_, address)) = &listeners.tcp else {
+        return;
+    };
+    if address.ip().is_loopback() || plan.tls.mode() == nbd_server::TlsMode::Require {
+        return;
+    }
+    let how = match plan.tls.mode() {
+        nbd_server::TlsMode::On => {
+            "with TLS only offered (--tls=on), so plaintext clients get in too"
+        }
+        _ => "without TLS",
+    };
+    let message = format!(
+        "serving TCP on {address} {how}: anyone who can reach it can read and write the disks; \
+         use --tls=require --tls-certificates DIR (and --tls-verify-peer), or -i 127.0.0.1"
+    );
+    eprintln!("blockwatch: warning: {message}");
 }
 
 /// Binds a unix socket readable only by its owner, replacing a stale one.
@@ -481,6 +539,14 @@ fn print_banner(exports: &[Export], listeners: &Listeners, uri: &str) {
     println!(
         "  mount:  mkdir -p /tmp/nbd /mnt/disk; nbdfuse /tmp/nbd '{uri}' & sleep 1; mount -o loop /tmp/nbd/nbd /mnt/disk"
     );
+    if let Some(dir) = &listeners.tls_certificates {
+        // qemu takes no nbds:// URI; its TLS credentials are an object.
+        println!(
+            "  qemu:   --object tls-creds-x509,id=tls0,endpoint=client,dir={} and tls-creds=tls0 on the nbd drive",
+            dir.display()
+        );
+        return;
+    }
     if let Some(path) = &listeners.unix_path {
         println!(
             "          (with the kernel nbd module: nbd-client -unix {} /dev/nbd0)",
@@ -547,6 +613,7 @@ struct CaptiveEnv {
 
 fn serve(
     exports: Exports,
+    tls: nbd_server::TlsPolicy,
     trackers: &[Tracked],
     endpoints: Endpoints,
     listeners: &Listeners,
@@ -591,7 +658,7 @@ fn serve(
         // Caught before the first connection is accepted: a client that
         // got the greeting may stop the server at once and see it exit 0.
         let mut stop = StopSignals::catch()?;
-        let server = Server::new(exports).context("cannot create the server")?;
+        let server = Server::with_tls(exports, tls).context("cannot create the server")?;
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
             tokio::spawn(Arc::clone(&server).serve_unix(listener));

@@ -28,6 +28,7 @@ use crate::inflight::{Expect, Pending, Reply, Request, Shared};
 use crate::info::{ExportInfo, Limits};
 use crate::reply::{READ_BUFFER_BYTES, Reader};
 use crate::status::{BlockStatus, Extent};
+use crate::tls::ClientTls;
 use crate::transport::Stream;
 use crate::uri::Uri;
 use crate::{IN_FLIGHT_MAX, READ_AT_WINDOW_BYTES};
@@ -101,15 +102,24 @@ impl Client {
         Client::connect_with(uri, &ConnectOptions::default())
     }
 
+    /// Connects with `options`; an nbds:// or nbds+unix:// URI connects
+    /// over TLS or not at all.
     pub fn connect_with(uri: &str, options: &ConnectOptions) -> Result<Client, ConnectError> {
         check_options(options)?;
         let uri = Uri::parse(uri)?;
         let address = uri.address.to_string();
+        let tls = match &uri.tls {
+            Some(tls) => Some(
+                ClientTls::new(tls, &uri.address)
+                    .map_err(|error| ConnectError::Tls(Box::new(error)))?,
+            ),
+            None => None,
+        };
         let stream = Stream::connect(&uri.address).map_err(|source| ConnectError::Connect {
             address: address.clone(),
             source,
         })?;
-        Client::handshake(stream, &uri.export_name, options)
+        Client::handshake(stream, &uri.export_name, options, tls.as_ref())
             .map_err(|source| ConnectError::Handshake { address, source })
     }
 
@@ -122,9 +132,11 @@ impl Client {
         options: &ConnectOptions,
     ) -> Result<Client, ConnectError> {
         check_options(options)?;
-        Client::handshake(stream, export_name, options).map_err(|source| ConnectError::Handshake {
-            address: "the given stream".to_string(),
-            source,
+        Client::handshake(stream, export_name, options, None).map_err(|source| {
+            ConnectError::Handshake {
+                address: "the given stream".to_string(),
+                source,
+            }
         })
     }
 
@@ -132,11 +144,13 @@ impl Client {
         stream: Stream,
         export_name: &str,
         options: &ConnectOptions,
+        tls: Option<&ClientTls>,
     ) -> Result<Client, HandshakeError> {
         let mut output = stream.try_clone().map_err(HandshakeError::Io)?;
-        let control = stream.try_clone().map_err(HandshakeError::Io)?;
         let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-        let info = handshake::negotiate(&mut input, &mut output, export_name, options)?;
+        let info = handshake::negotiate(&mut input, &mut output, export_name, options, tls)?;
+        // Taken only now: after STARTTLS the streams are the relay's.
+        let control = output.try_clone().map_err(HandshakeError::Io)?;
         let shared = Arc::new(Shared::new(options.in_flight_max));
         let reader = Reader::new(input, &info, Arc::clone(&shared));
         let reader = std::thread::Builder::new()

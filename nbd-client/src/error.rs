@@ -13,6 +13,7 @@ use std::sync::Arc;
 use nbd_server::proto::{NbdError, ReplyFrameError};
 
 use crate::handshake::HandshakeError;
+use crate::tls::TlsSetupError;
 use crate::uri::UriError;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,8 @@ pub enum ConnectError {
     Uri(#[from] UriError),
     #[error("invalid connect options: {0}")]
     Options(String),
+    #[error("cannot set up TLS: {0}")]
+    Tls(Box<TlsSetupError>),
     #[error("cannot connect to {address}: {source}")]
     Connect { address: String, source: io::Error },
     #[error("NBD handshake with {address} failed: {source}")]

@@ -1,7 +1,10 @@
 //! The client side of fixed newstyle negotiation (doc/proto.md "Handshake"):
 //! greeting and flags, EXTENDED_HEADERS (falling back to STRUCTURED_REPLY),
 //! SET_META_CONTEXT, then GO with an NBD_INFO_BLOCK_SIZE request, falling
-//! back to EXPORT_NAME only when the server does not know GO.
+//! back to EXPORT_NAME only when the server does not know GO. For nbds://
+//! URIs STARTTLS comes first, as the spec advises a client that wants TLS
+//! to do, and any refusal ends the connection: there is no plaintext
+//! fallback for a URI that asked for TLS.
 //!
 //! Every option reply length is checked against `OPTION_REPLY_LEN_MAX`
 //! before its data is read, and the replies to one option are counted
@@ -15,6 +18,8 @@ use std::time::Duration;
 use nbd_server::proto::*;
 
 use crate::info::{BlockSizes, ExportInfo};
+use crate::reply::READ_BUFFER_BYTES;
+use crate::tls::ClientTls;
 use crate::transport::Stream;
 
 /// Largest option reply data accepted. The largest legitimate replies are
@@ -32,6 +37,20 @@ pub enum HandshakeError {
     TimedOut { limit: Duration },
     #[error("the server closed the connection")]
     Closed,
+    #[error(
+        "the server closed the TLS connection (if it checks client certificates, put client-cert.pem and client-key.pem in the tls-certificates directory)"
+    )]
+    ClosedAfterTls,
+    #[error("the server refused STARTTLS with {}{}; an nbds:// URI never falls back to plaintext",
+        reply_name(*reply_type),
+        if message.is_empty() { String::new() } else { format!(": {message}") })]
+    TlsRefused { reply_type: u32, message: String },
+    #[error("the server sent data after its STARTTLS reply, before the TLS handshake")]
+    BytesBeforeTls,
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
+    #[error("cannot start the TLS relay: {0}")]
+    Relay(io::Error),
     #[error("not an NBD server (it greeted with {magic:#018x})")]
     NotNbd { magic: u64 },
     #[error("the server speaks only the oldstyle handshake, which this client does not")]
@@ -61,7 +80,7 @@ pub enum HandshakeError {
     },
     #[error("the server has no export named {name:?}: {message} (nbdinfo --list shows them)")]
     UnknownExport { name: String, message: String },
-    #[error("the server requires TLS, which this client does not support yet: {message}")]
+    #[error("the server requires TLS (use an nbds:// URI): {message}")]
     TlsRequired { message: String },
     #[error("the server is shutting down: {message}")]
     ServerShutdown { message: String },
@@ -192,15 +211,20 @@ struct Negotiation<'a> {
     /// Data of the last option reply read.
     data: Vec<u8>,
     timeout: Option<Duration>,
+    /// Whether STARTTLS succeeded (the streams are then a relay's).
+    tls: bool,
 }
 
-/// Negotiates `export_name` on a fresh connection. On success the stream
-/// is in the transmission phase (any bytes read ahead stay in `input`).
+/// Negotiates `export_name` on a fresh connection, first TLS when `tls`
+/// says so. On success the stream is in the transmission phase (any bytes
+/// read ahead stay in `input`); after TLS both streams are replaced by
+/// the relay's plaintext end.
 pub(crate) fn negotiate(
     input: &mut BufReader<Stream>,
     output: &mut Stream,
     export_name: &str,
     options: &ConnectOptions,
+    tls: Option<&ClientTls>,
 ) -> Result<ExportInfo, HandshakeError> {
     set_timeout(input.get_ref(), options.handshake_timeout)?;
     let mut negotiation = Negotiation {
@@ -208,9 +232,14 @@ pub(crate) fn negotiate(
         output,
         data: Vec::new(),
         timeout: options.handshake_timeout,
+        tls: false,
     };
     let no_zeroes = negotiation.greeting()?;
-    let result = negotiation.options(export_name, options, no_zeroes);
+    let result = match tls {
+        Some(tls) => negotiation.start_tls(tls),
+        None => Ok(()),
+    };
+    let result = result.and_then(|()| negotiation.options(export_name, options, no_zeroes));
     if result
         .as_ref()
         .is_err_and(HandshakeError::leaves_the_stream_in_step)
@@ -236,6 +265,7 @@ impl HandshakeError {
         matches!(
             self,
             HandshakeError::Refused { .. }
+                | HandshakeError::TlsRefused { .. }
                 | HandshakeError::UnknownExport { .. }
                 | HandshakeError::TlsRequired { .. }
                 | HandshakeError::MissingContext { .. }
@@ -306,6 +336,61 @@ impl Negotiation<'_> {
         }
         self.write(&client_flags.to_be_bytes())?;
         Ok(no_zeroes)
+    }
+
+    /// STARTTLS, the TLS handshake, and the relay that carries the rest.
+    fn start_tls(&mut self, tls: &ClientTls) -> Result<(), HandshakeError> {
+        self.send(OPT_STARTTLS, &[])?;
+        let only_ack = |_: &[u8], reply_type, option| {
+            Err(HandshakeError::BadReply {
+                option,
+                reply_type,
+                what: "only ACK or an error is expected",
+            })
+        };
+        if let Final::Error {
+            reply_type,
+            message,
+        } = self.replies(OPT_STARTTLS, only_ack)?
+        {
+            return Err(HandshakeError::TlsRefused {
+                reply_type,
+                message,
+            });
+        }
+        // Plaintext read ahead of the TLS hello would be taken as if it
+        // came over TLS: an attacker's way to inject replies.
+        if !self.input.buffer().is_empty() {
+            return Err(HandshakeError::BytesBeforeTls);
+        }
+        let mut connection = tls
+            .connection()
+            .map_err(|error| HandshakeError::TlsHandshake(io::Error::other(error)))?;
+        while connection.is_handshaking() {
+            connection
+                .complete_io(self.input.get_mut())
+                .map_err(|error| match error.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => match self.timeout {
+                        Some(limit) => HandshakeError::TimedOut { limit },
+                        None => HandshakeError::TlsHandshake(error),
+                    },
+                    io::ErrorKind::UnexpectedEof => HandshakeError::Closed,
+                    _ => HandshakeError::TlsHandshake(error),
+                })?;
+        }
+        let net = self
+            .input
+            .get_ref()
+            .try_clone()
+            .map_err(HandshakeError::Io)?;
+        let connection = rustls::Connection::Client(connection);
+        let (local, _thread) =
+            crate::relay::spawn(net.into_fd(), connection).map_err(HandshakeError::Relay)?;
+        let reader = local.try_clone().map_err(HandshakeError::Relay)?;
+        *self.input = BufReader::with_capacity(READ_BUFFER_BYTES, Stream::Unix(reader));
+        *self.output = Stream::Unix(local);
+        self.tls = true;
+        set_timeout(self.input.get_ref(), self.timeout)
     }
 
     /// An option without data that the server either acknowledges or not.
@@ -479,10 +564,12 @@ impl Negotiation<'_> {
         let length = if no_zeroes { 10 } else { reply.len() };
         match self.read_exact(&mut reply[..length]) {
             // The server closes the connection for an export it does not have.
-            Err(HandshakeError::Closed) => Err(HandshakeError::UnknownExport {
-                name: export_name.to_string(),
-                message: "the server hung up after EXPORT_NAME".to_string(),
-            }),
+            Err(HandshakeError::Closed | HandshakeError::ClosedAfterTls) => {
+                Err(HandshakeError::UnknownExport {
+                    name: export_name.to_string(),
+                    message: "the server hung up after EXPORT_NAME".to_string(),
+                })
+            }
             Err(error) => Err(error),
             Ok(()) => Ok((be64(&reply[0..8]), be16(&reply[8..10]))),
         }
@@ -548,6 +635,7 @@ impl Negotiation<'_> {
         self.input
             .read_exact(buf)
             .map_err(|error| match error.kind() {
+                io::ErrorKind::UnexpectedEof if self.tls => HandshakeError::ClosedAfterTls,
                 io::ErrorKind::UnexpectedEof => HandshakeError::Closed,
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => match self.timeout {
                     Some(limit) => HandshakeError::TimedOut { limit },

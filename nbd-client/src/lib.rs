@@ -25,8 +25,14 @@
 //! (`nbd_server::proto`), shared rather than copied.
 //!
 //! Files and what each owns:
-//! - `uri.rs`: NBD URIs (doc/uri.md): `nbd://`, `nbd+unix://`; TLS refused.
-//! - `transport.rs`: the unix or TCP socket under a connection.
+//! - `uri.rs`: NBD URIs (doc/uri.md): `nbd://`, `nbd+unix://`, and the
+//!   TLS forms `nbds://`, `nbds+unix://` with `tls-certificates=DIR`.
+//! - `transport.rs`: the unix or TCP socket under a connection (after
+//!   STARTTLS, the plaintext end of a relay's socketpair).
+//! - `tls.rs`: the client's TLS configuration from a certificate directory
+//!   (libnbd's file names) and the server name to check.
+//! - `relay.rs`: the thread that owns a TLS session and passes plaintext
+//!   to the connection through a socketpair.
 //! - `handshake.rs`: option haggling up to GO (or EXPORT_NAME); `ConnectOptions`.
 //! - `info.rs`: `ExportInfo` (size, flags, block sizes, contexts) and the
 //!   request limits derived from it.
@@ -42,14 +48,18 @@
 //! directories (apt-get install nbdkit libnbd-bin qemu-utils; blockwatch is
 //! built with `cargo build -p blockwatch`, or named by `BLOCKWATCH=PATH`);
 //! `tests/hostile.rs` runs a lying server in-process on a socketpair.
+//! TLS is tested end to end through the copier in the workspace's
+//! `tests/tls.rs` (against blockwatch and `nbdkit --tls=require`).
 
 mod client;
 mod error;
 mod handshake;
 mod inflight;
 mod info;
+mod relay;
 mod reply;
 mod status;
+mod tls;
 mod transport;
 mod uri;
 
@@ -66,8 +76,9 @@ pub use info::{BlockSizes, ExportInfo, REQUEST_PAYLOAD_MAX_BYTES};
 pub use nbd_server::proto::{BASE_ALLOCATION, DIRTY_BITMAP_CONTEXT_PREFIX, NbdError, ReplyMode};
 pub use reply::{ERROR_CHUNK_LEN_MAX, READ_FRAGMENTS_MAX, STATUS_CHUNK_LEN_MAX};
 pub use status::{BlockStatus, Extent};
+pub use tls::{CLIENT_CERT_FILE, CLIENT_KEY_FILE, TlsSetupError};
 pub use transport::Stream;
-pub use uri::{Address, DEFAULT_PORT, Uri, UriError};
+pub use uri::{Address, DEFAULT_PORT, Uri, UriError, UriTls, is_nbd_uri};
 
 /// Requests one connection keeps in flight unless told otherwise: what
 /// nbdcopy uses per connection.

@@ -34,6 +34,13 @@ impl Stream {
         })
     }
 
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        match self {
+            Stream::Unix(stream) => stream.into(),
+            Stream::Tcp(stream) => stream.into(),
+        }
+    }
+
     /// Shuts the socket down for every handle: a reader blocked in `read`
     /// returns, and a sender blocked in `write` fails.
     pub fn shutdown(&self) {

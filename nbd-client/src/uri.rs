@@ -1,6 +1,8 @@
 //! NBD URIs (NetworkBlockDevice doc/uri.md): `nbd://host[:port]/export`
-//! and `nbd+unix:///export?socket=PATH`. The TLS schemes parse far enough
-//! to be refused by name, since this client does not speak TLS yet.
+//! and `nbd+unix:///export?socket=PATH`, and their TLS forms `nbds://`
+//! and `nbds+unix://` with libnbd's query parameters `tls-certificates=DIR`
+//! and `tls-hostname=NAME`. TLS with pre-shared keys (`tls-psk-file`) and
+//! turning the server's certificate check off are refused by name.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -32,11 +34,34 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// A parsed NBD URI: where to connect and which export to ask for.
+/// A parsed NBD URI: where to connect, which export to ask for, and
+/// whether TLS is required.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uri {
     pub address: Address,
     pub export_name: String,
+    /// `Some` for nbds:// and nbds+unix://: TLS or no connection at all.
+    pub tls: Option<UriTls>,
+}
+
+/// The TLS parameters of an nbds URI.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UriTls {
+    /// `tls-certificates`: the directory with ca-cert.pem (and
+    /// client-cert.pem, client-key.pem); libnbd's default places otherwise.
+    pub certificates: Option<PathBuf>,
+    /// `tls-hostname`: the name the server's certificate must carry
+    /// (default: the URI's host, or "localhost" for a unix socket).
+    pub hostname: Option<String>,
+}
+
+/// The query parameters this client understands.
+#[derive(Debug, Default)]
+struct Query {
+    socket: Option<PathBuf>,
+    tls: UriTls,
+    /// The first TLS parameter seen, for the error on a plaintext URI.
+    tls_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,11 +70,7 @@ pub enum UriError {
         "{uri:?} is not an NBD URI (want nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
     )]
     NoScheme { uri: String },
-    #[error(
-        "{scheme}:// needs TLS, which this client does not support yet; use nbd:// or nbd+unix://"
-    )]
-    TlsUnsupported { scheme: String },
-    #[error("unknown URI scheme {scheme:?} (want nbd or nbd+unix)")]
+    #[error("unknown URI scheme {scheme:?} (want nbd, nbd+unix, nbds or nbds+unix)")]
     UnknownScheme { scheme: String },
     #[error("nbd:// needs a host, as in nbd://localhost/EXPORT")]
     MissingHost,
@@ -63,9 +84,19 @@ pub enum UriError {
     SocketWithTcp,
     #[error("abstract unix sockets (socket=%00...) are not supported")]
     AbstractSocket,
-    #[error("query parameter {key:?} is for TLS, which this client does not support yet")]
-    TlsParameter { key: String },
-    #[error("unknown query parameter {key:?} (only socket is understood)")]
+    #[error("query parameter {key:?} is for TLS: use nbds:// or nbds+unix://")]
+    TlsParameterWithoutTls { key: String },
+    #[error(
+        "tls-psk-file: TLS with pre-shared keys is not supported; use X.509 certificates (tls-certificates=DIR)"
+    )]
+    TlsPskUnsupported,
+    #[error(
+        "tls-verify-peer={value:?}: this client always checks the server's certificate (only true is accepted)"
+    )]
+    TlsVerifyPeerOff { value: String },
+    #[error(
+        "unknown query parameter {key:?} (only socket, tls-certificates, tls-hostname and tls-verify-peer are understood)"
+    )]
     UnknownParameter { key: String },
     #[error("query parameter {key:?} is given twice")]
     RepeatedParameter { key: String },
@@ -79,6 +110,17 @@ pub enum UriError {
     ExportNameWithNul,
 }
 
+/// Whether `text` names an NBD export (any of the four schemes, as
+/// `Uri::parse` takes them), so callers can tell it from a file name or
+/// another kind of target before parsing it.
+pub fn is_nbd_uri(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        ["nbd", "nbd+unix", "nbds", "nbds+unix"]
+            .iter()
+            .any(|known| scheme.eq_ignore_ascii_case(known))
+    })
+}
+
 impl Uri {
     pub fn parse(text: &str) -> Result<Uri, UriError> {
         let Some((scheme, rest)) = text.split_once("://") else {
@@ -87,10 +129,11 @@ impl Uri {
             });
         };
         let scheme = scheme.to_ascii_lowercase();
-        let unix = match scheme.as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(UriError::TlsUnsupported { scheme }),
+        let (unix, tls) = match scheme.as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             _ => return Err(UriError::UnknownScheme { scheme }),
         };
         // A fragment means nothing to NBD; drop it as RFC 3986 readers do.
@@ -101,16 +144,19 @@ impl Uri {
             None => (before_query, ""),
         };
         let export_name = export_name(path)?;
-        let socket = socket_parameter(query)?;
+        let query = parse_query(query)?;
+        if let (false, Some(key)) = (tls, &query.tls_key) {
+            return Err(UriError::TlsParameterWithoutTls { key: key.clone() });
+        }
         let address = if unix {
             if !authority.is_empty() {
                 return Err(UriError::UnixWithHost {
                     authority: authority.to_string(),
                 });
             }
-            Address::Unix(socket.ok_or(UriError::MissingSocket)?)
+            Address::Unix(query.socket.ok_or(UriError::MissingSocket)?)
         } else {
-            if socket.is_some() {
+            if query.socket.is_some() {
                 return Err(UriError::SocketWithTcp);
             }
             tcp_address(authority)?
@@ -118,6 +164,7 @@ impl Uri {
         Ok(Uri {
             address,
             export_name,
+            tls: tls.then_some(query.tls),
         })
     }
 }
@@ -139,28 +186,55 @@ fn export_name(path: &str) -> Result<String, UriError> {
     Ok(name)
 }
 
-fn socket_parameter(query: &str) -> Result<Option<PathBuf>, UriError> {
-    let mut socket = None;
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+fn parse_query(text: &str) -> Result<Query, UriError> {
+    let mut query = Query::default();
+    for pair in text.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let key = String::from_utf8_lossy(&percent_decode(key, "a query key")?).into_owned();
+        let repeated = match key.as_str() {
+            "socket" => query.socket.is_some(),
+            "tls-certificates" => query.tls.certificates.is_some(),
+            "tls-hostname" => query.tls.hostname.is_some(),
+            _ => false,
+        };
+        if repeated {
+            return Err(UriError::RepeatedParameter { key });
+        }
+        if key.starts_with("tls-") && query.tls_key.is_none() {
+            query.tls_key = Some(key.clone());
+        }
         match key.as_str() {
             "socket" => {
-                if socket.is_some() {
-                    return Err(UriError::RepeatedParameter { key });
-                }
                 let bytes = percent_decode(value, "the socket path")?;
                 if bytes.first() == Some(&0) {
                     return Err(UriError::AbstractSocket);
                 }
-                socket = Some(PathBuf::from(OsString::from_vec(bytes)));
+                query.socket = Some(PathBuf::from(OsString::from_vec(bytes)));
             }
-            "tls-type" | "tls-hostname" | "tls-verify-peer" | "tls-psk-file"
-            | "tls-certificates" => return Err(UriError::TlsParameter { key }),
+            "tls-certificates" => {
+                let bytes = percent_decode(value, "the certificate directory")?;
+                query.tls.certificates = Some(PathBuf::from(OsString::from_vec(bytes)));
+            }
+            "tls-hostname" => {
+                let bytes = percent_decode(value, "the TLS host name")?;
+                let name = String::from_utf8(bytes).map_err(|_| UriError::BadPercentEncoding {
+                    part: "the TLS host name",
+                })?;
+                query.tls.hostname = Some(name);
+            }
+            "tls-verify-peer" => match value {
+                "true" | "1" | "yes" | "on" => {}
+                _ => {
+                    return Err(UriError::TlsVerifyPeerOff {
+                        value: value.to_string(),
+                    });
+                }
+            },
+            "tls-psk-file" | "tls-username" => return Err(UriError::TlsPskUnsupported),
             _ => return Err(UriError::UnknownParameter { key }),
         }
     }
-    Ok(socket)
+    Ok(query)
 }
 
 /// `[userinfo@]host[:port]`; userinfo only matters to TLS and is ignored.
@@ -299,15 +373,25 @@ mod tests {
                 },
             ),
             (
-                "nbds://host/x",
-                UriError::TlsUnsupported {
-                    scheme: "nbds".into(),
+                "nbds://host/x?tls-psk-file=/k.psk",
+                UriError::TlsPskUnsupported,
+            ),
+            (
+                "nbds://host/x?tls-verify-peer=false",
+                UriError::TlsVerifyPeerOff {
+                    value: "false".into(),
                 },
             ),
             (
-                "nbds+unix:///x?socket=/s",
-                UriError::TlsUnsupported {
-                    scheme: "nbds+unix".into(),
+                "nbds://host/x?tls-certificates=/a&tls-certificates=/b",
+                UriError::RepeatedParameter {
+                    key: "tls-certificates".into(),
+                },
+            ),
+            (
+                "nbd://host/x?tls-certificates=/etc/pki",
+                UriError::TlsParameterWithoutTls {
+                    key: "tls-certificates".into(),
                 },
             ),
             (
@@ -335,8 +419,8 @@ mod tests {
             ("nbd://host/x?socket=/s", UriError::SocketWithTcp),
             ("nbd+unix:///?socket=%00abstract", UriError::AbstractSocket),
             (
-                "nbd+unix:///?socket=/s&tls-type=x509",
-                UriError::TlsParameter {
+                "nbds+unix:///?socket=/s&tls-type=x509",
+                UriError::UnknownParameter {
                     key: "tls-type".into(),
                 },
             ),
@@ -369,6 +453,48 @@ mod tests {
         ];
         for (text, error) in cases {
             assert_eq!(Uri::parse(text), Err(error), "{text}");
+        }
+    }
+
+    #[test]
+    fn tls_uris_carry_their_certificates_and_host_name() {
+        let cases = [
+            ("nbd://h/e", None),
+            ("nbds://h/e", Some(UriTls::default())),
+            (
+                "nbds://h:1/e?tls-certificates=/etc/pki/a%20b&tls-hostname=disk.example",
+                Some(UriTls {
+                    certificates: Some(PathBuf::from("/etc/pki/a b")),
+                    hostname: Some("disk.example".into()),
+                }),
+            ),
+            (
+                "NBDS+UNIX:///e?socket=/s&tls-certificates=d&tls-verify-peer=true",
+                Some(UriTls {
+                    certificates: Some(PathBuf::from("d")),
+                    hostname: None,
+                }),
+            ),
+        ];
+        for (text, tls) in cases {
+            let uri = Uri::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(uri.tls, tls, "{text}");
+            assert_eq!(uri.export_name, "e", "{text}");
+        }
+    }
+
+    #[test]
+    fn nbd_uris_are_told_from_other_targets() {
+        for text in [
+            "nbd://h/e",
+            "NBDS://h/e",
+            "nbd+unix:///?socket=s",
+            "nbds+unix:///?socket=s",
+        ] {
+            assert!(is_nbd_uri(text), "{text}");
+        }
+        for text in ["s3://b/p", "tape:/t", "file:/f", "nbd.img", "nbdx://h"] {
+            assert!(!is_nbd_uri(text), "{text}");
         }
     }
 

@@ -1,10 +1,19 @@
 //! Fixed newstyle negotiation: greeting, client flags, then option haggling
-//! until EXPORT_NAME or a successful GO (or the client leaves).
+//! until EXPORT_NAME or a successful GO (or the client leaves), with
+//! STARTTLS in between when TLS is on (`TlsMode`).
 //!
 //! Every option length is checked against `OPTION_LEN_MAX` before its data is
 //! read; malformed option data gets `NBD_REP_ERR_INVALID` and the handshake
 //! goes on, as the spec asks. Only a broken frame (bad magic, oversized
 //! option, unknown client flags) ends the connection.
+//!
+//! TLS (doc/proto.md "TLS support"): with `require` every option but
+//! STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD` until TLS is up, and
+//! EXPORT_NAME, which cannot be answered with an error, ends the
+//! connection. A STARTTLS that succeeds forgets what was negotiated before
+//! it (structured replies, extended headers, meta contexts), as the spec
+//! says; the caller runs the TLS handshake and then calls `haggle` again
+//! over the encrypted stream.
 
 use std::sync::Arc;
 
@@ -13,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::buffers::InBuf;
 use crate::export::{Export, Exports};
 use crate::proto::*;
+use crate::tls::TlsMode;
 
 /// What the handshake agreed on, ready for the transmission phase.
 #[derive(Debug)]
@@ -42,11 +52,19 @@ pub enum HandshakeError {
     ExportNameWithExtendedHeaders,
     #[error("client used option {0} without fixed newstyle")]
     NotFixedNewstyle(u32),
+    #[error("client used EXPORT_NAME without TLS, which this server requires")]
+    ExportNameWithoutTls,
+    #[error(
+        "client sent {length_bytes} bytes after STARTTLS before the TLS handshake (they could be an attacker's)"
+    )]
+    BytesBeforeTls { length_bytes: usize },
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
-/// Negotiation state kept between options.
+/// Negotiation state kept between options (and across STARTTLS).
 #[derive(Debug, Default)]
-struct Negotiation {
+pub struct Negotiation {
     no_zeroes: bool,
     fixed: bool,
     structured: bool,
@@ -54,6 +72,8 @@ struct Negotiation {
     /// Export the last SET_META_CONTEXT named, and what it selected.
     meta_export: Option<Arc<Export>>,
     contexts: Vec<(u32, String)>,
+    /// Whether STARTTLS succeeded: the rest runs over TLS.
+    tls: bool,
 }
 
 impl Negotiation {
@@ -66,15 +86,64 @@ impl Negotiation {
             ReplyMode::Simple
         }
     }
+
+    /// Whether the rest of this connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// After STARTTLS: nothing negotiated in plaintext survives (an
+    /// attacker could have chosen it); the greeting's flags do.
+    fn start_tls(&mut self) {
+        *self = Negotiation {
+            no_zeroes: self.no_zeroes,
+            fixed: self.fixed,
+            tls: true,
+            ..Negotiation::default()
+        };
+    }
 }
 
-/// Runs the handshake. `Ok(None)` means the client left cleanly (ABORT or EOF).
+/// How option haggling ended.
+#[derive(Debug)]
+pub enum Haggled {
+    /// The client left cleanly (ABORT or EOF).
+    Left,
+    Transmit(Session),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then
+    /// calls `haggle` again over it with the same `Negotiation`.
+    StartTls,
+}
+
+/// Runs a whole handshake without TLS. `Ok(None)` means the client left
+/// cleanly (ABORT or EOF).
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     input: &mut InBuf,
     exports: &Exports,
 ) -> Result<Option<Session>, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(mut state) = greet(reader, writer, input).await? else {
+        return Ok(None);
+    };
+    match haggle(reader, writer, input, exports, TlsMode::Off, &mut state).await? {
+        Haggled::Transmit(session) => Ok(Some(session)),
+        Haggled::Left => Ok(None),
+        Haggled::StartTls => unreachable!("STARTTLS is refused with TLS off"),
+    }
+}
+
+/// Sends the greeting and reads the client's flags. `Ok(None)`: the
+/// client left.
+pub async fn greet<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    input: &mut InBuf,
+) -> Result<Option<Negotiation>, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -93,15 +162,30 @@ where
     if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
         return Err(HandshakeError::UnknownClientFlags(client_flags));
     }
-    let mut state = Negotiation {
+    Ok(Some(Negotiation {
         no_zeroes: client_flags & CLIENT_FLAG_NO_ZEROES != 0,
         fixed: client_flags & CLIENT_FLAG_FIXED_NEWSTYLE != 0,
         ..Negotiation::default()
-    };
+    }))
+}
 
+/// Option haggling until the client leaves, enters transmission, or (with
+/// `tls` on or required) STARTTLS is acknowledged.
+pub async fn haggle<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    input: &mut InBuf,
+    exports: &Exports,
+    tls: TlsMode,
+    state: &mut Negotiation,
+) -> Result<Haggled, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     for _ in 0..OPTION_COUNT_MAX {
         if !input.fill(reader, 16).await? {
-            return Ok(None);
+            return Ok(Haggled::Left);
         }
         let header = input.available();
         let magic = be64(&header[0..8]);
@@ -121,24 +205,27 @@ where
             return Err(HandshakeError::NotFixedNewstyle(option));
         }
         if !input.fill(reader, length as usize).await? {
-            return Ok(None);
+            return Ok(Haggled::Left);
         }
         let data = input.available()[..length as usize].to_vec();
         input.consume(length as usize);
 
         let mut out = Vec::new();
-        let outcome = handle_option(&mut state, exports, option, &data, &mut out)?;
+        let outcome = handle_option(state, exports, tls, option, &data, &mut out)?;
         writer.write_all(&out).await?;
+        // Over TLS the reply may still sit in rustls; the client waits for it.
+        writer.flush().await?;
         match outcome {
             Outcome::Continue => {}
-            Outcome::Abort => return Ok(None),
+            Outcome::Abort => return Ok(Haggled::Left),
+            Outcome::StartTls => return Ok(Haggled::StartTls),
             Outcome::Transmit(export) => {
                 let contexts = match &state.meta_export {
                     Some(meta) if Arc::ptr_eq(meta, &export) => std::mem::take(&mut state.contexts),
                     _ => Vec::new(),
                 };
-                return Ok(Some(Session {
-                    transmission_flags: transmission_flags(&export, &state),
+                return Ok(Haggled::Transmit(Session {
+                    transmission_flags: transmission_flags(&export, state),
                     mode: state.mode(),
                     export,
                     contexts,
@@ -152,16 +239,32 @@ where
 enum Outcome {
     Continue,
     Abort,
+    StartTls,
     Transmit(Arc<Export>),
 }
 
 fn handle_option(
     state: &mut Negotiation,
     exports: &Exports,
+    tls: TlsMode,
     option: u32,
     data: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<Outcome, HandshakeError> {
+    let tls_required = tls == TlsMode::Require && !state.tls;
+    if tls_required && option != OPT_STARTTLS && option != OPT_ABORT {
+        if option == OPT_EXPORT_NAME {
+            // It has no error reply: the spec says to end the session.
+            return Err(HandshakeError::ExportNameWithoutTls);
+        }
+        error_reply(
+            out,
+            option,
+            REP_ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first (an nbds:// URI)",
+        );
+        return Ok(Outcome::Continue);
+    }
     match option {
         OPT_EXPORT_NAME => {
             if state.extended {
@@ -196,19 +299,7 @@ fn handle_option(
             put_option_reply_header(out, option, REP_ACK, 0);
             Ok(Outcome::Continue)
         }
-        OPT_STARTTLS => {
-            if data.is_empty() {
-                error_reply(
-                    out,
-                    option,
-                    REP_ERR_POLICY,
-                    "TLS is not configured on this server",
-                );
-            } else {
-                error_reply(out, option, REP_ERR_INVALID, "STARTTLS takes no data");
-            }
-            Ok(Outcome::Continue)
-        }
+        OPT_STARTTLS => Ok(start_tls(state, tls, data, out)),
         OPT_INFO | OPT_GO => Ok(info_or_go(state, exports, option, data, out)),
         OPT_STRUCTURED_REPLY => {
             if !data.is_empty() {
@@ -254,6 +345,31 @@ fn handle_option(
             Ok(Outcome::Continue)
         }
     }
+}
+
+/// NBD_OPT_STARTTLS: acknowledged once, when TLS is on or required.
+fn start_tls(state: &mut Negotiation, tls: TlsMode, data: &[u8], out: &mut Vec<u8>) -> Outcome {
+    let refusal = if !data.is_empty() {
+        Some((REP_ERR_INVALID, "STARTTLS takes no data"))
+    } else if state.tls {
+        Some((REP_ERR_INVALID, "TLS is already negotiated"))
+    } else if tls == TlsMode::Off {
+        // POLICY rather than UNSUP: the server knows the option, its
+        // operator turned TLS off (doc/proto.md "NOTLS mode").
+        Some((
+            REP_ERR_POLICY,
+            "TLS is not enabled on this server (serve --tls=on or --tls=require)",
+        ))
+    } else {
+        None
+    };
+    if let Some((reply_type, message)) = refusal {
+        error_reply(out, OPT_STARTTLS, reply_type, message);
+        return Outcome::Continue;
+    }
+    put_option_reply_header(out, OPT_STARTTLS, REP_ACK, 0);
+    state.start_tls();
+    Outcome::StartTls
 }
 
 /// NBD_OPT_INFO and NBD_OPT_GO share their request and reply formats.

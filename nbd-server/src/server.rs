@@ -2,6 +2,9 @@
 //!
 //! One tokio task per connection runs the handshake; the transmission loop
 //! then runs on a thread of the connection's own (`transmission.rs`).
+//! After STARTTLS the task runs the TLS handshake (tokio-rustls) and goes
+//! on haggling over TLS; the transmission thread then gets the socket with
+//! its rustls session (`Socket::with_tls`).
 //! Shutdown is a watch channel for the tasks and a `Stop` for the threads:
 //! listeners stop accepting, connections stop reading, finish what is in
 //! flight and close; the server then flushes every export once.
@@ -16,14 +19,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::buffers::InBuf;
 use crate::export::Exports;
-use crate::handshake::negotiate;
+use crate::handshake::{Haggled, HandshakeError, Session, greet, haggle};
 use crate::socket::{Socket, Stop};
+use crate::tls::TlsPolicy;
 use crate::transmission::transmit;
 
 /// A running server: share it between listeners with `Arc`.
 #[derive(Debug)]
 pub struct Server {
     exports: Exports,
+    tls: TlsPolicy,
     shutdown_tx: watch::Sender<bool>,
     /// The same signal for connection threads.
     stop: Arc<Stop>,
@@ -33,11 +38,17 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server without TLS (STARTTLS is refused).
     pub fn new(exports: Exports) -> io::Result<Arc<Server>> {
+        Server::with_tls(exports, TlsPolicy::off())
+    }
+
+    pub fn with_tls(exports: Exports, tls: TlsPolicy) -> io::Result<Arc<Server>> {
         let (shutdown_tx, _) = watch::channel(false);
         let (alive_tx, alive_rx) = mpsc::channel(1);
         Ok(Arc::new(Server {
             exports,
+            tls,
             shutdown_tx,
             stop: Arc::new(Stop::new()?),
             alive_tx: std::sync::Mutex::new(Some(alive_tx)),
@@ -95,23 +106,21 @@ impl Server {
 
     /// `alive` is held until the connection ends: by this task through the
     /// handshake, then by the connection's thread.
-    async fn connection<S: Stream>(&self, mut stream: S, peer: String, alive: mpsc::Sender<()>) {
-        let mut input = InBuf::default();
+    async fn connection<S: Stream>(&self, stream: S, peer: String, alive: mpsc::Sender<()>) {
         let mut shutdown = self.shutdown_tx.subscribe();
         if *shutdown.borrow() {
             return;
         }
-        let (mut reader, mut writer) = tokio::io::split(&mut stream);
         let negotiated = tokio::select! {
             _ = shutdown.changed() => return,
-            result = negotiate(&mut reader, &mut writer, &mut input, &self.exports) => result,
+            result = self.negotiate(stream) => result,
             _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
                 tracing::info!(peer, "handshake timed out");
                 return;
             }
         };
-        let session = match negotiated {
-            Ok(Some(session)) => session,
+        let (socket, input, session) = match negotiated {
+            Ok(Some(negotiated)) => negotiated,
             Ok(None) => return,
             Err(e) => {
                 tracing::info!(peer, error = %e, "handshake ended");
@@ -119,13 +128,6 @@ impl Server {
             }
         };
         tracing::debug!(peer, export = %session.export.name, mode = ?session.mode, "transmission");
-        let socket = match stream.into_fd().and_then(Socket::new) {
-            Ok(socket) => socket,
-            Err(e) => {
-                tracing::warn!(peer, error = %e, "cannot take the socket from tokio");
-                return;
-            }
-        };
         let stop = Arc::clone(&self.stop);
         let runtime = tokio::runtime::Handle::current();
         let spawned = std::thread::Builder::new()
@@ -138,6 +140,70 @@ impl Server {
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+
+    /// The handshake over `stream`, and after STARTTLS over TLS. Returns
+    /// the socket the transmission phase serves on, with the bytes already
+    /// read from it.
+    async fn negotiate<S: Stream>(
+        &self,
+        mut stream: S,
+    ) -> Result<Option<(Socket, InBuf, Session)>, HandshakeError> {
+        let mut input = InBuf::default();
+        let mode = self.tls.mode();
+        let (mut reader, mut writer) = tokio::io::split(&mut stream);
+        let Some(mut state) = greet(&mut reader, &mut writer, &mut input).await? else {
+            return Ok(None);
+        };
+        let haggled = haggle(
+            &mut reader,
+            &mut writer,
+            &mut input,
+            &self.exports,
+            mode,
+            &mut state,
+        );
+        match haggled.await? {
+            Haggled::Left => Ok(None),
+            Haggled::Transmit(session) => {
+                let socket = Socket::new(stream.into_fd()?)?;
+                Ok(Some((socket, input, session)))
+            }
+            Haggled::StartTls => {
+                // A client must wait for the ACK before its TLS hello, so
+                // anything already read came from someone else: treating it
+                // as encrypted input would let an attacker inject options.
+                if !input.is_empty() {
+                    return Err(HandshakeError::BytesBeforeTls {
+                        length_bytes: input.len(),
+                    });
+                }
+                let config = self
+                    .tls
+                    .config()
+                    .expect("STARTTLS is acknowledged only with a TLS configuration");
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                let mut tls = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                let (mut reader, mut writer) = tokio::io::split(&mut tls);
+                let haggled = haggle(
+                    &mut reader,
+                    &mut writer,
+                    &mut input,
+                    &self.exports,
+                    mode,
+                    &mut state,
+                );
+                match haggled.await? {
+                    Haggled::Left => Ok(None),
+                    Haggled::Transmit(session) => {
+                        let (stream, connection) = tls.into_inner();
+                        let socket = Socket::with_tls(stream.into_fd()?, connection)?;
+                        Ok(Some((socket, input, session)))
+                    }
+                    Haggled::StartTls => unreachable!("a second STARTTLS is refused"),
+                }
+            }
         }
     }
 

@@ -8,10 +8,23 @@
 //! the client nothing while the server is busy. On this project's 2-core
 //! machine, where fio's nbd engine and the server each hold one core, that
 //! was the difference on 4k random reads (docs/bench.md).
+//!
+//! A TLS connection uses the same socket with its rustls session beside
+//! it (`TlsSession`): receiving decrypts what arrived, sending encrypts
+//! and flushes. The session is locked only for that CPU work, never while
+//! a call waits for the socket, so a sender stalled on a full socket never
+//! stops the connection's thread from reading (a client that is still
+//! sending requests may not read replies until it is done).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Ciphertext received at once on a TLS connection: rustls takes one
+/// record (16 KiB and change) per `read_tls`, so many records per `recv`,
+/// handed over from memory, save system calls.
+const TLS_RECV_BYTES: usize = 256 * 1024;
 
 /// What `Socket::wait_readable` saw.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,10 +77,30 @@ impl Stop {
     }
 }
 
-/// A connected stream socket (unix or TCP) in blocking mode.
+/// A connected stream socket (unix or TCP) in blocking mode, and its TLS
+/// session if STARTTLS set one up.
 #[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
+    tls: Option<Box<TlsSession>>,
+}
+
+/// The rustls session of a TLS connection and the ciphertext received
+/// but not yet given to it.
+#[derive(Debug)]
+struct TlsSession {
+    connection: Mutex<rustls::ServerConnection>,
+    /// Used by the connection's own thread only (the one that receives).
+    incoming: Mutex<Ciphertext>,
+}
+
+#[derive(Debug)]
+struct Ciphertext {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The peer closed its side; rustls has been told.
+    eof: bool,
 }
 
 impl Socket {
@@ -83,7 +116,28 @@ impl Socket {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Socket { fd })
+        Ok(Socket { fd, tls: None })
+    }
+
+    /// Takes a connected socket whose TLS handshake `connection` finished
+    /// (plaintext it decrypted and did not hand out yet is kept).
+    pub fn with_tls(fd: OwnedFd, mut connection: rustls::ServerConnection) -> io::Result<Socket> {
+        // Bounded by the callers instead: a send queues one batch of
+        // replies and waits until it is on the socket.
+        connection.set_buffer_limit(None);
+        let mut socket = Socket::new(fd)?;
+        socket.tls = Some(Box::new(TlsSession {
+            connection: Mutex::new(connection),
+            incoming: Mutex::new(Ciphertext {
+                data: vec![0; TLS_RECV_BYTES],
+                start: 0,
+                end: 0,
+                eof: false,
+            }),
+        }));
+        // Whatever the handshake left queued (session tickets) goes now.
+        socket.send_all(&[])?;
+        Ok(socket)
     }
 
     /// Bytes this side has sent that the peer has not yet taken: for a
@@ -98,8 +152,17 @@ impl Socket {
     }
 
     /// One `recv` that does not wait: `Ok(None)` when nothing is there yet,
-    /// `Ok(Some(0))` at end of stream.
+    /// `Ok(Some(0))` at end of stream. On TLS, plaintext: `Ok(None)` then
+    /// also means rustls holds nothing decrypted, so `wait_readable` may
+    /// sleep on the socket.
     pub fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match &self.tls {
+            None => self.recv_raw(buf),
+            Some(tls) => self.recv_tls(tls, buf),
+        }
+    }
+
+    fn recv_raw(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         // SAFETY: receives into `buf`, which is valid for `buf.len()` bytes.
         let received = retry_interrupted(|| unsafe {
             libc::recv(
@@ -113,6 +176,73 @@ impl Socket {
             Ok(n) => Ok(Some(n)),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Fills `buf` with plaintext as far as what arrived allows, receiving
+    /// from the socket only when rustls has nothing left to decrypt.
+    fn recv_tls(&self, tls: &TlsSession, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut incoming = tls.incoming.lock().expect("TLS input lock");
+        let mut filled = 0;
+        loop {
+            let mut connection = tls.connection.lock().expect("TLS session lock");
+            match connection.reader().read(&mut buf[filled..]) {
+                Ok(n) if n > 0 && filled + n < buf.len() => {
+                    filled += n;
+                    continue;
+                }
+                // Full, or close_notify (0) after everything decrypted.
+                Ok(n) => return Ok(Some(filled + n)),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without close_notify: end of stream too.
+                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(Some(filled));
+                }
+                Err(error) => return Err(error),
+            }
+            if incoming.start < incoming.end {
+                let mut pending = &incoming.data[incoming.start..incoming.end];
+                let n = connection.read_tls(&mut pending)?;
+                // rustls refuses input only while it holds plaintext,
+                // and it had none (the read above would have taken it).
+                assert!(n > 0, "rustls took no ciphertext");
+                incoming.start += n;
+                if let Err(error) = connection.process_new_packets() {
+                    // Tell the peer why (rustls queued an alert), if it listens.
+                    let _ = connection.write_tls(&mut FdWriter(&self.fd));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+                }
+                if connection.wants_write() {
+                    // A reply rustls owes the peer (a key update).
+                    let _ = connection.write_tls(&mut FdWriter(&self.fd));
+                }
+                continue;
+            }
+            drop(connection);
+            if filled > 0 {
+                return Ok(Some(filled));
+            }
+            if incoming.eof {
+                return Ok(Some(0));
+            }
+            let Ciphertext {
+                data,
+                start,
+                end,
+                eof,
+            } = &mut *incoming;
+            (*start, *end) = (0, 0);
+            match self.recv_raw(data)? {
+                None => return Ok(None),
+                Some(0) => {
+                    *eof = true;
+                    // An empty read tells rustls the stream ended, so that
+                    // it can tell a close_notify from a truncation.
+                    let mut connection = tls.connection.lock().expect("TLS session lock");
+                    connection.read_tls(&mut &[][..])?;
+                }
+                Some(n) => *end = n,
+            }
         }
     }
 
@@ -168,7 +298,45 @@ impl Socket {
 
     /// Sends all of `bytes`, waiting for room as needed. Callers that share
     /// the socket hold a lock around this so replies never interleave.
-    pub fn send_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+    pub fn send_all(&self, bytes: &[u8]) -> io::Result<()> {
+        match &self.tls {
+            None => self.send_raw(bytes),
+            Some(tls) => self.send_tls(tls, bytes),
+        }
+    }
+
+    /// Encrypts `bytes` in one go (records of one call never interleave
+    /// with another's) and sends what rustls queued, letting go of the
+    /// session while the socket is full.
+    fn send_tls(&self, tls: &TlsSession, bytes: &[u8]) -> io::Result<()> {
+        let mut connection = tls.connection.lock().expect("TLS session lock");
+        connection.writer().write_all(bytes)?;
+        while connection.wants_write() {
+            match connection.write_tls(&mut FdWriter(&self.fd)) {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    drop(connection);
+                    self.wait_writable()?;
+                    connection = tls.connection.lock().expect("TLS session lock");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_writable(&self) -> io::Result<()> {
+        let mut fds = [libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a live array of one pollfd.
+        retry_interrupted(|| unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) as isize })?;
+        Ok(())
+    }
+
+    fn send_raw(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             // SAFETY: sends from `bytes`, valid for `bytes.len()` bytes.
             // MSG_NOSIGNAL: a client gone away is EPIPE, not SIGPIPE.
@@ -186,10 +354,48 @@ impl Socket {
     }
 
     /// Ends both directions now, so the client sees the close at once even
-    /// while a pool thread still holds the socket.
+    /// while a pool thread still holds the socket; a TLS client first gets
+    /// close_notify, if the socket has room for it.
     pub fn shutdown(&self) {
+        if let Some(tls) = &self.tls
+            && let Ok(mut connection) = tls.connection.lock()
+        {
+            connection.send_close_notify();
+            let _ = connection.write_tls(&mut FdWriter(&self.fd));
+        }
         // SAFETY: shutdown on an fd we own; errors (already closed) do not matter.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// The socket as rustls's `write_tls` target: records go out in one
+/// `sendmsg` (rustls passes up to 64 at once) that neither waits nor
+/// raises SIGPIPE.
+struct FdWriter<'a>(&'a OwnedFd);
+
+impl Write for FdWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(bytes)])
+    }
+
+    fn write_vectored(&mut self, slices: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is guaranteed to be ABI-compatible with iovec.
+        message.msg_iov = slices.as_ptr() as *mut libc::iovec;
+        message.msg_iovlen = slices.len() as _;
+        // SAFETY: `message` points at `slices`, live for the call.
+        retry_interrupted(|| unsafe {
+            libc::sendmsg(
+                self.0.as_raw_fd(),
+                &message,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use nbd_server::{TlsMode, TlsPolicy};
 use tracker::regions::REGION_COUNT_MAX;
 
 use super::{DEFAULT_IMAGE, DEFAULT_SIZE_BYTES, DEFAULT_SOCKET, ServeArgs};
@@ -20,6 +21,8 @@ pub(super) struct Plan {
     pub(super) precision_bytes: Option<u64>,
     /// `--snapshot-max`: the copy-before-write store's bound.
     pub(super) snapshot_max_bytes: Option<u64>,
+    /// `--tls` with its certificates, loaded already.
+    pub(super) tls: TlsPolicy,
 }
 
 #[derive(Debug)]
@@ -106,8 +109,40 @@ impl Plan {
             granularity_bytes,
             precision_bytes,
             snapshot_max_bytes,
+            tls: tls_policy(args)?,
         })
     }
+}
+
+/// The TLS mode and its certificates. Certificates without `--tls` mean
+/// `require`: a server given certificates is meant to be reached with
+/// them, and `on` would still let plaintext clients in (nbdkit picks `on`).
+fn tls_policy(args: &ServeArgs) -> anyhow::Result<TlsPolicy> {
+    let mode = match (args.tls, &args.tls_certificates) {
+        (Some(mode), _) => mode,
+        (None, Some(_)) => TlsMode::Require,
+        (None, None) => TlsMode::Off,
+    };
+    if mode == TlsMode::Off {
+        if args.tls_certificates.is_some() {
+            bail!("--tls-certificates with --tls=off: drop one of them");
+        }
+        if args.tls_verify_peer {
+            bail!("--tls-verify-peer needs TLS: add --tls=require and --tls-certificates DIR");
+        }
+        return Ok(TlsPolicy::off());
+    }
+    let Some(dir) = &args.tls_certificates else {
+        bail!(
+            "--tls={mode} needs --tls-certificates DIR (with {}, {} and {})",
+            nbd_server::tls::SERVER_CERT_FILE,
+            nbd_server::tls::SERVER_KEY_FILE,
+            nbd_server::tls::CA_CERT_FILE
+        );
+    };
+    let config =
+        nbd_server::tls::server_config(dir, args.tls_verify_peer).context("cannot set up TLS")?;
+    Ok(TlsPolicy::new(mode, config))
 }
 
 /// Refuses an image named twice (under any spelling of its path): the

@@ -23,6 +23,9 @@
 //! - `mount.rs`: an export exposed as a file by nbdfuse and a filesystem
 //!   mounted through a loop device, both undone on drop, and the
 //!   kernel's extent map of mounted files (FIEMAP through filefrag).
+//! - `certificates.rs`: `Certificates`, a certificate authority with
+//!   server and client certificates (openssl) in the directories nbdkit,
+//!   libnbd, qemu and blockwatch read, for the TLS tests.
 //! - `s3.rs`: `S3Server`, an S3 server on 127.0.0.1 (s3s-fs in process,
 //!   its objects plain files a test can corrupt, or moto_server as a child
 //!   process) reached with fixed credentials, stopped on drop.
@@ -32,6 +35,7 @@
 //! Every helper panics with a readable message rather than returning an
 //! error: a failed helper is a failed test.
 
+mod certificates;
 mod clients;
 mod files;
 mod mount;
@@ -41,6 +45,7 @@ mod s3;
 mod server;
 mod tools;
 
+pub use certificates::Certificates;
 pub use clients::{nbdinfo_map, qemu_io, qemu_io_command};
 pub use files::{
     MIB, TempDir, assert_file_range, assert_files_equal, create_file, create_sparse_file, write_at,

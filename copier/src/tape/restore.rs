@@ -27,16 +27,15 @@ const ZERO_BUFFER_BYTES: usize = 1 << 20;
 pub enum RestoreTarget {
     /// A raw image file (created sparse if missing) or a block device.
     File(PathBuf),
-    /// `nbd://...`, `nbd+unix://...`.
+    /// `nbd://...`, `nbd+unix://...`, or their TLS forms `nbds://...`.
     Nbd(String),
 }
 
 impl RestoreTarget {
-    /// `nbd://`/`nbd+unix://` URIs, `file:PATH`, or a plain path; other
-    /// URI schemes (`nbds://`, `s3://`) are refused, not taken for file
-    /// names.
+    /// NBD URIs (any of the four schemes), `file:PATH`, or a plain path;
+    /// other URI schemes (`s3://`) are refused, not taken for file names.
     pub fn parse(text: &str) -> Result<RestoreTarget, RestoreError> {
-        if text.starts_with("nbd://") || text.starts_with("nbd+unix://") {
+        if nbd_client::is_nbd_uri(text) {
             return Ok(RestoreTarget::Nbd(text.to_string()));
         }
         if let Some(path) = text.strip_prefix("file:") {
@@ -45,7 +44,7 @@ impl RestoreTarget {
         if text.contains("://") {
             return Err(RestoreError::TargetRefused {
                 target: text.to_string(),
-                reason: "restore writes an image file, a block device or an nbd:// or nbd+unix:// export".into(),
+                reason: "restore writes an image file, a block device or an NBD export (nbd://, nbd+unix://, nbds://, nbds+unix://)".into(),
             });
         }
         Ok(RestoreTarget::File(PathBuf::from(text)))
