@@ -12,20 +12,6 @@ use copier::view::{BackupView, ViewSpec};
 
 use crate::s3::S3Flags;
 
-/// `println!` that treats a closed stdout (`| head`) as the reader being
-/// done: exit 0 rather than panic.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if error.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            return Err(error.into());
-        }
-    }};
-}
-
 #[derive(Debug, Args)]
 pub struct FilesArgs {
     /// The backup: tape:PATH... (a chain, in order), s3://BUCKET/PREFIX[#SESSION],

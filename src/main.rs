@@ -4,9 +4,24 @@
 //! Files: `main.rs` (argument parsing, exit codes), `serve.rs` (images,
 //! listeners, daemonizing, captive `--run`, signals, tracking layers),
 //! `track.rs` (checkpoint, checkpoints, changes, status, pin, unpin),
-//! `copy.rs` (copy, verify), `restore.rs` (restore from tapes, the check
+//! `copy.rs` (copy, verify), `files.rs` (files, restore --file: files out
+//! of any backup), `restore.rs` (restore from tapes, the check
 //! of a chain of tapes), `s3.rs` (object storage: restore, verify, prune,
 //! and `sessions` of any target), `size.rs` (size arguments such as `10G`).
+
+/// `println!` that treats a closed stdout (`| head`) as the reader being
+/// done: exit 0 rather than panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(error.into());
+        }
+    }};
+}
 
 mod copy;
 mod files;

@@ -12,20 +12,6 @@ use copier::tape::{
 };
 use serde_json::{Value, json};
 
-/// `println!` that treats a closed stdout (`| head`) as the reader being
-/// done: exit 0 rather than panic.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if error.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            return Err(error.into());
-        }
-    }};
-}
-
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// The tapes of the chain, in order: tape:PATH (a file or a tape

@@ -20,20 +20,6 @@ use tracker::catalog::CatalogError;
 use tracker::tracker::{default_state_dir, state_is_locked};
 use tracker::{OpenError, Tracker, TrackerOptions};
 
-/// `println!` that treats a closed stdout (`| head`) as the reader being
-/// done: exit 0 rather than panic.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if error.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            return Err(error.into());
-        }
-    }};
-}
-
 const DEFAULT_IMAGE: &str = "blockwatch.img";
 
 #[derive(Debug, Args)]
