@@ -202,7 +202,7 @@ fn record_length_counts_its_own_digits() {
     // grows a digit because of itself.
     let table = [
         (0, 4),
-        (5, 10),
+        (5, 9),
         (94, 99),
         (95, 101),
         (96, 102),
@@ -260,8 +260,8 @@ fn paths_split_into_prefix_and_name_only_where_ustar_allows() {
         (format!("{p155}/{a101}"), None),
         // The rightmost slash leaves a prefix too long; one further left fits.
         (
-            format!("x/{p155}/n"),
-            Some(("x".into(), format!("{p155}/n"))),
+            format!("{}/{}/r", "p".repeat(100), "q".repeat(60)),
+            Some(("p".repeat(100), format!("{}/r", "q".repeat(60)))),
         ),
         (
             format!("{p155}/{}/", "d".repeat(99)),
@@ -349,7 +349,8 @@ fn each_kind_has_its_typeflag_and_fields() {
 fn what_ustar_cannot_hold_goes_into_pax_records() {
     let long = format!("{}/{}", "d".repeat(200), "n".repeat(120));
     let huge = 8u64 << 30;
-    let cases: Vec<(Entry, Vec<(&str, &[u8])>)> = vec![
+    type Case<'a> = (Entry, Vec<(&'a str, &'a [u8])>);
+    let cases: Vec<Case> = vec![
         (
             file(long.as_bytes(), 0, vec![]),
             vec![("path", long.as_bytes())],
@@ -486,7 +487,8 @@ fn the_ustar_fields_behind_pax_records_hold_portable_stand_ins() {
 #[test]
 fn sparse_regions_run_on_to_block_boundaries() {
     let gib = 1u64 << 30;
-    let cases: Vec<(u64, Vec<(u64, u64)>, Vec<(u64, u64, usize)>)> = vec![
+    type Case = (u64, Vec<(u64, u64)>, Vec<(u64, u64, usize)>);
+    let cases: Vec<Case> = vec![
         (
             gib,
             vec![(4096, 100), (1 << 20, 5000), (gib - 4096, 4096)],
