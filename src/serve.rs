@@ -582,7 +582,9 @@ fn daemonize() -> anyhow::Result<()> {
         -1 => bail!("cannot fork: {}", std::io::Error::last_os_error()),
         0 => {}
         child => {
-            println!(
+            // A closed stdout (`| head`) loses only this line.
+            let _ = writeln!(
+                std::io::stdout(),
                 "blockwatch: serving in the background, pid {child} (stop it with: kill {child}; -f keeps it in the foreground)"
             );
             std::process::exit(0);
