@@ -30,6 +30,8 @@ const DEFAULT_IMAGE: &str = "blockwatch.img";
 const DEFAULT_SOCKET: &str = "blockwatch.sock";
 const DEFAULT_SIZE_BYTES: u64 = 1 << 30;
 const DEFAULT_PORT: u16 = 10809;
+/// Blocking-pool threads for the disks' work, beside one per connection.
+const POOL_THREADS: usize = 512;
 /// How long shutdown waits for connections to finish their requests.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -72,6 +74,21 @@ pub struct ServeArgs {
     /// Serve read-only.
     #[arg(short = 'r', long = "readonly")]
     read_only: bool,
+    /// Connections at once (in the handshake or transmitting); one more
+    /// is closed as soon as it is accepted.
+    #[arg(long, value_name = "N", default_value_t = nbd_server::Limits::default().connections_max)]
+    max_connections: usize,
+    /// Seconds a client may take to finish its handshake.
+    #[arg(long, value_name = "SECONDS", default_value_t = nbd_server::Limits::default().handshake_timeout.as_secs_f64())]
+    handshake_timeout: f64,
+    /// Requests of one connection waiting for the disk or for their
+    /// replies to be sent; the connection reads no more until one ends.
+    #[arg(long, value_name = "N", default_value_t = nbd_server::Limits::default().requests_in_flight_max)]
+    max_in_flight: usize,
+    /// READ and WRITE bytes those requests may hold; one request may go
+    /// past it. Default: 64M.
+    #[arg(long, value_name = "SIZE")]
+    max_in_flight_bytes: Option<String>,
     /// A backup (tape:PATH..., s3://..., file:REPLICA): the checkpoint to
     /// serve (default its newest; TARGET@CHECKPOINT says the same).
     #[arg(long, value_name = "CHECKPOINT")]
@@ -190,7 +207,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let endpoints = listeners.endpoints();
     let result = serve(
         Exports::new(exports),
-        plan.tls.clone(),
+        &plan,
         &trackers,
         endpoints,
         &listeners,
@@ -615,7 +632,7 @@ struct CaptiveEnv {
 
 fn serve(
     exports: Exports,
-    tls: nbd_server::TlsPolicy,
+    plan: &Plan,
     trackers: &[Tracked],
     endpoints: Endpoints,
     listeners: &Listeners,
@@ -629,6 +646,9 @@ fn serve(
         // tokio's blocking pool. A few spare workers keep accepting while
         // handshakes wait on slow clients.
         .worker_threads(threads.max(4))
+        // A client that reads no replies holds at most one pool thread
+        // (nbd-server's transmission.rs), so this many are never all held.
+        .max_blocking_threads(POOL_THREADS + plan.limits.connections_max)
         .enable_all()
         .build()?;
     // Control sockets start after the fork: their threads must live in the server.
@@ -660,7 +680,8 @@ fn serve(
         // Caught before the first connection is accepted: a client that
         // got the greeting may stop the server at once and see it exit 0.
         let mut stop = StopSignals::catch()?;
-        let server = Server::with_tls(exports, tls).context("cannot create the server")?;
+        let server = Server::with_limits(exports, plan.tls.clone(), plan.limits.clone())
+            .context("cannot create the server")?;
         if let Some(listener) = &listeners.unix {
             let listener = tokio::net::UnixListener::from_std(listener.try_clone()?)?;
             tokio::spawn(Arc::clone(&server).serve_unix(listener));

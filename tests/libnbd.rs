@@ -77,10 +77,10 @@ fn invalid_requests_get_the_exact_errno_and_the_connection_goes_on() {
 }
 
 #[test]
-fn oversized_write_drops_only_that_connection() {
-    let dir = TempDir::new("libnbd-oversized");
+fn requests_of_64_mib_are_served_without_block_size_negotiation() {
+    let dir = TempDir::new("libnbd-large");
     let mut server = serve_fresh(&dir);
-    run_check(&server, "oversized-write", &[&server.uri()]);
+    run_check(&server, "large-requests", &[&server.uri()]);
     assert!(server.is_running(), "the server died\n{}", server.logs());
     server.stop();
 }

@@ -401,7 +401,7 @@ fn info_or_go(
     info.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
     info.extend_from_slice(&BLOCK_SIZE_MIN.to_be_bytes());
     info.extend_from_slice(&BLOCK_SIZE_PREFERRED.to_be_bytes());
-    info.extend_from_slice(&PAYLOAD_MAX.to_be_bytes());
+    info.extend_from_slice(&PAYLOAD_ADVERTISED.to_be_bytes());
     put_info(out, option, &info);
     if requests.contains(&INFO_NAME) {
         info.clear();

@@ -18,12 +18,15 @@
 //! - `server.rs`: unix/TCP listeners, the handshake task (and the TLS
 //!   handshake after STARTTLS) and the hand-over to the connection's
 //!   thread, shutdown.
+//! - `limits.rs`: `Limits` (connections, handshake time, requests and
+//!   bytes in flight per connection) and the connection count.
 //! - `tls.rs`: `TlsMode`, `TlsPolicy`, certificates with nbdkit's file
 //!   names, the PEM loading the client crate shares.
 
 pub mod buffers;
 pub mod export;
 pub mod handshake;
+pub mod limits;
 pub mod proto;
 pub mod server;
 pub mod socket;
@@ -31,5 +34,6 @@ pub mod tls;
 pub mod transmission;
 
 pub use export::{Export, Exports};
+pub use limits::Limits;
 pub use server::Server;
 pub use tls::{TlsMode, TlsPolicy};

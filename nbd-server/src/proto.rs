@@ -136,8 +136,22 @@ pub const OPTION_LEN_MAX: u32 = 64 * 1024;
 pub const OPTION_COUNT_MAX: u32 = 4096;
 /// Meta-context queries accepted in one LIST/SET_META_CONTEXT option.
 pub const META_QUERY_COUNT_MAX: u32 = 256;
-/// Largest READ/WRITE payload (advertised in NBD_INFO_BLOCK_SIZE).
-pub const PAYLOAD_MAX: u32 = 32 * 1024 * 1024;
+/// Largest READ/WRITE payload advertised in NBD_INFO_BLOCK_SIZE: the
+/// spec's default, which every client expects.
+pub const PAYLOAD_ADVERTISED: u32 = 32 * 1024 * 1024;
+/// Largest READ/WRITE payload served. A client that never asked for block
+/// sizes (NBD_OPT_EXPORT_NAME, or GO without NBD_INFO_BLOCK_SIZE) may send
+/// up to 64 MiB, as nbdkit and the reference nbd-server serve; larger
+/// READs get an error and larger WRITEs have their payload read and
+/// thrown away (`PAYLOAD_DISCARD_MAX`) before theirs.
+pub const PAYLOAD_MAX: u32 = 64 * 1024 * 1024;
+/// Largest payload read and thrown away to keep a connection whose client
+/// sent too large a WRITE (a compact header's length can say no more);
+/// beyond it, with extended headers, the connection ends.
+pub const PAYLOAD_DISCARD_MAX: u64 = u32::MAX as u64;
+/// One data chunk of a structured READ reply carries at most this much,
+/// so that a 64 MiB read never sends a chunk over the advertised maximum.
+pub const READ_CHUNK_MAX: u64 = PAYLOAD_ADVERTISED as u64;
 pub const BLOCK_SIZE_MIN: u32 = 1;
 pub const BLOCK_SIZE_PREFERRED: u32 = 4096;
 /// Extents in one BLOCK_STATUS chunk (the spec asks for at most 2^20).

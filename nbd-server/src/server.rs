@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::buffers::InBuf;
 use crate::export::Exports;
 use crate::handshake::{Haggled, HandshakeError, Session, greet, haggle};
+use crate::limits::{ConnectionCount, ConnectionSlot, Limits};
 use crate::socket::{Socket, Stop};
 use crate::tls::TlsPolicy;
 use crate::transmission::transmit;
@@ -29,6 +30,8 @@ use crate::transmission::transmit;
 pub struct Server {
     exports: Exports,
     tls: TlsPolicy,
+    limits: Limits,
+    connections: ConnectionCount,
     shutdown_tx: watch::Sender<bool>,
     /// The same signal for connection threads.
     stop: Arc<Stop>,
@@ -44,11 +47,21 @@ impl Server {
     }
 
     pub fn with_tls(exports: Exports, tls: TlsPolicy) -> io::Result<Arc<Server>> {
+        Server::with_limits(exports, tls, Limits::default())
+    }
+
+    pub fn with_limits(
+        exports: Exports,
+        tls: TlsPolicy,
+        limits: Limits,
+    ) -> io::Result<Arc<Server>> {
         let (shutdown_tx, _) = watch::channel(false);
         let (alive_tx, alive_rx) = mpsc::channel(1);
         Ok(Arc::new(Server {
             exports,
             tls,
+            limits,
+            connections: ConnectionCount::default(),
             shutdown_tx,
             stop: Arc::new(Stop::new()?),
             alive_tx: std::sync::Mutex::new(Some(alive_tx)),
@@ -58,6 +71,11 @@ impl Server {
 
     pub fn exports(&self) -> &Exports {
         &self.exports
+    }
+
+    /// Connections open now (in the handshake or transmitting).
+    pub fn connections(&self) -> usize {
+        self.connections.open()
     }
 
     /// Accepts unix-socket connections until shutdown.
@@ -100,13 +118,33 @@ impl Server {
         let Some(alive) = self.alive_tx.lock().expect("alive lock").clone() else {
             return; // shutting down
         };
+        let Some(slot) = self.connections.take(self.limits.connections_max) else {
+            // Closed at once: the client sees the end of the stream before
+            // any greeting. A handshake to tell it why would itself be
+            // something a flood of connections could hold.
+            let (refused, log) = self.connections.refused();
+            if log {
+                tracing::warn!(
+                    peer,
+                    limit = self.limits.connections_max,
+                    refused,
+                    "connection refused: too many connections (--max-connections)"
+                );
+            }
+            return;
+        };
         let server = Arc::clone(self);
-        tokio::spawn(async move { server.connection(stream, peer, alive).await });
+        tokio::spawn(async move { server.connection(stream, peer, (alive, slot)).await });
     }
 
-    /// `alive` is held until the connection ends: by this task through the
-    /// handshake, then by the connection's thread.
-    async fn connection<S: Stream>(&self, stream: S, peer: String, alive: mpsc::Sender<()>) {
+    /// `alive` (with the connection's slot) is held until the connection
+    /// ends: by this task through the handshake, then by its thread.
+    async fn connection<S: Stream>(
+        &self,
+        stream: S,
+        peer: String,
+        alive: (mpsc::Sender<()>, ConnectionSlot),
+    ) {
         let mut shutdown = self.shutdown_tx.subscribe();
         if *shutdown.borrow() {
             return;
@@ -114,8 +152,8 @@ impl Server {
         let negotiated = tokio::select! {
             _ = shutdown.changed() => return,
             result = self.negotiate(stream) => result,
-            _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
-                tracing::info!(peer, "handshake timed out");
+            _ = tokio::time::sleep(self.limits.handshake_timeout) => {
+                tracing::info!(peer, "handshake timed out (--handshake-timeout)");
                 return;
             }
         };
@@ -130,11 +168,12 @@ impl Server {
         tracing::debug!(peer, export = %session.export.name, mode = ?session.mode, "transmission");
         let stop = Arc::clone(&self.stop);
         let runtime = tokio::runtime::Handle::current();
+        let limits = self.limits.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".to_string())
             .spawn(move || {
                 let _alive = alive;
-                if let Err(e) = transmit(socket, input, session, stop, runtime) {
+                if let Err(e) = transmit(socket, input, session, &limits, stop, runtime) {
                     tracing::info!(peer, error = %e, "connection ended");
                 }
             });
@@ -247,9 +286,6 @@ impl Stream for TcpStream {
         Ok(self.into_std()?.into())
     }
 }
-
-/// A client that connects and says nothing is dropped after this long.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Socket send buffer asked for (the kernel caps it at net.core.wmem_max).
 /// The default (about 200 KiB) makes a 1 MiB READ reply take several

@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// record (16 KiB and change) per `read_tls`, so many records per `recv`,
 /// handed over from memory, save system calls.
 const TLS_RECV_BYTES: usize = 256 * 1024;
+/// Once the server stops, how long a send waits for a client that reads
+/// nothing before it gives up on it.
+const STOP_SEND_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What `Socket::wait_readable` saw.
 #[derive(Debug, PartialEq, Eq)]
@@ -136,7 +139,7 @@ impl Socket {
             }),
         }));
         // Whatever the handshake left queued (session tickets) goes now.
-        socket.send_all(&[])?;
+        socket.send_until(&[], None)?;
         Ok(socket)
     }
 
@@ -296,19 +299,25 @@ impl Socket {
         Ok(())
     }
 
-    /// Sends all of `bytes`, waiting for room as needed. Callers that share
-    /// the socket hold a lock around this so replies never interleave.
-    pub fn send_all(&self, bytes: &[u8]) -> io::Result<()> {
+    /// Sends all of `bytes`, waiting for room as long as the client takes
+    /// to read, or, once `stop` is set, for at most `STOP_SEND_GRACE`.
+    /// Callers that share the socket hold a lock around this so replies
+    /// never interleave.
+    pub fn send_all(&self, bytes: &[u8], stop: &Stop) -> io::Result<()> {
+        self.send_until(bytes, Some(stop))
+    }
+
+    fn send_until(&self, bytes: &[u8], stop: Option<&Stop>) -> io::Result<()> {
         match &self.tls {
-            None => self.send_raw(bytes),
-            Some(tls) => self.send_tls(tls, bytes),
+            None => self.send_raw(bytes, stop),
+            Some(tls) => self.send_tls(tls, bytes, stop),
         }
     }
 
     /// Encrypts `bytes` in one go (records of one call never interleave
     /// with another's) and sends what rustls queued, letting go of the
     /// session while the socket is full.
-    fn send_tls(&self, tls: &TlsSession, bytes: &[u8]) -> io::Result<()> {
+    fn send_tls(&self, tls: &TlsSession, bytes: &[u8], stop: Option<&Stop>) -> io::Result<()> {
         let mut connection = tls.connection.lock().expect("TLS session lock");
         connection.writer().write_all(bytes)?;
         while connection.wants_write() {
@@ -316,7 +325,7 @@ impl Socket {
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     drop(connection);
-                    self.wait_writable()?;
+                    self.wait_writable(stop)?;
                     connection = tls.connection.lock().expect("TLS session lock");
                 }
                 Err(error) => return Err(error),
@@ -325,30 +334,77 @@ impl Socket {
         Ok(())
     }
 
-    fn wait_writable(&self) -> io::Result<()> {
-        let mut fds = [libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a live array of one pollfd.
-        retry_interrupted(|| unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) as isize })?;
-        Ok(())
+    /// Sleeps until the socket has room. While the server runs that is as
+    /// long as the client takes; once it stops, a client that reads
+    /// nothing for `STOP_SEND_GRACE` is given up on (`TimedOut`), so that
+    /// shutdown is never held by it.
+    fn wait_writable(&self, stop: Option<&Stop>) -> io::Result<()> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.map_or(-1, |stop| stop.event.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let stopping = stop.is_some_and(Stop::is_set);
+        // A negative fd is ignored by poll; once stopping, the eventfd
+        // stays readable and is left out so that poll waits for room.
+        if stopping {
+            fds[1].fd = -1;
+        }
+        let timeout = if stopping {
+            STOP_SEND_GRACE.as_millis() as libc::c_int
+        } else {
+            -1
+        };
+        loop {
+            // SAFETY: `fds` is a live array of two pollfd.
+            let ready = retry_interrupted(|| unsafe {
+                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) as isize
+            })?;
+            if ready == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read no reply while the server was stopping",
+                ));
+            }
+            if fds[0].revents != 0 {
+                return Ok(());
+            }
+            if fds[1].revents != 0 {
+                // The server began to stop while this waited: wait again,
+                // now with the grace period.
+                return self.wait_writable(stop);
+            }
+        }
     }
 
-    fn send_raw(&self, mut bytes: &[u8]) -> io::Result<()> {
+    /// Sends all of `bytes` without waiting in the kernel, so that a stop
+    /// reaches a sender whose client reads nothing (`wait_writable`).
+    fn send_raw(&self, mut bytes: &[u8], stop: Option<&Stop>) -> io::Result<()> {
         while !bytes.is_empty() {
             // SAFETY: sends from `bytes`, valid for `bytes.len()` bytes.
             // MSG_NOSIGNAL: a client gone away is EPIPE, not SIGPIPE.
-            let n = retry_interrupted(|| unsafe {
+            let sent = retry_interrupted(|| unsafe {
                 libc::send(
                     self.fd.as_raw_fd(),
                     bytes.as_ptr().cast(),
                     bytes.len(),
-                    libc::MSG_NOSIGNAL,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                 )
-            })?;
-            bytes = &bytes[n..];
+            });
+            match sent {
+                Ok(n) => bytes = &bytes[n..],
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait_writable(stop)?;
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(())
     }
@@ -474,7 +530,7 @@ mod tests {
             std::io::Read::read_to_end(&mut &theirs, &mut got).unwrap();
             got
         });
-        socket.send_all(&big).unwrap();
+        socket.send_all(&big, &stop).unwrap();
         socket.shutdown();
         assert_eq!(reader.join().unwrap(), big);
     }

@@ -27,12 +27,10 @@ use backend::{BlockBackend, Extent, ZeroError, ZeroRequest};
 use crate::buffers::{BufferPool, InBuf, OutBuf, Sink};
 use crate::export::BASE_ALLOCATION;
 use crate::handshake::Session;
+use crate::limits::Limits;
 use crate::proto::*;
 use crate::socket::{Readiness, Socket, Stop};
 
-/// Requests running on the blocking pool per connection; reading more
-/// requests pauses at this bound.
-const ASYNC_IN_FLIGHT_MAX: usize = 64;
 /// Replies are sent once this many bytes are waiting, even mid-batch.
 const OUT_FLUSH_BYTES: usize = 4 * 1024 * 1024;
 /// Reads at least this long look for holes first (and answer them with
@@ -49,6 +47,8 @@ const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
 const INLINE_WRITE_MAX_BYTES: u64 = 256 * 1024;
 /// Pool replies at least this long give their buffer back to the pool.
 const POOLED_REPLY_MIN_BYTES: usize = 64 * 1024;
+/// Scratch buffer for reading and throwing away a payload that is too large.
+const DISCARD_CHUNK_BYTES: usize = 1024 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
 const BLOCK_STATUS_EXTENTS_MAX: usize = 65536;
 /// Replies are held back (see `Cork`) only while the client still has at
@@ -65,41 +65,140 @@ pub enum TransmitError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
-    #[error("request payload of {0} bytes is larger than the maximum {PAYLOAD_MAX}")]
+    #[error(
+        "request payload of {0} bytes is larger than the {PAYLOAD_DISCARD_MAX} bytes read to throw away"
+    )]
     PayloadTooLarge(u64),
 }
 
 /// What the connection thread shares with its requests on the blocking pool.
+///
+/// Sending: one thread at a time holds `sending` and writes to the socket,
+/// waiting for room as long as the client takes. A pool thread that finds
+/// it taken leaves its reply in `queued` and goes back to the pool; the
+/// holder sends what was queued before it lets go. So a client that stops
+/// reading its replies holds at most one pool thread (and its own), never
+/// the pool, and the replies it holds up count against its in-flight
+/// bounds until they are on the socket.
 struct Shared {
     socket: Socket,
     stop: Arc<Stop>,
-    /// Held around every send, so replies never interleave.
-    send_lock: Mutex<()>,
-    /// Requests on the blocking pool; `changed` is signalled as each ends.
+    buffers: Arc<BufferPool>,
+    sending: Mutex<()>,
+    queued: Mutex<Vec<Queued>>,
+    /// Requests on the blocking pool or with a reply not yet sent, and the
+    /// READ/WRITE bytes they hold; `changed` is signalled as each ends.
     in_flight: AtomicUsize,
+    bytes_in_flight: AtomicUsize,
+    requests_in_flight_max: usize,
+    bytes_in_flight_max: usize,
     wait_lock: Mutex<()>,
     changed: Condvar,
 }
 
+/// A pool thread's reply waiting for the sender, with the bytes it holds
+/// against `bytes_in_flight`.
+struct Queued {
+    reply: Vec<u8>,
+    held_bytes: usize,
+}
+
 impl Shared {
+    /// Sends a batch of the connection thread's own replies (which may
+    /// wait for the sender) and whatever pool replies queued meanwhile.
     fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let _sending = self.send_lock.lock().expect("send lock");
-        self.socket.send_all(bytes)
+        let sending = self.sending.lock().expect("send lock");
+        let sent = self.socket.send_all(bytes, &self.stop);
+        self.send_queued(sending);
+        sent
+    }
+
+    /// Sends a pool thread's reply, or queues it for the thread sending now.
+    fn send_reply(&self, reply: Vec<u8>, held_bytes: usize) {
+        let queued = Queued { reply, held_bytes };
+        match self.sending.try_lock() {
+            Ok(sending) => {
+                self.send_one(queued);
+                self.send_queued(sending);
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.queued.lock().expect("queue lock").push(queued);
+                // The holder may have looked at the queue for the last time
+                // just before the push: then the sender is free again.
+                if let Ok(sending) = self.sending.try_lock() {
+                    self.send_queued(sending);
+                }
+            }
+            Err(std::sync::TryLockError::Poisoned(error)) => panic!("send lock: {error}"),
+        }
+    }
+
+    fn send_one(&self, queued: Queued) {
+        if let Err(error) = self.socket.send_all(&queued.reply, &self.stop) {
+            tracing::debug!(%error, "reply not sent: the connection is gone");
+        }
+        if queued.reply.len() >= POOLED_REPLY_MIN_BYTES {
+            self.buffers.put(queued.reply);
+        }
+        self.finish_one(queued.held_bytes);
+    }
+
+    /// Sends what is queued, and lets go of the sender only once the queue
+    /// is empty and stays so (or another thread has taken the sender).
+    fn send_queued<'a>(&'a self, mut sending: std::sync::MutexGuard<'a, ()>) {
+        loop {
+            let batch = std::mem::take(&mut *self.queued.lock().expect("queue lock"));
+            if batch.is_empty() {
+                drop(sending);
+                if self.queued.lock().expect("queue lock").is_empty() {
+                    return;
+                }
+                match self.sending.try_lock() {
+                    Ok(again) => sending = again,
+                    Err(_) => return,
+                }
+                continue;
+            }
+            for queued in batch {
+                self.send_one(queued);
+            }
+        }
     }
 
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Waits until fewer than `limit` requests are on the pool.
-    fn wait_in_flight_below(&self, limit: usize) {
+    /// Whether another request may be read: both in-flight bounds have room.
+    fn has_room(&self) -> bool {
+        self.in_flight() < self.requests_in_flight_max
+            && self.bytes_in_flight.load(Ordering::SeqCst) < self.bytes_in_flight_max
+    }
+
+    /// Counts a request handed to the pool, holding `bytes`.
+    fn start_one(&self, bytes: usize) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.bytes_in_flight.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// Waits until another request may be read.
+    fn wait_room(&self) {
         let mut guard = self.wait_lock.lock().expect("wait lock");
-        while self.in_flight() >= limit {
+        while !self.has_room() {
             guard = self.changed.wait(guard).expect("wait lock");
         }
     }
 
-    fn finish_one(&self) {
+    /// Waits until every request handed to the pool has been answered.
+    fn wait_all_answered(&self) {
+        let mut guard = self.wait_lock.lock().expect("wait lock");
+        while self.in_flight() > 0 {
+            guard = self.changed.wait(guard).expect("wait lock");
+        }
+    }
+
+    fn finish_one(&self, bytes: usize) {
+        self.bytes_in_flight.fetch_sub(bytes, Ordering::SeqCst);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         // Taking the lock orders this against a waiter between its check and its wait.
         let _guard = self.wait_lock.lock().expect("wait lock");
@@ -114,19 +213,25 @@ pub fn transmit(
     socket: Socket,
     input: InBuf,
     session: Session,
+    limits: &Limits,
     stop: Arc<Stop>,
     runtime: tokio::runtime::Handle,
 ) -> Result<(), TransmitError> {
     let shared = Arc::new(Shared {
         socket,
         stop,
-        send_lock: Mutex::new(()),
+        buffers: Arc::default(),
+        sending: Mutex::new(()),
+        queued: Mutex::new(Vec::new()),
         in_flight: AtomicUsize::new(0),
+        bytes_in_flight: AtomicUsize::new(0),
+        requests_in_flight_max: limits.requests_in_flight_max.max(1),
+        bytes_in_flight_max: limits.bytes_in_flight_max.max(1),
         wait_lock: Mutex::new(()),
         changed: Condvar::new(),
     });
     let result = serve_requests(&shared, input, session, runtime);
-    shared.wait_in_flight_below(1);
+    shared.wait_all_answered();
     shared.socket.shutdown();
     result
 }
@@ -149,7 +254,8 @@ fn serve_requests(
     loop {
         let mut starved = false;
         let mut owned_write = None;
-        while shared.in_flight() < ASYNC_IN_FLIGHT_MAX && out.len() < OUT_FLUSH_BYTES {
+        let mut discard = 0;
+        while shared.has_room() && out.len() < OUT_FLUSH_BYTES {
             let available = input.available();
             if available.len() < header_len {
                 starved = true;
@@ -164,7 +270,17 @@ fn serve_requests(
                     available[..header_len].try_into().expect("28 bytes"),
                 )?
             };
-            let total = header_len + conn.payload_len(&header)?;
+            let payload = conn.payload_len(&header)?;
+            if conn.throws_away_payload(&header, payload) {
+                // Answered now; its payload is read into a scratch buffer
+                // and dropped, so the next request is found after it.
+                conn.reject_write(&header, &mut out);
+                let buffered = (available.len() - header_len).min(payload as usize);
+                input.consume(header_len + buffered);
+                discard = payload - buffered as u64;
+                break;
+            }
+            let total = header_len + payload as usize;
             if available.len() < total {
                 if conn.wants_owned_payload(&header) {
                     owned_write = Some(header);
@@ -184,18 +300,22 @@ fn serve_requests(
             }
         }
         if !out.is_empty() {
-            let may_hold = starved && reading && owned_write.is_none();
+            let may_hold = starved && reading && owned_write.is_none() && discard == 0;
             if !(may_hold && cork.holds(&shared.socket, out.len())) {
                 shared.send(out.as_slice())?;
                 out.clear();
                 cork.release();
             }
         }
+        if discard > 0 {
+            discard_payload(shared, discard)?;
+            continue;
+        }
         if let Some(header) = owned_write {
             // A large write bound for the blocking pool: its payload is read
             // straight into a buffer of its own rather than into `input` and
             // then copied out.
-            let mut data = conn.buffers.take();
+            let mut data = shared.buffers.take();
             let length = header.length as usize;
             data.resize(length, 0);
             let buffered = input.len() - header_len;
@@ -208,11 +328,11 @@ fn serve_requests(
             continue;
         }
         if !starved {
-            // The batch stopped at the in-flight bound or because enough
+            // The batch stopped at an in-flight bound or because enough
             // replies were waiting: the requests still buffered need no new
             // input. (Waiting on the socket here deadlocks against a client
             // that has sent all it will send until it gets replies.)
-            shared.wait_in_flight_below(ASYNC_IN_FLIGHT_MAX);
+            shared.wait_room();
             continue;
         }
         if !reading {
@@ -235,6 +355,19 @@ fn serve_requests(
             }
         }
     }
+}
+
+/// Reads `length` bytes of a payload nobody will use.
+fn discard_payload(shared: &Shared, mut length: u64) -> Result<(), TransmitError> {
+    let mut scratch = vec![0; DISCARD_CHUNK_BYTES.min(length as usize)];
+    while length > 0 {
+        let piece = scratch.len().min(length as usize);
+        shared
+            .socket
+            .recv_exact(&mut scratch[..piece], &shared.stop)?;
+        length -= piece as u64;
+    }
+    Ok(())
 }
 
 /// Autocorking, as TCP does it (`tcp_autocorking`): when the input has
@@ -296,7 +429,6 @@ struct Connection {
     size_bytes: u64,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
-    buffers: Arc<BufferPool>,
 }
 
 impl Connection {
@@ -310,12 +442,12 @@ impl Connection {
             contexts: session.contexts.into(),
             shared,
             runtime,
-            buffers: Arc::default(),
         }
     }
 
-    /// Bytes of payload that follow `header` on the wire.
-    fn payload_len(&self, header: &RequestHeader) -> Result<usize, TransmitError> {
+    /// Bytes of payload that follow `header` on the wire. Only a payload
+    /// too large even to read and throw away ends the connection.
+    fn payload_len(&self, header: &RequestHeader) -> Result<u64, TransmitError> {
         // WRITE always carries its data. Under extended headers other
         // commands carry a payload only with PAYLOAD_LEN; the spec asks
         // WRITE to set that flag too, but qemu's client does not, so WRITE
@@ -325,10 +457,31 @@ impl Connection {
         if !has_payload {
             return Ok(0);
         }
-        if header.length > u64::from(PAYLOAD_MAX) {
+        if header.length > PAYLOAD_DISCARD_MAX {
             return Err(TransmitError::PayloadTooLarge(header.length));
         }
-        Ok(header.length as usize)
+        Ok(header.length)
+    }
+
+    /// Whether a request's payload is read only to be thrown away: one
+    /// over `PAYLOAD_MAX`, or a large WRITE that is refused anyway (so
+    /// that neither is gathered into memory first).
+    fn throws_away_payload(&self, header: &RequestHeader, payload: u64) -> bool {
+        payload > u64::from(PAYLOAD_MAX)
+            || (payload >= OWNED_PAYLOAD_MIN_BYTES && self.validate(header).is_err())
+    }
+
+    /// The error reply to a request whose payload is thrown away.
+    fn reject_write(&self, header: &RequestHeader, out: &mut OutBuf) {
+        let reply = ReplyTo::new(self.mode, header);
+        match self.validate(header) {
+            Err(Reject { error, message }) => reply.error(out, error, message),
+            Ok(()) => reply.error(
+                out,
+                NbdError::Inval,
+                "write payload larger than the 64 MiB maximum",
+            ),
+        }
     }
 
     fn handle(&mut self, header: &RequestHeader, payload: &[u8], out: &mut OutBuf) -> Flow {
@@ -417,8 +570,8 @@ impl Connection {
     fn write_owned(&mut self, header: &RequestHeader, data: Vec<u8>) {
         let reply = ReplyTo::new(self.mode, header);
         let (offset, fua) = (header.offset, header.flags & CMD_FLAG_FUA != 0);
-        let pool = Arc::clone(&self.buffers);
-        self.spawn(move |backend, out| {
+        let pool = Arc::clone(&self.shared.buffers);
+        self.spawn_holding(data.len(), move |backend, out| {
             match backend.write_at(&data, offset, fua) {
                 Ok(()) => reply.ok(out),
                 Err(e) => reply.io_error(out, &e),
@@ -486,9 +639,18 @@ impl Connection {
             return Err(reject(NbdError::Inval, "zero-length request"));
         }
         if header.command == CMD_READ && header.length > u64::from(PAYLOAD_MAX) {
+            // EOVERFLOW tells a client to split its read, but only clients
+            // of structured replies know it.
+            let error = match self.mode {
+                ReplyMode::Simple => NbdError::Inval,
+                ReplyMode::Structured | ReplyMode::Extended => NbdError::Overflow,
+            };
+            return Err(reject(error, "read larger than the 64 MiB maximum"));
+        }
+        if header.command == CMD_WRITE && header.length > u64::from(PAYLOAD_MAX) {
             return Err(reject(
                 NbdError::Inval,
-                "read larger than the maximum payload",
+                "write payload larger than the 64 MiB maximum",
             ));
         }
         let end = header.offset.checked_add(header.length);
@@ -518,8 +680,8 @@ impl Connection {
             }
         }
         let length = header.length;
-        let pool = Arc::clone(&self.buffers);
-        self.spawn(move |backend, out| {
+        let pool = Arc::clone(&self.shared.buffers);
+        self.spawn_holding(length as usize, move |backend, out| {
             let mut buffer = OutBuf::from_vec(pool.take(), length as usize + 64);
             match read_reply(backend, reply, length, df, &mut buffer, false) {
                 Ok(_) => *out = buffer.into_vec(),
@@ -528,25 +690,28 @@ impl Connection {
         });
     }
 
-    /// Runs `op` on the blocking pool; that thread sends the reply itself.
+    /// Runs `op` on the blocking pool; that thread sends the reply itself
+    /// (or queues it for the thread sending now).
     fn spawn<F>(&mut self, op: F)
+    where
+        F: FnOnce(&dyn BlockBackend, &mut Vec<u8>) + Send + 'static,
+    {
+        self.spawn_holding(0, op);
+    }
+
+    /// `spawn` for a request holding `bytes` of buffer (a READ's reply, a
+    /// WRITE's payload) until its reply is sent.
+    fn spawn_holding<F>(&mut self, bytes: usize, op: F)
     where
         F: FnOnce(&dyn BlockBackend, &mut Vec<u8>) + Send + 'static,
     {
         let backend = Arc::clone(&self.backend);
         let shared = Arc::clone(&self.shared);
-        let pool = Arc::clone(&self.buffers);
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        shared.start_one(bytes);
         self.runtime.spawn_blocking(move || {
             let mut out = Vec::new();
             op(&*backend, &mut out);
-            if let Err(error) = shared.send(&out) {
-                tracing::debug!(%error, "reply not sent: the connection is gone");
-            }
-            if out.len() >= POOLED_REPLY_MIN_BYTES {
-                pool.put(out);
-            }
-            shared.finish_one();
+            shared.send_reply(out, bytes);
         });
     }
 }
@@ -670,7 +835,7 @@ fn read_segments(
     df: bool,
 ) -> std::io::Result<Vec<(u64, u64, bool)>> {
     if df || length < HOLE_SCAN_MIN_BYTES || !backend.can_extents() {
-        return Ok(vec![(offset, length, false)]);
+        return Ok(split_data(vec![(offset, length, false)]));
     }
     let mut extents = Vec::new();
     backend.extents(offset, length, READ_SEGMENTS_MAX, &mut extents)?;
@@ -695,7 +860,31 @@ fn read_segments(
             _ => segments.push((position, end - position, false)),
         }
     }
-    Ok(segments)
+    Ok(split_data(segments))
+}
+
+/// Cuts data runs longer than `READ_CHUNK_MAX` into chunks of at most that.
+fn split_data(segments: Vec<(u64, u64, bool)>) -> Vec<(u64, u64, bool)> {
+    if segments
+        .iter()
+        .all(|&(_, length, is_hole)| is_hole || length <= READ_CHUNK_MAX)
+    {
+        return segments;
+    }
+    let mut split = Vec::with_capacity(segments.len() + 2);
+    for (offset, length, is_hole) in segments {
+        let mut done = 0;
+        while done < length {
+            let piece = if is_hole {
+                length
+            } else {
+                (length - done).min(READ_CHUNK_MAX)
+            };
+            split.push((offset + done, piece, is_hole));
+            done += piece;
+        }
+    }
+    split
 }
 
 /// One status chunk per selected context.

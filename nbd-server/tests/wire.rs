@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend::FileBackend;
+use backend::{BlockBackend, FileBackend};
 use nbd_server::proto::*;
-use nbd_server::{Export, Exports, Server};
+use nbd_server::{Export, Exports, Limits, Server, TlsPolicy};
 use testkit::{TempDir, create_sparse_file};
 
 struct TestServer {
@@ -24,24 +24,68 @@ struct TestServer {
     _dir: TempDir,
 }
 
+/// How a test server differs from the default one.
+struct Setup {
+    limits: Limits,
+    /// Every READ goes to the blocking pool (as on a disk whose data is not
+    /// in the page cache).
+    uncached: bool,
+    /// Threads of tokio's blocking pool.
+    pool_threads: usize,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            limits: Limits::default(),
+            uncached: false,
+            pool_threads: 512,
+        }
+    }
+}
+
+/// A file whose data never counts as cached.
+#[derive(Debug)]
+struct Uncached(FileBackend);
+
+impl BlockBackend for Uncached {
+    fn next(&self) -> Option<&dyn BlockBackend> {
+        Some(&self.0)
+    }
+
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
 impl TestServer {
     fn start(size_bytes: u64, read_only: bool) -> TestServer {
+        TestServer::with(size_bytes, read_only, Setup::default())
+    }
+
+    fn with(size_bytes: u64, read_only: bool, setup: Setup) -> TestServer {
         let dir = TempDir::new("nbd-wire");
         let image = dir.join("disk.img");
         create_sparse_file(&image, size_bytes);
         let socket = dir.join("nbd.sock");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .max_blocking_threads(setup.pool_threads)
             .enable_all()
             .build()
             .unwrap();
-        let backend = FileBackend::open(&image, read_only).unwrap();
-        let server = Server::new(Exports::new(vec![Export {
+        let file = FileBackend::open(&image, read_only).unwrap();
+        let backend: Arc<dyn BlockBackend> = if setup.uncached {
+            Arc::new(Uncached(file))
+        } else {
+            Arc::new(file)
+        };
+        let exports = Exports::new(vec![Export {
             name: "disk".to_string(),
             description: "test disk".to_string(),
-            backend: Arc::new(backend),
-        }]))
-        .unwrap();
+            backend,
+        }]);
+        let server = Server::with_limits(exports, TlsPolicy::off(), setup.limits).unwrap();
         let listener = {
             let _guard = runtime.enter();
             tokio::net::UnixListener::bind(&socket).unwrap()
@@ -251,6 +295,19 @@ impl Client {
     fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
         matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+    }
+
+    /// True when the server closed the connection before the read timed out.
+    fn closed_by_server(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => !matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 
@@ -493,17 +550,201 @@ fn read_only_export_refuses_writes_with_eperm() {
 }
 
 #[test]
-fn bad_magic_and_oversized_payload_end_only_that_connection() {
+fn bad_magic_and_a_payload_too_large_to_read_end_only_that_connection() {
     let server = TestServer::start(1 << 20, false);
     let mut broken = server.transmission(ReplyMode::Simple);
     broken.stream.write_all(&[0xde; 28]).unwrap();
-    assert!(broken.is_closed());
-    let mut greedy = server.transmission(ReplyMode::Simple);
-    greedy.request(false, CMD_WRITE, 0, 1, 0, (32 << 20) + 1);
-    assert!(greedy.is_closed());
+    assert!(broken.closed_by_server());
+    // Extended headers let a length pass 32 bits: not worth reading.
+    let mut greedy = server.transmission(ReplyMode::Extended);
+    greedy.request(true, CMD_WRITE, 0, 1, 0, 1 << 33);
+    assert!(greedy.closed_by_server());
     let mut fine = server.transmission(ReplyMode::Simple);
     fine.write(false, 9, 0, b"still here");
     assert_eq!(fine.simple_reply(), (0, 9));
+}
+
+#[test]
+fn refused_and_oversized_writes_are_answered_after_their_payload_and_the_connection_lives() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.transmission(ReplyMode::Simple);
+    // Past the end of a 1 MiB export: ENOSPC, after 32 MiB + 1 of payload.
+    client.write(false, 1, 0, &vec![7; (32 << 20) + 1]);
+    assert_eq!(client.simple_reply(), (NbdError::NoSpc as u32, 1));
+    // Over the 64 MiB maximum: EINVAL, its payload read and dropped.
+    client.write(false, 2, 0, &vec![7; (64 << 20) + 4096]);
+    assert_eq!(client.simple_reply(), (NbdError::Inval as u32, 2));
+    client.write(false, 3, 4096, b"after the discarded payloads");
+    assert_eq!(client.simple_reply(), (0, 3));
+    client.request(false, CMD_READ, 0, 4, 4096, 28);
+    assert_eq!(client.simple_reply(), (0, 4));
+    assert_eq!(client.read_exact(28), b"after the discarded payloads");
+    // Nothing of the refused payloads reached the disk.
+    let image = std::fs::read(&server.image).unwrap();
+    assert!(image[..4096].iter().all(|&byte| byte == 0));
+}
+
+#[test]
+fn requests_of_64_mib_are_served_to_a_client_that_never_asked_for_block_sizes() {
+    let server = TestServer::start(128 << 20, false);
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut simple = server.transmission(ReplyMode::Simple);
+    simple.write(false, 1, 1 << 20, &data);
+    assert_eq!(simple.simple_reply(), (0, 1));
+    simple.request(false, CMD_READ, 0, 2, 1 << 20, 64 << 20);
+    assert_eq!(simple.simple_reply(), (0, 2));
+    assert!(simple.read_exact(64 << 20) == data);
+    simple.request(false, CMD_READ, 0, 3, 0, (64 << 20) + 1);
+    assert_eq!(simple.simple_reply(), (NbdError::Inval as u32, 3));
+    // Structured: no chunk over the advertised 32 MiB; EOVERFLOW past 64.
+    let mut structured = server.transmission(ReplyMode::Structured);
+    structured.request(false, CMD_READ, CMD_FLAG_DF, 4, 1 << 20, 64 << 20);
+    let chunks = structured.reply();
+    let mut read = Vec::new();
+    for chunk in &chunks {
+        assert_eq!(chunk.chunk_type, REPLY_TYPE_OFFSET_DATA);
+        assert!(
+            chunk.payload.len() <= (32 << 20) + 8,
+            "{}",
+            chunk.payload.len()
+        );
+        assert_eq!(be64(&chunk.payload[..8]), (1 << 20) + read.len() as u64);
+        read.extend_from_slice(&chunk.payload[8..]);
+    }
+    assert!(chunks.len() == 2 && read == data);
+    structured.request(false, CMD_READ, 0, 5, 0, (64 << 20) + 1);
+    let refused = structured.reply();
+    assert_eq!(refused[0].chunk_type, REPLY_TYPE_ERROR);
+    assert_eq!(error_of(&refused[0]), NbdError::Overflow as u32);
+    structured.write(false, 6, 0, b"lives");
+    assert_eq!(error_of(&structured.reply()[0]), 0);
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_at_once_and_their_slots_come_back() {
+    let limits = Limits {
+        connections_max: 3,
+        ..Limits::default()
+    };
+    let server = TestServer::with(
+        1 << 20,
+        false,
+        Setup {
+            limits,
+            ..Setup::default()
+        },
+    );
+    let mut held: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    let mut over = UnixStream::connect(&server.socket).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        over.read(&mut byte).unwrap(),
+        0,
+        "no greeting past the limit"
+    );
+    assert_eq!(server.server.connections(), 3);
+    held.pop();
+    // The slot is given back when the server sees the close.
+    let mut fine = loop {
+        let stream = UnixStream::connect(&server.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut greeting = [0u8; 18];
+        if (&stream).read_exact(&mut greeting).is_ok() {
+            let mut client = Client { stream };
+            client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+            break client;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let replies = fine.option(OPT_GO, &info_data("disk", &[]));
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    fine.write(false, 1, 0, b"in");
+    assert_eq!(fine.simple_reply(), (0, 1));
+}
+
+#[test]
+fn a_client_stalled_in_the_handshake_is_dropped_after_the_handshake_timeout() {
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let server = TestServer::with(
+        1 << 20,
+        false,
+        Setup {
+            limits,
+            ..Setup::default()
+        },
+    );
+    let mut silent = server.connect();
+    assert!(silent.closed_by_server());
+    let mut halfway = server.connect();
+    halfway.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    halfway.stream.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    assert!(halfway.closed_by_server());
+    wait_for_connections(&server, 0);
+}
+
+/// Waits until the server counts `count` connections (it sees a close a
+/// little after the client does).
+fn wait_for_connections(server: &TestServer, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.server.connections() != count && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.server.connections(), count);
+}
+
+/// A client that sends READs and never reads a reply must not hold the
+/// blocking pool: with only 4 pool threads, another client's requests
+/// (which all need the pool here) are still answered, and once the stalled
+/// client goes away its connection ends.
+#[test]
+fn a_client_that_reads_no_replies_holds_one_pool_thread_not_the_pool() {
+    let setup = Setup {
+        uncached: true,
+        pool_threads: 4,
+        ..Setup::default()
+    };
+    let server = TestServer::with(16 << 20, false, setup);
+    let stalled = server.transmission(ReplyMode::Simple);
+    // 256 MiB of replies: far more than the socket buffers and the
+    // 64 MiB in-flight bound.
+    let mut requests = Vec::new();
+    for cookie in 0..256u64 {
+        RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie,
+            offset: (cookie % 16) << 20,
+            length: 1 << 20,
+        }
+        .encode(false, &mut requests);
+    }
+    let sender = {
+        let mut stream = stalled.stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Stops once the server stops reading (its in-flight bounds).
+            let _ = stream.write_all(&requests);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = server.transmission(ReplyMode::Simple);
+    for cookie in 0..32u64 {
+        other.request(false, CMD_READ, 0, cookie, cookie << 12, 4096);
+        assert_eq!(other.simple_reply(), (0, cookie));
+        other.read_exact(4096);
+        other.request(false, CMD_FLUSH, 0, cookie, 0, 0);
+        assert_eq!(other.simple_reply(), (0, cookie));
+    }
+    stalled.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(stalled);
+    sender.join().unwrap();
+    wait_for_connections(&server, 1);
 }
 
 #[test]

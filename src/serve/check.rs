@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use nbd_server::{TlsMode, TlsPolicy};
+use nbd_server::{Limits, TlsMode, TlsPolicy};
 use tracker::regions::REGION_COUNT_MAX;
 
 use super::{DEFAULT_IMAGE, DEFAULT_SIZE_BYTES, DEFAULT_SOCKET, ServeArgs};
@@ -23,6 +23,8 @@ pub(super) struct Plan {
     pub(super) snapshot_max_bytes: Option<u64>,
     /// `--tls` with its certificates, loaded already.
     pub(super) tls: TlsPolicy,
+    /// `--max-connections`, `--handshake-timeout`, `--max-in-flight[-bytes]`.
+    pub(super) limits: Limits,
 }
 
 #[derive(Debug)]
@@ -110,8 +112,42 @@ impl Plan {
             precision_bytes,
             snapshot_max_bytes,
             tls: tls_policy(args)?,
+            limits: limits(args)?,
         })
     }
+}
+
+fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
+    if args.max_connections == 0 {
+        bail!("--max-connections 0 lets no client in: give at least 1");
+    }
+    if args.max_in_flight == 0 {
+        bail!("--max-in-flight 0 would serve no request: give at least 1");
+    }
+    let timeout = args.handshake_timeout;
+    if !(timeout > 0.0 && timeout <= 86400.0) {
+        bail!("--handshake-timeout {timeout}: give seconds above 0, at most a day (86400)");
+    }
+    let defaults = Limits::default();
+    let bytes_in_flight_max = match args.max_in_flight_bytes.as_deref() {
+        None => defaults.bytes_in_flight_max,
+        Some(text) => {
+            let bytes = parse_size(text)
+                .map_err(|error| anyhow::anyhow!("--max-in-flight-bytes: {error}"))?;
+            if bytes == 0 {
+                bail!(
+                    "--max-in-flight-bytes 0 would serve no READ or WRITE: give a size such as 64M"
+                );
+            }
+            usize::try_from(bytes).unwrap_or(usize::MAX)
+        }
+    };
+    Ok(Limits {
+        connections_max: args.max_connections,
+        handshake_timeout: std::time::Duration::from_secs_f64(timeout),
+        requests_in_flight_max: args.max_in_flight,
+        bytes_in_flight_max,
+    })
 }
 
 /// The TLS mode and its certificates. Certificates without `--tls` mean
