@@ -18,6 +18,7 @@ use nbd_server::{Export, Exports, Server};
 use tracker::tracker::default_state_dir;
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
+mod activation;
 mod backup;
 mod check;
 mod snapshots;
@@ -137,6 +138,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // First, while this is the only thread: the environment is cleared.
+    let activated = activation::take()?;
     // Every argument is checked before anything is created, so a refused
     // start leaves no image, state directory or socket behind.
     let backup = if backup::names_a_backup(&args.images) {
@@ -144,10 +147,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let plan = Plan::check(&args, backup.is_some())?;
+    let plan = Plan::check(&args, backup.is_some(), activated.is_some())?;
+    // systemd runs a socket-activated service in the foreground.
+    let foreground = args.foreground || activated.is_some();
     let mut created = Created::default();
     let (mut exports, trackers, listeners) =
-        match start(&args, &plan, backup.as_ref(), &mut created) {
+        match start(&args, &plan, backup.as_ref(), activated, &mut created) {
             Ok(started) => started,
             Err(error) => {
                 // What failed after the checks (a lock held elsewhere, a port
@@ -177,7 +182,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !captive {
         print_banner(&exports, &listeners, &uri);
     }
-    if !args.foreground && !captive {
+    if !foreground && !captive {
         // A view's threads (a repository's runtime) would not survive
         // the fork: it was opened to check it, and is opened again after.
         let reopen = backup.as_ref().filter(|plan| plan.has_threads());
@@ -257,6 +262,7 @@ fn start(
     args: &ServeArgs,
     plan: &Plan,
     backup: Option<&backup::BackupPlan>,
+    activated: Option<activation::Activated>,
     created: &mut Created,
 ) -> anyhow::Result<Started> {
     let mut exports = Vec::with_capacity(plan.images.len());
@@ -296,7 +302,10 @@ fn start(
             backend,
         });
     }
-    let listeners = Listeners::bind(args, plan, args.run.is_some())?;
+    let listeners = match activated {
+        Some(activated) => Listeners::activated(activated, plan)?,
+        None => Listeners::bind(args, plan, args.run.is_some())?,
+    };
     Ok((exports, trackers, listeners))
 }
 
@@ -368,9 +377,30 @@ struct Listeners {
     tcp: Option<(std::net::TcpListener, SocketAddr)>,
     /// With `--tls=require`: the certificate directory, named in URIs.
     tls_certificates: Option<PathBuf>,
+    /// The unix socket's file is ours to remove at exit (not systemd's).
+    owns_socket_file: bool,
 }
 
 impl Listeners {
+    /// The sockets systemd passed (`activation.rs`).
+    fn activated(activated: activation::Activated, plan: &Plan) -> anyhow::Result<Listeners> {
+        let (unix, unix_path) = match activated.unix {
+            Some((listener, path)) => (Some(listener), path),
+            None => (None, None),
+        };
+        if unix.is_some() && unix_path.is_none() && activated.tcp.is_none() {
+            bail!("socket activation passed an unnamed (abstract) unix socket; give it a path");
+        }
+        Ok(Listeners {
+            unix,
+            unix_path,
+            private_dir: None,
+            tcp: activated.tcp,
+            tls_certificates: certificates_in_uris(plan)?,
+            owns_socket_file: false,
+        })
+    }
+
     /// Binds TCP first: it leaves nothing in the file system, so a port
     /// in use fails before a socket file or private directory exists.
     fn bind(args: &ServeArgs, plan: &Plan, captive: bool) -> anyhow::Result<Listeners> {
@@ -413,16 +443,13 @@ impl Listeners {
                 return Err(error);
             }
         };
-        let tls_certificates = match (plan.tls.mode(), &args.tls_certificates) {
-            (nbd_server::TlsMode::Require, Some(dir)) => Some(std::path::absolute(dir)?),
-            _ => None,
-        };
         Ok(Listeners {
             unix,
             unix_path,
             private_dir,
             tcp,
-            tls_certificates,
+            tls_certificates: certificates_in_uris(plan)?,
+            owns_socket_file: true,
         })
     }
 
@@ -439,12 +466,20 @@ impl Listeners {
     }
 
     fn remove_socket(&self) {
-        if let Some(path) = &self.unix_path {
+        if let Some(path) = self.unix_path.as_ref().filter(|_| self.owns_socket_file) {
             let _ = std::fs::remove_file(path);
         }
         if let Some(dir) = &self.private_dir {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+/// With `--tls=require`: the certificate directory URIs name.
+fn certificates_in_uris(plan: &Plan) -> anyhow::Result<Option<PathBuf>> {
+    match (plan.tls.mode(), &plan.tls_certificates) {
+        (nbd_server::TlsMode::Require, Some(dir)) => Ok(Some(std::path::absolute(dir)?)),
+        _ => Ok(None),
     }
 }
 

@@ -23,6 +23,8 @@ pub(super) struct Plan {
     pub(super) snapshot_max_bytes: Option<u64>,
     /// `--tls` with its certificates, loaded already.
     pub(super) tls: TlsPolicy,
+    /// Where they were loaded from.
+    pub(super) tls_certificates: Option<PathBuf>,
     /// `--max-connections`, `--handshake-timeout`, `--max-in-flight[-bytes]`.
     pub(super) limits: Limits,
 }
@@ -36,8 +38,14 @@ pub(super) struct ImagePlan {
 }
 
 impl Plan {
-    /// `backup`: the words name a backup (checked by `backup::plan`), not images.
-    pub(super) fn check(args: &ServeArgs, backup: bool) -> anyhow::Result<Plan> {
+    /// `backup`: the words name a backup (checked by `backup::plan`), not
+    /// images. `activated`: systemd passed the listening sockets.
+    pub(super) fn check(args: &ServeArgs, backup: bool, activated: bool) -> anyhow::Result<Plan> {
+        if activated && (args.unix.is_some() || args.port.is_some() || args.ipaddr.is_some()) {
+            bail!(
+                "systemd passed the sockets to listen on (socket activation): drop -U, -p and -i, or the .socket unit"
+            );
+        }
         let size_bytes = args.size.as_deref().map(parse_size).transpose();
         let size_bytes = size_bytes.map_err(anyhow::Error::msg)?;
         let granularity_bytes = args.granularity.as_deref().map(parse_granularity);
@@ -100,7 +108,7 @@ impl Plan {
                 create_bytes,
             });
         }
-        if let Some(path) = unix_socket_path(args) {
+        if let Some(path) = unix_socket_path(args).filter(|_| !activated) {
             check_unix_socket(&path)?;
         }
         if let Some(pidfile) = &args.pidfile {
@@ -112,6 +120,7 @@ impl Plan {
             precision_bytes,
             snapshot_max_bytes,
             tls: tls_policy(args)?,
+            tls_certificates: args.tls_certificates.clone(),
             limits: limits(args)?,
         })
     }
