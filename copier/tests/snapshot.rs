@@ -297,6 +297,43 @@ fn regions_are_copied_out_once_even_across_checkpoints() {
     disk.manager.release(&disk.tracker, "snap").unwrap();
 }
 
+/// Bytes of the store damaged after copy-out: whole and partial reads of
+/// the region fail naming the damage, the snapshot breaks, and a region
+/// still intact read before the damage was found reads right.
+#[test]
+fn a_damaged_store_fails_the_read_and_breaks_the_snapshot() {
+    use std::os::unix::fs::FileExt;
+    let disk = Disk::new("damaged-store", 4 << 20);
+    let snapshot = disk.take("snap", disk.limits());
+    let expected = disk.image();
+    disk.write_region(2, 1);
+    disk.write_region(5, 2);
+    let mut region = vec![0u8; REGION_BYTES as usize];
+    snapshot.read_at(&mut region, 5 * REGION_BYTES).unwrap();
+    assert!(region[..] == expected[5 * REGION_BYTES as usize..6 * REGION_BYTES as usize]);
+    // Region 2 was copied out first: it is the store's first region.
+    let store = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(snapshot.store_path())
+        .unwrap();
+    let mut byte = [0u8; 1];
+    store.read_exact_at(&mut byte, 1000).unwrap();
+    store.write_all_at(&[byte[0] ^ 0x10], 1000).unwrap();
+    let mut part = vec![0u8; 4096];
+    let error = snapshot
+        .read_at(&mut part, 2 * REGION_BYTES + 8192)
+        .unwrap_err();
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    assert!(error.to_string().contains("was damaged"), "{error}");
+    assert!(error.to_string().contains("region 2"), "{error}");
+    let broken = snapshot.status().broken.expect("the snapshot is broken");
+    assert!(broken.contains("damaged"), "{broken}");
+    let error = snapshot.read_at(&mut region, 5 * REGION_BYTES).unwrap_err();
+    assert!(error.to_string().contains("broken"), "{error}");
+    disk.manager.release(&disk.tracker, "snap").unwrap();
+}
+
 #[test]
 fn concurrent_first_writes_of_one_region_copy_it_once() {
     let disk = Disk::new("same-region", 4 << 20);

@@ -4,8 +4,12 @@
 //!
 //! Layout: `STATE/snapshots/NAME.cbw` holds whole regions (the last region
 //! of the image may be shorter) appended in the order they were claimed,
-//! with no header and no checksum; the index (region -> offset in the
-//! file) lives in memory only. Nothing is synced: a server that stops or
+//! with no header; the index (region -> offset in the file, and the
+//! crc32c of the region's bytes taken when they were read from the disk)
+//! lives in memory only. Every read of the store checks whole regions
+//! against their crc32c, so bytes damaged in the file between copy-out
+//! and copy fail the copy (and break the snapshot) instead of reaching a
+//! backup. Nothing is synced: a server that stops or
 //! crashes loses the index, and the next start removes the file (there is
 //! nothing to resume, so a copy reading the snapshot fails). See
 //! docs/journal.md, "Snapshots (copy-before-write)".
@@ -47,9 +51,9 @@ const JOB_BYTES_MAX: u64 = 1 << 20;
 enum Slot {
     /// Claimed by a first touch; its place in the file is reserved.
     Copying { store_offset: u64 },
-    /// Its old contents are in the file at `store_offset`; never changes
-    /// again while the snapshot lives.
-    Copied { store_offset: u64 },
+    /// Its old contents are in the file at `store_offset`, with crc32c
+    /// `crc`; never changes again while the snapshot lives.
+    Copied { store_offset: u64, crc: u32 },
 }
 
 /// Consecutive claimed regions, consecutive in the file too.
@@ -365,6 +369,18 @@ impl Store {
         }
     }
 
+    /// The crc32c of each region of `job`, whose bytes `buffer` holds.
+    fn region_crcs(&self, job: &Job, buffer: &[u8]) -> Vec<u32> {
+        let mut crcs = Vec::with_capacity(job.region_count as usize);
+        let mut start = 0;
+        for region in job.first_region..job.first_region + job.region_count {
+            let end = start + self.region_length(region) as usize;
+            crcs.push(crc32c::crc32c(&buffer[start..end]));
+            start = end;
+        }
+        crcs
+    }
+
     /// The next queued job, or None once the store is closed.
     fn next_job(&self) -> Option<Job> {
         let mut state = self.lock();
@@ -380,7 +396,7 @@ impl Store {
         }
     }
 
-    fn copy(&self, job: &Job, buffer: &mut [u8]) -> Result<(), String> {
+    fn copy(&self, job: &Job, buffer: &mut [u8]) -> Result<Vec<u32>, String> {
         let (disk_offset, _) = self.granularity.byte_range(RegionRun {
             first_region: job.first_region,
             region_count: job.region_count,
@@ -389,6 +405,7 @@ impl Store {
         self.live.read_at(buffer, disk_offset).map_err(|error| {
             format!("reading bytes {disk_offset}..{end} of the disk for copy-out: {error}")
         })?;
+        let crcs = self.region_crcs(job, buffer);
         self.file
             .write_all_at(buffer, job.store_offset)
             .map_err(|error| {
@@ -396,16 +413,17 @@ impl Store {
                     "writing bytes {disk_offset}..{end} to the copy-before-write store {}: {error}",
                     self.path.display()
                 )
-            })
+            })?;
+        Ok(crcs)
     }
 
-    fn finish(&self, job: &Job, result: Result<(), String>) {
+    fn finish(&self, job: &Job, result: Result<Vec<u32>, String>) {
         let mut state = self.lock();
         state.busy_threads -= 1;
         match result {
-            Ok(()) => {
+            Ok(crcs) => {
                 let mut store_offset = job.store_offset;
-                for region in job.first_region..job.first_region + job.region_count {
+                for (region, crc) in (job.first_region..).zip(crcs) {
                     let slot = state.index.get_mut(&region);
                     assert_eq!(
                         slot.as_deref(),
@@ -413,7 +431,7 @@ impl Store {
                         "region {region} of a copy job"
                     );
                     if let Some(slot) = slot {
-                        *slot = Slot::Copied { store_offset };
+                        *slot = Slot::Copied { store_offset, crc };
                     }
                     store_offset += self.region_length(region);
                 }
@@ -434,15 +452,74 @@ impl Store {
         }
         Ok((run.first_region..run.first_region + run.region_count)
             .map(|region| match state.index.get(&region) {
-                Some(Slot::Copied { store_offset }) => Some(*store_offset),
+                Some(Slot::Copied { store_offset, .. }) => Some(*store_offset),
                 Some(Slot::Copying { .. }) | None => None,
             })
             .collect())
     }
 
-    /// Reads bytes of the file that a `Copied` slot owns.
-    pub(crate) fn read_copied(&self, buf: &mut [u8], store_offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, store_offset)
+    /// Reads bytes of the `Copied` regions `run` (consecutive in the file
+    /// too) into `target`, which starts `skip` bytes into the run. Each
+    /// region is checked against its crc32c, whole: one the target covers
+    /// only in part is read whole into a scratch buffer first. A mismatch
+    /// breaks the snapshot and fails the read with InvalidData.
+    pub(crate) fn read_copied(
+        &self,
+        target: &mut [u8],
+        run: RegionRun,
+        skip: u64,
+    ) -> io::Result<()> {
+        let slots: Vec<(u64, u64, u32)> = {
+            let state = self.lock();
+            (run.first_region..run.first_region + run.region_count)
+                .map(|region| match state.index.get(&region) {
+                    Some(Slot::Copied { store_offset, crc }) => {
+                        Ok((*store_offset, self.region_length(region), *crc))
+                    }
+                    _ => Err(io::Error::other(format!(
+                        "snapshot store {}: region {region} is not copied out",
+                        self.path.display()
+                    ))),
+                })
+                .collect::<io::Result<_>>()?
+        };
+        let wanted = skip..skip + target.len() as u64;
+        let mut region_start = 0;
+        let mut scratch = Vec::new();
+        for ((store_offset, length, crc), region) in slots.into_iter().zip(run.first_region..) {
+            let region_end = region_start + length;
+            let (from, to) = (wanted.start.max(region_start), wanted.end.min(region_end));
+            if from < to {
+                let into = (from - wanted.start) as usize..(to - wanted.start) as usize;
+                let whole = from == region_start && to == region_end;
+                let bytes = if whole {
+                    &mut target[into.clone()]
+                } else {
+                    scratch.resize(length as usize, 0);
+                    &mut scratch[..]
+                };
+                self.file.read_exact_at(bytes, store_offset)?;
+                if crc32c::crc32c(bytes) != crc {
+                    return Err(self.damaged(region));
+                }
+                if !whole {
+                    let part = (from - region_start) as usize..(to - region_start) as usize;
+                    target[into].copy_from_slice(&scratch[part]);
+                }
+            }
+            region_start = region_end;
+        }
+        Ok(())
+    }
+
+    /// A region whose stored bytes no longer match their crc32c.
+    fn damaged(&self, region: u64) -> io::Error {
+        let reason = format!(
+            "the copy-before-write store {} was damaged: region {region}'s old contents no longer match the checksum taken at copy-out",
+            self.path.display()
+        );
+        self.break_with(reason.clone());
+        io::Error::new(io::ErrorKind::InvalidData, reason)
     }
 
     pub(crate) fn refusal(&self) -> Option<Refusal> {

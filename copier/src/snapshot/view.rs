@@ -207,9 +207,16 @@ impl Snapshot {
         let target = &mut buf[(start - offset) as usize..(end - offset) as usize];
         match piece.store_offset {
             None => self.live.read_at(target, start),
-            Some(store_offset) => self
+            Some(_) => self
                 .store
-                .read_copied(target, store_offset + (start - piece_start))
+                .read_copied(
+                    target,
+                    RegionRun {
+                        first_region: piece.first_region,
+                        region_count: piece.region_count,
+                    },
+                    start - piece_start,
+                )
                 .map_err(|error| {
                     io::Error::new(
                         error.kind(),
