@@ -996,3 +996,197 @@ fn large_fua_write_arriving_in_pieces_lands_whole() {
     let on_disk = std::fs::read(&server.image).unwrap();
     assert_eq!(&on_disk[4096..4096 + data.len()], &data[..]);
 }
+
+/// Every option with its valid data cut at every length, and with bytes
+/// added after it: each gets NBD_REP_ERR_INVALID, never a transmission or
+/// a closed connection, and the handshake goes on.
+#[test]
+fn every_option_with_truncated_or_oversized_data_is_refused_and_the_handshake_goes_on() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    assert_ack(client.option(OPT_STRUCTURED_REPLY, &[]));
+    let valid: Vec<(u32, Vec<u8>)> = vec![
+        (OPT_LIST, vec![]),
+        (OPT_STARTTLS, vec![]),
+        (OPT_INFO, info_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE])),
+        (OPT_GO, info_data("disk", &[INFO_DESCRIPTION])),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (
+            OPT_LIST_META_CONTEXT,
+            meta_data("disk", &["base:allocation"]),
+        ),
+        (
+            OPT_SET_META_CONTEXT,
+            meta_data("disk", &["base:allocation", "qemu:"]),
+        ),
+        (OPT_EXTENDED_HEADERS, vec![]),
+    ];
+    let mut answers = Vec::new();
+    for (option, data) in &valid {
+        let mut cases: Vec<Vec<u8>> = (0..data.len()).map(|n| data[..n].to_vec()).collect();
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"junk");
+        cases.push(longer);
+        for case in cases {
+            let replies = client.option(*option, &case);
+            let last = replies.last().unwrap().0;
+            answers.push((*option, case.len(), last));
+            // The handshake goes on: LIST still answers.
+            let listed = client.option(OPT_LIST, &[]);
+            assert_eq!(
+                listed[0].0,
+                REP_SERVER,
+                "after option {option} with {} bytes",
+                case.len()
+            );
+        }
+    }
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(_, _, reply)| *reply != REP_ERR_INVALID)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "(option, data bytes, reply) not refused as expected: {wrong:x?}"
+    );
+    // And the session is still good for a GO.
+    let replies = client.option(OPT_GO, &info_data("disk", &[]));
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    client.write(false, 1, 0, b"ok");
+    assert_eq!(error_of(&client.reply()[0]), 0);
+}
+
+/// Options in orders the spec forbids or leaves odd: each gets the answer
+/// the spec names, and the state they leave is the one it says.
+#[test]
+fn options_out_of_order_get_the_spec_answer() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.connect();
+    client.send_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    // Meta contexts before structured replies: invalid.
+    let replies = client.option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("disk", &["base:allocation"]),
+    );
+    assert_eq!(replies[0].0, REP_ERR_INVALID);
+    // Extended headers, then structured replies: refused with
+    // EXT_HEADER_REQD (the spec's answer), extended headers stay.
+    assert_ack(client.option(OPT_EXTENDED_HEADERS, &[]));
+    let replies = client.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(replies[0].0, REP_ERR_EXT_HEADER_REQD, "{replies:?}");
+    // Asked twice: acknowledged again, nothing changes.
+    assert_ack(client.option(OPT_EXTENDED_HEADERS, &[]));
+    let replies = client.option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("disk", &["base:allocation"]),
+    );
+    assert_eq!(replies[0].0, REP_META_CONTEXT);
+    // INFO does not end the handshake; GO after it still works, and the
+    // contexts set before it hold.
+    let replies = client.option(OPT_INFO, &info_data("disk", &[]));
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    let replies = client.option(OPT_GO, &info_data("disk", &[]));
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    client.request(true, CMD_BLOCK_STATUS, 0, 5, 0, 4096);
+    let chunks = client.reply();
+    assert_eq!(
+        chunks[0].chunk_type, REPLY_TYPE_BLOCK_STATUS_EXT,
+        "{chunks:?}"
+    );
+}
+
+/// Requests no client should send, each answered as the spec says, on one
+/// connection that serves a normal READ after all of them.
+#[test]
+fn unknown_commands_flags_and_misaligned_or_out_of_range_requests_get_errors() {
+    let server = TestServer::start(1 << 20, false);
+    let mut client = server.transmission(ReplyMode::Structured);
+    let cases: &[(&str, u16, u16, u64, u64, NbdError)] = &[
+        ("unknown command 42", 42, 0, 0, 4096, NbdError::Inval),
+        (
+            "unknown command 0xffff",
+            0xffff,
+            0,
+            0,
+            4096,
+            NbdError::Inval,
+        ),
+        (
+            "READ with flag bit 13",
+            CMD_READ,
+            1 << 13,
+            0,
+            4096,
+            NbdError::Inval,
+        ),
+        (
+            "WRITE_ZEROES with DF",
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_DF,
+            0,
+            4096,
+            NbdError::Inval,
+        ),
+        (
+            "READ at the very end + 1",
+            CMD_READ,
+            0,
+            1 << 20,
+            1,
+            NbdError::Inval,
+        ),
+        (
+            "READ with offset u64::MAX",
+            CMD_READ,
+            0,
+            u64::MAX,
+            1,
+            NbdError::Inval,
+        ),
+        (
+            "TRIM past the end",
+            CMD_TRIM,
+            0,
+            (1 << 20) - 512,
+            1024,
+            NbdError::Inval,
+        ),
+        (
+            "WRITE_ZEROES past the end",
+            CMD_WRITE_ZEROES,
+            0,
+            1 << 20,
+            512,
+            NbdError::NoSpc,
+        ),
+        (
+            "FLUSH with a length",
+            CMD_FLUSH,
+            0,
+            0,
+            4096,
+            NbdError::Inval,
+        ),
+        (
+            "BLOCK_STATUS with REQ_ONE and FUA",
+            CMD_BLOCK_STATUS,
+            CMD_FLAG_REQ_ONE | CMD_FLAG_DF,
+            0,
+            4096,
+            NbdError::Inval,
+        ),
+    ];
+    for (cookie, (what, command, flags, offset, length, error)) in cases.iter().enumerate() {
+        client.request(false, *command, *flags, cookie as u64, *offset, *length);
+        let chunks = client.reply();
+        assert_eq!(chunks[0].cookie, cookie as u64, "{what}");
+        assert_eq!(error_of(&chunks[0]), *error as u32, "{what}: {chunks:?}");
+    }
+    // Misaligned requests are served: the minimum block size is 1.
+    client.write(false, 100, 3, b"odd");
+    assert_eq!(error_of(&client.reply()[0]), 0);
+    client.request(false, CMD_READ, CMD_FLAG_DF, 101, 3, 3);
+    let chunks = client.reply();
+    assert_eq!(&chunks[0].payload[8..], b"odd");
+}
