@@ -18,7 +18,7 @@
 //! is answered with the NBD error the spec names and the connection goes on.
 //! Only a broken frame (bad magic, a payload over `PAYLOAD_MAX`) ends it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,10 @@ struct Shared {
     buffers: Arc<BufferPool>,
     sending: Mutex<()>,
     queued: Mutex<Vec<Queued>>,
+    /// A send failed (the client went away, or read nothing while the
+    /// server stopped): later replies are dropped rather than each waiting
+    /// for a socket that will not take them.
+    send_failed: AtomicBool,
     /// Requests on the blocking pool or with a reply not yet sent, and the
     /// READ/WRITE bytes they hold; `changed` is signalled as each ends.
     in_flight: AtomicUsize,
@@ -108,8 +112,23 @@ impl Shared {
     /// wait for the sender) and whatever pool replies queued meanwhile.
     fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
         let sending = self.sending.lock().expect("send lock");
-        let sent = self.socket.send_all(bytes, &self.stop);
+        let sent = self.send_bytes(bytes);
         self.send_queued(sending);
+        sent
+    }
+
+    /// Sends under the sender lock; after one failure, fails at once.
+    fn send_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.send_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "an earlier reply could not be sent",
+            ));
+        }
+        let sent = self.socket.send_all(bytes, &self.stop);
+        if sent.is_err() {
+            self.send_failed.store(true, Ordering::SeqCst);
+        }
         sent
     }
 
@@ -134,7 +153,7 @@ impl Shared {
     }
 
     fn send_one(&self, queued: Queued) {
-        if let Err(error) = self.socket.send_all(&queued.reply, &self.stop) {
+        if let Err(error) = self.send_bytes(&queued.reply) {
             tracing::debug!(%error, "reply not sent: the connection is gone");
         }
         if queued.reply.len() >= POOLED_REPLY_MIN_BYTES {
@@ -223,6 +242,7 @@ pub fn transmit(
         buffers: Arc::default(),
         sending: Mutex::new(()),
         queued: Mutex::new(Vec::new()),
+        send_failed: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         bytes_in_flight: AtomicUsize::new(0),
         requests_in_flight_max: limits.requests_in_flight_max.max(1),

@@ -1190,3 +1190,45 @@ fn unknown_commands_flags_and_misaligned_or_out_of_range_requests_get_errors() {
     let chunks = client.reply();
     assert_eq!(&chunks[0].payload[8..], b"odd");
 }
+
+/// Shutdown is not held by a client that reads nothing: its pending
+/// replies are given up on after one grace period, not one each.
+#[test]
+fn shutdown_gives_up_on_a_client_that_reads_no_replies() {
+    let setup = Setup {
+        uncached: true,
+        ..Setup::default()
+    };
+    let server = TestServer::with(16 << 20, false, setup);
+    let stalled = server.transmission(ReplyMode::Simple);
+    let mut requests = Vec::new();
+    for cookie in 0..128u64 {
+        RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie,
+            offset: (cookie % 16) << 20,
+            length: 1 << 20,
+        }
+        .encode(false, &mut requests);
+    }
+    let sender = {
+        let mut stream = stalled.stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = stream.write_all(&requests);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    server.server.shutdown();
+    let runtime = server.runtime.as_ref().unwrap();
+    // A hang detector, not a speed check: one 5 s grace period is expected.
+    let idle = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), server.server.wait_idle()).await
+    });
+    assert!(
+        idle.is_ok(),
+        "shutdown waited on the stalled client's replies"
+    );
+    stalled.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    sender.join().unwrap();
+}
