@@ -145,6 +145,17 @@ pub trait BlockBackend: Send + Sync + 'static {
         }
     }
 
+    /// A file whose bytes at every offset are exactly what `read_at`
+    /// returns, so that a server may send them straight from the page
+    /// cache (`sendfile`) instead of reading them into a buffer first.
+    /// Unlike every other method this is not handed on by default: a layer
+    /// that changes what reads return must never expose its storage's
+    /// file, so only a layer that passes reads through unchanged forwards
+    /// it, by saying so.
+    fn read_through_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Whether a plain (non-FUA) write of this range can run without
     /// waiting for a device: nbd-server then runs it on the connection's
     /// thread instead of the blocking pool. A tracking layer says no when

@@ -233,6 +233,10 @@ impl BlockBackend for FileBackend {
         Ok(())
     }
 
+    fn read_through_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
+    }
+
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         self.debug_assert_in_range(offset, buf.len() as u64);
         let mut done = 0;

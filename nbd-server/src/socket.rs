@@ -17,7 +17,7 @@
 //! sending requests may not read replies until it is done).
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// record (16 KiB and change) per `read_tls`, so many records per `recv`,
 /// handed over from memory, save system calls.
 const TLS_RECV_BYTES: usize = 256 * 1024;
+/// Largest piece of a file one `sendfile` call is asked for.
+const SEND_FILE_PIECE_MAX: u64 = 8 * 1024 * 1024;
 /// Once the server stops, how long a send waits for a client that reads
 /// nothing before it gives up on it.
 const STOP_SEND_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -107,7 +109,9 @@ struct Ciphertext {
 }
 
 impl Socket {
-    /// Takes a connected socket; puts it in blocking mode for `send_all`.
+    /// Takes a connected socket; puts it in non-blocking mode: every call
+    /// that may wait (`send_file` too, which has no MSG_DONTWAIT) waits in
+    /// `poll`, where a stop reaches it.
     pub fn new(fd: OwnedFd) -> io::Result<Socket> {
         // SAFETY: fcntl on an fd we own, no pointers.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -115,7 +119,7 @@ impl Socket {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: as above.
-        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -384,9 +388,88 @@ impl Socket {
         }
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether this is a unix socket (not TCP).
+    pub fn is_unix(&self) -> bool {
+        let mut family: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `length` bytes into `family`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut family as *mut libc::c_int).cast(),
+                &mut length,
+            )
+        };
+        rc == 0 && family == libc::AF_UNIX
+    }
+
+    /// Sends `length` bytes of `file` from `offset` with `sendfile`: from
+    /// the page cache, with no copy through user space (plaintext only).
+    /// Bytes past the file's end, if it shrank, are sent as zeroes.
+    pub fn send_file(
+        &self,
+        file: RawFd,
+        mut offset: u64,
+        mut length: u64,
+        stop: &Stop,
+    ) -> io::Result<()> {
+        assert!(self.tls.is_none(), "sendfile would bypass TLS");
+        while length > 0 {
+            let mut position = offset as libc::off_t;
+            let piece = length.min(SEND_FILE_PIECE_MAX) as usize;
+            // SAFETY: sendfile between two fds we hold, with a pointer to
+            // a live off_t.
+            let sent = retry_interrupted(|| unsafe {
+                libc::sendfile(self.fd.as_raw_fd(), file, &mut position, piece) as isize
+            });
+            match sent {
+                Ok(0) => {
+                    let zeroes = vec![0; length.min(SEND_FILE_PIECE_MAX) as usize];
+                    while length > 0 {
+                        let piece = length.min(zeroes.len() as u64) as usize;
+                        self.send_raw(&zeroes[..piece], Some(stop))?;
+                        length -= piece as u64;
+                    }
+                }
+                Ok(n) => {
+                    offset += n as u64;
+                    length -= n as u64;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait_writable(Some(stop))?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
     /// Sends all of `bytes` without waiting in the kernel, so that a stop
     /// reaches a sender whose client reads nothing (`wait_writable`).
-    fn send_raw(&self, mut bytes: &[u8], stop: Option<&Stop>) -> io::Result<()> {
+    fn send_raw(&self, bytes: &[u8], stop: Option<&Stop>) -> io::Result<()> {
+        self.send_raw_flags(bytes, stop, 0)
+    }
+
+    /// `send_all` for bytes that more will follow at once (a READ reply's
+    /// header before `send_file`): MSG_MORE lets TCP put them in one
+    /// segment with what follows instead of pushing them out alone.
+    pub fn send_all_more(&self, bytes: &[u8], stop: &Stop) -> io::Result<()> {
+        assert!(self.tls.is_none(), "MSG_MORE is for plaintext sends");
+        self.send_raw_flags(bytes, Some(stop), libc::MSG_MORE)
+    }
+
+    fn send_raw_flags(
+        &self,
+        mut bytes: &[u8],
+        stop: Option<&Stop>,
+        flags: libc::c_int,
+    ) -> io::Result<()> {
         while !bytes.is_empty() {
             // SAFETY: sends from `bytes`, valid for `bytes.len()` bytes.
             // MSG_NOSIGNAL: a client gone away is EPIPE, not SIGPIPE.
@@ -395,7 +478,7 @@ impl Socket {
                     self.fd.as_raw_fd(),
                     bytes.as_ptr().cast(),
                     bytes.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | flags,
                 )
             });
             match sent {

@@ -47,6 +47,11 @@ const OWNED_PAYLOAD_MIN_BYTES: u64 = 256 * 1024;
 const INLINE_WRITE_MAX_BYTES: u64 = 256 * 1024;
 /// Pool replies at least this long give their buffer back to the pool.
 const POOLED_REPLY_MIN_BYTES: usize = 64 * 1024;
+/// Cached READs at least this long are sent straight from the page cache
+/// (`sendfile`) on a unix socket when the backend allows it
+/// (`read_through_fd`); shorter ones are cheaper copied and batched with
+/// their neighbours.
+const ZERO_COPY_MIN_BYTES: u64 = 256 * 1024;
 /// Scratch buffer for reading and throwing away a payload that is too large.
 const DISCARD_CHUNK_BYTES: usize = 1024 * 1024;
 /// Extents in one BLOCK_STATUS chunk (well under the spec's 2^20).
@@ -114,6 +119,36 @@ impl Shared {
         let sending = self.sending.lock().expect("send lock");
         let sent = self.send_bytes(bytes);
         self.send_queued(sending);
+        sent
+    }
+
+    /// Sends `bytes` (the replies batched so far, ending with a READ's
+    /// header) and then `length` bytes of `file` at `offset`, its data.
+    fn send_with_file(&self, bytes: &[u8], file: std::os::fd::RawFd, offset: u64, length: u64) {
+        let sending = self.sending.lock().expect("send lock");
+        let sent = self.send_bytes_more(bytes).and_then(|()| {
+            let sent = self.socket.send_file(file, offset, length, &self.stop);
+            if sent.is_err() {
+                self.send_failed.store(true, Ordering::SeqCst);
+            }
+            sent
+        });
+        if let Err(error) = sent {
+            // The next send fails too and ends the connection.
+            tracing::debug!(%error, "READ reply not sent: the connection is gone");
+        }
+        self.send_queued(sending);
+    }
+
+    /// `send_bytes` with more to follow at once (MSG_MORE).
+    fn send_bytes_more(&self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.send_failed.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let sent = self.socket.send_all_more(bytes, &self.stop);
+        if sent.is_err() {
+            self.send_failed.store(true, Ordering::SeqCst);
+        }
         sent
     }
 
@@ -443,6 +478,8 @@ fn reject(error: NbdError, message: &'static str) -> Reject {
 
 struct Connection {
     backend: Arc<dyn BlockBackend>,
+    /// The backend's file, when cached READs may be sent from it directly.
+    zero_copy: Option<std::os::fd::RawFd>,
     mode: ReplyMode,
     transmission_flags: u16,
     contexts: Arc<[(u32, String)]>,
@@ -454,7 +491,19 @@ struct Connection {
 impl Connection {
     fn new(session: Session, shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Connection {
         let backend = Arc::clone(&session.export.backend);
+        // Unix sockets only. Over TCP loopback the copy saved on this side
+        // moves the delivery (softirq) work into the client's recv, and a
+        // client that holds a core of its own, as fio does, got 20% less:
+        // 1300-1340 against 1630-1710 MiB/s on 1M reads, with a third of
+        // the server's CPU per GiB (docs/bench.md).
+        let zero_copy = if shared.socket.is_tls() || !shared.socket.is_unix() || !cachestat_works()
+        {
+            None
+        } else {
+            backend.read_through_fd()
+        };
         Connection {
+            zero_copy,
             size_bytes: backend.size_bytes(),
             backend,
             mode: session.mode,
@@ -689,6 +738,19 @@ impl Connection {
     /// measured slower, 2.0-2.8 GiB/s against 4.1-4.5 GiB/s inline.)
     fn read(&mut self, reply: ReplyTo, header: &RequestHeader, out: &mut OutBuf) {
         let df = header.flags & CMD_FLAG_DF != 0;
+        if let Some(file) = self
+            .zero_copy
+            .filter(|_| header.length >= ZERO_COPY_MIN_BYTES)
+        {
+            match self.read_zero_copy(file, reply, header.length, df, out) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    reply.io_error(out, &e);
+                    return;
+                }
+            }
+        }
         let mark = out.len();
         match read_reply(&*self.backend, reply, header.length, df, out, true) {
             Ok(true) => return,
@@ -708,6 +770,58 @@ impl Connection {
                 Err(e) => reply.io_error(out, &e),
             }
         });
+    }
+
+    /// Sends a READ whose whole range is in the page cache straight from
+    /// the backend's file: each data chunk's header goes out with the
+    /// replies batched before it, then its bytes by `sendfile`. `Ok(false)`
+    /// when some of the range is not cached (holes are not either): the
+    /// caller reads it the usual way.
+    fn read_zero_copy(
+        &mut self,
+        file: std::os::fd::RawFd,
+        reply: ReplyTo,
+        length: u64,
+        df: bool,
+        out: &mut OutBuf,
+    ) -> std::io::Result<bool> {
+        if !fully_cached(file, reply.offset, length) {
+            return Ok(false);
+        }
+        let segments = if reply.mode == ReplyMode::Simple {
+            vec![(reply.offset, length, false)]
+        } else {
+            read_segments(&*self.backend, reply.offset, length, df)?
+        };
+        if reply.mode == ReplyMode::Simple {
+            put_simple_reply(out, 0, reply.cookie);
+        }
+        for (index, &(segment_offset, segment_length, is_hole)) in segments.iter().enumerate() {
+            let flags = if index + 1 == segments.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            if is_hole {
+                reply.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+                out.put(&segment_offset.to_be_bytes());
+                out.put(&(segment_length as u32).to_be_bytes());
+                continue;
+            }
+            if reply.mode != ReplyMode::Simple {
+                reply.chunk(
+                    out,
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + segment_length as usize,
+                );
+                out.put(&segment_offset.to_be_bytes());
+            }
+            self.shared
+                .send_with_file(out.as_slice(), file, segment_offset, segment_length);
+            out.clear();
+        }
+        Ok(true)
     }
 
     /// Runs `op` on the blocking pool; that thread sends the reply itself
@@ -845,6 +959,64 @@ fn read_reply(
         }
     }
     Ok(true)
+}
+
+/// `cachestat(2)`'s range and answer (include/uapi/linux/mman.h).
+#[repr(C)]
+struct CachestatRange {
+    offset: u64,
+    length: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    cached: u64,
+    dirty: u64,
+    writeback: u64,
+    evicted: u64,
+    recently_evicted: u64,
+}
+
+/// The system call's number, the same on every Linux architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Pages of `file` in `offset..offset + length` that are in the page cache
+/// (dirty ones too), or None when the kernel cannot tell (before 6.5).
+fn cached_pages(file: std::os::fd::RawFd, offset: u64, length: u64) -> Option<u64> {
+    let range = CachestatRange { offset, length };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of
+    // the layout the kernel defines; flags must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file,
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    (rc == 0).then_some(stat.cached)
+}
+
+/// Whether every page of the range is cached, so `sendfile` will not wait
+/// for the device on this thread.
+fn fully_cached(file: std::os::fd::RawFd, offset: u64, length: u64) -> bool {
+    const PAGE_BYTES: u64 = 4096;
+    let pages = (offset + length).div_ceil(PAGE_BYTES) - offset / PAGE_BYTES;
+    cached_pages(file, offset, length).is_some_and(|cached| cached >= pages)
+}
+
+/// Whether this kernel has cachestat (asked once, of a file every process has).
+fn cachestat_works() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(file) = std::fs::File::open("/proc/self/exe") else {
+            return false;
+        };
+        cached_pages(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 4096).is_some()
+    })
 }
 
 /// Splits a read into (offset, length, is_hole) runs.

@@ -57,6 +57,10 @@ impl BlockBackend for TrackedBackend {
     fn next(&self) -> Option<&dyn BlockBackend> {
         Some(&*self.inner)
     }
+    /// Tracking changes writes only: reads are the storage's own.
+    fn read_through_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.read_through_fd()
+    }
     fn write_is_cheap(&self, offset: u64, length: u64) -> bool {
         self.tracker.is_marked(offset, length) && self.inner.write_is_cheap(offset, length)
     }
