@@ -172,22 +172,46 @@ impl Committer {
         Ok(())
     }
 
-    /// Waits for the committer to go idle, then swaps in a new journal
-    /// (at a checkpoint, while writes are held at the gate).
-    pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
+    /// Waits until everything queued is written and synced and the thread
+    /// is idle; an error when the journal failed (before or on the way).
+    /// Lazy records queued then are written at once: they belong to the
+    /// journal in use.
+    pub fn drain(&self) -> io::Result<()> {
+        self.drained().map(drop)
+    }
+
+    fn drained(&self) -> io::Result<MutexGuard<'_, State>> {
         let mut state = self.lock();
-        while state.busy || !state.pending_marks.is_empty() || !state.pending_records.is_empty() {
+        loop {
             check_failed(&state)?;
+            if !state.busy && state.pending_marks.is_empty() && state.pending_records.is_empty() {
+                return Ok(state);
+            }
             if !state.pending_records.is_empty() && !state.sync_required {
-                // Lazy records belong to the old journal: write them now,
-                // including the annotations of the commit just made.
+                // Including the annotations of the commit just made.
                 state.sync_required = true;
                 self.shared.work.notify_one();
             }
             state = self.shared.done.wait(state).expect("journal state lock");
         }
-        state.writer = Some(writer);
+    }
+
+    /// Waits for the committer to go idle, then swaps in a new journal
+    /// (at a checkpoint or a compaction, while writes are held at the
+    /// gate). Refused when the journal failed: what the failed journal
+    /// holds is not known, so it is not swapped for one that looks whole.
+    pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
+        self.drained()?.writer = Some(writer);
         Ok(())
+    }
+
+    /// Fails the journal from outside (a new journal that could not be
+    /// put in place): from now on first touches are refused, as after a
+    /// failed commit. An earlier failure's reason is kept.
+    pub fn poison(&self, reason: String) {
+        tracing::error!(%reason, "tracking refuses new first touches");
+        self.lock().failed.get_or_insert(reason);
+        self.shared.done.notify_all();
     }
 
     pub fn journal_size_bytes(&self) -> u64 {
@@ -220,7 +244,7 @@ impl Drop for Committer {
 fn check_failed(state: &State) -> io::Result<()> {
     match &state.failed {
         Some(message) => Err(io::Error::other(format!(
-            "the tracking journal failed earlier ({message}); writes to unmarked regions are refused"
+            "the tracking journal failed earlier ({message}); writes to regions not yet written in this generation, and checkpoints, are refused until the server restarts"
         ))),
         None => Ok(()),
     }
@@ -273,7 +297,14 @@ fn commit_loop(shared: &Shared) {
                 runs: chunk.to_vec(),
             });
         }
-        let result = writer.append(&records).and_then(|()| writer.sync());
+        let result = writer
+            .append(&records)
+            .map_err(|error| format!("writing the journal failed: {error}"))
+            .and_then(|()| {
+                writer
+                    .sync()
+                    .map_err(|error| format!("syncing the journal failed: {error}"))
+            });
         if result.is_ok() {
             for run in &marks {
                 shared.marked.set_run(*run);
@@ -291,7 +322,7 @@ fn commit_loop(shared: &Shared) {
             Ok(()) => state.committed_batch = batch,
             Err(error) => {
                 tracing::error!(%error, "journal commit failed: tracking refuses new first touches");
-                state.failed = Some(error.to_string());
+                state.failed = Some(error);
             }
         }
         // Waiters go on at once; a journal swap (`replace_writer`) waits

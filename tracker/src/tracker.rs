@@ -472,8 +472,17 @@ impl Tracker {
         writer.append(&records)?;
         writer.sync()?;
         self.committer().replace_writer(writer)?;
-        std::fs::rename(&new_path, path)?;
-        sync_dir(path)
+        // The committer writes to the new file from here on: one that is
+        // not in place would lose later marks in a crash, so a failure
+        // now fails the journal (first touches refused, as after a failed
+        // commit). The old journal holds everything marked until now.
+        let placed = std::fs::rename(&new_path, path).and_then(|()| sync_dir(path));
+        if let Err(error) = &placed {
+            self.committer().poison(format!(
+                "putting the compacted journal in place failed: {error}"
+            ));
+        }
+        placed
     }
 
     /// Stops tracking cleanly: commits what is queued and records the
