@@ -309,23 +309,26 @@ impl Tracker {
 
     /// After a FUA write: its regions are saved, unless an earlier write to
     /// them still waits for a flush (then the region as a whole is not).
-    pub fn note_written_durably(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
+    pub fn note_written_durably(&self, offset_bytes: u64, length_bytes: u64) {
         if length_bytes == 0 {
-            return Ok(());
+            return;
         }
         let run = self.run_of(offset_bytes, length_bytes);
         let runs: Vec<RegionRun> = runs_from_sorted(
             (run.first_region..run.first_region + run.region_count)
                 .filter(|&region| !self.written.get(region)),
         );
-        if runs.is_empty() {
-            return Ok(());
+        if !runs.is_empty() {
+            self.record_saved(runs);
         }
-        self.record_saved(runs)
     }
 
-    /// Marks regions saved and queues their (lazy) SAVED record.
-    fn record_saved(&self, runs: Vec<RegionRun>) -> io::Result<()> {
+    /// Marks regions saved and queues their (lazy) SAVED record. A journal
+    /// that failed takes no record: the regions are saved all the same
+    /// (the image's flush succeeded), and a SAVED record missing after a
+    /// restart only shows them as written, the safe side. So neither a
+    /// FLUSH nor a FUA write fails because of the journal.
+    fn record_saved(&self, runs: Vec<RegionRun>) {
         for run in &runs {
             self.saved.set_run(*run);
         }
@@ -333,7 +336,9 @@ impl Tracker {
         for hook in self.hooks() {
             hook.saved(&runs);
         }
-        self.committer().enqueue_lazy(Record::Saved { epoch, runs })
+        if let Err(error) = self.committer().enqueue_lazy(Record::Saved { epoch, runs }) {
+            tracing::debug!(%error, "no SAVED record for this flush");
+        }
     }
 
     /// Around a device flush: takes the regions written since the last one,
@@ -355,13 +360,12 @@ impl Tracker {
             return Err(error);
         }
         let started = Instant::now();
-        let mut queued = Ok(());
         if !runs.is_empty() {
-            queued = self.record_saved(runs);
+            self.record_saved(runs);
         }
         work += started.elapsed();
         self.record_flush_work(work);
-        queued
+        Ok(())
     }
 
     fn record_flush_work(&self, work: Duration) {

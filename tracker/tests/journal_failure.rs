@@ -1,10 +1,18 @@
 //! EIO from the journal's storage, injected through the `journal_wrapper`
 //! seam on a real journal file: on the append (half the bytes land, as
-//! when the file system fills mid-record) and on the `fdatasync`.
-//! A checkpoint after the journal failed is refused, and one whose *new*
-//! journal cannot be written changes nothing, the disk going on being
-//! tracked; after a stop or a crash and a restart every region whose
-//! bytes differ from the checkpoint's copy is reported.
+//! when the file system fills mid-record) and on the `fdatasync`. What
+//! must hold, whichever fails:
+//!
+//! - a first touch (a write to a region not yet marked in the
+//!   generation) fails and is never issued; a write to a marked region,
+//!   FLUSH and FUA writes go on (the image is fine, only the journal is
+//!   not);
+//! - `journal_failure` says so, and stays set until a restart;
+//! - a checkpoint is refused, changing nothing;
+//! - a checkpoint whose *new* journal cannot be written changes nothing
+//!   either, and the disk goes on being tracked;
+//! - after a stop and a restart every region whose bytes differ from the
+//!   checkpoint's copy is reported, and the tracker works normally again.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -162,6 +170,11 @@ fn write(backend: &TrackedBackend, region: u64, seed: u64) -> io::Result<()> {
     backend.write_at(&random_bytes(seed, 4096), offset, false)
 }
 
+fn write_fua(backend: &TrackedBackend, region: u64, seed: u64) -> io::Result<()> {
+    let offset = region * REGION_BYTES;
+    backend.write_at(&random_bytes(seed, 4096), offset, true)
+}
+
 /// Regions whose bytes differ between the image and `base`.
 fn differing_regions(image: &Path, base: &[u8]) -> BTreeSet<u64> {
     let now = std::fs::read(image).unwrap();
@@ -225,6 +238,88 @@ fn restart(setup: Setup, stop: Stop) -> (TempDir, PathBuf, Vec<u8>, Arc<Tracker>
     drop(tracker);
     let (tracker, backend) = serve(&options(&dir, None));
     (dir, image, base, tracker, backend)
+}
+
+fn eio_refuses_first_touches_only(fault: Fault, stop: Stop) {
+    let setup = setup(&format!("{fault:?}-{stop:?}"));
+    setup.faults.arm(fault);
+    let error = write(&setup.backend, 5, 5).expect_err("a first touch with a failing journal");
+    assert!(
+        error.to_string().contains("journal"),
+        "the error names the journal: {error}"
+    );
+    assert_eq!(
+        differing_regions(&setup.image, &setup.base),
+        [2].into_iter().collect(),
+        "the refused write was not issued"
+    );
+    let failure = setup.tracker.journal_failure().expect("a journal failure");
+    assert!(failure.contains("Input/output error"), "{failure}");
+
+    // Space freed, device back: first touches stay refused until a
+    // restart (the journal may hold a partial record now); writes to
+    // marked regions, FLUSH and FUA writes go on.
+    setup.faults.disarm();
+    assert!(write(&setup.backend, 6, 6).is_err(), "still refused");
+    write(&setup.backend, 2, 22).expect("a write to a marked region");
+    setup
+        .backend
+        .flush()
+        .expect("FLUSH: the image is durable, only the journal is not");
+    write_fua(&setup.backend, 2, 23).expect("a FUA write to a marked region");
+    assert!(setup.tracker.journal_failure().is_some());
+    assert_no_under_report(&setup.tracker, &setup.image, &setup.base, &[2, 5, 6]);
+
+    let refused = setup
+        .tracker
+        .checkpoint("after")
+        .expect_err("a checkpoint with a failed journal");
+    assert!(
+        refused.to_string().contains("journal"),
+        "the refusal names the journal: {refused}"
+    );
+    assert!(
+        setup
+            .tracker
+            .checkpoints()
+            .iter()
+            .all(|c| c.name != "after")
+    );
+
+    let (_dir, image, base, tracker, backend) = restart(setup, stop);
+    assert!(
+        !tracker.clean_start(),
+        "a failed journal leaves no clean marker"
+    );
+    assert!(tracker.journal_failure().is_none());
+    assert!(
+        tracker.checkpoints().iter().all(|c| c.name != "after"),
+        "the refused checkpoint does not come back"
+    );
+    assert_no_under_report(&tracker, &image, &base, &[2, 5, 6]);
+
+    // Normal again: first touches, checkpoints.
+    write(&backend, 7, 7).expect("a first touch after the restart");
+    assert_no_under_report(&tracker, &image, &base, &[2, 5, 6, 7]);
+    tracker.checkpoint("again").unwrap();
+    write(&backend, 8, 8).unwrap();
+    assert_eq!(
+        reported_regions(&tracker, "again"),
+        [8].into_iter().collect()
+    );
+    tracker.close().unwrap();
+}
+
+#[test]
+fn eio_on_a_journal_append_refuses_first_touches_only_and_a_restart_loses_no_change() {
+    eio_refuses_first_touches_only(Fault::Write, Stop::Clean);
+    eio_refuses_first_touches_only(Fault::Write, Stop::Crash);
+}
+
+#[test]
+fn eio_on_a_journal_sync_refuses_first_touches_only_and_a_restart_loses_no_change() {
+    eio_refuses_first_touches_only(Fault::Sync, Stop::Clean);
+    eio_refuses_first_touches_only(Fault::Sync, Stop::Crash);
 }
 
 /// Regression: a checkpoint taken after the journal failed committed its
