@@ -505,8 +505,10 @@ impl Tracker {
         }
         if let Some(committer) = self.committer.get() {
             committer.stop();
-            if committer.failure().is_some() {
-                return Ok(()); // no clean marker: the next open distrusts the state
+            if let Some(reason) = committer.failure() {
+                // No clean marker: the next open replays the journal, which
+                // holds a durable mark for every write that was issued.
+                return Err(CloseError::JournalFailed { reason });
             }
         }
         let metadata = std::fs::metadata(&self.image_path).map_err(|source| CloseError::Image {

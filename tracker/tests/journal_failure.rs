@@ -26,7 +26,7 @@ use backend::BlockBackend;
 use backend::file::FileBackend;
 use testkit::{TempDir, create_sparse_file, random_bytes};
 use tracker::journal::JournalFile;
-use tracker::tracker::JournalWrapper;
+use tracker::tracker::{CloseError, JournalWrapper};
 use tracker::{TrackedBackend, Tracker, TrackerOptions};
 
 const IMAGE_BYTES: u64 = 4 << 20;
@@ -232,7 +232,14 @@ fn restart(setup: Setup, stop: Stop) -> (TempDir, PathBuf, Vec<u8>, Arc<Tracker>
         ..
     } = setup;
     if stop == Stop::Clean {
-        tracker.close().unwrap();
+        let closed = tracker.close();
+        match tracker.journal_failure() {
+            Some(_) => assert!(
+                matches!(closed, Err(CloseError::JournalFailed { .. })),
+                "a close after a journal failure says so: {closed:?}"
+            ),
+            None => closed.unwrap(),
+        }
     }
     drop(backend);
     drop(tracker);
