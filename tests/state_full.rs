@@ -521,3 +521,63 @@ fn a_snapshot_store_on_a_full_state_directory_breaks_the_snapshot_not_the_writes
     fixture.stop(Stop::Term);
     assert_reported_exactly(&fixture, "after the broken snapshot");
 }
+
+/// The image's own file system full (a sparse image on a small tmpfs, its
+/// state elsewhere): a write into a hole fails with ENOSPC at the client,
+/// an overwrite succeeds, and tracking reports the failed write's region
+/// too (its mark was durable before the write was tried): over, never
+/// under.
+#[test]
+fn a_full_image_file_system_fails_writes_with_enospc_and_tracking_only_over_reports() {
+    if skipped_unless_root("mount -t tmpfs for the image") {
+        return;
+    }
+    let dir = TempDir::new("image-full");
+    let image_fs = Tmpfs::mount(dir.path(), "imagefs", "1M");
+    let image = image_fs.join("disk.img");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[&image],
+        &["--size", IMAGE_SIZE, "--state", state_arg],
+    );
+    let uri = server.uri();
+    ok(&uri, &[write_request(1), "flush".into()]);
+    let image_arg = image.to_str().unwrap();
+    run_program(
+        BLOCKWATCH,
+        ["checkpoint", image_arg, "--state", state_arg, "base"],
+    );
+    let filler = image_fs.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while file.write_all(&[0u8; 4096]).is_ok() {}
+    let outcomes = requests(&uri, &[write_request(1), write_request(2), "flush".into()]);
+    assert_eq!(outcomes, ["ok", "ENOSPC", "ok"], "{}", server.logs());
+    let changes = parse_json(
+        &run_program(
+            BLOCKWATCH,
+            [
+                "changes", image_arg, "--state", state_arg, "--since", "base", "--json",
+            ],
+        ),
+        "changes --json",
+    );
+    let regions: BTreeSet<u64> = ranges(&changes["extents"])
+        .into_iter()
+        .map(|(offset, _)| offset / REGION)
+        .collect();
+    assert_eq!(regions, BTreeSet::from([1, 2]), "{changes:#}");
+    let status = parse_json(
+        &run_program(
+            BLOCKWATCH,
+            ["status", image_arg, "--state", state_arg, "--json"],
+        ),
+        "status --json",
+    );
+    assert!(status["journal_failure"].is_null(), "{status:#}");
+    drop(file);
+    std::fs::remove_file(filler).unwrap();
+    ok(&uri, &[write_request(2), "flush".into()]);
+    server.stop();
+}
