@@ -277,6 +277,22 @@ fn commit_loop(shared: &Shared) {
                 .expect("journal state lock")
                 .0;
         }
+        if state.failed.is_some() {
+            // A failed journal takes nothing more. What was queued before
+            // the failure was refused to its waiters (they woke with the
+            // error); committing it now would set bits for writes that
+            // were refused, and its record, written after a torn append,
+            // may not survive the next replay.
+            state.pending_marks.clear();
+            state.pending_records.clear();
+            state.sync_required = false;
+            if state.stop {
+                return;
+            }
+            drop(state);
+            shared.done.notify_all();
+            continue;
+        }
         if state.pending_marks.is_empty() && state.pending_records.is_empty() {
             return; // stopping, nothing left
         }
@@ -367,9 +383,11 @@ fn annotations(shared: &Shared, records: &[Record]) -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{FileHeader, replay};
+    use crate::journal::{FileHeader, JournalFile, replay};
     use std::fs::File;
+    use std::os::unix::fs::FileExt;
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     fn journal(name: &str) -> (PathBuf, JournalWriter) {
         let (path, file) = crate::journal::tests::temp_file(&format!("commit-{name}"));
@@ -418,5 +436,106 @@ mod tests {
         assert_eq!(saved_files_epochs(&new_path), Vec::<u64>::new());
         let _ = std::fs::remove_file(old_path);
         let _ = std::fs::remove_file(new_path);
+    }
+
+    /// A journal file whose `fail_call`-th write waits for `release`,
+    /// then lands all but its last 8 bytes and fails with EIO, as a file
+    /// system filling up in the middle of a commit does.
+    #[derive(Debug)]
+    struct HalfWrite {
+        file: File,
+        calls: AtomicUsize,
+        fail_call: usize,
+        entered: AtomicBool,
+        release: Mutex<bool>,
+        released: Condvar,
+    }
+
+    impl JournalFile for Arc<HalfWrite> {
+        fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) != self.fail_call {
+                return FileExt::write_all_at(&self.file, bytes, offset);
+            }
+            self.entered.store(true, Ordering::SeqCst);
+            let mut released = self.release.lock().unwrap();
+            while !*released {
+                released = self.released.wait(released).unwrap();
+            }
+            FileExt::write_all_at(&self.file, &bytes[..bytes.len() - 8], offset)?;
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+        fn set_len(&self, length: u64) -> io::Result<()> {
+            self.file.set_len(length)
+        }
+    }
+
+    fn run(first_region: u64, region_count: u64) -> RegionRun {
+        RegionRun {
+            first_region,
+            region_count,
+        }
+    }
+
+    /// Regression: marks queued while a commit was failing were committed
+    /// by the next turn of the loop, after the failure: their bits were
+    /// set (so a retried write took the fast path and was issued), while
+    /// their record, written at the failed append's offset with sequence
+    /// numbers that skipped it, was cut off as a torn tail by the next
+    /// open. That write was then missing from every change report.
+    #[test]
+    fn marks_queued_before_a_journal_failure_are_not_committed_after_it() {
+        let (path, file) = crate::journal::tests::temp_file("commit-failure");
+        let half = Arc::new(HalfWrite {
+            file,
+            calls: AtomicUsize::new(0),
+            // Call 0 writes the header; call 1 is the first commit.
+            fail_call: 1,
+            entered: AtomicBool::new(false),
+            release: Mutex::new(false),
+            released: Condvar::new(),
+        });
+        let header = FileHeader {
+            generation: 1,
+            granularity_shift: 16,
+            image_id: [4; 16],
+        };
+        let writer = JournalWriter::create(Box::new(Arc::clone(&half)), header).unwrap();
+        let marked = Arc::new(AtomicBitmap::new(64));
+        let committer = Arc::new(Committer::start(writer, Arc::clone(&marked), None));
+        // A commit held inside its write.
+        let failing = {
+            let committer = Arc::clone(&committer);
+            std::thread::spawn(move || committer.mark(run(1, 1)))
+        };
+        while !half.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // A first touch queued while that commit is under way.
+        let queued = {
+            let committer = Arc::clone(&committer);
+            std::thread::spawn(move || committer.mark(run(9, 1)))
+        };
+        while committer.lock().pending_marks.is_empty() {
+            std::thread::yield_now();
+        }
+        *half.release.lock().unwrap() = true;
+        half.released.notify_all();
+        assert!(failing.join().unwrap().is_err());
+        assert!(
+            queued.join().unwrap().is_err(),
+            "the queued first touch is refused"
+        );
+        committer.stop();
+        assert!(
+            !marked.get(9),
+            "a region whose first touch was refused must not read as marked"
+        );
+        // What the file holds replays to nothing but the header.
+        let replayed = replay(&File::open(&path).unwrap()).unwrap();
+        assert!(replayed.records.is_empty(), "{:?}", replayed.records);
+        let _ = std::fs::remove_file(path);
     }
 }
