@@ -566,7 +566,18 @@ fn offline(image: &Path, state_dir: &Path, request: &Request) -> anyhow::Result<
     let tracker = Tracker::open(&options, size_bytes)?;
     tracker.start();
     let reply = answer(&tracker, image, request);
-    tracker.close()?;
+    match tracker.close() {
+        Ok(()) => {}
+        // A query's answer stands without the clean-shutdown marker (a
+        // full state directory after a crash): the next open recovers
+        // from the journal, as it would have anyway.
+        Err(error) if request.is_query() => eprintln!(
+            "blockwatch: {}: {}",
+            image.display(),
+            tracker::tracker::error_chain(&error)
+        ),
+        Err(error) => return Err(error.into()),
+    }
     Ok(reply)
 }
 
