@@ -28,7 +28,8 @@ const IMAGE_SIZE: &str = "16M";
 const PYTHON: &str = "/usr/bin/python3";
 
 /// Runs each request named in argv (`w:OFFSET`, 4 KiB of data;
-/// `fua:OFFSET`; `flush`) on one connection, in order, and prints
+/// `fua:OFFSET`; `trim:OFFSET` and `zero:OFFSET`, 4 KiB; `flush`) on
+/// one connection, in order, and prints
 /// `[[request, "ok" or the NBD error's errno name], ...]`.
 const REQUESTS: &str = r#"
 import json, nbd, sys
@@ -42,6 +43,10 @@ for request in sys.argv[2:]:
             h.pwrite(b"\x5a" * 4096, int(offset))
         elif kind == "fua":
             h.pwrite(b"\xa5" * 4096, int(offset), nbd.CMD_FLAG_FUA)
+        elif kind == "trim":
+            h.trim(4096, int(offset))
+        elif kind == "zero":
+            h.zero(4096, int(offset))
         elif kind == "flush":
             h.flush()
         else:
@@ -92,6 +97,11 @@ struct Fixture {
 
 impl Fixture {
     fn start(label: &str) -> Fixture {
+        Fixture::start_with(label, &[])
+    }
+
+    /// `start`, with more `serve` arguments.
+    fn start_with(label: &str, serve_args: &[&str]) -> Fixture {
         require_tool("nbdinfo", "libnbd-bin");
         let dir = TempDir::new(label);
         let state_fs = Tmpfs::mount(dir.path(), "statefs", "4M");
@@ -105,7 +115,9 @@ impl Fixture {
             state_fs,
             dir,
         };
-        fixture.serve(&["--size", IMAGE_SIZE]);
+        let mut args = vec!["--size", IMAGE_SIZE];
+        args.extend_from_slice(serve_args);
+        fixture.serve(&args);
         let uri = fixture.uri();
         ok(&uri, &[write_request(0), "flush".into()]);
         fixture.blockwatch_ok(&["checkpoint", "base"]);
@@ -247,7 +259,10 @@ fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_chan
         return;
     }
     for stop in [Stop::Term, Stop::Kill] {
-        let mut fixture = Fixture::start(&format!("state-full-journal-{stop:?}"));
+        let mut fixture = Fixture::start_with(
+            &format!("state-full-journal-{stop:?}"),
+            &["--snapshot-max", "1M"],
+        );
         let uri = fixture.uri();
         ok(&uri, &[write_request(1)]); // marked before the disk fills
         let filler = fixture.fill();
@@ -268,18 +283,37 @@ fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_chan
         let written: BTreeSet<u64> = (1..2 + accepted as u64).collect();
         assert_eq!(fixture.differing_regions(), written, "{stop:?}");
 
-        // Writes to marked regions, FLUSH and FUA writes go on.
+        // Writes, trims and zeroings of marked regions, FLUSH and FUA
+        // writes go on; a trim or zeroing of a new region is a first
+        // touch like a write.
         let marked = [
             write_request(1),
             "flush".into(),
             format!("fua:{}", REGION),
+            format!("trim:{}", REGION + 8192),
+            format!("zero:{}", REGION + 16384),
+            format!("trim:{}", 240 * REGION),
+            format!("zero:{}", 241 * REGION),
             write_request(2),
             "flush".into(),
         ];
         let outcomes = requests(&uri, &marked);
-        assert_eq!(outcomes[..3], ["ok", "ok", "ok"], "{stop:?}: {outcomes:?}");
         let expect_region_2 = if accepted > 0 { "ok" } else { "EIO" };
-        assert_eq!(outcomes[3..], [expect_region_2, "ok"], "{stop:?}");
+        assert_eq!(
+            outcomes,
+            [
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "EIO",
+                "EIO",
+                expect_region_2,
+                "ok"
+            ],
+            "{stop:?}"
+        );
         assert_reported_exactly(&fixture, "full, serving");
 
         let status = fixture.status();
@@ -302,9 +336,24 @@ fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_chan
             "{refused}"
         );
 
-        // Space freed: first touches stay refused until the restart.
+        // Space freed: first touches, and copies (their checkpoint),
+        // stay refused until the restart, leaving no pin behind.
         std::fs::remove_file(filler).unwrap();
         assert_eq!(requests(&uri, &[write_request(220)]), ["EIO"]);
+        let replica = fixture.dir.join("replica.img");
+        let refused = fixture.blockwatch_refused(&["copy", "--to", replica.to_str().unwrap()]);
+        assert!(refused.contains("journal failed earlier"), "{refused}");
+        let stores = std::fs::read_dir(fixture.state.join("snapshots"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        assert_eq!(stores, 0, "the refused copy's snapshot store is removed");
+        let listing = fixture.blockwatch_ok(&["checkpoints", "--json"]);
+        let listing = parse_json(&listing, "checkpoints --json");
+        assert_eq!(listing.as_array().unwrap().len(), 1, "{listing:#}");
+        assert!(
+            listing[0]["pins"].as_array().unwrap().is_empty(),
+            "{listing:#}"
+        );
         match stop {
             Stop::Term => {
                 let logs = fixture.server.take().unwrap().stop_and_logs();
@@ -460,7 +509,8 @@ fn a_copy_on_a_full_state_directory_is_refused_and_the_disk_stays_writable() {
     if skipped_unless_root("mount -t tmpfs for the state directory") {
         return;
     }
-    let mut fixture = Fixture::start("state-full-copy");
+    // A store bound the 4 MiB file system can hold once it has room.
+    let mut fixture = Fixture::start_with("state-full-copy", &["--snapshot-max", "1M"]);
     let uri = fixture.uri();
     ok(&uri, &[write_request(1)]);
     let filler = fixture.fill();
@@ -479,7 +529,10 @@ fn a_copy_on_a_full_state_directory_is_refused_and_the_disk_stays_writable() {
         listing[0]["pins"].as_array().unwrap().is_empty(),
         "{listing:#}"
     );
+    // Space freed: the same copy goes through, no restart needed.
     std::fs::remove_file(filler).unwrap();
+    fixture.blockwatch_ok(&["copy", "--to", replica.to_str().unwrap()]);
+    assert_files_equal(&fixture.image, &replica);
     fixture.stop(Stop::Term);
 }
 
