@@ -450,12 +450,33 @@ impl Tracker {
 
     fn write_compacted_journal(&self, path: &Path) -> io::Result<()> {
         let new_path = path.with_extension("new");
+        if let Err(error) = self.swap_in_compacted_journal(&new_path) {
+            // Nothing changed: the old journal stays in use and in place.
+            let _ = std::fs::remove_file(&new_path);
+            return Err(error);
+        }
+        // The committer writes to the new file from here on: one that is
+        // not in place would lose later marks in a crash, so a failure
+        // now fails the journal (first touches refused, as after a failed
+        // commit). The old journal holds everything marked until now.
+        let placed = std::fs::rename(&new_path, path).and_then(|()| sync_dir(path));
+        if let Err(error) = &placed {
+            self.committer().poison(format!(
+                "putting the compacted journal in place failed: {error}"
+            ));
+        }
+        placed
+    }
+
+    /// Writes `new_path` as the generation's marks and saved regions,
+    /// syncs it and hands it to the journal thread.
+    fn swap_in_compacted_journal(&self, new_path: &Path) -> io::Result<()> {
         let header = FileHeader {
             generation: self.generation(),
             granularity_shift: self.granularity.shift(),
             image_id: self.image_id,
         };
-        let mut writer = create_journal(&new_path, &header, self.journal_wrapper.as_ref())?;
+        let mut writer = create_journal(new_path, &header, self.journal_wrapper.as_ref())?;
         let marked = runs_from_sorted(self.marked.iter_set());
         let saved = runs_from_sorted(self.saved.iter_set());
         let epoch = self.flush_epoch.load(Ordering::SeqCst);
@@ -475,18 +496,7 @@ impl Tracker {
         );
         writer.append(&records)?;
         writer.sync()?;
-        self.committer().replace_writer(writer)?;
-        // The committer writes to the new file from here on: one that is
-        // not in place would lose later marks in a crash, so a failure
-        // now fails the journal (first touches refused, as after a failed
-        // commit). The old journal holds everything marked until now.
-        let placed = std::fs::rename(&new_path, path).and_then(|()| sync_dir(path));
-        if let Err(error) = &placed {
-            self.committer().poison(format!(
-                "putting the compacted journal in place failed: {error}"
-            ));
-        }
-        placed
+        self.committer().replace_writer(writer)
     }
 
     /// Stops tracking cleanly: commits what is queued and records the

@@ -408,6 +408,10 @@ fn a_compaction_whose_new_journal_fails_keeps_the_old_one() {
     setup.faults.arm(Fault::Sync);
     assert!(setup.tracker.compact_journal().is_err());
     assert!(setup.tracker.journal_failure().is_none());
+    assert!(
+        !setup.dir.join("state/journal.new").exists(),
+        "the failed compaction's file is removed"
+    );
     write(&setup.backend, 5, 5).unwrap();
     setup.faults.disarm();
     let (_dir, image, base, tracker, _backend) = restart(setup, Stop::Clean);
