@@ -5,7 +5,10 @@
 //! sets the regions' in-memory marked bits and only then wakes the waiters.
 //! While one commit syncs, the next batch fills: many first touches share
 //! one `fdatasync` (as dm-era does). A failed commit poisons the journal:
-//! every later first touch fails, so no write is ever issued unmarked.
+//! nothing more is written to it, what was queued behind it is refused
+//! with it, and every later first touch fails, so no write is ever
+//! issued unmarked. `poison` does the same for a journal that could not
+//! be put in place; `drain` lets a checkpoint find out before it commits.
 //!
 //! After a batch is written and its waiters woken, the thread asks the
 //! optional annotator which files own each SAVED record's regions and
