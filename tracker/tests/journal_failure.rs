@@ -419,3 +419,60 @@ fn a_compaction_whose_new_journal_fails_keeps_the_old_one() {
     assert!(reported_regions(&tracker, "base").is_superset(&[2, 5].into_iter().collect()));
     tracker.close().unwrap();
 }
+
+/// The checkpoint's catalog commit succeeded, but its new journal cannot
+/// be renamed over `journal` (here a directory stands in its place; in
+/// life, EIO on the rename or the directory sync). The checkpoint stands,
+/// the journal counts as failed, and since the new generation has no
+/// marks every write is refused: none can be recorded only in the old
+/// journal, which the next open throws away as older than the catalog.
+#[test]
+fn a_checkpoint_whose_journal_cannot_be_renamed_into_place_refuses_every_write_after_it() {
+    let setup = setup("rename");
+    let state = setup.dir.join("state");
+    let journal = state.join("journal");
+    let kept = std::fs::read(&journal).unwrap();
+    std::fs::remove_file(&journal).unwrap();
+    std::fs::create_dir_all(journal.join("in-the-way")).unwrap();
+
+    let checkpoint = setup.tracker.checkpoint("after").unwrap();
+    assert_eq!(checkpoint.name, "after", "the checkpoint stands");
+    let failure = setup.tracker.journal_failure().expect("a failed journal");
+    assert!(
+        failure.contains("checkpoint \"after\" was taken")
+            && failure.contains("could not be put in place"),
+        "{failure}"
+    );
+    for region in [2, 5] {
+        assert!(
+            write(&setup.backend, region, 30 + region).is_err(),
+            "region {region}: every write after the checkpoint is refused"
+        );
+    }
+    setup.backend.flush().unwrap();
+    assert!(setup.tracker.checkpoint("later").is_err());
+
+    // What the directory would hold after such a failure: the old journal
+    // in place, the new one beside it.
+    std::fs::remove_dir_all(&journal).unwrap();
+    std::fs::write(&journal, kept).unwrap();
+    let (_dir, image, base, tracker, backend) = restart(setup, Stop::Crash);
+    let names: Vec<String> = tracker
+        .checkpoints()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(names, ["base", "after"]);
+    assert_eq!(reported_regions(&tracker, "after"), BTreeSet::new());
+    assert_eq!(differing_regions(&image, &base), [2].into_iter().collect());
+    assert_eq!(
+        reported_regions(&tracker, "base"),
+        [2].into_iter().collect()
+    );
+    write(&backend, 6, 6).unwrap();
+    assert_eq!(
+        reported_regions(&tracker, "after"),
+        [6].into_iter().collect()
+    );
+    tracker.close().unwrap();
+}
