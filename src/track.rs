@@ -465,7 +465,10 @@ fn status_lines(status: &StatusInfo) -> Vec<(String, String)> {
         ("last shutdown:", status.last_shutdown.clone()),
         (
             "journal failure:",
-            status.journal_failure.clone().unwrap_or("none".into()),
+            status
+                .journal_failure
+                .as_ref()
+                .map_or("none".into(), |failure| journal_failure_line(failure)),
         ),
     ]
     .into_iter()
@@ -492,6 +495,16 @@ fn status_lines(status: &StatusInfo) -> Vec<(String, String)> {
         lines.push(("warning:".into(), warning.clone()));
     }
     lines
+}
+
+/// What a failed journal means for the disk, beside the error itself.
+fn journal_failure_line(failure: &str) -> String {
+    format!(
+        "{failure}. Until the server restarts, writes to regions not written since the last \
+         checkpoint fail with EIO and checkpoints (so copies) are refused; other writes and \
+         flushes go on and every change stays reported. Free space or fix the device, then \
+         restart the server"
+    )
 }
 
 /// Sends `request` to the server tracking `image`, or answers it offline.
@@ -553,7 +566,18 @@ fn offline(image: &Path, state_dir: &Path, request: &Request) -> anyhow::Result<
     let tracker = Tracker::open(&options, size_bytes)?;
     tracker.start();
     let reply = answer(&tracker, image, request);
-    tracker.close()?;
+    match tracker.close() {
+        Ok(()) => {}
+        // A query's answer stands without the clean-shutdown marker (a
+        // full state directory after a crash): the next open recovers
+        // from the journal, as it would have anyway.
+        Err(error) if request.is_query() => eprintln!(
+            "blockwatch: {}: {}",
+            image.display(),
+            tracker::tracker::error_chain(&error)
+        ),
+        Err(error) => return Err(error.into()),
+    }
     Ok(reply)
 }
 

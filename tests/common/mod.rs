@@ -201,6 +201,17 @@ impl Server {
         );
     }
 
+    /// `stop`, returning what the server logged, its last words included.
+    pub fn stop_and_logs(mut self) -> String {
+        let status = self.terminate();
+        let logs = self.logs();
+        assert!(
+            status.success(),
+            "blockwatch serve exited with {status} after SIGTERM (want 0)\n{logs}"
+        );
+        logs
+    }
+
     fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("server is running");
         if let Some(status) = child.try_wait().expect("cannot poll the server") {

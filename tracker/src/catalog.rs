@@ -122,6 +122,11 @@ impl std::fmt::Debug for Db {
 #[derive(Debug)]
 pub struct Catalog {
     db: Db,
+    /// Why a write transaction failed to commit, once one did. redb
+    /// refuses every later write of this process after an I/O error
+    /// ("close and re-open the database"), so it stays said until a
+    /// restart.
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Catalog {
@@ -139,6 +144,7 @@ impl Catalog {
         txn.commit().map_err(db_error)?;
         Ok(Catalog {
             db: Db::Writable(db),
+            failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -157,10 +163,28 @@ impl Catalog {
         match redb::ReadOnlyDatabase::open(path) {
             Ok(db) => Ok(Catalog {
                 db: Db::ReadOnly(db),
+                failed: std::sync::Mutex::new(None),
             }),
             Err(redb::DatabaseError::RepairAborted) => Err(CatalogError::NeedsRepair),
             Err(error) => Err(db_error(error)),
         }
+    }
+
+    /// Commits `txn`; a failure is remembered for `failure`.
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<(), CatalogError> {
+        txn.commit().map_err(|error| {
+            let error = db_error(error);
+            self.failed
+                .lock()
+                .expect("catalog failure lock")
+                .get_or_insert_with(|| error.to_string());
+            error
+        })
+    }
+
+    /// Why a write to the catalog failed in this process, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().expect("catalog failure lock").clone()
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogError> {
@@ -340,7 +364,7 @@ impl Catalog {
                 .insert((pin.generation, pin.holder.as_str()), value.as_slice())
                 .map_err(db_error)?;
         }
-        txn.commit().map_err(db_error)
+        self.commit(txn)
     }
 
     /// Removes a pin, durably; false when there was none.
@@ -353,7 +377,7 @@ impl Catalog {
                 .map_err(db_error)?
                 .is_some()
         };
-        txn.commit().map_err(db_error)?;
+        self.commit(txn)?;
         Ok(removed)
     }
 
@@ -388,7 +412,7 @@ impl Catalog {
                     .map_err(db_error)?;
             }
         }
-        txn.commit().map_err(db_error)
+        self.commit(txn)
     }
 
     /// The lowest the current generation can be (see KEY_GENERATION_FLOOR).
@@ -413,7 +437,7 @@ impl Catalog {
             meta.insert(KEY_GENERATION_FLOOR, with_checksum(&floor).as_slice())
                 .map_err(db_error)?;
         }
-        txn.commit().map_err(db_error)
+        self.commit(txn)
     }
 
     /// A meta value of exactly `N` bytes; another length is Malformed.
@@ -455,7 +479,7 @@ impl Catalog {
                 }
             }
         }
-        txn.commit().map_err(db_error)
+        self.commit(txn)
     }
 }
 

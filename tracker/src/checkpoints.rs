@@ -14,7 +14,7 @@ use roaring::RoaringBitmap;
 use crate::catalog::{Checkpoint, Pin};
 use crate::error::{CHECKPOINT_NAME_MAX, CheckpointError, PIN_REASON_MAX};
 use crate::journal::{self, FileHeader, Record};
-use crate::open::{replace_journal, sync_dir, unix_seconds};
+use crate::open::{create_journal, sync_dir, unix_seconds};
 use crate::recovery::Findings;
 use crate::regions::{REGION_COUNT_MAX, runs_from_sorted};
 use crate::tracker::Tracker;
@@ -85,8 +85,36 @@ impl Tracker {
         Ok(checkpoint)
     }
 
+    /// Closes the generation, gate closed. The next generation's journal
+    /// is written and synced beside the current one, and the current one
+    /// has taken every queued record, before the catalog commit: until
+    /// that commit a failure (ENOSPC, EIO, a journal that failed earlier)
+    /// changes nothing and the disk goes on in this generation. A
+    /// checkpoint committed to the catalog comes back after a restart, and
+    /// the journal it leaves behind is then thrown away as older than the
+    /// catalog, so past the commit the generation switches in memory
+    /// whatever happens, and a journal that cannot be put in place fails
+    /// the journal: every later write is a first touch and is refused.
     fn switch_generation(&self, name: &str) -> Result<Checkpoint, CheckpointError> {
+        let journal_error = |source| CheckpointError::Journal {
+            name: name.to_string(),
+            source,
+        };
+        self.committer().drain().map_err(journal_error)?;
         let generation = self.generation();
+        let header = FileHeader {
+            generation: generation + 1,
+            granularity_shift: self.granularity.shift(),
+            image_id: self.image_id,
+        };
+        let path = self.state_dir.join("journal");
+        let new_path = path.with_extension("new");
+        let discard = |error| {
+            let _ = std::fs::remove_file(&new_path);
+            error
+        };
+        let writer = create_journal(&new_path, &header, self.journal_wrapper.as_ref())
+            .map_err(|source| discard(journal_error(source)))?;
         let (changed, saved) = self.current_generation();
         let (exact, fine) = self.fine.current(&changed);
         let checkpoint = Checkpoint {
@@ -98,30 +126,22 @@ impl Tracker {
             exact,
             fine,
         };
-        self.catalog
-            .add_checkpoint(&checkpoint)
-            .map_err(|source| CheckpointError::Catalog {
+        self.catalog.add_checkpoint(&checkpoint).map_err(|source| {
+            discard(CheckpointError::Catalog {
                 name: name.to_string(),
                 source,
-            })?;
-        let header = FileHeader {
-            generation: generation + 1,
-            granularity_shift: self.granularity.shift(),
-            image_id: self.image_id,
-        };
-        let journal_error = |source| CheckpointError::Journal {
-            name: name.to_string(),
-            source,
-        };
-        let writer = replace_journal(
-            &self.state_dir.join("journal"),
-            &header,
-            self.journal_wrapper.as_ref(),
-        )
-        .map_err(journal_error)?;
-        self.committer()
+            })
+        })?;
+        let placed = self
+            .committer()
             .replace_writer(writer)
-            .map_err(journal_error)?;
+            .and_then(|()| std::fs::rename(&new_path, &path))
+            .and_then(|()| sync_dir(&path));
+        if let Err(error) = placed {
+            self.committer().poison(format!(
+                "checkpoint {name:?} was taken, but the next journal could not be put in place: {error}"
+            ));
+        }
         self.marked.clear_all();
         self.saved.clear_all();
         self.fine.clear();

@@ -5,7 +5,10 @@
 //! sets the regions' in-memory marked bits and only then wakes the waiters.
 //! While one commit syncs, the next batch fills: many first touches share
 //! one `fdatasync` (as dm-era does). A failed commit poisons the journal:
-//! every later first touch fails, so no write is ever issued unmarked.
+//! nothing more is written to it, what was queued behind it is refused
+//! with it, and every later first touch fails, so no write is ever
+//! issued unmarked. `poison` does the same for a journal that could not
+//! be put in place; `drain` lets a checkpoint find out before it commits.
 //!
 //! After a batch is written and its waiters woken, the thread asks the
 //! optional annotator which files own each SAVED record's regions and
@@ -172,22 +175,46 @@ impl Committer {
         Ok(())
     }
 
-    /// Waits for the committer to go idle, then swaps in a new journal
-    /// (at a checkpoint, while writes are held at the gate).
-    pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
+    /// Waits until everything queued is written and synced and the thread
+    /// is idle; an error when the journal failed (before or on the way).
+    /// Lazy records queued then are written at once: they belong to the
+    /// journal in use.
+    pub fn drain(&self) -> io::Result<()> {
+        self.drained().map(drop)
+    }
+
+    fn drained(&self) -> io::Result<MutexGuard<'_, State>> {
         let mut state = self.lock();
-        while state.busy || !state.pending_marks.is_empty() || !state.pending_records.is_empty() {
+        loop {
             check_failed(&state)?;
+            if !state.busy && state.pending_marks.is_empty() && state.pending_records.is_empty() {
+                return Ok(state);
+            }
             if !state.pending_records.is_empty() && !state.sync_required {
-                // Lazy records belong to the old journal: write them now,
-                // including the annotations of the commit just made.
+                // Including the annotations of the commit just made.
                 state.sync_required = true;
                 self.shared.work.notify_one();
             }
             state = self.shared.done.wait(state).expect("journal state lock");
         }
-        state.writer = Some(writer);
+    }
+
+    /// Waits for the committer to go idle, then swaps in a new journal
+    /// (at a checkpoint or a compaction, while writes are held at the
+    /// gate). Refused when the journal failed: what the failed journal
+    /// holds is not known, so it is not swapped for one that looks whole.
+    pub fn replace_writer(&self, writer: JournalWriter) -> io::Result<()> {
+        self.drained()?.writer = Some(writer);
         Ok(())
+    }
+
+    /// Fails the journal from outside (a new journal that could not be
+    /// put in place): from now on first touches are refused, as after a
+    /// failed commit. An earlier failure's reason is kept.
+    pub fn poison(&self, reason: String) {
+        tracing::error!(%reason, "tracking refuses new first touches");
+        self.lock().failed.get_or_insert(reason);
+        self.shared.done.notify_all();
     }
 
     pub fn journal_size_bytes(&self) -> u64 {
@@ -220,7 +247,7 @@ impl Drop for Committer {
 fn check_failed(state: &State) -> io::Result<()> {
     match &state.failed {
         Some(message) => Err(io::Error::other(format!(
-            "the tracking journal failed earlier ({message}); writes to unmarked regions are refused"
+            "the tracking journal failed earlier ({message}); writes to regions not yet written in this generation, and checkpoints, are refused until the server restarts"
         ))),
         None => Ok(()),
     }
@@ -253,6 +280,22 @@ fn commit_loop(shared: &Shared) {
                 .expect("journal state lock")
                 .0;
         }
+        if state.failed.is_some() {
+            // A failed journal takes nothing more. What was queued before
+            // the failure was refused to its waiters (they woke with the
+            // error); committing it now would set bits for writes that
+            // were refused, and its record, written after a torn append,
+            // may not survive the next replay.
+            state.pending_marks.clear();
+            state.pending_records.clear();
+            state.sync_required = false;
+            if state.stop {
+                return;
+            }
+            drop(state);
+            shared.done.notify_all();
+            continue;
+        }
         if state.pending_marks.is_empty() && state.pending_records.is_empty() {
             return; // stopping, nothing left
         }
@@ -273,7 +316,14 @@ fn commit_loop(shared: &Shared) {
                 runs: chunk.to_vec(),
             });
         }
-        let result = writer.append(&records).and_then(|()| writer.sync());
+        let result = writer
+            .append(&records)
+            .map_err(|error| format!("writing the journal failed: {error}"))
+            .and_then(|()| {
+                writer
+                    .sync()
+                    .map_err(|error| format!("syncing the journal failed: {error}"))
+            });
         if result.is_ok() {
             for run in &marks {
                 shared.marked.set_run(*run);
@@ -291,7 +341,7 @@ fn commit_loop(shared: &Shared) {
             Ok(()) => state.committed_batch = batch,
             Err(error) => {
                 tracing::error!(%error, "journal commit failed: tracking refuses new first touches");
-                state.failed = Some(error.to_string());
+                state.failed = Some(error);
             }
         }
         // Waiters go on at once; a journal swap (`replace_writer`) waits
@@ -336,9 +386,11 @@ fn annotations(shared: &Shared, records: &[Record]) -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{FileHeader, replay};
+    use crate::journal::{FileHeader, JournalFile, replay};
     use std::fs::File;
+    use std::os::unix::fs::FileExt;
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     fn journal(name: &str) -> (PathBuf, JournalWriter) {
         let (path, file) = crate::journal::tests::temp_file(&format!("commit-{name}"));
@@ -387,5 +439,106 @@ mod tests {
         assert_eq!(saved_files_epochs(&new_path), Vec::<u64>::new());
         let _ = std::fs::remove_file(old_path);
         let _ = std::fs::remove_file(new_path);
+    }
+
+    /// A journal file whose `fail_call`-th write waits for `release`,
+    /// then lands all but its last 8 bytes and fails with EIO, as a file
+    /// system filling up in the middle of a commit does.
+    #[derive(Debug)]
+    struct HalfWrite {
+        file: File,
+        calls: AtomicUsize,
+        fail_call: usize,
+        entered: AtomicBool,
+        release: Mutex<bool>,
+        released: Condvar,
+    }
+
+    impl JournalFile for Arc<HalfWrite> {
+        fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) != self.fail_call {
+                return FileExt::write_all_at(&self.file, bytes, offset);
+            }
+            self.entered.store(true, Ordering::SeqCst);
+            let mut released = self.release.lock().unwrap();
+            while !*released {
+                released = self.released.wait(released).unwrap();
+            }
+            FileExt::write_all_at(&self.file, &bytes[..bytes.len() - 8], offset)?;
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+        fn set_len(&self, length: u64) -> io::Result<()> {
+            self.file.set_len(length)
+        }
+    }
+
+    fn run(first_region: u64, region_count: u64) -> RegionRun {
+        RegionRun {
+            first_region,
+            region_count,
+        }
+    }
+
+    /// Regression: marks queued while a commit was failing were committed
+    /// by the next turn of the loop, after the failure: their bits were
+    /// set (so a retried write took the fast path and was issued), while
+    /// their record, written at the failed append's offset with sequence
+    /// numbers that skipped it, was cut off as a torn tail by the next
+    /// open. That write was then missing from every change report.
+    #[test]
+    fn marks_queued_before_a_journal_failure_are_not_committed_after_it() {
+        let (path, file) = crate::journal::tests::temp_file("commit-failure");
+        let half = Arc::new(HalfWrite {
+            file,
+            calls: AtomicUsize::new(0),
+            // Call 0 writes the header; call 1 is the first commit.
+            fail_call: 1,
+            entered: AtomicBool::new(false),
+            release: Mutex::new(false),
+            released: Condvar::new(),
+        });
+        let header = FileHeader {
+            generation: 1,
+            granularity_shift: 16,
+            image_id: [4; 16],
+        };
+        let writer = JournalWriter::create(Box::new(Arc::clone(&half)), header).unwrap();
+        let marked = Arc::new(AtomicBitmap::new(64));
+        let committer = Arc::new(Committer::start(writer, Arc::clone(&marked), None));
+        // A commit held inside its write.
+        let failing = {
+            let committer = Arc::clone(&committer);
+            std::thread::spawn(move || committer.mark(run(1, 1)))
+        };
+        while !half.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // A first touch queued while that commit is under way.
+        let queued = {
+            let committer = Arc::clone(&committer);
+            std::thread::spawn(move || committer.mark(run(9, 1)))
+        };
+        while committer.lock().pending_marks.is_empty() {
+            std::thread::yield_now();
+        }
+        *half.release.lock().unwrap() = true;
+        half.released.notify_all();
+        assert!(failing.join().unwrap().is_err());
+        assert!(
+            queued.join().unwrap().is_err(),
+            "the queued first touch is refused"
+        );
+        committer.stop();
+        assert!(
+            !marked.get(9),
+            "a region whose first touch was refused must not read as marked"
+        );
+        // What the file holds replays to nothing but the header.
+        let replayed = replay(&File::open(&path).unwrap()).unwrap();
+        assert!(replayed.records.is_empty(), "{:?}", replayed.records);
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -194,6 +194,20 @@ fn checkpoint_info(tracker: &Tracker, checkpoint: &Checkpoint, pins: &[Pin]) -> 
     }
 }
 
+/// What recovery found, and what failed since.
+fn status_warnings(tracker: &Tracker) -> Vec<String> {
+    let mut warnings = tracker.warnings().to_vec();
+    if let Some(failure) = tracker.catalog_failure() {
+        warnings.push(format!(
+            "writing the catalog failed ({failure}): until the server restarts, checkpoints \
+             (so copies), pins and the clean-shutdown marker fail; writes and tracking go on \
+             and every change stays reported. Free space or fix the device, then restart the \
+             server"
+        ));
+    }
+    warnings
+}
+
 fn status_info(tracker: &Tracker) -> StatusInfo {
     let flush = tracker.flush_stats();
     let us = |nanos: u64| nanos as f64 / 1000.0;
@@ -224,7 +238,7 @@ fn status_info(tracker: &Tracker) -> StatusInfo {
         }
         .to_string(),
         offline: tracker.is_read_only(),
-        warnings: tracker.warnings().to_vec(),
+        warnings: status_warnings(tracker),
         journal_failure: tracker.journal_failure(),
         file_map: tracker.files().map(|files| {
             let stats = files.stats();

@@ -129,6 +129,12 @@ pub enum CloseError {
     Image { path: PathBuf, source: io::Error },
     #[error("catalog {path}: writing the clean-shutdown marker")]
     Catalog { path: PathBuf, source: CatalogError },
+    /// Nothing was written: the next open recovers from the journal as
+    /// after a crash, which reports every change (docs/journal.md).
+    #[error(
+        "the tracking journal failed ({reason}); no clean shutdown recorded, so the next start recovers from the journal as after a crash"
+    )]
+    JournalFailed { reason: String },
 }
 
 /// An error with its causes, for messages.

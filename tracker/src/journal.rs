@@ -436,14 +436,18 @@ impl JournalWriter {
     }
 
     /// Encodes records into one buffer and writes it (not yet durable).
+    /// A failed write leaves the writer where it was: its offset and its
+    /// sequence numbers are those of the records that failed.
     pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
         let mut bytes = Vec::new();
+        let mut sequence = self.next_sequence;
         for record in records {
-            encode_record(record, self.next_sequence, &mut bytes);
-            self.next_sequence += 1;
+            encode_record(record, sequence, &mut bytes);
+            sequence += 1;
         }
         self.file.write_all_at(&bytes, self.end_offset)?;
         self.end_offset += bytes.len() as u64;
+        self.next_sequence = sequence;
         Ok(())
     }
 

@@ -72,7 +72,8 @@ impl BlockBackend for TrackedBackend {
         let _gate = self.tracker.enter();
         self.tracker.ensure_marked(offset, length)?;
         self.inner.write_at(buf, offset, true)?;
-        self.tracker.note_written_durably(offset, length)
+        self.tracker.note_written_durably(offset, length);
+        Ok(())
     }
     fn flush(&self) -> io::Result<()> {
         let result = {

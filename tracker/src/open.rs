@@ -309,19 +309,6 @@ pub(crate) fn create_journal(
     Ok(writer)
 }
 
-/// Writes a fresh journal beside the old one and renames it into place.
-pub(crate) fn replace_journal(
-    path: &Path,
-    header: &FileHeader,
-    wrapper: Option<&JournalWrapper>,
-) -> io::Result<JournalWriter> {
-    let new_path = path.with_extension("new");
-    let writer = create_journal(&new_path, header, wrapper)?;
-    std::fs::rename(&new_path, path)?;
-    sync_dir(path)?;
-    Ok(writer)
-}
-
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()

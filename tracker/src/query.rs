@@ -397,4 +397,10 @@ impl Tracker {
     pub fn journal_failure(&self) -> Option<String> {
         self.committer.get().and_then(|c| c.failure())
     }
+
+    /// Why a catalog write failed in this process (ENOSPC, EIO), if one
+    /// did: redb takes no more writes until the database is opened again.
+    pub fn catalog_failure(&self) -> Option<String> {
+        self.catalog.failure()
+    }
 }

@@ -309,23 +309,26 @@ impl Tracker {
 
     /// After a FUA write: its regions are saved, unless an earlier write to
     /// them still waits for a flush (then the region as a whole is not).
-    pub fn note_written_durably(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
+    pub fn note_written_durably(&self, offset_bytes: u64, length_bytes: u64) {
         if length_bytes == 0 {
-            return Ok(());
+            return;
         }
         let run = self.run_of(offset_bytes, length_bytes);
         let runs: Vec<RegionRun> = runs_from_sorted(
             (run.first_region..run.first_region + run.region_count)
                 .filter(|&region| !self.written.get(region)),
         );
-        if runs.is_empty() {
-            return Ok(());
+        if !runs.is_empty() {
+            self.record_saved(runs);
         }
-        self.record_saved(runs)
     }
 
-    /// Marks regions saved and queues their (lazy) SAVED record.
-    fn record_saved(&self, runs: Vec<RegionRun>) -> io::Result<()> {
+    /// Marks regions saved and queues their (lazy) SAVED record. A journal
+    /// that failed takes no record: the regions are saved all the same
+    /// (the image's flush succeeded), and a SAVED record missing after a
+    /// restart only shows them as written, the safe side. So neither a
+    /// FLUSH nor a FUA write fails because of the journal.
+    fn record_saved(&self, runs: Vec<RegionRun>) {
         for run in &runs {
             self.saved.set_run(*run);
         }
@@ -333,7 +336,9 @@ impl Tracker {
         for hook in self.hooks() {
             hook.saved(&runs);
         }
-        self.committer().enqueue_lazy(Record::Saved { epoch, runs })
+        if let Err(error) = self.committer().enqueue_lazy(Record::Saved { epoch, runs }) {
+            tracing::debug!(%error, "no SAVED record for this flush");
+        }
     }
 
     /// Around a device flush: takes the regions written since the last one,
@@ -355,13 +360,12 @@ impl Tracker {
             return Err(error);
         }
         let started = Instant::now();
-        let mut queued = Ok(());
         if !runs.is_empty() {
-            queued = self.record_saved(runs);
+            self.record_saved(runs);
         }
         work += started.elapsed();
         self.record_flush_work(work);
-        queued
+        Ok(())
     }
 
     fn record_flush_work(&self, work: Duration) {
@@ -446,12 +450,33 @@ impl Tracker {
 
     fn write_compacted_journal(&self, path: &Path) -> io::Result<()> {
         let new_path = path.with_extension("new");
+        if let Err(error) = self.swap_in_compacted_journal(&new_path) {
+            // Nothing changed: the old journal stays in use and in place.
+            let _ = std::fs::remove_file(&new_path);
+            return Err(error);
+        }
+        // The committer writes to the new file from here on: one that is
+        // not in place would lose later marks in a crash, so a failure
+        // now fails the journal (first touches refused, as after a failed
+        // commit). The old journal holds everything marked until now.
+        let placed = std::fs::rename(&new_path, path).and_then(|()| sync_dir(path));
+        if let Err(error) = &placed {
+            self.committer().poison(format!(
+                "putting the compacted journal in place failed: {error}"
+            ));
+        }
+        placed
+    }
+
+    /// Writes `new_path` as the generation's marks and saved regions,
+    /// syncs it and hands it to the journal thread.
+    fn swap_in_compacted_journal(&self, new_path: &Path) -> io::Result<()> {
         let header = FileHeader {
             generation: self.generation(),
             granularity_shift: self.granularity.shift(),
             image_id: self.image_id,
         };
-        let mut writer = create_journal(&new_path, &header, self.journal_wrapper.as_ref())?;
+        let mut writer = create_journal(new_path, &header, self.journal_wrapper.as_ref())?;
         let marked = runs_from_sorted(self.marked.iter_set());
         let saved = runs_from_sorted(self.saved.iter_set());
         let epoch = self.flush_epoch.load(Ordering::SeqCst);
@@ -471,9 +496,7 @@ impl Tracker {
         );
         writer.append(&records)?;
         writer.sync()?;
-        self.committer().replace_writer(writer)?;
-        std::fs::rename(&new_path, path)?;
-        sync_dir(path)
+        self.committer().replace_writer(writer)
     }
 
     /// Stops tracking cleanly: commits what is queued and records the
@@ -492,8 +515,10 @@ impl Tracker {
         }
         if let Some(committer) = self.committer.get() {
             committer.stop();
-            if committer.failure().is_some() {
-                return Ok(()); // no clean marker: the next open distrusts the state
+            if let Some(reason) = committer.failure() {
+                // No clean marker: the next open replays the journal, which
+                // holds a durable mark for every write that was issued.
+                return Err(CloseError::JournalFailed { reason });
             }
         }
         let metadata = std::fs::metadata(&self.image_path).map_err(|source| CloseError::Image {
