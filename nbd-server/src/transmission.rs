@@ -797,25 +797,12 @@ impl Connection {
             put_simple_reply(out, 0, reply.cookie);
         }
         for (index, &(segment_offset, segment_length, is_hole)) in segments.iter().enumerate() {
-            let flags = if index + 1 == segments.len() {
-                REPLY_FLAG_DONE
-            } else {
-                0
-            };
-            if is_hole {
-                reply.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-                out.put(&segment_offset.to_be_bytes());
-                out.put(&(segment_length as u32).to_be_bytes());
-                continue;
-            }
             if reply.mode != ReplyMode::Simple {
-                reply.chunk(
-                    out,
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    8 + segment_length as usize,
-                );
-                out.put(&segment_offset.to_be_bytes());
+                let last = index + 1 == segments.len();
+                reply.segment(out, last, segment_offset, segment_length, is_hole);
+            }
+            if is_hole {
+                continue;
             }
             self.shared
                 .send_with_file(out.as_slice(), file, segment_offset, segment_length);
@@ -906,6 +893,27 @@ impl ReplyTo {
         }
     }
 
+    /// A structured READ reply's chunk for one segment: a whole hole
+    /// chunk, or a data chunk's header and offset (its bytes follow).
+    fn segment<S: Sink + ?Sized>(
+        &self,
+        out: &mut S,
+        last: bool,
+        offset: u64,
+        length: u64,
+        is_hole: bool,
+    ) {
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
+        if is_hole {
+            self.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+            out.put(&offset.to_be_bytes());
+            out.put(&(length as u32).to_be_bytes());
+        } else {
+            self.chunk(out, flags, REPLY_TYPE_OFFSET_DATA, 8 + length as usize);
+            out.put(&offset.to_be_bytes());
+        }
+    }
+
     fn io_error<S: Sink + ?Sized>(&self, out: &mut S, error: &std::io::Error) {
         tracing::warn!(offset = self.offset, %error, "backend error");
         self.error(out, NbdError::from_io(error), &error.to_string());
@@ -936,26 +944,10 @@ fn read_reply(
     }
     let segments = read_segments(backend, offset, length, df)?;
     for (index, &(segment_offset, segment_length, is_hole)) in segments.iter().enumerate() {
-        let flags = if index + 1 == segments.len() {
-            REPLY_FLAG_DONE
-        } else {
-            0
-        };
-        if is_hole {
-            reply.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            out.put(&segment_offset.to_be_bytes());
-            out.put(&(segment_length as u32).to_be_bytes());
-        } else {
-            reply.chunk(
-                out,
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                8 + segment_length as usize,
-            );
-            out.put(&segment_offset.to_be_bytes());
-            if !read(out.append(segment_length as usize), segment_offset)? {
-                return Ok(false);
-            }
+        let last = index + 1 == segments.len();
+        reply.segment(out, last, segment_offset, segment_length, is_hole);
+        if !is_hole && !read(out.append(segment_length as usize), segment_offset)? {
+            return Ok(false);
         }
     }
     Ok(true)

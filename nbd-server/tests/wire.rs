@@ -689,6 +689,31 @@ fn a_client_stalled_in_the_handshake_is_dropped_after_the_handshake_timeout() {
     wait_for_connections(&server, 0);
 }
 
+/// A client that sends `count` 1 MiB READs (of a 16 MiB export) from a
+/// thread of its own and never reads a reply; returned once the server
+/// had 300 ms to take what it will.
+fn stalled_reader(server: &TestServer, count: u64) -> (Client, std::thread::JoinHandle<()>) {
+    let stalled = server.transmission(ReplyMode::Simple);
+    let mut requests = Vec::new();
+    for cookie in 0..count {
+        RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie,
+            offset: (cookie % 16) << 20,
+            length: 1 << 20,
+        }
+        .encode(false, &mut requests);
+    }
+    let mut stream = stalled.stream.try_clone().unwrap();
+    // Stops once the server stops reading (its in-flight bounds).
+    let sender = std::thread::spawn(move || {
+        let _ = stream.write_all(&requests);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    (stalled, sender)
+}
+
 /// Waits until the server counts `count` connections (it sees a close a
 /// little after the client does).
 fn wait_for_connections(server: &TestServer, count: usize) {
@@ -711,28 +736,9 @@ fn a_client_that_reads_no_replies_holds_one_pool_thread_not_the_pool() {
         ..Setup::default()
     };
     let server = TestServer::with(16 << 20, false, setup);
-    let stalled = server.transmission(ReplyMode::Simple);
     // 256 MiB of replies: far more than the socket buffers and the
     // 64 MiB in-flight bound.
-    let mut requests = Vec::new();
-    for cookie in 0..256u64 {
-        RequestHeader {
-            flags: 0,
-            command: CMD_READ,
-            cookie,
-            offset: (cookie % 16) << 20,
-            length: 1 << 20,
-        }
-        .encode(false, &mut requests);
-    }
-    let sender = {
-        let mut stream = stalled.stream.try_clone().unwrap();
-        std::thread::spawn(move || {
-            // Stops once the server stops reading (its in-flight bounds).
-            let _ = stream.write_all(&requests);
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
+    let (stalled, sender) = stalled_reader(&server, 256);
     let mut other = server.transmission(ReplyMode::Simple);
     for cookie in 0..32u64 {
         other.request(false, CMD_READ, 0, cookie, cookie << 12, 4096);
@@ -1200,25 +1206,7 @@ fn shutdown_gives_up_on_a_client_that_reads_no_replies() {
         ..Setup::default()
     };
     let server = TestServer::with(16 << 20, false, setup);
-    let stalled = server.transmission(ReplyMode::Simple);
-    let mut requests = Vec::new();
-    for cookie in 0..128u64 {
-        RequestHeader {
-            flags: 0,
-            command: CMD_READ,
-            cookie,
-            offset: (cookie % 16) << 20,
-            length: 1 << 20,
-        }
-        .encode(false, &mut requests);
-    }
-    let sender = {
-        let mut stream = stalled.stream.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let _ = stream.write_all(&requests);
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
+    let (stalled, sender) = stalled_reader(&server, 128);
     server.server.shutdown();
     let runtime = server.runtime.as_ref().unwrap();
     // A hang detector, not a speed check: one 5 s grace period is expected.

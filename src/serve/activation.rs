@@ -85,6 +85,23 @@ pub(super) fn take() -> anyhow::Result<Option<Activated>> {
 
 /// The address family of `fd`, which must be a listening stream socket.
 fn listening_family(fd: RawFd) -> anyhow::Result<libc::c_int> {
+    let listening = socket_option(fd, libc::SO_ACCEPTCONN)
+        .map_err(|error| anyhow::anyhow!("socket activation: fd {fd} is not a socket: {error}"))?;
+    if listening == 0 {
+        bail!(
+            "socket activation: fd {fd} is not listening (the .socket unit needs Accept=no, its default)"
+        );
+    }
+    if socket_option(fd, libc::SO_TYPE).ok() != Some(libc::SOCK_STREAM) {
+        bail!("socket activation: fd {fd} is not a stream socket (use ListenStream=)");
+    }
+    socket_option(fd, libc::SO_DOMAIN).map_err(|error| {
+        anyhow::anyhow!("socket activation: cannot tell fd {fd}'s family: {error}")
+    })
+}
+
+/// An int-valued SOL_SOCKET option of `fd`.
+fn socket_option(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `length` bytes into `value`.
@@ -92,56 +109,15 @@ fn listening_family(fd: RawFd) -> anyhow::Result<libc::c_int> {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
+            option,
             (&mut value as *mut libc::c_int).cast(),
             &mut length,
         )
     };
     if rc != 0 {
-        bail!(
-            "socket activation: fd {fd} is not a socket: {}",
-            std::io::Error::last_os_error()
-        );
+        return Err(std::io::Error::last_os_error());
     }
-    if value == 0 {
-        bail!(
-            "socket activation: fd {fd} is not listening (the .socket unit needs Accept=no, its default)"
-        );
-    }
-    let mut kind: libc::c_int = 0;
-    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut length,
-        )
-    };
-    if rc != 0 || kind != libc::SOCK_STREAM {
-        bail!("socket activation: fd {fd} is not a stream socket (use ListenStream=)");
-    }
-    let mut family: libc::c_int = 0;
-    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above; SO_DOMAIN gives the family as an int.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut family as *mut libc::c_int).cast(),
-            &mut length,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "socket activation: cannot tell fd {fd}'s family: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(family)
+    Ok(value)
 }
 
 fn set_cloexec(fd: RawFd) -> anyhow::Result<()> {
