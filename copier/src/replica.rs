@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durability::{Step, step};
+
 /// The record's format version.
 pub const RECORD_FORMAT: u32 = 1;
 /// Longest record file accepted (it is one short JSON line).
@@ -188,17 +190,19 @@ impl Replica {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_error)?;
+        let file = step(Step::Create(path), || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+        })
+        .map_err(io_error)?;
         let metadata = file.metadata().map_err(io_error)?;
         if metadata.file_type().is_file() && metadata.len() != size_bytes {
-            file.set_len(size_bytes).map_err(io_error)?;
+            step(Step::Write(path), || file.set_len(size_bytes)).map_err(io_error)?;
         }
         Ok(Replica {
             path: path.to_path_buf(),
@@ -218,9 +222,10 @@ impl Replica {
     /// Writes `buf` (see `stream_write`: small calls, writeback started
     /// at once and finished behind, dropped from the page cache).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ReplicaError> {
-        self.writeback
-            .write_at(&self.file, buf, offset)
-            .map_err(|error| self.io_error(error))
+        step(Step::Write(&self.path), || {
+            self.writeback.write_at(&self.file, buf, offset)
+        })
+        .map_err(|error| self.io_error(error))
     }
 
     /// Makes a range read as zeroes, as a hole where the filesystem can.
@@ -230,15 +235,19 @@ impl Replica {
         else {
             return Err(self.io_error(io::Error::from(io::ErrorKind::InvalidInput)));
         };
-        // SAFETY: fallocate on a descriptor we own; no memory is passed.
-        let punched = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset_signed,
-                length_signed,
-            )
-        } == 0;
+        let punched = step(Step::Write(&self.path), || {
+            // SAFETY: fallocate on a descriptor we own; no memory is passed.
+            let result = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset_signed,
+                    length_signed,
+                )
+            };
+            Ok(result == 0)
+        })
+        .map_err(|error| self.io_error(error))?;
         if punched {
             return Ok(());
         }
@@ -254,7 +263,14 @@ impl Replica {
 
     /// Makes every write durable.
     pub fn sync(&self) -> Result<(), ReplicaError> {
-        self.file.sync_data().map_err(|error| self.io_error(error))
+        step(
+            Step::Sync {
+                path: &self.path,
+                all: false,
+            },
+            || self.file.sync_data(),
+        )
+        .map_err(|error| self.io_error(error))
     }
 
     pub fn metadata(&self) -> Result<std::fs::Metadata, ReplicaError> {
@@ -286,22 +302,36 @@ pub(crate) fn write_checked(path: &Path, value: &impl Serialize) -> Result<(), R
     let mut temporary = path.as_os_str().to_os_string();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io_error)?;
-    file.write_all(text.as_bytes()).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    std::fs::rename(&temporary, path).map_err(io_error)?;
+    let mut file = step(Step::Create(&temporary), || {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+    })
+    .map_err(io_error)?;
+    step(Step::Write(&temporary), || file.write_all(text.as_bytes())).map_err(io_error)?;
+    let sync = Step::Sync {
+        path: &temporary,
+        all: true,
+    };
+    step(sync, || file.sync_all()).map_err(io_error)?;
+    let rename = Step::Rename {
+        from: &temporary,
+        to: path,
+    };
+    step(rename, || std::fs::rename(&temporary, path)).map_err(io_error)?;
     sync_parent(path).map_err(io_error)
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
+/// Makes the names in `path`'s directory durable.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
-    File::open(directory.unwrap_or(Path::new("."))).and_then(|dir| dir.sync_all())
+    let directory = directory.unwrap_or(Path::new("."));
+    step(Step::SyncDirectory(directory), || {
+        File::open(directory).and_then(|dir| dir.sync_all())
+    })
 }
 
 /// Where an interrupted copy to `replica` left its progress.
@@ -332,15 +362,21 @@ pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<()
     }
     text.resize(PARTIAL_RECORD_BYTES, b'\n');
     let existed = path.exists();
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_error)?;
-    file.write_all_at(&text, 0).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
+    let file = step(Step::Create(&path), || {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+    })
+    .map_err(io_error)?;
+    step(Step::Write(&path), || file.write_all_at(&text, 0)).map_err(io_error)?;
+    let sync = Step::Sync {
+        path: &path,
+        all: true,
+    };
+    step(sync, || file.sync_all()).map_err(io_error)?;
     if !existed {
         sync_parent(&path).map_err(io_error)?;
     }
@@ -350,7 +386,7 @@ pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<()
 /// Removes the progress of an interrupted copy (the copy finished).
 pub(crate) fn remove_partial(replica: &Path) -> Result<(), ReplicaError> {
     let path = partial_path(replica);
-    match std::fs::remove_file(&path) {
+    match step(Step::Remove(&path), || std::fs::remove_file(&path)) {
         Ok(()) => sync_parent(&path).map_err(|source| ReplicaError::Io { path, source }),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(ReplicaError::Io { path, source }),
