@@ -261,7 +261,7 @@ impl Replica {
         Ok(())
     }
 
-    /// Makes every write durable.
+    /// Makes every write and the file's size durable (not its mtime).
     pub fn sync(&self) -> Result<(), ReplicaError> {
         step(
             Step::Sync {
@@ -273,12 +273,28 @@ impl Replica {
         .map_err(|error| self.io_error(error))
     }
 
+    /// Makes every write durable and the file's metadata with it: the
+    /// mtime a record names must be the one a crash leaves, and
+    /// `fdatasync` need not write an mtime (ext4 and XFS do not when
+    /// only the timestamps changed, as when an incremental overwrites
+    /// allocated blocks).
+    pub fn sync_all(&self) -> Result<(), ReplicaError> {
+        step(
+            Step::Sync {
+                path: &self.path,
+                all: true,
+            },
+            || self.file.sync_all(),
+        )
+        .map_err(|error| self.io_error(error))
+    }
+
     pub fn metadata(&self) -> Result<std::fs::Metadata, ReplicaError> {
         self.file.metadata().map_err(|error| self.io_error(error))
     }
 
     /// Commits `record`: after this returns, the replica holds its
-    /// checkpoint. Call after `sync`.
+    /// checkpoint. Call after `sync_all`.
     pub fn commit(&self, record: &ReplicaRecord) -> Result<(), ReplicaError> {
         write_record(&self.path, record)
     }
@@ -332,6 +348,48 @@ pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     step(Step::SyncDirectory(directory), || {
         File::open(directory).and_then(|dir| dir.sync_all())
     })
+}
+
+/// Whether the file at `path` reads as zeroes everywhere: its data
+/// extents (`SEEK_DATA`; a file system without it shows the whole file
+/// as data) hold only zero bytes. Stops at the first byte that is not.
+pub(crate) fn reads_as_zeroes(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    let end = file.metadata()?.len();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut position = 0u64;
+    while position < end {
+        let Some(data) = seek(&file, position, libc::SEEK_DATA)? else {
+            return Ok(true);
+        };
+        let data_end = seek(&file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let mut offset = data;
+        while offset < data_end {
+            let piece = (data_end - offset).min(buffer.len() as u64) as usize;
+            file.read_exact_at(&mut buffer[..piece], offset)?;
+            if buffer[..piece].iter().any(|&byte| byte != 0) {
+                return Ok(false);
+            }
+            offset += piece as u64;
+        }
+        position = data_end;
+    }
+    Ok(true)
+}
+
+/// `lseek(offset, whence)`: None at ENXIO (no data from there on).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if found >= 0 {
+        return Ok(Some(found as u64));
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(error),
+    }
 }
 
 /// Where an interrupted copy to `replica` left its progress.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::copy::{CopyError, unix_seconds};
 use crate::replica::{
     RECORD_FORMAT, Replica, ReplicaError, ReplicaLock, ReplicaRecord, partial_path, read_checked,
-    read_record, remove_partial, write_partial,
+    read_record, reads_as_zeroes, remove_partial, write_partial,
 };
 
 /// A checkpoint as a copy names it: its name and the generation it closed
@@ -329,7 +329,7 @@ impl Target for ReplicaTarget {
     fn commit(&mut self) -> Result<(), CopyError> {
         let (source, checkpoint) = self.pending.take().expect("opened before committed");
         let replica = self.replica();
-        replica.sync()?;
+        replica.sync_all()?;
         let metadata = replica.metadata()?;
         replica.commit(&ReplicaRecord {
             format: RECORD_FORMAT,
@@ -373,7 +373,15 @@ pub(crate) fn checked_record(
         Some(record) => record,
         // Our own first copy, interrupted, wrote it.
         None if interrupted.is_some_and(|partial| partial.base.is_none()) => return Ok(None),
-        None if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
+        // A file that reads as zeroes holds nobody's data: a new one, or
+        // ours from a first copy cut before its progress record was
+        // durable (it is created and sized first).
+        None if metadata.as_ref().is_some_and(|m| m.len() > 0)
+            && !reads_as_zeroes(replica).map_err(|source| ReplicaError::Io {
+                path: replica.to_path_buf(),
+                source,
+            })? =>
+        {
             return Err(CopyError::NotAReplica {
                 replica: replica.to_path_buf(),
             });
