@@ -406,7 +406,8 @@ const PARTIAL_RECORD_BYTES: usize = 4096;
 
 /// Writes a progress record in place (JSON, its `crc32c` line, newlines
 /// up to `PARTIAL_RECORD_BYTES`) and syncs it. A write torn by a crash
-/// fails its checksum and is ignored: the copy then starts over.
+/// fails its checksum: the next copy then starts over, a full one
+/// (`target::Interrupted::Torn`).
 pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<(), ReplicaError> {
     let path = partial_path(replica);
     let io_error = |source| ReplicaError::Io {

@@ -630,3 +630,33 @@ fn a_tape_whose_unfinished_session_tore_in_several_blocks_is_appended_to() {
     let _serial = one_at_a_time();
     Scenario::new("power-tape-torn", Kind::Tape, false).cut_before(Some("all: false"));
 }
+
+/// A power cut may tear the progress record's overwrite in place; the
+/// replica, written after its record by that copy, was then refused as
+/// "changed since the copy" although only our copy had written it (the
+/// docs said the copy would start over).
+#[test]
+fn a_progress_record_torn_by_a_power_cut_makes_the_rerun_copy_everything() {
+    let _serial = one_at_a_time();
+    let scenario = Scenario::new("power-replica-torn-progress", Kind::Replica, false);
+    let fixture = &scenario.fixture;
+    let (hook, _) = scenario.run(u64::MAX);
+    let trace = hook.trace.lock().unwrap().clone();
+    // Cut at the commit's fsync: the pieces are written, the record old.
+    let cut_at = trace
+        .iter()
+        .position(|step| step.contains("replica.img\", all: true"))
+        .unwrap_or_else(|| panic!("no fsync of the replica in {trace:#?}"));
+    let (_, summary) = scenario.run(cut_at as u64);
+    assert!(summary.is_none());
+    let partial = fixture
+        .target_dir()
+        .join("replica.img.blockwatch-replica.partial");
+    let mut bytes = std::fs::read(&partial).unwrap();
+    bytes[..SECTOR_BYTES].fill(b'#');
+    std::fs::write(&partial, &bytes).unwrap();
+    let rerun = fixture.copy();
+    assert_eq!(rerun.kind, "full", "{rerun:?}");
+    assert!(held_bytes(fixture, None) == scenario.new_bytes);
+    assert_eq!(held(fixture, "rerun"), Some(rerun.checkpoint));
+}
