@@ -315,6 +315,12 @@ pub(crate) fn write_checked(path: &Path, value: &impl Serialize) -> Result<(), R
     };
     let body = serde_json::to_string(value).expect("a record serializes");
     let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+    write_aside(path, text.as_bytes()).map_err(io_error)
+}
+
+/// Writes `bytes` to `path` atomically: aside, synced, renamed over it,
+/// directory synced.
+fn write_aside(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_os_string();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
@@ -325,20 +331,19 @@ pub(crate) fn write_checked(path: &Path, value: &impl Serialize) -> Result<(), R
             .truncate(true)
             .mode(0o600)
             .open(&temporary)
-    })
-    .map_err(io_error)?;
-    step(Step::Write(&temporary), || file.write_all(text.as_bytes())).map_err(io_error)?;
+    })?;
+    step(Step::Write(&temporary), || file.write_all(bytes))?;
     let sync = Step::Sync {
         path: &temporary,
         all: true,
     };
-    step(sync, || file.sync_all()).map_err(io_error)?;
+    step(sync, || file.sync_all())?;
     let rename = Step::Rename {
         from: &temporary,
         to: path,
     };
-    step(rename, || std::fs::rename(&temporary, path)).map_err(io_error)?;
-    sync_parent(path).map_err(io_error)
+    step(rename, || std::fs::rename(&temporary, path))?;
+    sync_parent(path)
 }
 
 /// Makes the names in `path`'s directory durable.
@@ -404,9 +409,10 @@ pub fn partial_path(replica: &Path) -> PathBuf {
 /// still record how far it got.
 const PARTIAL_RECORD_BYTES: usize = 4096;
 
-/// Writes a progress record in place (JSON, its `crc32c` line, newlines
-/// up to `PARTIAL_RECORD_BYTES`) and syncs it. A write torn by a crash
-/// fails its checksum: the next copy then starts over, a full one
+/// Writes a progress record (JSON, its `crc32c` line, newlines up to
+/// `PARTIAL_RECORD_BYTES`), the first one aside and renamed, later ones
+/// in place, and syncs it. An overwrite torn by a crash fails its
+/// checksum: the next copy then starts over, a full one
 /// (`target::Interrupted::Torn`).
 pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<(), ReplicaError> {
     let path = partial_path(replica);
@@ -420,26 +426,22 @@ pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<()
         return Err(io_error(io::Error::other("a progress record over 4 KiB")));
     }
     text.resize(PARTIAL_RECORD_BYTES, b'\n');
-    let existed = path.exists();
-    let file = step(Step::Create(&path), || {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-    })
-    .map_err(io_error)?;
+    // The first one is written aside and renamed, so that it is never
+    // seen torn: a progress record that fails its checksum is then an
+    // overwrite a power cut tore, after the copy wrote the replica.
+    if !path.exists() {
+        return write_aside(&path, &text).map_err(io_error);
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io_error)?;
     step(Step::Write(&path), || file.write_all_at(&text, 0)).map_err(io_error)?;
     let sync = Step::Sync {
         path: &path,
         all: true,
     };
-    step(sync, || file.sync_all()).map_err(io_error)?;
-    if !existed {
-        sync_parent(&path).map_err(io_error)?;
-    }
-    Ok(())
+    step(sync, || file.sync_all()).map_err(io_error)
 }
 
 /// Removes the progress of an interrupted copy (the copy finished).

@@ -441,6 +441,7 @@ impl Scenario {
         let (hook, summary) = self.run(u64::MAX);
         assert!(summary.is_some(), "the copy fails without a cut");
         let total = hook.steps.load(Ordering::SeqCst);
+        let mut layouts = 0;
         for cut_at in 0..=total {
             let (hook, summary) = self.run(cut_at);
             assert_eq!(
@@ -448,8 +449,12 @@ impl Scenario {
                 cut_at == total,
                 "a copy cut before step {cut_at} of {total} must fail, and only then"
             );
-            self.check_layouts(&hook, summary.as_ref(), cut_at, total);
+            layouts += self.check_layouts(&hook, summary.as_ref(), cut_at, total);
         }
+        eprintln!(
+            "{:?} copy: cut before each of its {total} steps and after the last, {layouts} layouts checked",
+            self.fixture.kind
+        );
         total
     }
 
@@ -471,7 +476,14 @@ impl Scenario {
         self.check_layouts(&hook, summary.as_ref(), cut_at, total);
     }
 
-    fn check_layouts(&self, hook: &PowerCut, summary: Option<&Summary>, cut_at: u64, total: u64) {
+    /// Checks each distinct layout of one cut; how many there were.
+    fn check_layouts(
+        &self,
+        hook: &PowerCut,
+        summary: Option<&Summary>,
+        cut_at: u64,
+        total: u64,
+    ) -> usize {
         let fixture = &self.fixture;
         let files = hook.files.lock().unwrap();
         let live_bytes: HashMap<u64, Vec<u8>> = files
@@ -497,6 +509,7 @@ impl Scenario {
             );
             self.check_cut(summary, &context);
         }
+        laid_out.len()
     }
 
     /// The target holds the old checkpoint or the new one whole, the
