@@ -198,6 +198,24 @@ pub struct Summary {
     pub archive: Option<crate::target::TarRecord>,
 }
 
+/// A catalog transaction of the copy (`operation`: pin, unpin, delete)
+/// as a durability step, which a test may cut the power before.
+fn catalog_step(
+    operation: &str,
+    call: impl FnOnce() -> Result<(), CopyError>,
+) -> Result<(), CopyError> {
+    let mut outcome = None;
+    crate::durability::step(crate::durability::Step::Catalog(operation), || {
+        outcome = Some(call());
+        Ok(())
+    })
+    .map_err(|source| CopyError::TargetIo {
+        target: format!("the catalog ({operation})"),
+        source,
+    })?;
+    outcome.expect("a step that was not refused ran")
+}
+
 /// An image id as the replica record writes it.
 pub(crate) fn hex_id(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -314,14 +332,13 @@ pub(crate) fn copy_tracked(
     // copy: then nothing is pinned for a resume either.
     target.open(&info, &taken, base.as_ref())?;
     // Kept if this copy is interrupted, so that a rerun can resume from it.
-    disk.pin(
-        &taken.checkpoint,
-        &partial_holder,
-        &format!(
-            "an interrupted copy to {} resumes from it",
-            target.describe()
-        ),
-    )?;
+    let reason = format!(
+        "an interrupted copy to {} resumes from it",
+        target.describe()
+    );
+    catalog_step("pin", || {
+        disk.pin(&taken.checkpoint, &partial_holder, &reason)
+    })?;
     if let Some(base) = base.as_ref().filter(|_| target.wants_files())
         && let Some(files) = disk.changed_files(&base.checkpoint, &taken.checkpoint)
     {
@@ -363,7 +380,7 @@ pub(crate) fn copy_tracked(
     target.commit()?;
     let _ = target.clear_partial();
     let reason = format!("{} holds it", target.describe());
-    disk.pin(&taken.checkpoint, &holder, &reason)?;
+    catalog_step("pin", || disk.pin(&taken.checkpoint, &holder, &reason))?;
     disk.release(&taken)?;
     // Nothing of this target's holds an older checkpoint now (its base,
     // interrupted copies), nor the new one as a copy under way.
@@ -371,15 +388,15 @@ pub(crate) fn copy_tracked(
         let mut holders = checkpoint.holders;
         let name = &checkpoint.held.checkpoint;
         if holders.contains(&partial_holder) {
-            disk.unpin(name, &partial_holder)?;
+            catalog_step("unpin", || disk.unpin(name, &partial_holder))?;
             holders.retain(|h| *h != partial_holder);
         }
         if checkpoint.held != taken && holders.contains(&holder) {
-            disk.unpin(name, &holder)?;
+            catalog_step("unpin", || disk.unpin(name, &holder))?;
             holders.retain(|h| *h != holder);
         }
         if checkpoint.held != taken && name.starts_with(CHECKPOINT_PREFIX) && holders.is_empty() {
-            disk.delete(name)?;
+            catalog_step("delete", || disk.delete(name))?;
         }
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -8,6 +8,8 @@
 //! - `plan.rs`: the byte ranges a copy moves, from the tracker's changes,
 //!   coalesced and cut into pieces.
 //! - `replica.rs`: a replica file, its lock, and its record (the commit).
+//! - `durability.rs`: the seam every durable file step and catalog
+//!   transaction of a copy goes through, where a test cuts the power.
 //! - `copy.rs` (and `copy/`): the copy itself, one sequence of steps for
 //!   every source (`offline.rs`, `live.rs`; `nbd.rs` for untracked NBD
 //!   exports): full or incremental, workers (`pieces.rs`), the commit
@@ -32,6 +34,7 @@
 //!   read-only disk (a replica, a tape chain, an object storage session).
 
 pub mod copy;
+pub mod durability;
 pub mod files;
 pub mod nbd_source;
 pub mod plan;

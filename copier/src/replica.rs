@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durability::{Step, step};
+
 /// The record's format version.
 pub const RECORD_FORMAT: u32 = 1;
 /// Longest record file accepted (it is one short JSON line).
@@ -188,17 +190,19 @@ impl Replica {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_error)?;
+        let file = step(Step::Create(path), || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+        })
+        .map_err(io_error)?;
         let metadata = file.metadata().map_err(io_error)?;
         if metadata.file_type().is_file() && metadata.len() != size_bytes {
-            file.set_len(size_bytes).map_err(io_error)?;
+            step(Step::Write(path), || file.set_len(size_bytes)).map_err(io_error)?;
         }
         Ok(Replica {
             path: path.to_path_buf(),
@@ -218,9 +222,10 @@ impl Replica {
     /// Writes `buf` (see `stream_write`: small calls, writeback started
     /// at once and finished behind, dropped from the page cache).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ReplicaError> {
-        self.writeback
-            .write_at(&self.file, buf, offset)
-            .map_err(|error| self.io_error(error))
+        step(Step::Write(&self.path), || {
+            self.writeback.write_at(&self.file, buf, offset)
+        })
+        .map_err(|error| self.io_error(error))
     }
 
     /// Makes a range read as zeroes, as a hole where the filesystem can.
@@ -230,15 +235,19 @@ impl Replica {
         else {
             return Err(self.io_error(io::Error::from(io::ErrorKind::InvalidInput)));
         };
-        // SAFETY: fallocate on a descriptor we own; no memory is passed.
-        let punched = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset_signed,
-                length_signed,
-            )
-        } == 0;
+        let punched = step(Step::Write(&self.path), || {
+            // SAFETY: fallocate on a descriptor we own; no memory is passed.
+            let result = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset_signed,
+                    length_signed,
+                )
+            };
+            Ok(result == 0)
+        })
+        .map_err(|error| self.io_error(error))?;
         if punched {
             return Ok(());
         }
@@ -252,9 +261,32 @@ impl Replica {
         Ok(())
     }
 
-    /// Makes every write durable.
+    /// Makes every write and the file's size durable (not its mtime).
     pub fn sync(&self) -> Result<(), ReplicaError> {
-        self.file.sync_data().map_err(|error| self.io_error(error))
+        step(
+            Step::Sync {
+                path: &self.path,
+                all: false,
+            },
+            || self.file.sync_data(),
+        )
+        .map_err(|error| self.io_error(error))
+    }
+
+    /// Makes every write durable and the file's metadata with it: the
+    /// mtime a record names must be the one a crash leaves, and
+    /// `fdatasync` need not write an mtime (ext4 and XFS do not when
+    /// only the timestamps changed, as when an incremental overwrites
+    /// allocated blocks).
+    pub fn sync_all(&self) -> Result<(), ReplicaError> {
+        step(
+            Step::Sync {
+                path: &self.path,
+                all: true,
+            },
+            || self.file.sync_all(),
+        )
+        .map_err(|error| self.io_error(error))
     }
 
     pub fn metadata(&self) -> Result<std::fs::Metadata, ReplicaError> {
@@ -262,7 +294,7 @@ impl Replica {
     }
 
     /// Commits `record`: after this returns, the replica holds its
-    /// checkpoint. Call after `sync`.
+    /// checkpoint. Call after `sync_all`.
     pub fn commit(&self, record: &ReplicaRecord) -> Result<(), ReplicaError> {
         write_record(&self.path, record)
     }
@@ -283,25 +315,86 @@ pub(crate) fn write_checked(path: &Path, value: &impl Serialize) -> Result<(), R
     };
     let body = serde_json::to_string(value).expect("a record serializes");
     let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+    write_aside(path, text.as_bytes()).map_err(io_error)
+}
+
+/// Writes `bytes` to `path` atomically: aside, synced, renamed over it,
+/// directory synced.
+fn write_aside(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_os_string();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io_error)?;
-    file.write_all(text.as_bytes()).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    std::fs::rename(&temporary, path).map_err(io_error)?;
-    sync_parent(path).map_err(io_error)
+    let mut file = step(Step::Create(&temporary), || {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+    })?;
+    step(Step::Write(&temporary), || file.write_all(bytes))?;
+    let sync = Step::Sync {
+        path: &temporary,
+        all: true,
+    };
+    step(sync, || file.sync_all())?;
+    let rename = Step::Rename {
+        from: &temporary,
+        to: path,
+    };
+    step(rename, || std::fs::rename(&temporary, path))?;
+    sync_parent(path)
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
+/// Makes the names in `path`'s directory durable.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
-    File::open(directory.unwrap_or(Path::new("."))).and_then(|dir| dir.sync_all())
+    let directory = directory.unwrap_or(Path::new("."));
+    step(Step::SyncDirectory(directory), || {
+        File::open(directory).and_then(|dir| dir.sync_all())
+    })
+}
+
+/// Whether the file at `path` reads as zeroes everywhere: its data
+/// extents (`SEEK_DATA`; a file system without it shows the whole file
+/// as data) hold only zero bytes. Stops at the first byte that is not.
+pub(crate) fn reads_as_zeroes(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    let end = file.metadata()?.len();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut position = 0u64;
+    while position < end {
+        let Some(data) = seek(&file, position, libc::SEEK_DATA)? else {
+            return Ok(true);
+        };
+        let data_end = seek(&file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let mut offset = data;
+        while offset < data_end {
+            let piece = (data_end - offset).min(buffer.len() as u64) as usize;
+            file.read_exact_at(&mut buffer[..piece], offset)?;
+            if buffer[..piece].iter().any(|&byte| byte != 0) {
+                return Ok(false);
+            }
+            offset += piece as u64;
+        }
+        position = data_end;
+    }
+    Ok(true)
+}
+
+/// `lseek(offset, whence)`: None at ENXIO (no data from there on).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if found >= 0 {
+        return Ok(Some(found as u64));
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(error),
+    }
 }
 
 /// Where an interrupted copy to `replica` left its progress.
@@ -316,9 +409,11 @@ pub fn partial_path(replica: &Path) -> PathBuf {
 /// still record how far it got.
 const PARTIAL_RECORD_BYTES: usize = 4096;
 
-/// Writes a progress record in place (JSON, its `crc32c` line, newlines
-/// up to `PARTIAL_RECORD_BYTES`) and syncs it. A write torn by a crash
-/// fails its checksum and is ignored: the copy then starts over.
+/// Writes a progress record (JSON, its `crc32c` line, newlines up to
+/// `PARTIAL_RECORD_BYTES`), the first one aside and renamed, later ones
+/// in place, and syncs it. An overwrite torn by a crash fails its
+/// checksum: the next copy then starts over, a full one
+/// (`target::Interrupted::Torn`).
 pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<(), ReplicaError> {
     let path = partial_path(replica);
     let io_error = |source| ReplicaError::Io {
@@ -331,26 +426,28 @@ pub(crate) fn write_partial(replica: &Path, value: &impl Serialize) -> Result<()
         return Err(io_error(io::Error::other("a progress record over 4 KiB")));
     }
     text.resize(PARTIAL_RECORD_BYTES, b'\n');
-    let existed = path.exists();
+    // The first one is written aside and renamed, so that it is never
+    // seen torn: a progress record that fails its checksum is then an
+    // overwrite a power cut tore, after the copy wrote the replica.
+    if !path.exists() {
+        return write_aside(&path, &text).map_err(io_error);
+    }
     let file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
         .open(&path)
         .map_err(io_error)?;
-    file.write_all_at(&text, 0).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    if !existed {
-        sync_parent(&path).map_err(io_error)?;
-    }
-    Ok(())
+    step(Step::Write(&path), || file.write_all_at(&text, 0)).map_err(io_error)?;
+    let sync = Step::Sync {
+        path: &path,
+        all: true,
+    };
+    step(sync, || file.sync_all()).map_err(io_error)
 }
 
 /// Removes the progress of an interrupted copy (the copy finished).
 pub(crate) fn remove_partial(replica: &Path) -> Result<(), ReplicaError> {
     let path = partial_path(replica);
-    match std::fs::remove_file(&path) {
+    match step(Step::Remove(&path), || std::fs::remove_file(&path)) {
         Ok(()) => sync_parent(&path).map_err(|source| ReplicaError::Io { path, source }),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(ReplicaError::Io { path, source }),

@@ -152,6 +152,9 @@ impl Slot {
     }
 }
 
+/// How often `wait_until_idle` looks.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The tracker's snapshot, as a generation hook: at most one open at a time.
 pub struct SnapshotManager {
     /// The storage under the tracking layer: old contents are read there.
@@ -208,6 +211,24 @@ impl SnapshotManager {
         match &*self.lock() {
             Slot::Active(snapshot) => Some(Arc::clone(snapshot)),
             _ => None,
+        }
+    }
+
+    /// Waits up to `limit` for no snapshot to be open (polling: every
+    /// path back to idle would otherwise have to signal); whether none is.
+    /// A killed copier's snapshot is released only once its server sees
+    /// the control connection end, which can come after the rerun asks
+    /// for one: a take should wait for that rather than fail the rerun.
+    pub fn wait_until_idle(&self, limit: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        loop {
+            if self.lock().name().is_none() {
+                return true;
+            }
+            if started.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(IDLE_POLL);
         }
     }
 

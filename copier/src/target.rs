@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::copy::{CopyError, unix_seconds};
 use crate::replica::{
     RECORD_FORMAT, Replica, ReplicaError, ReplicaLock, ReplicaRecord, partial_path, read_checked,
-    read_record, remove_partial, write_partial,
+    read_record, reads_as_zeroes, remove_partial, write_partial,
 };
 
 /// A checkpoint as a copy names it: its name and the generation it closed
@@ -138,8 +138,38 @@ pub trait Target: Sync {
     }
 }
 
+/// What an interrupted copy left beside a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Interrupted {
+    /// Nothing: no copy of ours was cut short since the last commit.
+    None,
+    /// Its progress record.
+    Copy(Partial),
+    /// A progress record that fails its checksum: a power cut tore its
+    /// overwrite in place. Only our copies write it, so a copy of ours was
+    /// under way; on which base and how far is unknown.
+    Torn,
+}
+
+/// The progress record kept for `key` (a replica path), as far as it
+/// tells of a copy of `source_id`.
+pub(crate) fn interrupted_of(key: &Path, source_id: &str) -> Interrupted {
+    match read_checked::<Partial>(&partial_path(key)) {
+        Ok(Some(partial)) if partial.format == PARTIAL_FORMAT && partial.source_id == source_id => {
+            Interrupted::Copy(partial)
+        }
+        Ok(_) => Interrupted::None,
+        Err(ReplicaError::DamagedRecord { .. }) => Interrupted::Torn,
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the progress record of an interrupted copy");
+            Interrupted::None
+        }
+    }
+}
+
 /// The partial record kept for `key` (a replica path, or an NBD target's
-/// record key); a damaged one is ignored (the copy then starts over).
+/// record key); a damaged one is not resumed from (the copy then starts
+/// over from the target's record).
 pub(crate) fn load_partial_of(key: &Path) -> Option<Partial> {
     match read_checked::<Partial>(&partial_path(key)) {
         Ok(partial) => partial.filter(|p| p.format == PARTIAL_FORMAT),
@@ -291,8 +321,8 @@ impl Target for ReplicaTarget {
     fn held(&mut self, source_id: &str) -> Result<Option<Held>, CopyError> {
         // A copy of ours that was interrupted wrote the replica after its
         // record: its progress record accounts for the new mtime.
-        let interrupted = self.load_partial().filter(|p| p.source_id == source_id);
-        let record = checked_record(&self.path, source_id, interrupted.as_ref())?;
+        let interrupted = interrupted_of(&self.path, source_id);
+        let record = checked_record(&self.path, source_id, &interrupted)?;
         Ok(record.map(|record| Held {
             checkpoint: record.checkpoint,
             generation: record.generation,
@@ -329,7 +359,7 @@ impl Target for ReplicaTarget {
     fn commit(&mut self) -> Result<(), CopyError> {
         let (source, checkpoint) = self.pending.take().expect("opened before committed");
         let replica = self.replica();
-        replica.sync()?;
+        replica.sync_all()?;
         let metadata = replica.metadata()?;
         replica.commit(&ReplicaRecord {
             format: RECORD_FORMAT,
@@ -366,14 +396,26 @@ impl Target for ReplicaTarget {
 pub(crate) fn checked_record(
     replica: &Path,
     source_id: &str,
-    interrupted: Option<&Partial>,
+    interrupted: &Interrupted,
 ) -> Result<Option<ReplicaRecord>, CopyError> {
     let metadata = std::fs::metadata(replica).ok();
     let record = match read_record(replica)? {
         Some(record) => record,
         // Our own first copy, interrupted, wrote it.
-        None if interrupted.is_some_and(|partial| partial.base.is_none()) => return Ok(None),
-        None if metadata.as_ref().is_some_and(|m| m.len() > 0) => {
+        None if matches!(interrupted, Interrupted::Copy(partial) if partial.base.is_none())
+            || *interrupted == Interrupted::Torn =>
+        {
+            return Ok(None);
+        }
+        // A file that reads as zeroes holds nobody's data: a new one, or
+        // ours from a first copy cut before its progress record was
+        // durable (it is created and sized first).
+        None if metadata.as_ref().is_some_and(|m| m.len() > 0)
+            && !reads_as_zeroes(replica).map_err(|source| ReplicaError::Io {
+                path: replica.to_path_buf(),
+                source,
+            })? =>
+        {
             return Err(CopyError::NotAReplica {
                 replica: replica.to_path_buf(),
             });
@@ -387,11 +429,20 @@ pub(crate) fn checked_record(
             ours: source_id.to_string(),
         });
     }
-    let ours_since = interrupted.is_some_and(|partial| {
-        partial.base.as_ref().is_some_and(|base| {
-            base.checkpoint == record.checkpoint && base.generation == record.generation
-        })
-    });
+    // A copy of ours wrote the replica after the record, on a base the
+    // torn progress record no longer says (a --full one wrote anywhere):
+    // only a full copy is sure to leave the disk.
+    if *interrupted == Interrupted::Torn {
+        tracing::warn!(
+            replica = %replica.display(),
+            "the progress record of an interrupted copy is torn (a power cut): copying everything"
+        );
+        return Ok(None);
+    }
+    let ours_since = matches!(interrupted, Interrupted::Copy(partial)
+    if partial.base.as_ref().is_some_and(|base| {
+        base.checkpoint == record.checkpoint && base.generation == record.generation
+    }));
     if !ours_since && !metadata.as_ref().is_some_and(|m| record.matches_file(m)) {
         return Err(CopyError::ChangedBehindOurBack {
             replica: replica.to_path_buf(),

@@ -577,3 +577,26 @@ fn first_touch_cost_with_and_without_a_snapshot() {
     );
     disk.manager.release(&disk.tracker, "snap").unwrap();
 }
+
+/// A killed copier's snapshot is released only when its server sees the
+/// control connection end, which can come after the rerun asks for one:
+/// the rerun failed with "snapshot ... is open" (tests/crash_loop.rs
+/// found it). A request waits for the open one to go, within a bound.
+#[test]
+fn a_snapshot_released_while_a_take_waits_lets_the_take_go_on() {
+    let disk = Disk::new("release-wait", 4 << 20);
+    disk.take("dying", disk.limits());
+    assert!(
+        !disk.manager.wait_until_idle(Duration::from_millis(50)),
+        "open, and nobody releases it"
+    );
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            disk.manager.release(&disk.tracker, "dying").unwrap();
+        });
+        assert!(disk.manager.wait_until_idle(Duration::from_secs(30)));
+    });
+    disk.take("rerun", disk.limits());
+    disk.manager.release(&disk.tracker, "rerun").unwrap();
+}

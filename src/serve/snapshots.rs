@@ -18,6 +18,10 @@ use tracker::Tracker;
 
 use super::Endpoints;
 
+/// How long a snapshot request waits for the one open to be released
+/// before it is refused (one snapshot at a time per disk).
+const SNAPSHOT_OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One served disk's control handler.
 pub(crate) struct ServeHandler {
     pub(crate) tracker: Arc<Tracker>,
@@ -53,6 +57,11 @@ impl ServeHandler {
         max_store_bytes: Option<u64>,
         session: &mut Session,
     ) -> Result<Reply, String> {
+        // A snapshot whose holder died is released once its connection's
+        // end is seen, which can come after a rerun asks: wait for that
+        // (bounded) before choosing a name, so the name is not the one the
+        // dying holder's checkpoint is about to take.
+        self.snapshots.wait_until_idle(SNAPSHOT_OPEN_WAIT);
         let name = name.unwrap_or_else(|| copier::copy::new_checkpoint_name(&self.tracker));
         let store_bytes_max = match max_store_bytes {
             Some(asked) => checked_store_bytes(&self.tracker, asked)?,

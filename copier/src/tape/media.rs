@@ -9,6 +9,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use crate::durability::{Step, step};
+
 /// Debug builds only: a writer fails with ENOSPC once it has written this
 /// many blocks (the label counts), as a full tape would (tests without a
 /// drive).
@@ -46,12 +48,14 @@ impl Media {
 
     /// Opens for reading and writing, creating a regular file if missing.
     pub fn open_write(path: &Path) -> io::Result<Media> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = step(Step::Create(path), || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+        })?;
         let mut media = Media::from_file(path, file)?;
         if cfg!(debug_assertions) {
             media.enospc_after_blocks = std::env::var(ENOSPC_AFTER_BLOCKS_ENV)
@@ -154,7 +158,9 @@ impl Media {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
         } else {
-            self.file.write_all_at(block, self.position_bytes)?;
+            step(Step::Write(&self.path), || {
+                self.file.write_all_at(block, self.position_bytes)
+            })?;
             self.position_bytes += block.len() as u64;
         }
         self.blocks_written += 1;
@@ -167,14 +173,22 @@ impl Media {
         if self.device {
             return mt_op(&self.file, MTWEOF, 1);
         }
-        self.file.sync_data()
+        let sync = Step::Sync {
+            path: &self.path,
+            all: false,
+        };
+        step(sync, || self.file.sync_data())
     }
 
     /// Files: cuts the tape at `length_bytes`, and writes go on there.
     pub fn truncate(&mut self, length_bytes: u64) -> io::Result<()> {
         assert!(!self.device, "a tape drive cannot be truncated");
-        self.file.set_len(length_bytes)?;
-        self.file.sync_all()?;
+        step(Step::Write(&self.path), || self.file.set_len(length_bytes))?;
+        let sync = Step::Sync {
+            path: &self.path,
+            all: true,
+        };
+        step(sync, || self.file.sync_all())?;
         self.position_bytes = length_bytes;
         Ok(())
     }

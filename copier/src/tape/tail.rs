@@ -91,6 +91,47 @@ pub(crate) fn scan_from_end(
     }
 }
 
+/// Whether the blocks from `damaged` to the end of a file of
+/// `file_blocks` are what a power cut leaves of one session that began
+/// at block `start` (where the last complete session ended) and never
+/// finished: every block after the damage that reads well is a block of
+/// one session at the place its sequence number says, and the last of
+/// them does not end with that session's trailer. Unsynced blocks of a
+/// file may be torn anywhere, not only the last one; a complete session,
+/// or a block of another, after the damage makes it damage in the middle.
+pub(crate) fn unfinished_tail(
+    reader: &mut TapeReader,
+    start: u64,
+    damaged: u64,
+    file_blocks: u64,
+) -> Result<bool, TapeError> {
+    let mut session = None;
+    let mut last_good = None;
+    for index in damaged + 1..file_blocks {
+        let Some((header, block)) = reader.block_at(index)? else {
+            continue;
+        };
+        if header.session_id.is_none()
+            || header.sequence.checked_add(start) != Some(index)
+            || session.is_some_and(|id| id != header.session_id)
+        {
+            return Ok(false);
+        }
+        session = Some(header.session_id);
+        last_good = Some((index, header, block));
+    }
+    match last_good {
+        None => Ok(true),
+        Some((index, header, block)) => Ok(!ends_with_trailer(
+            reader,
+            index,
+            header.sequence,
+            &block,
+            header.session_id,
+        )?),
+    }
+}
+
 /// Whether the record stream of the session ending in block `last` (of
 /// sequence `sequence`) ends with that session's trailer.
 fn ends_with_trailer(

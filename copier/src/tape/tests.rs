@@ -438,3 +438,43 @@ fn damage_inside_an_earlier_session_is_never_cut_and_left_for_verify() {
     let error = verify_chain(std::slice::from_ref(&path), None).unwrap_err();
     assert_eq!(error.block(), Some(1), "{error}");
 }
+
+/// A power cut may tear any unsynced block of a session, not only the
+/// last: blocks torn before the last one of a session that never
+/// finished are still its tail, and an append cuts them off. Damage
+/// inside a session that has its trailer stays damage.
+#[test]
+fn an_unfinished_session_torn_in_several_blocks_is_cut_off_but_a_finished_one_is_not() {
+    let dir = TempDir::new("tape-torn-tail");
+    let path = dir.join("t.tape");
+    three_sessions(&path);
+    let before = std::fs::read(&path).unwrap();
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    let mut session = begin(tape, "cut", 7, false);
+    session.write_data(0, &random_bytes(11, 40_000)).unwrap();
+    let mut torn = std::fs::read(&path).unwrap();
+    drop(session);
+    let tail_blocks = (torn.len() - before.len()) / BLOCK as usize;
+    assert!(tail_blocks >= 4, "{tail_blocks} blocks");
+    for block in [0, 2] {
+        torn[before.len() + block * BLOCK as usize + 200] ^= 1;
+    }
+    std::fs::write(&path, &torn).unwrap();
+    let mut reader = TapeReader::open(&path).unwrap();
+    let full = super::writer::scan(&mut reader).unwrap();
+    assert_eq!(full.last.unwrap().target.checkpoint, "c2");
+    assert!(full.torn.is_some());
+    let tape = TapeWriter::open_append(&path, &options()).unwrap();
+    assert_eq!(tape.last_session().unwrap().target.checkpoint, "c2");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    // The same damage inside the last complete session: the full scan
+    // names it rather than cutting a session that finished.
+    let ends = session_ends(&path);
+    let mut damaged = before.clone();
+    damaged[ends[1] as usize + BLOCK as usize + 200] ^= 1;
+    std::fs::write(&path, &damaged).unwrap();
+    let mut reader = TapeReader::open(&path).unwrap();
+    let error = super::writer::scan(&mut reader).unwrap_err();
+    assert!(error.is_damage(), "{error}");
+}

@@ -16,7 +16,7 @@ use super::format::{
 };
 use super::media::Media;
 use super::reader::{Record, SessionStart, TapeReader};
-use super::tail::scan_from_end;
+use super::tail::{scan_from_end, unfinished_tail};
 use crate::copy::unix_seconds;
 use crate::target::Held;
 
@@ -172,7 +172,13 @@ impl TapeWriter {
             used_bytes: LABEL_BYTES as u32,
         };
         seal_block(&mut block, &header);
+        // A new file's name is made durable with its label: a session
+        // that counts must not vanish with a directory entry a crash lost.
         let written = media.write_block(&block).and_then(|()| media.end_file());
+        let written = match written {
+            Ok(()) if !media.device => crate::replica::sync_parent(&media.path),
+            other => other,
+        };
         if let Err(source) = written {
             if !media.device {
                 let _ = media.truncate(0);
@@ -296,6 +302,23 @@ pub(crate) fn scan(reader: &mut TapeReader) -> Result<Scan, TapeError> {
                 if file_blocks.is_some_and(|count| block + 1 >= count) =>
             {
                 scan.torn = Some(error);
+                return Ok(scan);
+            }
+            Err(TapeError::Damaged {
+                block,
+                part,
+                reason,
+                tape,
+            }) if file_blocks.is_some()
+                && block >= scan.end_block
+                && unfinished_tail(reader, scan.end_block, block, file_blocks.unwrap_or(0))? =>
+            {
+                scan.torn = Some(TapeError::Damaged {
+                    tape,
+                    block,
+                    part,
+                    reason: format!("{reason}, in a session that never finished"),
+                });
                 return Ok(scan);
             }
             Err(error) => return Err(error),
