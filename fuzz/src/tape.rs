@@ -1,7 +1,8 @@
-//! What the `tape_reader` target runs, apart from the libFuzzer glue so
-//! that `make_seeds` and a plain `cargo run` can share it.
+//! What the `tape_reader` target runs: the input is a tape file, byte 0
+//! a mode (bit 0: recompute the crcs of the rest first, as far as its
+//! framing can be followed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use copier::tape::{
     NewSession, Record, SessionStart, TapeOptions, TapeReader, TapeWriter, last_session,
@@ -24,22 +25,13 @@ pub fn exercise(data: &[u8]) {
     } else {
         tape.to_vec()
     };
-    let path = scratch_path();
+    let path = crate::scratch_path("tape");
     std::fs::write(&path, &tape).expect("scratch file");
     read_everything(&path);
     let _ = verify_chain(std::slice::from_ref(&path), None);
     let _ = last_session(&path);
     append_and_reread(&path);
     let _ = std::fs::remove_file(&path);
-}
-
-fn scratch_path() -> PathBuf {
-    let dir = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    dir.join(format!("copier-fuzz-{}.tape", std::process::id()))
 }
 
 fn read_everything(path: &Path) {

@@ -12,5 +12,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    copier_fuzz::exercise(data);
+    blockwatch_fuzz::tape::exercise(data);
 });

@@ -1,6 +1,6 @@
 //! Fuzz target: the input is an ext2/3/4 image, zero-padded to the size its
 //! superblock claims (so a seed can be an image with its trailing zeros cut
-//! off), run through every read `tests/common/exercise.rs` makes: open,
+//! off), run through every read `fsmap/tests/common/exercise.rs` makes: open,
 //! every inode's blocks, directory, link target, metadata (xattrs, ACLs),
 //! layout and contents, the file map, its walk, paths, lookups and an
 //! update over every block. A panic, a hang (-timeout) or
@@ -10,7 +10,7 @@
 
 // The survey test reads fields this target does not.
 #[allow(dead_code)]
-#[path = "../../tests/common/exercise.rs"]
+#[path = "../../fsmap/tests/common/exercise.rs"]
 mod exercise;
 
 use fsmap::read::Bytes;
