@@ -141,58 +141,9 @@ pub fn tape_index(data: &[u8]) {
 /// Seeds for the targets above, made by this crate's own encoders:
 /// (target, name, input with its selector byte).
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
-    use crate::s3::format::{ChunkRef, Extent, SESSION_FORMAT, SessionHeader};
-    use crate::s3::seal::ChunkId;
-    use crate::target::Held;
-
-    let chunk = |n: u8| ChunkRef {
-        id: ChunkId([n; 32]),
-        pack: PackId([9; 16]),
-        offset_bytes: u64::from(n) * 1000,
-        stored_bytes: 900,
-        raw_bytes: 65536,
-    };
-    let manifest = Manifest {
-        header: SessionHeader {
-            format: SESSION_FORMAT,
-            session_id: "20261202T120000Z-0011aabb".into(),
-            source_id: "ab".repeat(16),
-            size_bytes: 1 << 30,
-            granularity_bytes: 65536,
-            base: Some(Held {
-                checkpoint: "copy-0".into(),
-                generation: 1,
-            }),
-            checkpoint: Held {
-                checkpoint: "copy-1".into(),
-                generation: 2,
-            },
-            parent: Some("20261201T120000Z-00112233".into()),
-            created_unix: 1_700_000_000,
-            data_bytes: 131072,
-            new_bytes: 65536,
-            uploaded_bytes: 2000,
-            files: vec!["M\t/etc/passwd".into(), "A\t/home/a b".into()],
-        },
-        chunks: vec![chunk(1), chunk(2)],
-        extents: vec![
-            Extent {
-                offset_bytes: 0,
-                length_bytes: 65536,
-                chunk: 0,
-                chunk_offset_bytes: 0,
-            },
-            Extent {
-                offset_bytes: 1 << 20,
-                length_bytes: 4096,
-                chunk: 1,
-                chunk_offset_bytes: 61440,
-            },
-        ],
-    };
     let selected = |selector: u8, bytes: &[u8]| [&[selector], bytes].concat();
-    let encoded = manifest.encode();
-    let index = encode_index(&[chunk(1), chunk(2), chunk(3)]);
+    let encoded = sample_manifest().encode();
+    let index = encode_index(&[sample_chunk(1), sample_chunk(2), sample_chunk(3)]);
     let mut seeds = vec![
         ("s3_manifest", "manifest".into(), selected(0, &encoded)),
         ("s3_manifest", "index".into(), selected(1, &index)),
@@ -225,4 +176,59 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ));
     }
     seeds
+}
+
+fn sample_chunk(n: u8) -> crate::s3::format::ChunkRef {
+    crate::s3::format::ChunkRef {
+        id: crate::s3::seal::ChunkId([n; 32]),
+        pack: PackId([9; 16]),
+        offset_bytes: u64::from(n) * 1000,
+        stored_bytes: 900,
+        raw_bytes: 65536,
+    }
+}
+
+/// An incremental session's manifest: two chunks, two extents, a file.
+fn sample_manifest() -> Manifest {
+    use crate::s3::format::{Extent, SESSION_FORMAT, SessionHeader};
+    use crate::target::Held;
+
+    Manifest {
+        header: SessionHeader {
+            format: SESSION_FORMAT,
+            session_id: "20261202T120000Z-0011aabb".into(),
+            source_id: "ab".repeat(16),
+            size_bytes: 1 << 30,
+            granularity_bytes: 65536,
+            base: Some(Held {
+                checkpoint: "copy-0".into(),
+                generation: 1,
+            }),
+            checkpoint: Held {
+                checkpoint: "copy-1".into(),
+                generation: 2,
+            },
+            parent: Some("20261201T120000Z-00112233".into()),
+            created_unix: 1_700_000_000,
+            data_bytes: 131072,
+            new_bytes: 65536,
+            uploaded_bytes: 2000,
+            files: vec!["M\t/etc/passwd".into(), "A\t/home/a b".into()],
+        },
+        chunks: vec![sample_chunk(1), sample_chunk(2)],
+        extents: vec![
+            Extent {
+                offset_bytes: 0,
+                length_bytes: 65536,
+                chunk: 0,
+                chunk_offset_bytes: 0,
+            },
+            Extent {
+                offset_bytes: 1 << 20,
+                length_bytes: 4096,
+                chunk: 1,
+                chunk_offset_bytes: 61440,
+            },
+        ],
+    }
 }

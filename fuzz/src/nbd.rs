@@ -537,32 +537,7 @@ fn take<'a>(replies: &mut &'a [u8], n: usize) -> &'a [u8] {
 fn next_reply(replies: &mut &[u8], mode: ReplyMode, sent: &[Sent]) -> Reply {
     let magic = be32(replies.get(..4).expect("a reply cut short"));
     if magic == SIMPLE_REPLY_MAGIC {
-        assert!(
-            mode != ReplyMode::Extended,
-            "a simple reply under extended headers"
-        );
-        let bytes = take(replies, SIMPLE_REPLY_LEN);
-        let reply = SimpleReply::decode(bytes.try_into().expect("16")).expect("simple");
-        let request = sent.get(reply.cookie.wrapping_sub(1) as usize);
-        let mut read_bytes = 0;
-        if let Some(request) = request
-            && request.command == CMD_READ
-            && reply.error == 0
-        {
-            assert!(mode == ReplyMode::Simple, "a simple reply with data");
-            take(replies, request.length as usize);
-            read_bytes = request.length;
-        }
-        if reply.error != 0 {
-            assert_known_error(reply.error);
-        }
-        return Reply {
-            cookie: reply.cookie,
-            done: true,
-            error: reply.error,
-            read_bytes,
-            read_range: None,
-        };
+        return simple_reply(replies, mode, sent);
     }
     let chunk = match mode {
         ReplyMode::Structured => ChunkHeader::decode_structured(
@@ -598,6 +573,42 @@ fn next_reply(replies: &mut &[u8], mode: ReplyMode, sent: &[Sent]) -> Reply {
         read_bytes: 0,
         read_range: None,
     };
+    check_chunk(&chunk, payload, request, &mut reply);
+    reply
+}
+
+/// A simple reply (16 bytes), and a READ's data after it in simple mode.
+fn simple_reply(replies: &mut &[u8], mode: ReplyMode, sent: &[Sent]) -> Reply {
+    assert!(
+        mode != ReplyMode::Extended,
+        "a simple reply under extended headers"
+    );
+    let bytes = take(replies, SIMPLE_REPLY_LEN);
+    let reply = SimpleReply::decode(bytes.try_into().expect("16")).expect("simple");
+    let request = sent.get(reply.cookie.wrapping_sub(1) as usize);
+    let mut read_bytes = 0;
+    if let Some(request) = request
+        && request.command == CMD_READ
+        && reply.error == 0
+    {
+        assert!(mode == ReplyMode::Simple, "a simple reply with data");
+        take(replies, request.length as usize);
+        read_bytes = request.length;
+    }
+    if reply.error != 0 {
+        assert_known_error(reply.error);
+    }
+    Reply {
+        cookie: reply.cookie,
+        done: true,
+        error: reply.error,
+        read_bytes,
+        read_range: None,
+    }
+}
+
+/// A chunk's payload, as its type says it is, for the request it answers.
+fn check_chunk(chunk: &ChunkHeader, payload: &[u8], request: Sent, reply: &mut Reply) {
     match chunk.chunk_type {
         REPLY_TYPE_NONE => assert!(payload.is_empty() && chunk.is_done()),
         REPLY_TYPE_OFFSET_DATA => {
@@ -635,7 +646,6 @@ fn next_reply(replies: &mut &[u8], mode: ReplyMode, sent: &[Sent]) -> Reply {
         }
         other => panic!("a chunk of type {other}"),
     }
-    reply
 }
 
 fn assert_known_error(error: u32) {
