@@ -32,10 +32,14 @@
 //!   lookups.
 //! - `view.rs` (and `view/`): any backup at one of its checkpoints as a
 //!   read-only disk (a replica, a tape chain, an object storage session).
+//! - `fuzzing.rs` (feature `fuzzing`, for `fuzz/` only): the object
+//!   storage formats and the tape index, for the fuzz targets.
 
 pub mod copy;
 pub mod durability;
 pub mod files;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod nbd_source;
 pub mod plan;
 pub mod replica;

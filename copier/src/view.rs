@@ -17,7 +17,7 @@ mod overlay;
 mod ranges;
 mod s3;
 mod tape;
-mod tape_index;
+pub(crate) mod tape_index;
 #[cfg(test)]
 mod tests;
 

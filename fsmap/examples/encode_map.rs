@@ -1,7 +1,7 @@
 //! Saves the maps of a disk image, as the tracker saves them beside a
 //! checkpoint: the whole disk's map (`DiskMap::encode`) and, if the disk
 //! holds a filesystem, the first one's map (`persist::encode`). The
-//! saved_map fuzz target's seeds come from here (fsmap/fuzz/make-corpus).
+//! saved_map fuzz target's seeds come from here (fuzz/make-corpus).
 //!
 //! usage: encode_map IMAGE DISK_MAP_OUT [FS_MAP_OUT]
 

@@ -206,57 +206,22 @@ impl Catalog {
         let Some(bytes) = self.get_meta(KEY_IDENTITY)? else {
             return Ok(None);
         };
-        let malformed = |reason| CatalogError::Malformed {
-            key: KEY_IDENTITY.into(),
-            reason,
-        };
-        if bytes.len() != IDENTITY_LEN {
-            return Err(malformed("wrong length"));
-        }
-        Ok(Some(Identity {
-            image_id: bytes[0..16].try_into().expect("16 bytes"),
-            size_bytes: le64(&bytes[16..24]),
-            granularity_shift: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
-            device: le64(&bytes[28..36]),
-            inode: le64(&bytes[36..44]),
-        }))
+        decode_identity(&bytes).map(Some)
     }
 
     pub fn set_identity(&self, identity: &Identity) -> Result<(), CatalogError> {
-        let mut bytes = identity.image_id.to_vec();
-        bytes.extend_from_slice(&identity.size_bytes.to_le_bytes());
-        bytes.extend_from_slice(&identity.granularity_shift.to_le_bytes());
-        bytes.extend_from_slice(&identity.device.to_le_bytes());
-        bytes.extend_from_slice(&identity.inode.to_le_bytes());
-        assert_eq!(bytes.len(), IDENTITY_LEN);
-        self.put_meta(KEY_IDENTITY, Some(&bytes))
+        self.put_meta(KEY_IDENTITY, Some(&encode_identity(identity)))
     }
 
     pub fn clean_shutdown(&self) -> Result<Option<CleanShutdown>, CatalogError> {
         let Some(bytes) = self.get_meta(KEY_CLEAN_SHUTDOWN)? else {
             return Ok(None);
         };
-        if bytes.len() != CLEAN_SHUTDOWN_LEN {
-            return Err(CatalogError::Malformed {
-                key: KEY_CLEAN_SHUTDOWN.into(),
-                reason: "wrong length",
-            });
-        }
-        Ok(Some(CleanShutdown {
-            image_mtime_ns: i128::from_le_bytes(bytes[0..16].try_into().expect("16 bytes")),
-            size_bytes: le64(&bytes[16..24]),
-            generation: le64(&bytes[24..32]),
-        }))
+        decode_clean_shutdown(&bytes).map(Some)
     }
 
     pub fn set_clean_shutdown(&self, marker: Option<&CleanShutdown>) -> Result<(), CatalogError> {
-        let bytes = marker.map(|marker| {
-            let mut bytes = marker.image_mtime_ns.to_le_bytes().to_vec();
-            bytes.extend_from_slice(&marker.size_bytes.to_le_bytes());
-            bytes.extend_from_slice(&marker.generation.to_le_bytes());
-            assert_eq!(bytes.len(), CLEAN_SHUTDOWN_LEN);
-            bytes
-        });
+        let bytes = marker.map(encode_clean_shutdown);
         self.put_meta(KEY_CLEAN_SHUTDOWN, bytes.as_deref())
     }
 
@@ -273,19 +238,11 @@ impl Catalog {
     /// The current generation's fine record as a clean stop left it:
     /// (generation, exact regions, written blocks). Trusted only beside a
     /// valid clean-shutdown marker of the same generation.
-    pub fn fine_current(
-        &self,
-    ) -> Result<Option<(u64, RoaringBitmap, RoaringBitmap)>, CatalogError> {
+    pub fn fine_current(&self) -> Result<Option<FineCurrent>, CatalogError> {
         let Some(bytes) = self.get_meta(KEY_FINE_CURRENT)? else {
             return Ok(None);
         };
-        let malformed = |reason| CatalogError::Malformed {
-            key: KEY_FINE_CURRENT.into(),
-            reason,
-        };
-        let generation = le64(bytes.get(0..8).ok_or(malformed("short"))?);
-        let (exact, fine) = decode_fine(&bytes[8..], malformed)?;
-        Ok(Some((generation, exact, fine)))
+        decode_fine_current(&bytes).map(Some)
     }
 
     pub fn set_fine_current(
@@ -294,8 +251,7 @@ impl Catalog {
         exact: &RoaringBitmap,
         fine: &RoaringBitmap,
     ) -> Result<(), CatalogError> {
-        let mut bytes = generation.to_le_bytes().to_vec();
-        encode_fine(exact, fine, &mut bytes);
+        let bytes = encode_fine_current(generation, exact, fine);
         self.put_meta(KEY_FINE_CURRENT, Some(&bytes))
     }
 
@@ -483,13 +439,88 @@ impl Catalog {
     }
 }
 
-fn with_checksum(payload: &[u8]) -> Vec<u8> {
+// The value codecs below are the catalog's whole format; `fuzzing.rs`
+// (feature `fuzzing`) drives each of them with untrusted bytes.
+
+pub(crate) fn encode_identity(identity: &Identity) -> Vec<u8> {
+    let mut bytes = identity.image_id.to_vec();
+    bytes.extend_from_slice(&identity.size_bytes.to_le_bytes());
+    bytes.extend_from_slice(&identity.granularity_shift.to_le_bytes());
+    bytes.extend_from_slice(&identity.device.to_le_bytes());
+    bytes.extend_from_slice(&identity.inode.to_le_bytes());
+    assert_eq!(bytes.len(), IDENTITY_LEN);
+    bytes
+}
+
+pub(crate) fn decode_identity(bytes: &[u8]) -> Result<Identity, CatalogError> {
+    if bytes.len() != IDENTITY_LEN {
+        return Err(CatalogError::Malformed {
+            key: KEY_IDENTITY.into(),
+            reason: "wrong length",
+        });
+    }
+    Ok(Identity {
+        image_id: bytes[0..16].try_into().expect("16 bytes"),
+        size_bytes: le64(&bytes[16..24]),
+        granularity_shift: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
+        device: le64(&bytes[28..36]),
+        inode: le64(&bytes[36..44]),
+    })
+}
+
+pub(crate) fn encode_clean_shutdown(marker: &CleanShutdown) -> Vec<u8> {
+    let mut bytes = marker.image_mtime_ns.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&marker.size_bytes.to_le_bytes());
+    bytes.extend_from_slice(&marker.generation.to_le_bytes());
+    assert_eq!(bytes.len(), CLEAN_SHUTDOWN_LEN);
+    bytes
+}
+
+pub(crate) fn decode_clean_shutdown(bytes: &[u8]) -> Result<CleanShutdown, CatalogError> {
+    if bytes.len() != CLEAN_SHUTDOWN_LEN {
+        return Err(CatalogError::Malformed {
+            key: KEY_CLEAN_SHUTDOWN.into(),
+            reason: "wrong length",
+        });
+    }
+    Ok(CleanShutdown {
+        image_mtime_ns: i128::from_le_bytes(bytes[0..16].try_into().expect("16 bytes")),
+        size_bytes: le64(&bytes[16..24]),
+        generation: le64(&bytes[24..32]),
+    })
+}
+
+/// generation u64, then a fine record (`encode_fine`).
+pub(crate) fn encode_fine_current(
+    generation: u64,
+    exact: &RoaringBitmap,
+    fine: &RoaringBitmap,
+) -> Vec<u8> {
+    let mut bytes = generation.to_le_bytes().to_vec();
+    encode_fine(exact, fine, &mut bytes);
+    bytes
+}
+
+/// What `fine_current` returns: (generation, exact regions, written blocks).
+pub type FineCurrent = (u64, RoaringBitmap, RoaringBitmap);
+
+pub(crate) fn decode_fine_current(bytes: &[u8]) -> Result<FineCurrent, CatalogError> {
+    let malformed = |reason| CatalogError::Malformed {
+        key: KEY_FINE_CURRENT.into(),
+        reason,
+    };
+    let generation = le64(bytes.get(0..8).ok_or(malformed("short"))?);
+    let (exact, fine) = decode_fine(&bytes[8..], malformed)?;
+    Ok((generation, exact, fine))
+}
+
+pub(crate) fn with_checksum(payload: &[u8]) -> Vec<u8> {
     let mut value = crc32c::crc32c(payload).to_le_bytes().to_vec();
     value.extend_from_slice(payload);
     value
 }
 
-fn checked_value<'a>(value: &'a [u8], key: &str) -> Result<&'a [u8], CatalogError> {
+pub(crate) fn checked_value<'a>(value: &'a [u8], key: &str) -> Result<&'a [u8], CatalogError> {
     if value.len() < 4 || value.len() > VALUE_MAX_BYTES {
         return Err(CatalogError::Malformed {
             key: key.into(),
@@ -504,7 +535,7 @@ fn checked_value<'a>(value: &'a [u8], key: &str) -> Result<&'a [u8], CatalogErro
 }
 
 /// name length u32, name, created u64, changed length u64, changed (roaring), saved (roaring).
-fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
+pub(crate) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
     let mut bytes = (checkpoint.name.len() as u32).to_le_bytes().to_vec();
     bytes.extend_from_slice(checkpoint.name.as_bytes());
     bytes.extend_from_slice(&checkpoint.created_unix_seconds.to_le_bytes());
@@ -523,7 +554,7 @@ fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
 }
 
 /// exact length u64, exact regions (roaring), fine blocks (roaring).
-fn encode_fine(exact: &RoaringBitmap, fine: &RoaringBitmap, bytes: &mut Vec<u8>) {
+pub(crate) fn encode_fine(exact: &RoaringBitmap, fine: &RoaringBitmap, bytes: &mut Vec<u8>) {
     let mut exact_bytes = Vec::new();
     exact
         .serialize_into(&mut exact_bytes)
@@ -533,7 +564,7 @@ fn encode_fine(exact: &RoaringBitmap, fine: &RoaringBitmap, bytes: &mut Vec<u8>)
     fine.serialize_into(bytes).expect("serializing into a Vec");
 }
 
-fn decode_fine(
+pub(crate) fn decode_fine(
     bytes: &[u8],
     malformed: impl Fn(&'static str) -> CatalogError,
 ) -> Result<(RoaringBitmap, RoaringBitmap), CatalogError> {
@@ -547,7 +578,11 @@ fn decode_fine(
     Ok((exact, fine))
 }
 
-fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpoint, CatalogError> {
+pub(crate) fn decode_checkpoint(
+    generation: u64,
+    bytes: &[u8],
+    key: &str,
+) -> Result<Checkpoint, CatalogError> {
     let malformed = |reason| CatalogError::Malformed {
         key: key.into(),
         reason,
@@ -583,13 +618,18 @@ fn decode_checkpoint(generation: u64, bytes: &[u8], key: &str) -> Result<Checkpo
 }
 
 /// created u64, reason (the rest, UTF-8).
-fn encode_pin(pin: &Pin) -> Vec<u8> {
+pub(crate) fn encode_pin(pin: &Pin) -> Vec<u8> {
     let mut bytes = pin.created_unix_seconds.to_le_bytes().to_vec();
     bytes.extend_from_slice(pin.reason.as_bytes());
     bytes
 }
 
-fn decode_pin(generation: u64, holder: &str, bytes: &[u8], key: &str) -> Result<Pin, CatalogError> {
+pub(crate) fn decode_pin(
+    generation: u64,
+    holder: &str,
+    bytes: &[u8],
+    key: &str,
+) -> Result<Pin, CatalogError> {
     let malformed = |reason| CatalogError::Malformed {
         key: key.into(),
         reason,

@@ -224,7 +224,10 @@ fn decode_record(bytes: &[u8], expected_sequence: u64) -> Result<(Record, usize)
         },
         KIND_MARK_ALL => {
             let length = le64(payload.get(0..8).ok_or("short payload")?) as usize;
-            let reason = payload.get(8..8 + length).ok_or("short payload")?;
+            // A damaged length may be near 2^64: the end must not overflow.
+            let reason = payload
+                .get(8..8usize.saturating_add(length))
+                .ok_or("short payload")?;
             Record::MarkAll {
                 reason: String::from_utf8_lossy(reason).into_owned(),
             }
@@ -485,6 +488,33 @@ pub(crate) mod tests {
             .open(&path)
             .unwrap();
         (path, file)
+    }
+
+    /// Found by the journal_replay fuzz target: `8 + length` overflowed.
+    #[test]
+    fn a_mark_all_reason_length_near_2_64_is_damage_not_an_overflow() {
+        let (path, file) = temp_file("reason-length-overflow");
+        let mut bytes = header().encode().to_vec();
+        let start = bytes.len();
+        let reason = Record::MarkAll { reason: "x".into() };
+        encode_record(&reason, 1, &mut bytes);
+        let payload = start + RECORD_HEADER_LEN;
+        bytes[payload..payload + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let payload_len = le32(&bytes[start + 8..start + 12]) as usize;
+        let crc = record_crc(
+            &bytes[start..payload],
+            &bytes[payload..payload + payload_len],
+        );
+        bytes[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+        FileExt::write_all_at(&file, &bytes, 0).unwrap();
+        assert!(matches!(
+            replay(&file),
+            Err(JournalError::Corrupt {
+                reason: "short payload",
+                ..
+            })
+        ));
+        std::fs::remove_file(path).unwrap();
     }
 
     fn header() -> FileHeader {

@@ -26,6 +26,8 @@
 //!   generation hook: kept current from saved regions, saved at
 //!   checkpoints, used to attribute flushes.
 //! - `control.rs`: the control socket protocol (JSON lines) and its server.
+//! - `fuzzing.rs` (feature `fuzzing`, for `fuzz/` only): the catalog's
+//!   value codecs, for the fuzz targets.
 
 pub mod alive;
 pub mod catalog;
@@ -35,6 +37,8 @@ pub mod control;
 pub mod error;
 pub mod files;
 mod fine;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod gate;
 pub mod hooks;
 pub mod journal;

@@ -21,7 +21,7 @@ pub(crate) mod lock;
 mod prune;
 pub(crate) mod repo;
 pub(crate) mod restore;
-mod seal;
+pub(crate) mod seal;
 mod target;
 
 use std::path::PathBuf;
