@@ -275,16 +275,43 @@ fn activated(listener: &impl AsRawFd, args: &[&str], stderr: &Path) -> std::proc
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).unwrap());
-    // SAFETY: dup2 is async-signal-safe and touches only fds.
+    // SAFETY: dup2 and fcntl are async-signal-safe and touch only fds.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself is a no-op that leaves FD_CLOEXEC set: when
+            // the listener already is fd 3 (as it can be, depending on
+            // what the other tests have open), clear the flag instead.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     command.spawn().unwrap()
+}
+
+/// Waits until `served` says the activated server answers. The test holds
+/// the listener too, so a connection succeeds even when the server is
+/// gone: a server that exited fails the test at once, with its stderr.
+fn wait_activated(
+    child: &mut std::process::Child,
+    stderr: &Path,
+    mut served: impl FnMut() -> bool,
+) {
+    wait_for("the activated server", || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the activated server exited: {status}\n{}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        served()
+    });
 }
 
 fn nbdinfo_size(uri: &str) -> String {
@@ -321,8 +348,14 @@ fn socket_activation_serves_the_sockets_systemd_passes_and_leaves_them() {
     let unix = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let child = activated(&unix, &["--size", "64M", image_arg], &stderr);
     let uri = format!("nbd+unix:///?socket={}", socket.display());
-    wait_for("the activated server", || {
-        UnixStream::connect(&socket).is_ok_and(|mut stream| greeted(&mut stream))
+    let mut child = child;
+    wait_activated(&mut child, &stderr, || {
+        UnixStream::connect(&socket).is_ok_and(|mut stream| {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            greeted(&mut stream)
+        })
     });
     assert_eq!(nbdinfo_size(&uri), (64 * MIB).to_string());
     let tracked = output(Command::new(BLOCKWATCH).args(["status", image_arg]));
@@ -333,10 +366,10 @@ fn socket_activation_serves_the_sockets_systemd_passes_and_leaves_them() {
     // A TCP socket; the image exists now.
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = tcp.local_addr().unwrap().port();
-    let child = activated(&tcp, &[image_arg], &stderr);
+    let mut child = activated(&tcp, &[image_arg], &stderr);
     let uri = format!("nbd://127.0.0.1:{port}/");
-    wait_for("the activated TCP server", || {
-        output(Command::new("nbdinfo").args(["--size", &uri]))
+    wait_activated(&mut child, &stderr, || {
+        output(Command::new("timeout").args(["10", "nbdinfo", "--size", &uri]))
             .status
             .success()
     });
