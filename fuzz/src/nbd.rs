@@ -14,7 +14,7 @@ use nbd_server::handshake::{Haggled, HandshakeError, Session, greet, haggle};
 use nbd_server::proto::*;
 use nbd_server::socket::{Socket, Stop};
 use nbd_server::transmission::transmit;
-use nbd_server::{Export, Exports, TlsMode};
+use nbd_server::{Export, Exports, Limits, TlsMode};
 
 /// The export's size: small, so that reads stay cheap, and not a multiple
 /// of the extents' pattern, so that their clipping at the end is tried.
@@ -330,6 +330,7 @@ pub fn transmission(data: &[u8]) {
         socket,
         InBuf::default(),
         session,
+        &Limits::default(),
         stop,
         runtime().handle().clone(),
     );
@@ -385,11 +386,17 @@ pub struct Sent {
     pub flags: u16,
     pub offset: u64,
     pub length: u64,
+    /// Its payload is all there and within `PAYLOAD_MAX`. The last request
+    /// may be cut short or carry more than the server reads: the server may
+    /// refuse it (an error reply, then the connection ends while it
+    /// discards the payload) or end the connection without a reply.
+    pub whole: bool,
 }
 
 /// Frames `requests` as the server will and gives request `i` cookie
 /// `i + 1`. Stops where the server would end the connection (a bad magic,
-/// a payload over `PAYLOAD_MAX`), at DISC, or where the bytes run out.
+/// a payload over `PAYLOAD_MAX`), at DISC, or where the bytes run out; a
+/// request whose payload is too large or cut short is the last, not whole.
 fn number_requests(requests: &mut [u8], extended: bool) -> Vec<Sent> {
     let header_len = if extended {
         EXTENDED_REQUEST_LEN
@@ -419,19 +426,18 @@ fn number_requests(requests: &mut [u8], extended: bool) -> Vec<Sent> {
         let has_payload =
             header.command == CMD_WRITE || (extended && header.flags & CMD_FLAG_PAYLOAD_LEN != 0);
         let payload = if has_payload { header.length } else { 0 };
-        if payload > u64::from(PAYLOAD_MAX) {
-            break;
-        }
-        let end = (at + header_len) as u64 + payload;
-        if end > requests.len() as u64 {
-            break;
-        }
+        let end = ((at + header_len) as u64).saturating_add(payload);
+        let whole = payload <= u64::from(PAYLOAD_MAX) && end <= requests.len() as u64;
         sent.push(Sent {
             command: header.command,
             flags: header.flags,
             offset: header.offset,
             length: header.length,
+            whole,
         });
+        if !whole {
+            break;
+        }
         at = end as usize;
     }
     sent
@@ -501,6 +507,10 @@ fn check_replies(mut replies: &[u8], mode: ReplyMode, sent: &[Sent], clean_end: 
                 "read data outside the request"
             );
         }
+        assert!(
+            request.whole || reply.error != 0,
+            "a request cut short or over PAYLOAD_MAX was not refused: {request:?}"
+        );
         if reply.done {
             done[index] = true;
             if request.command == CMD_READ && reply.error == 0 {
@@ -509,7 +519,8 @@ fn check_replies(mut replies: &[u8], mode: ReplyMode, sent: &[Sent], clean_end: 
         }
     }
     if clean_end {
-        if let Some(unanswered) = done.iter().position(|done| !done) {
+        let unanswered = (0..sent.len()).find(|&i| sent[i].whole && !done[i]);
+        if let Some(unanswered) = unanswered {
             panic!(
                 "request {unanswered} ({:?}) got no final reply",
                 sent[unanswered]

@@ -325,6 +325,14 @@ fn serve_requests(
                     available[..header_len].try_into().expect("28 bytes"),
                 )?
             };
+            if header.command == CMD_DISC {
+                // No reply, whatever its flags, and a payload it claims
+                // (PAYLOAD_LEN under extended headers) is never read.
+                if !out.is_empty() {
+                    shared.send(out.as_slice())?;
+                }
+                return Ok(());
+            }
             let payload = conn.payload_len(&header)?;
             if conn.throws_away_payload(&header, payload) {
                 // Answered now; its payload is read into a scratch buffer
@@ -345,14 +353,8 @@ fn serve_requests(
                 starved = true;
                 break;
             }
-            let flow = conn.handle(&header, &available[header_len..total], &mut out);
+            conn.handle(&header, &available[header_len..total], &mut out);
             input.consume(total);
-            if flow == Flow::Disconnect {
-                if !out.is_empty() {
-                    shared.send(out.as_slice())?;
-                }
-                return Ok(());
-            }
         }
         if !out.is_empty() {
             let may_hold = starved && reading && owned_write.is_none() && discard == 0;
@@ -460,12 +462,6 @@ impl Cork {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Flow {
-    Continue,
-    Disconnect,
-}
-
 /// A client mistake, answered with an NBD error.
 struct Reject {
     error: NbdError,
@@ -553,14 +549,13 @@ impl Connection {
         }
     }
 
-    fn handle(&mut self, header: &RequestHeader, payload: &[u8], out: &mut OutBuf) -> Flow {
-        if header.command == CMD_DISC {
-            return Flow::Disconnect;
-        }
+    /// Answers one request (DISC is taken care of before its payload).
+    fn handle(&mut self, header: &RequestHeader, payload: &[u8], out: &mut OutBuf) {
+        debug_assert_ne!(header.command, CMD_DISC, "DISC ends the loop first");
         let reply = ReplyTo::new(self.mode, header);
         if let Err(Reject { error, message }) = self.validate(header) {
             reply.error(out, error, message);
-            return Flow::Continue;
+            return;
         }
         let fua = header.flags & CMD_FLAG_FUA != 0;
         let (offset, length) = (header.offset, header.length);
@@ -614,7 +609,6 @@ impl Connection {
             }
             _ => unreachable!("validate admits only known commands"),
         }
-        Flow::Continue
     }
 
     /// Whether this request is a valid large WRITE that will run on the

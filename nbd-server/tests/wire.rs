@@ -846,6 +846,23 @@ fn disconnect_finishes_in_flight_requests_first() {
     assert!(on_disk[..65536].iter().all(|&b| b == 0x33));
 }
 
+/// DISC ends the connection without a reply whatever it carries: flags it
+/// may not have, and a payload it claims under extended headers (which is
+/// never read). The fuzzer found the server refusing such a DISC with an
+/// error reply while it discarded the payload.
+#[test]
+fn disconnect_with_flags_and_a_claimed_payload_gets_no_reply() {
+    let server = TestServer::start(4 << 20, false);
+    let mut client = server.transmission(ReplyMode::Extended);
+    client.request(true, CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(client.chunk().cookie, 1);
+    client.request(true, CMD_DISC, CMD_FLAG_PAYLOAD_LEN | 0x40, 2, 0, 16 << 20);
+    assert!(
+        client.closed_by_server(),
+        "a reply to DISC, or the server waits for its payload"
+    );
+}
+
 #[test]
 fn fast_zero_is_honest_and_no_hole_allocates() {
     let server = TestServer::start(4 << 20, false);
