@@ -90,6 +90,12 @@ pub struct ServeArgs {
     /// past it. Default: 64M.
     #[arg(long, value_name = "SIZE")]
     max_in_flight_bytes: Option<String>,
+    /// Microseconds a connection's thread spins for the next request
+    /// before it sleeps, while requests come that soon after it ran dry
+    /// (queue-depth-1 clients: a wake-up across CPUs costs more than a
+    /// 4 KiB read on a VM). 0 never spins.
+    #[arg(long, value_name = "USEC", default_value_t = nbd_server::Limits::default().busy_poll.as_micros() as u64)]
+    busy_poll: u64,
     /// A backup (tape:PATH..., s3://..., file:REPLICA): the checkpoint to
     /// serve (default its newest; TARGET@CHECKPOINT says the same).
     #[arg(long, value_name = "CHECKPOINT")]

@@ -126,6 +126,9 @@ impl Plan {
     }
 }
 
+/// The longest `--busy-poll` taken, in microseconds.
+const BUSY_POLL_MAX_US: u64 = 1000;
+
 fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
     if args.max_connections == 0 {
         bail!("--max-connections 0 lets no client in: give at least 1");
@@ -136,6 +139,12 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
     let timeout = args.handshake_timeout;
     if !(timeout > 0.0 && timeout <= 86400.0) {
         bail!("--handshake-timeout {timeout}: give seconds above 0, at most a day (86400)");
+    }
+    if args.busy_poll > BUSY_POLL_MAX_US {
+        bail!(
+            "--busy-poll {}: at most {BUSY_POLL_MAX_US} microseconds (a spin that long is a core lost, not a wake-up saved)",
+            args.busy_poll
+        );
     }
     let defaults = Limits::default();
     let bytes_in_flight_max = match args.max_in_flight_bytes.as_deref() {
@@ -156,6 +165,7 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
         handshake_timeout: std::time::Duration::from_secs_f64(timeout),
         requests_in_flight_max: args.max_in_flight,
         bytes_in_flight_max,
+        busy_poll: std::time::Duration::from_micros(args.busy_poll),
     })
 }
 
