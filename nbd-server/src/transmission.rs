@@ -410,7 +410,14 @@ fn serve_requests(
             // until the cork lets go of them.
             None if !out.is_empty() => std::hint::spin_loop(),
             None => {
-                if busy.spins() && spin_for_input(shared, &mut input, &mut reading)? {
+                // Not while a request of this connection is on the pool:
+                // the client then waits for its reply rather than about
+                // to send, and the spin would take a CPU from the thread
+                // serving it (a FLUSH's fsync at queue depth 1).
+                if busy.spins()
+                    && shared.in_flight() == 0
+                    && spin_for_input(shared, &mut input, &mut reading)?
+                {
                     continue;
                 }
                 let slept = Instant::now();
@@ -448,7 +455,13 @@ fn spin_for_input(
             None if shared.stop.is_set() || start.elapsed() >= shared.busy_poll => {
                 return Ok(false);
             }
-            None => std::hint::spin_loop(),
+            // Yielding, not only spinning: a thread this CPU should run
+            // (the client itself, or a pool thread) runs at once instead
+            // of waiting for the spin to end.
+            // SAFETY: sched_yield takes no arguments.
+            None => unsafe {
+                libc::sched_yield();
+            },
         }
     }
 }
@@ -463,7 +476,8 @@ fn spin_for_input(
 /// longer sleep (an idle client, or one that thinks between requests)
 /// ends the spinning until requests come that close again.
 /// The CPU a connection spends spinning is thus at most `busy_poll` a
-/// request, and nothing while it is idle.
+/// request, and nothing while it is idle or while one of its requests is
+/// on the blocking pool.
 #[derive(Debug)]
 struct BusyPoll {
     budget: Duration,
