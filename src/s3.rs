@@ -28,6 +28,13 @@ pub struct S3Flags {
     /// s3: the region (default AWS_REGION, else us-east-1).
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
+    /// s3: where copies keep the pack indexes they read, so that the next
+    /// copy reads only new ones from the service (default
+    /// $XDG_CACHE_HOME/blockwatch/s3-index, else ~/.cache/...); `off`
+    /// reads every index at every copy. Cached indexes are checked again
+    /// (digest or AEAD tag) at each use.
+    #[arg(long, value_name = "DIR|off")]
+    s3_cache: Option<PathBuf>,
 }
 
 impl S3Flags {
@@ -36,6 +43,11 @@ impl S3Flags {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             key_file: self.encrypt.clone(),
+            index_cache: match &self.s3_cache {
+                Some(dir) if dir.as_os_str() == "off" => None,
+                Some(dir) => Some(dir.clone()),
+                None => copier::s3::index_cache::default_root(),
+            },
         }
     }
 }

@@ -350,6 +350,102 @@ fn keys_under(s3: &S3Server, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The files of the local pack-index cache, of every repository.
+fn cached_indexes(s3: &S3Server) -> Vec<PathBuf> {
+    let root = s3.client_cache().join("blockwatch/s3-index");
+    let Ok(repositories) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = repositories
+        .flatten()
+        .flat_map(|repository| std::fs::read_dir(repository.path()).unwrap().flatten())
+        .map(|entry| entry.path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn index_reads(summary: &serde_json::Value) -> (u64, u64) {
+    let stored = &summary["stored"];
+    (
+        stored["indexes_cached"].as_u64().unwrap(),
+        stored["indexes_fetched"].as_u64().unwrap(),
+    )
+}
+
+/// A copy reads from the service only the pack indexes it has not seen
+/// (its own uploads, and those it read, are cached), the rest from the
+/// local cache, checked again at each use, so a
+/// damaged cache file is read from the service instead (deduplication
+/// intact), an index the service no longer lists leaves the cache, and
+/// `--s3-cache off` reads every index.
+#[test]
+fn later_copies_read_pack_indexes_from_the_cache_and_never_trust_a_damaged_one() {
+    let dir = TempDir::new("copy-s3-index-cache");
+    let s3 = S3Server::s3s_fs(&dir.join("s3"));
+    s3.create_bucket(BUCKET);
+    let image = dir.join("disk.img");
+    create_sparse_file(&image, 64 << 20);
+    for (index, offset) in [0u64, 20 << 20, 41 << 20].iter().enumerate() {
+        write_at(&image, *offset, &random_bytes(index as u64 + 7, 12 << 20));
+    }
+    track(&s3, &dir, &image);
+    let target = "s3://backups/cached";
+    let first = copied(&s3, &image, target, &[]);
+    assert_eq!(
+        index_reads(&first),
+        (0, 0),
+        "an empty repository: {first:#}"
+    );
+    let packs = keys_under(&s3, "cached/index/").len() as u64;
+    assert!(packs >= 2, "36 MiB of data in 16 MiB packs: {packs}");
+    assert_eq!(
+        cached_indexes(&s3).len() as u64,
+        packs,
+        "the indexes a copy uploads are cached"
+    );
+
+    let second = copied(&s3, &image, target, &["--full"]);
+    assert_eq!(
+        index_reads(&second),
+        (packs, 0),
+        "all from the cache: {second:#}"
+    );
+    assert_eq!(new_bytes(&second), 0, "{second:#}");
+
+    // A flipped byte in every cached index: none is trusted, each is read
+    // from the service again, and nothing is uploaded twice.
+    for file in cached_indexes(&s3) {
+        let mut bytes = std::fs::read(&file).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&file, bytes).unwrap();
+    }
+    let damaged = copied(&s3, &image, target, &["--full"]);
+    assert_eq!(index_reads(&damaged), (0, packs), "{damaged:#}");
+    assert_eq!(new_bytes(&damaged), 0, "{damaged:#}");
+    let again = copied(&s3, &image, target, &["--full"]);
+    assert_eq!(index_reads(&again), (packs, 0), "cached again: {again:#}");
+
+    // An index the service no longer lists leaves the cache.
+    let gone = keys_under(&s3, "cached/index/").remove(0);
+    std::fs::remove_file(s3.object_path(BUCKET, &gone)).unwrap();
+    let pruned = copied(&s3, &image, target, &["--full"]);
+    let (cached, fetched) = index_reads(&pruned);
+    assert_eq!((cached, fetched), (packs - 1, 0), "{pruned:#}");
+    let gone_name = gone.rsplit('/').next().unwrap();
+    assert!(
+        cached_indexes(&s3)
+            .iter()
+            .all(|file| file.file_name().unwrap() != gone_name),
+        "the unlisted index is still cached"
+    );
+
+    let uncached = copied(&s3, &image, target, &["--full", "--s3-cache", "off"]);
+    let listed = keys_under(&s3, "cached/index/").len() as u64;
+    assert_eq!(index_reads(&uncached), (0, listed), "{uncached:#}");
+}
+
 #[test]
 fn a_copy_killed_mid_upload_leaves_no_session_and_its_rerun_reuses_the_uploaded_chunks() {
     let dir = TempDir::new("copy-s3-kill");

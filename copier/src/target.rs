@@ -63,6 +63,9 @@ pub struct StoredTotals {
     pub new_bytes: u64,
     /// Bytes sent to the target (compressed, sealed, packed).
     pub uploaded_bytes: u64,
+    /// Pack indexes read from this machine's cache, and from the service.
+    pub indexes_cached: u64,
+    pub indexes_fetched: u64,
 }
 
 /// One copy's destination.

@@ -71,6 +71,9 @@ const S3S_FS_CONNECTIONS_MAX: usize = 256;
 pub struct S3Server {
     address: SocketAddr,
     backend: Backend,
+    /// `XDG_CACHE_HOME` of the clients given `env()`: each server's own,
+    /// so that tests neither share caches nor write the user's.
+    client_cache: PathBuf,
 }
 
 #[derive(Debug)]
@@ -126,6 +129,7 @@ impl S3Server {
             .expect("cannot start the s3s-fs thread");
         S3Server {
             address,
+            client_cache: root.with_extension("client-cache"),
             backend: Backend::S3sFs(InProcess {
                 root: root.to_path_buf(),
                 shutdown: Some(shutdown),
@@ -160,6 +164,7 @@ impl S3Server {
                     return S3Server {
                         address,
                         backend: Backend::Moto(moto),
+                        client_cache: dir.join("client-cache"),
                     };
                 }
                 Err(output) if output.contains("Address already in use") => continue,
@@ -184,10 +189,19 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", S3_SECRET_ACCESS_KEY),
             ("AWS_ALLOW_HTTP", "true"),
             ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false"),
+            (
+                "XDG_CACHE_HOME",
+                self.client_cache.to_string_lossy().as_ref(),
+            ),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value.to_string()))
         .collect()
+    }
+
+    /// The `XDG_CACHE_HOME` that `env()` gives clients.
+    pub fn client_cache(&self) -> &Path {
+        &self.client_cache
     }
 
     /// Creates an empty bucket: a directory for s3s-fs (what its own

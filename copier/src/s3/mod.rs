@@ -11,12 +11,15 @@
 //! - `format.rs`: the config, pack indexes and manifests as bytes, with
 //!   their limits and checks;
 //! - `repo.rs`: the bucket (object_store), its layout, listings;
+//! - `index_cache.rs`: pack indexes kept on this machine, so that a copy
+//!   reads only the new ones;
 //! - `lock.rs`: the locks of copies, restores, verifies and prunes;
 //! - `target.rs`: the copy target (chunks, packs, the manifest commit);
 //! - `restore.rs`: restore, verify and the list of sessions;
 //! - `prune.rs`: retention, mark and sweep.
 
 pub(crate) mod format;
+pub mod index_cache;
 pub(crate) mod lock;
 mod prune;
 pub(crate) mod repo;
@@ -27,7 +30,7 @@ mod target;
 use std::path::PathBuf;
 
 pub use prune::{PruneSummary, Retention, civil_from_days, prune};
-pub use repo::{Repository, S3Location};
+pub use repo::{IndexReads, Repository, S3Location};
 pub use restore::{
     Damage, S3RestoreSummary, S3VerifyReport, SessionRow, list_sessions, restore, verify,
 };
@@ -45,6 +48,10 @@ pub struct S3Options {
     /// The key file of an encrypted repository (`--encrypt`); a new
     /// repository made with one is encrypted.
     pub key_file: Option<PathBuf>,
+    /// Where pack indexes read from the service are kept for later copies
+    /// (`index_cache::default_root()` by default); None reads every index
+    /// from the service at every copy.
+    pub index_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,7 @@ use super::format::{
     CONFIG_FORMAT, ChunkRef, Encryption, INDEX_BYTES_MAX, MANIFEST_BYTES_MAX, Manifest, PackId,
     RepoConfig, decode_index,
 };
+use super::index_cache::{IndexCache, SEALED_INDEX_BYTES_MAX};
 use super::seal::{Keys, SealError, Sealer, random_bytes, read_key_file};
 use super::{S3Error, S3Options};
 
@@ -105,6 +106,16 @@ pub struct Repository {
     prefix: String,
     pub sealer: Arc<Sealer>,
     pub config: RepoConfig,
+    index_cache: Option<IndexCache>,
+}
+
+/// Where a copy's pack indexes came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexReads {
+    /// Read from the local cache (and checked again).
+    pub cached: u64,
+    /// Read from the service.
+    pub fetched: u64,
 }
 
 impl std::fmt::Debug for Repository {
@@ -172,6 +183,7 @@ impl Repository {
                 created_unix: 0,
                 encryption: None,
             },
+            index_cache: None,
         };
         let user_key = match &options.key_file {
             Some(path) => Some(read_key_file(path).map_err(|reason| S3Error::KeyFile {
@@ -202,6 +214,10 @@ impl Repository {
         }
         let keys = repo.open_keys(&config, user_key, options.key_file.as_ref())?;
         repo.sealer = Arc::new(Sealer::new(keys));
+        repo.index_cache = options
+            .index_cache
+            .as_deref()
+            .and_then(|root| IndexCache::open(root, &config.repository_id));
         repo.config = config;
         Ok(repo)
     }
@@ -370,42 +386,76 @@ impl Repository {
 
     /// Every chunk the repository's pack indexes name, but those in packs
     /// a prune marked for deletion (`excluded`): a copy must not make a
-    /// new session need them.
+    /// new session need them. Indexes in the local cache (`S3Options::
+    /// index_cache`) that still open are not read from the service; what
+    /// is read is cached.
     pub fn chunk_index(
         &self,
         excluded: &std::collections::HashSet<PackId>,
-    ) -> Result<HashMap<super::seal::ChunkId, ChunkRef>, S3Error> {
-        let packs: Vec<PackId> = self
+    ) -> Result<(HashMap<super::seal::ChunkId, ChunkRef>, IndexReads), S3Error> {
+        let listed: std::collections::HashSet<PackId> = self
             .list("index/")?
             .iter()
             .filter_map(|listed| PackId::parse(listed.key.strip_prefix("index/")?))
+            .collect();
+        if let Some(cache) = &self.index_cache {
+            cache.retain(&listed);
+        }
+        let packs: Vec<PackId> = listed
+            .into_iter()
             .filter(|pack| !excluded.contains(pack))
             .collect();
+        let mut reads = IndexReads::default();
+        let mut indexes = Vec::new();
+        let mut fetch = Vec::new();
+        for pack in packs {
+            let cached = self.index_cache.as_ref().and_then(|cache| {
+                let sealed = cache.get(&pack)?;
+                let opened = self.open_index(pack, &sealed);
+                if opened.is_err() {
+                    tracing::warn!(pack = %pack.hex(), "a cached pack index does not open: reading it again");
+                    cache.remove(&pack);
+                }
+                opened.ok()
+            });
+            match cached {
+                Some(entries) => {
+                    reads.cached += 1;
+                    indexes.push(Ok(entries));
+                }
+                None => fetch.push(pack),
+            }
+        }
+        reads.fetched = fetch.len() as u64;
         let client = self.client();
-        let sealer = self.sealer.clone();
-        let indexes: Vec<Result<Vec<ChunkRef>, S3Error>> = self.block_on(
-            futures::stream::iter(packs.into_iter().map(|pack| {
+        // Each pack with its sealed index, None when it went meanwhile.
+        type Fetched = Result<(PackId, Option<Vec<u8>>), S3Error>;
+        let fetched: Vec<Fetched> = self.block_on(
+            futures::stream::iter(fetch.into_iter().map(|pack| {
                 let client = client.clone();
-                let sealer = sealer.clone();
                 async move {
                     let key = format!("index/{}", pack.hex());
-                    let sealed = client.get_optional(&key, INDEX_BYTES_MAX + 1024).await?;
-                    let Some(sealed) = sealed else {
-                        // Swept by a prune since the listing.
-                        return Ok(Vec::new());
-                    };
-                    let plain = sealer
-                        .open(b"index", &sealed, INDEX_BYTES_MAX)
-                        .map_err(|error| client.sealed_error(&key, error))?;
-                    decode_index(pack, &plain).map_err(|error| S3Error::Damaged {
-                        object: format!("{}/{key}", client.url),
-                        reason: error.0,
-                    })
+                    let sealed = client.get_optional(&key, SEALED_INDEX_BYTES_MAX).await?;
+                    Ok((pack, sealed))
                 }
             }))
             .buffer_unordered(IN_FLIGHT)
             .collect(),
         );
+        for result in fetched {
+            indexes.push(match result {
+                // Swept by a prune since the listing.
+                Ok((_, None)) => Ok(Vec::new()),
+                Ok((pack, Some(sealed))) => {
+                    let opened = self.open_index(pack, &sealed);
+                    if let (Ok(_), Some(cache)) = (&opened, &self.index_cache) {
+                        cache.put(&pack, &sealed);
+                    }
+                    opened
+                }
+                Err(error) => Err(error),
+            });
+        }
         let mut chunks = HashMap::new();
         for index in indexes {
             match index {
@@ -422,7 +472,29 @@ impl Repository {
                 Err(error) => return Err(error),
             }
         }
-        Ok(chunks)
+        tracing::info!(
+            cached = reads.cached,
+            fetched = reads.fetched,
+            "pack indexes read"
+        );
+        Ok((chunks, reads))
+    }
+
+    /// Keeps a sealed index this machine made in the local cache.
+    pub(crate) fn cache_index(&self, pack: &PackId, sealed: &[u8]) {
+        if let Some(cache) = &self.index_cache {
+            cache.put(pack, sealed);
+        }
+    }
+
+    /// The entries of `pack`'s sealed index.
+    fn open_index(&self, pack: PackId, sealed: &[u8]) -> Result<Vec<ChunkRef>, S3Error> {
+        let key = format!("index/{}", pack.hex());
+        let plain = self
+            .sealer
+            .open(b"index", sealed, INDEX_BYTES_MAX)
+            .map_err(|error| sealed_error(self, &key, error))?;
+        decode_index(pack, &plain).map_err(|error| self.damaged(&key, error.0))
     }
 
     pub fn small_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, S3Error> {

@@ -16,7 +16,9 @@ use super::format::{
 };
 use super::lock::RepoLock;
 use super::prune::pending_marks;
-use super::repo::{Client, Repository, S3Location, SessionKey, disk_key, new_session_id};
+use super::repo::{
+    Client, IndexReads, Repository, S3Location, SessionKey, disk_key, new_session_id,
+};
 use super::seal::{ChunkId, Sealer};
 use super::{S3Error, S3Options};
 use crate::copy::CopyError;
@@ -50,6 +52,8 @@ pub struct S3Target {
     /// The disk's newest readable session, once `held` looked.
     newest: Option<(SessionKey, Manifest)>,
     building: Option<Building>,
+    /// Where this copy's pack indexes came from.
+    index_reads: IndexReads,
 }
 
 impl std::fmt::Debug for S3Target {
@@ -120,6 +124,7 @@ impl S3Target {
             reuse_nothing: false,
             newest: None,
             building: None,
+            index_reads: IndexReads::default(),
         })
     }
 
@@ -233,7 +238,9 @@ impl Target for S3Target {
         let known = if self.reuse_nothing {
             HashMap::new()
         } else {
-            self.repo.chunk_index(&self.excluded)?
+            let (known, reads) = self.repo.chunk_index(&self.excluded)?;
+            self.index_reads = reads;
+            known
         };
         let mut state = State {
             map: BTreeMap::new(),
@@ -338,6 +345,8 @@ impl Target for S3Target {
             session: manifest.header.session_id.clone(),
             new_bytes: manifest.header.new_bytes,
             uploaded_bytes: manifest.header.uploaded_bytes,
+            indexes_cached: self.index_reads.cached,
+            indexes_fetched: self.index_reads.fetched,
         })
     }
 }
@@ -450,6 +459,9 @@ impl Building {
         let failure = self.failure.clone();
         let uploaded = self.uploaded_bytes.clone();
         let index = self.sealer.seal(b"index", &encode_index(&pack.entries));
+        // Kept before the upload: the cache serves only indexes the
+        // service lists, so one whose upload fails is never used.
+        repo.cache_index(&pack.id, &index);
         let handle = repo.spawn(async move {
             let _permit = permit;
             let id = pack.id.hex();
