@@ -374,11 +374,11 @@ fn index_reads(summary: &serde_json::Value) -> (u64, u64) {
 }
 
 /// A copy reads from the service only the pack indexes it has not seen
-/// (its own uploads, and those it read, are cached), the rest from the
-/// local cache, checked again at each use, so a
-/// damaged cache file is read from the service instead (deduplication
-/// intact), an index the service no longer lists leaves the cache, and
-/// `--s3-cache off` reads every index.
+/// (its own uploads, and those it read, are cached) and the rest from the
+/// local cache, checked again at each use: a damaged cache file is read
+/// from the service instead (deduplication intact), an index the service
+/// no longer lists leaves the cache, and `--s3-cache off` reads every
+/// index.
 #[test]
 fn later_copies_read_pack_indexes_from_the_cache_and_never_trust_a_damaged_one() {
     let dir = TempDir::new("copy-s3-index-cache");
