@@ -180,7 +180,8 @@ impl S3Server {
     }
 
     /// The environment a client built by object_store's
-    /// `AmazonS3Builder::from_env()` needs to reach this server.
+    /// `AmazonS3Builder::from_env()` needs to reach this server, and an
+    /// `XDG_CACHE_HOME` of this server's own for blockwatch's index cache.
     pub fn env(&self) -> Vec<(String, String)> {
         [
             ("AWS_ENDPOINT_URL", self.endpoint().as_str()),

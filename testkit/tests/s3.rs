@@ -22,7 +22,12 @@ const PART_MIN_BYTES: usize = 5 * MIB as usize;
 /// process's environment under the other tests running beside it.
 fn store(server: &S3Server, bucket: &str) -> AmazonS3 {
     let mut builder = AmazonS3Builder::new().with_bucket_name(bucket);
+    // from_env() reads only the AWS_* variables (env() also gives
+    // blockwatch an XDG_CACHE_HOME of the server's own).
     for (name, value) in server.env() {
+        if !name.starts_with("AWS_") {
+            continue;
+        }
         let key: AmazonS3ConfigKey = name
             .to_ascii_lowercase()
             .parse()
