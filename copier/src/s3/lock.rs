@@ -121,8 +121,19 @@ impl RepoLock {
 impl Drop for RepoLock {
     fn drop(&mut self) {
         self.refresher.abort();
-        // Dropped on a plain thread (never inside the runtime).
-        let result = self.handle.block_on(self.client.delete(&self.key));
+        let delete = || self.handle.block_on(self.client.delete(&self.key));
+        let result = if tokio::runtime::Handle::try_current().is_ok() {
+            // Dropped inside a runtime: a server's worker thread that let
+            // go of the last export of a backup view holding this lock,
+            // where block_on panics (exit 101 at SIGTERM, the lock left
+            // behind). The delete gets a thread of its own.
+            std::thread::scope(|scope| scope.spawn(delete).join()).unwrap_or_else(|_| {
+                tracing::warn!(key = %self.key, "the thread removing a repository lock panicked");
+                Ok(())
+            })
+        } else {
+            delete()
+        };
         if let Err(error) = result {
             tracing::warn!(%error, key = %self.key, "removing a repository lock");
         }
