@@ -50,14 +50,6 @@ fn pin_holders(image: &Path) -> Vec<String> {
     holders
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < WAIT_LIMIT, "waited too long for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn nbdcopy_to(uri: &str, file: &Path) -> std::process::Output {
     output(&mut command(
         "nbdcopy",
@@ -206,10 +198,10 @@ fn a_snapshot_is_released_when_the_process_holding_it_is_killed() {
 
     holder.kill().unwrap();
     holder.wait().unwrap();
-    wait_for("the snapshot's release", || {
+    wait_until("the snapshot's release", WAIT_LIMIT, || {
         !nbdinfo_list(&server).contains("disk@held")
     });
-    wait_for("its pin to go", || {
+    wait_until("its pin to go", WAIT_LIMIT, || {
         !pin_holders(&image).contains(&"snapshot".to_string())
     });
     let stores = std::fs::read_dir(state_dir(&image).join("snapshots")).unwrap();
@@ -402,7 +394,7 @@ fn a_live_copy_holds_the_disk_as_it_was_at_its_checkpoint_under_writes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-        wait_for("the copy's checkpoint", || {
+        wait_until("the copy's checkpoint", WAIT_LIMIT, || {
             copy_checkpoints(&image) != before
         });
         std::fs::write(&go, b"").unwrap();
@@ -549,9 +541,14 @@ fn a_killed_copier_releases_its_snapshot_and_a_rerun_finishes_the_copy() {
     copy.kill().unwrap();
     let status = copy.wait().unwrap();
     assert!(!status.success(), "killed before it finished: {status}");
-    wait_for("the killed copy's snapshot to be released", || {
-        !nbdinfo_list(&server).contains('@') && !pin_holders(&image).contains(&"snapshot".into())
-    });
+    wait_until(
+        "the killed copy's snapshot to be released",
+        WAIT_LIMIT,
+        || {
+            !nbdinfo_list(&server).contains('@')
+                && !pin_holders(&image).contains(&"snapshot".into())
+        },
+    );
     assert!(!dir.join("replica.img.blockwatch-replica").exists());
 
     let rerun = output(&mut command(

@@ -12,7 +12,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use testkit::*;
@@ -333,14 +333,6 @@ fn a_second_full_uploads_almost_nothing_and_two_disks_share_their_common_chunks(
     let restored = dir.join("b-restored.img");
     restore(&s3, &format!("{target}#{session}"), &restored, &[]);
     assert_files_equal(&other, &restored);
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn keys_under(s3: &S3Server, prefix: &str) -> Vec<String> {

@@ -11,11 +11,11 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Server;
 use nbd_server::proto::*;
-use testkit::{MIB, TempDir, output, status_text};
+use testkit::{MIB, TempDir, output, status_text, wait_until};
 
 const BLOCKWATCH: &str = env!("CARGO_BIN_EXE_blockwatch");
 
@@ -122,13 +122,8 @@ fn read_works(socket: &Path) {
     stream.write_all(&request(CMD_DISC, 0, 0, 0)).unwrap();
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// How long a test waits for the server to get somewhere.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 /// Idle connections: 400 against a limit of 64. The first 64 are greeted
 /// and held until the handshake timeout, the rest closed at once; threads
@@ -183,10 +178,14 @@ fn hostile_clients_get_their_answer_and_the_server_stays_bounded() {
         "idle connections took memory: {rss_before} KiB -> {rss_flood} KiB"
     );
     // The handshake timeout frees their places.
-    wait_for("a connection after the handshake timeout", || {
-        let mut stream = connect(&socket);
-        greeted(&mut stream)
-    });
+    wait_until(
+        "a connection after the handshake timeout",
+        WAIT_LIMIT,
+        || {
+            let mut stream = connect(&socket);
+            greeted(&mut stream)
+        },
+    );
     for stream in &mut idle {
         let mut byte = [0u8; 1];
         let closed = matches!(stream.read(&mut byte), Ok(0) | Err(_));
@@ -211,9 +210,11 @@ fn hostile_clients_get_their_answer_and_the_server_stays_bounded() {
 
     // Their threads end (a leak would fail here).
     let pid = server.pid();
-    wait_for("the threads of ended connections to end", || {
-        connection_threads(pid) == 0
-    });
+    wait_until(
+        "the threads of ended connections to end",
+        WAIT_LIMIT,
+        || connection_threads(pid) == 0,
+    );
     // Eight clients that queue 256 MiB of READs each and read nothing.
     let stalled: Vec<(UnixStream, std::thread::JoinHandle<()>)> = (0..8)
         .map(|n| {
@@ -303,7 +304,7 @@ fn wait_activated(
     stderr: &Path,
     mut served: impl FnMut() -> bool,
 ) {
-    wait_for("the activated server", || {
+    wait_until("the activated server", WAIT_LIMIT, || {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
                 "the activated server exited: {status}\n{}",

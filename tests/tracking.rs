@@ -301,7 +301,11 @@ fn kill_9_under_random_writes_loses_no_change() {
         // (fio's start takes longer than any fixed sleep on a loaded
         // machine; a cycle that killed before it was a failure of the
         // test, not of tracking).
-        wait_for_a_write(&image, &copy);
+        wait_until(
+            "the load's first write",
+            std::time::Duration::from_secs(60),
+            || !differing_regions(&copy, &image).is_empty(),
+        );
         std::thread::sleep(std::time::Duration::from_millis(
             100 + 300 * u64::from(cycle % 10),
         ));
@@ -327,19 +331,6 @@ fn kill_9_under_random_writes_loses_no_change() {
         server = Server::start(dir.path(), &[&image], &[]);
     }
     server.stop();
-}
-
-/// Waits (up to a minute) until `image` differs from `copy`, its state
-/// before a load started.
-fn wait_for_a_write(image: &Path, copy: &Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while differing_regions(copy, image).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the load wrote nothing in a minute"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// Damaged state must be reported and make every region count as changed.

@@ -54,7 +54,7 @@ pub use files::{
 pub use mount::{FuseExport, LoopMount, physical_blocks};
 pub use process::{
     COMMAND_LIMIT, command, describe, output, output_within, parse_json, run, run_program,
-    run_with_input, run_within, signal, status_text, wait_bounded,
+    run_with_input, run_within, signal, status_text, wait_bounded, wait_until,
 };
 pub use random::{Xorshift, random_bytes};
 pub use s3::{S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY, S3Server};
