@@ -24,12 +24,12 @@ pub struct CopyArgs {
     #[arg(conflicts_with = "from")]
     image: Option<PathBuf>,
     /// Copy from any NBD server instead (nbd://HOST[:PORT]/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH): everything, or with --bitmap what
-    /// its dirty bitmap marks.
+    /// nbd+unix:///EXPORT?socket=PATH) to any target but tar: everything,
+    /// or with --bitmap what its dirty bitmap marks.
     #[arg(long, value_name = "URI")]
     from: Option<String>,
     /// With --from: copy only the regions the server's
-    /// `qemu:dirty-bitmap:NAME` marks (qemu-nbd -B NAME), onto a replica
+    /// `qemu:dirty-bitmap:NAME` marks (qemu-nbd -B NAME), onto a target
     /// that holds an earlier copy of the same export.
     #[arg(long, value_name = "NAME", requires = "from")]
     bitmap: Option<String>,
@@ -47,7 +47,9 @@ pub struct CopyArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Tracking state directory (default: IMAGE.blockwatch beside the image).
+    /// Tracking state directory (default: IMAGE.blockwatch beside the
+    /// image). With --from and an NBD target: where that target's record
+    /// is kept (the same directory every time).
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
     /// tape: block size of a new tape (a power of two, 4K to 4M; default
@@ -144,19 +146,6 @@ fn target_of(target: &str, tape: TapeFlags, s3: &crate::s3::S3Flags) -> anyhow::
         );
     }
     Ok(TargetSpec::File(PathBuf::from(target)))
-}
-
-/// The replica file a target names (verify and --from copies take files).
-fn replica_of(target: &str) -> anyhow::Result<PathBuf> {
-    match target_of(target, TAPE_FLAGS_DEFAULT, &Default::default())? {
-        TargetSpec::File(path) => Ok(path),
-        TargetSpec::Nbd(_)
-        | TargetSpec::Tape { .. }
-        | TargetSpec::S3 { .. }
-        | TargetSpec::Tar { .. } => {
-            bail!("{target}: this command takes a replica file (file:PATH) here")
-        }
-    }
 }
 
 fn tape_block_size(text: Option<&str>) -> anyhow::Result<u32> {
@@ -256,11 +245,18 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
     if is_tar && args.from.is_some() {
         bail!("a tar target takes files from a tracked disk's file map: copy IMAGE --to tar:PATH");
     }
+    let tape = || -> anyhow::Result<TapeFlags> {
+        Ok(TapeFlags {
+            block_size_bytes: tape_block_size(args.block_size.as_deref())?,
+            compress: args.compress,
+        })
+    };
     Ok(match args.from {
         Some(uri) => copy_from_nbd(&NbdCopyOptions {
             uri,
             bitmap: args.bitmap,
-            replica: replica_of(&args.to)?,
+            target: target_of(&args.to, tape()?, &args.s3)?,
+            state_dir: args.state,
             full: args.full,
             workers: usize::from(args.workers),
             progress,
@@ -274,14 +270,7 @@ fn copy_with(args: CopyArgs, progress: Arc<dyn Progress>) -> anyhow::Result<Summ
                     full: args.full,
                 },
                 Some(_) => bail!("tar: needs a path: tar:PATH"),
-                None => target_of(
-                    &args.to,
-                    TapeFlags {
-                        block_size_bytes: tape_block_size(args.block_size.as_deref())?,
-                        compress: args.compress,
-                    },
-                    &args.s3,
-                )?,
+                None => target_of(&args.to, tape()?, &args.s3)?,
             };
             let options = CopyOptions {
                 image,

@@ -357,3 +357,142 @@ fn a_copy_from_qemu_nbd_follows_qemus_own_dirty_bitmap() {
         "needs a full copy first",
     );
 }
+
+/// Runs blockwatch with `s3`'s endpoint and credentials, expecting success.
+fn run_with_s3(s3: &S3Server, args: &[&str]) -> String {
+    let mut command = command(BLOCKWATCH, args);
+    for (name, value) in s3.env() {
+        command.env(name, value);
+    }
+    let out = output(&mut command);
+    assert!(
+        out.status.success(),
+        "blockwatch {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies from qemu-nbd (everything, then what QEMU's bitmaps mark, a new
+/// bitmap after each copy as a QEMU user checkpoints) go to every kind of
+/// target of pieces: a tape chain, object storage and an NBD export; each
+/// checkpoint of the chain and each session restores to the disk as QEMU
+/// had it then.
+#[test]
+fn copies_from_qemu_nbd_go_to_tapes_object_storage_and_nbd_exports() {
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("nbdkit", "nbdkit");
+    let dir = TempDir::new("copy-from-qemu-anywhere");
+    let qcow2 = dir.join("vm.qcow2");
+    let qcow2_arg = qcow2.to_str().unwrap();
+    run_program(
+        "qemu-img",
+        ["create", "-q", "-f", "qcow2", qcow2_arg, "64M"],
+    );
+    qemu_io_qcow2(&qcow2, &["write -P 1 0 2M", "write -P 2 40M 1M"]);
+    let s3 = S3Server::s3s_fs(&dir.join("s3"));
+    s3.create_bucket("backups");
+    let nbdkit_socket = dir.join("nbdkit.sock");
+    let _nbdkit = ServerProcess::start(
+        "nbdkit",
+        &["-f", "-U", nbdkit_socket.to_str().unwrap(), "memory", "64M"],
+        &nbdkit_socket,
+        &dir.join("nbdkit.log"),
+    );
+    let nbd_target = format!("nbd+unix:///?socket={}", nbdkit_socket.display());
+    let state = dir.join("state");
+    let tape = format!("tape:{}", dir.join("vm.tape").display());
+    let repository = "s3://backups/vm";
+    let targets = [tape.as_str(), repository, nbd_target.as_str()];
+
+    // (checkpoint on the tape, session in the repository, the disk then).
+    let mut states: Vec<(String, String, std::path::PathBuf)> = Vec::new();
+    for round in 0..3 {
+        let bitmap = format!("b{round}");
+        let (server, uri) = QemuNbd::start(
+            dir.path(),
+            &qcow2,
+            (round > 0).then_some(format!("b{}", round - 1)).as_deref(),
+        );
+        let mut copies = Vec::new();
+        for target in targets {
+            let mut args = vec!["copy", "--from", &uri, "--to", target, "--json"];
+            args.extend(["--state", state.to_str().unwrap()]);
+            let previous = format!("b{}", round.max(1) - 1);
+            if round > 0 {
+                args.extend(["--bitmap", previous.as_str()]);
+            }
+            let summary = parse_json(&run_with_s3(&s3, &args), "copy --from");
+            let kind = if round == 0 { "full" } else { "incremental" };
+            assert_eq!(summary["kind"], kind, "{target}: {summary:#}");
+            if round > 0 {
+                assert_eq!(
+                    summary["planned_bytes"],
+                    (64 + 128) * 1024,
+                    "{target}: what the bitmap marks: {summary:#}"
+                );
+            }
+            copies.push(summary);
+        }
+        drop(server);
+        let raw = dir.join(format!("raw-{round}.img"));
+        raw_of(&qcow2, &raw);
+        // The NBD target holds the newest state.
+        let out = dir.join("out.img");
+        let _ = std::fs::remove_file(&out);
+        run_program("nbdcopy", [nbd_target.as_str(), out.to_str().unwrap()]);
+        assert_files_equal(&raw, &out);
+        states.push((
+            copies[0]["checkpoint"].as_str().unwrap().to_string(),
+            copies[1]["stored"]["session"].as_str().unwrap().to_string(),
+            raw,
+        ));
+        // QEMU checkpoints: a new bitmap from here on, then the guest writes.
+        run_program("qemu-img", ["bitmap", "--add", qcow2_arg, &bitmap]);
+        let at = 8 * (round + 1);
+        qemu_io_qcow2(
+            &qcow2,
+            &[
+                &format!("write -P {} {at}M 64k", round + 5),
+                &format!("write -P {} {}M 128k", round + 6, at + 20),
+            ],
+        );
+        // Every copy names a checkpoint of its own; a second in between
+        // keeps the names apart without their sequence suffix too.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let checkpoints: std::collections::BTreeSet<&String> = states.iter().map(|s| &s.0).collect();
+    assert_eq!(checkpoints.len(), 3, "{states:?}");
+    for (round, (checkpoint, session, raw)) in states.iter().enumerate() {
+        let from_tape = dir.join(format!("tape-{round}.img"));
+        run_with_s3(
+            &s3,
+            &[
+                "restore",
+                &tape,
+                "--until",
+                checkpoint,
+                "--to",
+                from_tape.to_str().unwrap(),
+            ],
+        );
+        assert_files_equal(raw, &from_tape);
+        let from_s3 = dir.join(format!("s3-{round}.img"));
+        run_with_s3(
+            &s3,
+            &[
+                "restore",
+                &format!("{repository}#{session}"),
+                "--to",
+                from_s3.to_str().unwrap(),
+            ],
+        );
+        assert_files_equal(raw, &from_s3);
+    }
+    // Without --state, an NBD target has nowhere to keep its record.
+    let (_server, uri) = QemuNbd::start(dir.path(), &qcow2, None);
+    refused(
+        &["copy", "--from", &uri, "--to", &nbd_target],
+        "give --state DIR",
+    );
+}

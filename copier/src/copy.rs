@@ -106,9 +106,9 @@ pub enum CopyError {
     )]
     SnapshotBroken { checkpoint: String, reason: String },
     #[error(
-        "{replica} holds no copy of {uri} yet: a copy driven by a dirty bitmap needs a full copy first (run it without --bitmap)"
+        "{target} holds no copy of {uri} yet: a copy driven by a dirty bitmap needs a full copy first (run it without --bitmap)"
     )]
-    NeedsFullFirst { replica: PathBuf, uri: String },
+    NeedsFullFirst { target: String, uri: String },
     #[error("{target}")]
     TargetIo {
         target: String,

@@ -219,6 +219,17 @@ pub enum TargetSpec {
 }
 
 impl TargetSpec {
+    /// The target as the command line names it.
+    pub fn describe(&self) -> String {
+        match self {
+            TargetSpec::File(path) => format!("file:{}", path.display()),
+            TargetSpec::Nbd(uri) => uri.clone(),
+            TargetSpec::Tape { path, .. } => format!("tape:{}", path.display()),
+            TargetSpec::S3 { location, .. } => location.url(),
+            TargetSpec::Tar { path, .. } => format!("tar:{}", path.display()),
+        }
+    }
+
     /// Opens (locks, connects to) the target. An NBD target's record
     /// lives in the source's state directory, `targets/`.
     pub fn open(&self, state_dir: &Path) -> Result<Box<dyn Target>, CopyError> {

@@ -1,7 +1,10 @@
-//! A copy of any NBD server's export to a replica: everything, or with a
-//! bitmap the regions its `qemu:dirty-bitmap:NAME` marks. The user's QEMU
-//! checkpoints decide what a bitmap covers; the replica's record names the
-//! export and the bitmap copied.
+//! A copy of any NBD server's export to any target of pieces (a replica,
+//! an NBD export, a tape, object storage): everything, or with a bitmap
+//! the regions its `qemu:dirty-bitmap:NAME` marks. The user's QEMU
+//! checkpoints decide what a bitmap covers; the target records the export
+//! as its source, and each copy as a checkpoint of its own
+//! (`copy-UNIXTIME`, numbered in sequence), so that a tape chain or a
+//! repository of such copies names every session apart.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,16 +15,20 @@ use super::pieces::{PieceError, run_plan};
 use super::{CopyError, Summary};
 use crate::nbd_source::NbdSource;
 use crate::plan::Plan;
-use crate::target::{Held, ReplicaTarget, SourceInfo, Target};
+use crate::target::{Held, SourceInfo, Target, TargetSpec};
 
 /// What to copy from an NBD server.
 #[derive(Debug, Clone)]
 pub struct NbdCopyOptions {
     pub uri: String,
     /// Copy only what the server's `qemu:dirty-bitmap:NAME` marks, onto a
-    /// replica that holds an earlier copy of the same export.
+    /// target that holds an earlier copy of the same export.
     pub bitmap: Option<String>,
-    pub replica: PathBuf,
+    /// Any target but a tar (which takes files from a tracked disk's map).
+    pub target: TargetSpec,
+    /// Where an NBD target's record lives (`targets/` under it): the
+    /// source has no state directory of its own.
+    pub state_dir: Option<PathBuf>,
     pub full: bool,
     pub workers: usize,
     pub progress: std::sync::Arc<dyn super::Progress>,
@@ -29,7 +36,7 @@ pub struct NbdCopyOptions {
 
 pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
     let started = Instant::now();
-    let mut target = ReplicaTarget::lock(&options.replica)?;
+    let mut target = open_target(options)?;
     let source_id = format!("nbd:{}", options.uri);
     let bitmap = options.bitmap.as_ref().filter(|_| !options.full);
     let base = if options.full {
@@ -39,7 +46,7 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
     };
     if bitmap.is_some() && base.is_none() {
         return Err(CopyError::NeedsFullFirst {
-            replica: target.path().to_path_buf(),
+            target: target.describe(),
             uri: options.uri.clone(),
         });
     }
@@ -64,13 +71,7 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
         None => Plan::full(source.size_bytes()),
     };
     let plan_seconds = started.elapsed().as_secs_f64();
-    let holds = Held {
-        checkpoint: bitmap.map_or_else(
-            || "(full copy)".to_string(),
-            |name| format!("bitmap {name}"),
-        ),
-        generation: 0,
-    };
+    let holds = next_held(base.as_ref());
     let info = SourceInfo {
         id: source_id,
         size_bytes: source.size_bytes(),
@@ -80,7 +81,7 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
     options.progress.planned(plan.bytes());
     let outcome = run_plan(
         &source,
-        &target,
+        &*target,
         &plan,
         options.workers,
         options.progress.as_ref(),
@@ -96,6 +97,7 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
     let moved = outcome.moved;
     drop(source); // sends NBD_CMD_DISC
     target.commit()?;
+    let _ = target.clear_partial();
     let seconds = started.elapsed().as_secs_f64();
     Ok(Summary {
         target: target.describe(),
@@ -126,4 +128,66 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
         stored: target.stored(),
         archive: target.tar_record(),
     })
+}
+
+/// Opens the target of a copy from an NBD server.
+fn open_target(options: &NbdCopyOptions) -> Result<Box<dyn Target>, CopyError> {
+    let refused = |reason: &str| CopyError::TargetRefused {
+        target: options.target.describe(),
+        reason: reason.to_string(),
+    };
+    match (&options.target, &options.state_dir) {
+        (TargetSpec::Tar { .. }, _) => Err(refused(
+            "a tar target takes files from a tracked disk's file map: copy IMAGE --to tar:PATH",
+        )),
+        (TargetSpec::Nbd(_), None) => Err(refused(
+            "the record of what an NBD target holds lives in a state directory, and an NBD source has none: give --state DIR (the same one each time)",
+        )),
+        (TargetSpec::Nbd(_), Some(dir)) => {
+            std::fs::create_dir_all(dir).map_err(|source| CopyError::TargetIo {
+                target: format!("the state directory {}", dir.display()),
+                source,
+            })?;
+            options.target.open(dir)
+        }
+        (spec, _) => spec.open(std::path::Path::new("")),
+    }
+}
+
+/// The checkpoint a copy on top of `base` (None: a full copy) holds: the
+/// next in the target's sequence, named `copy-UNIXTIME` (with the
+/// sequence number appended if the base took that name in the same second).
+fn next_held(base: Option<&Held>) -> Held {
+    let generation = base.map_or(1, |base| base.generation + 1);
+    let mut checkpoint = format!("{}{}", super::CHECKPOINT_PREFIX, super::unix_seconds());
+    if base.is_some_and(|base| base.checkpoint.starts_with(&checkpoint)) {
+        checkpoint = format!("{checkpoint}-{generation}");
+    }
+    Held {
+        checkpoint,
+        generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_copy_from_a_server_holds_a_checkpoint_of_its_own() {
+        let full = next_held(None);
+        assert_eq!(full.generation, 1);
+        assert!(full.checkpoint.starts_with("copy-"), "{full:?}");
+        let next = next_held(Some(&full));
+        assert_eq!(next.generation, 2);
+        assert_ne!(next.checkpoint, full.checkpoint);
+        let after = next_held(Some(&next));
+        assert_ne!(after.checkpoint, next.checkpoint);
+        // A replica written before copies were numbered held generation 0.
+        let old = Held {
+            checkpoint: "bitmap b".into(),
+            generation: 0,
+        };
+        assert_eq!(next_held(Some(&old)).generation, 1);
+    }
 }
