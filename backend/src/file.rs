@@ -38,6 +38,10 @@ pub struct FileBackend {
     size_bytes: u64,
     read_only: bool,
     seek_data_works: bool,
+    /// The file lives in memory (tmpfs, ramfs): a read never waits for a
+    /// device, and tmpfs refuses RWF_NOWAIT with EOPNOTSUPP, which would
+    /// otherwise send every read to the blocking pool.
+    in_memory: bool,
 }
 
 impl FileBackend {
@@ -108,12 +112,14 @@ impl FileBackend {
                 Ok(_) => true,
                 Err(e) => e.raw_os_error() == Some(libc::ENXIO),
             };
+        let in_memory = is_in_memory(&file);
         Ok(FileBackend {
             file,
             path: path.to_owned(),
             size_bytes,
             read_only,
             seek_data_works,
+            in_memory,
         })
     }
 
@@ -152,6 +158,25 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     } else {
         Ok(rc as u64)
     }
+}
+
+/// Whether the file's filesystem keeps its data in memory (tmpfs, ramfs).
+/// A tmpfs page may be swapped out, and its read then waits for the swap
+/// device: rare on a server, and no worse than the pool's thread would do.
+fn is_in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the struct for a descriptor we own.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so the struct is initialised.
+    // f_type is a long on x86_64 and narrower on some other targets.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = unsafe { stat.assume_init() }.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 fn is_unsupported(error: &io::Error) -> bool {
@@ -239,6 +264,10 @@ impl BlockBackend for FileBackend {
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         self.debug_assert_in_range(offset, buf.len() as u64);
+        if self.in_memory {
+            self.read_at(buf, offset)?;
+            return Ok(true);
+        }
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -413,7 +442,10 @@ mod tests {
         }
         impl Dir {
             pub fn new() -> Dir {
-                let path = std::env::temp_dir().join(format!(
+                Dir::new_in(&std::env::temp_dir()).unwrap()
+            }
+            pub fn new_in(base: &std::path::Path) -> std::io::Result<Dir> {
+                let path = base.join(format!(
                     "nbd-file-test-{}-{}",
                     std::process::id(),
                     std::time::SystemTime::now()
@@ -421,8 +453,8 @@ mod tests {
                         .unwrap()
                         .as_nanos()
                 ));
-                std::fs::create_dir_all(&path).unwrap();
-                Dir { path }
+                std::fs::create_dir_all(&path)?;
+                Ok(Dir { path })
             }
         }
         impl Drop for Dir {
@@ -500,5 +532,27 @@ mod tests {
         let mut buf = [0u8; 4096];
         assert!(backend.read_at_nowait(&mut buf, 8192).unwrap());
         assert_eq!(buf, [7; 4096]);
+    }
+
+    /// tmpfs refuses RWF_NOWAIT (EOPNOTSUPP); its reads never wait for a
+    /// device, so they are served at once rather than sent to the pool.
+    #[test]
+    fn nowait_read_on_tmpfs_is_served_at_once() {
+        let Ok(dir) = tempdir::Dir::new_in(Path::new("/dev/shm")) else {
+            eprintln!("skipped: no /dev/shm to create a file in");
+            return;
+        };
+        let path = dir.path.join("disk.img");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let backend = FileBackend::open(&path, false).unwrap();
+        if !backend.in_memory {
+            eprintln!("skipped: /dev/shm is not tmpfs here");
+            return;
+        }
+        backend.write_at(&[9; 4096], 4096, false).unwrap();
+        let mut buf = [0u8; 8192];
+        assert!(backend.read_at_nowait(&mut buf, 0).unwrap());
+        assert_eq!(buf[..4096], [0; 4096]);
+        assert_eq!(buf[4096..], [9; 4096]);
     }
 }
