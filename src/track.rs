@@ -500,10 +500,11 @@ fn status_lines(status: &StatusInfo) -> Vec<(String, String)> {
 /// What a failed journal means for the disk, beside the error itself.
 fn journal_failure_line(failure: &str) -> String {
     format!(
-        "{failure}. Until the server restarts, writes to regions not written since the last \
-         checkpoint fail with EIO and checkpoints (so copies) are refused; other writes and \
-         flushes go on and every change stays reported. Free space or fix the device, then \
-         restart the server"
+        "{failure}. Until the journal can be written again, writes to regions not written since \
+         the last checkpoint fail with EIO and checkpoints (so copies) are refused; other writes \
+         and flushes go on and every change stays reported. Free space or fix the device: the \
+         server then rewrites the journal by itself at the next write or flush (tried at most \
+         once a second), or restart the server"
     )
 }
 

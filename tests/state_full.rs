@@ -5,9 +5,10 @@
 //! what errno, that `blockwatch changes` and `qemu:dirty-bitmap:` report
 //! every region whose bytes differ from the checkpoint's copy (and only
 //! those), what `status` says, what a checkpoint, a copy and a live
-//! copy's copy-before-write store do, and that after space is freed and
-//! the server restarts (SIGTERM or kill -9) nothing is under-reported
-//! and tracking works normally again. docs/journal.md, "When the state
+//! copy's copy-before-write store do, that once space is freed the
+//! server rewrites its journal and tracks normally again with no restart,
+//! and that after a restart (SIGTERM or kill -9) nothing is
+//! under-reported. docs/journal.md, "When the state
 //! directory fails", has the table these tests stand behind.
 
 mod common;
@@ -254,7 +255,7 @@ fn assert_reported_exactly(fixture: &Fixture, context: &str) {
 }
 
 #[test]
-fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_change() {
+fn a_full_state_directory_refuses_first_touches_until_space_is_freed_and_loses_no_change() {
     if skipped_unless_root("mount -t tmpfs for the state directory") {
         return;
     }
@@ -336,13 +337,15 @@ fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_chan
             "{refused}"
         );
 
-        // Space freed: first touches, and copies (their checkpoint),
-        // stay refused until the restart, leaving no pin behind.
-        std::fs::remove_file(filler).unwrap();
-        assert_eq!(requests(&uri, &[write_request(220)]), ["EIO"]);
+        // A copy is refused too (its snapshot store finds no room before
+        // its checkpoint meets the failed journal), leaving no pin and no
+        // snapshot store behind.
         let replica = fixture.dir.join("replica.img");
         let refused = fixture.blockwatch_refused(&["copy", "--to", replica.to_str().unwrap()]);
-        assert!(refused.contains("journal failed earlier"), "{refused}");
+        assert!(
+            refused.contains("journal failed earlier") || refused.contains("free space"),
+            "{refused}"
+        );
         let stores = std::fs::read_dir(fixture.state.join("snapshots"))
             .map(|entries| entries.count())
             .unwrap_or(0);
@@ -354,20 +357,66 @@ fn a_full_state_directory_refuses_first_touches_only_and_a_restart_loses_no_chan
             listing[0]["pins"].as_array().unwrap().is_empty(),
             "{listing:#}"
         );
+
+        // Space freed: a first touch (at most a second after the last
+        // try) has the journal rewritten from memory, and tracking goes
+        // on with no restart: first touches, exact changes, a copy.
+        std::fs::remove_file(filler).unwrap();
+        testkit::wait_until(
+            "first touches to be taken again once space is freed",
+            std::time::Duration::from_secs(20),
+            || requests(&uri, &[write_request(220)]) == ["ok"],
+        );
+        assert!(
+            fixture.status()["journal_failure"].is_null(),
+            "{stop:?}: the failure ends with the rewrite"
+        );
+        assert_reported_exactly(&fixture, "rewritten, serving");
+        let copied = fixture.blockwatch_ok(&["copy", "--to", replica.to_str().unwrap(), "--json"]);
+        let copied = parse_json(&copied, "copy --json");
+        assert_eq!(copied["kind"], "full", "{copied:#}");
+        ok(&uri, &[write_request(221), "flush".into()]);
+        let since_copy = copied["checkpoint"].as_str().unwrap();
+        assert_eq!(
+            fixture.changed_regions(since_copy),
+            BTreeSet::from([221]),
+            "{stop:?}"
+        );
         match stop {
             Stop::Term => {
                 let logs = fixture.server.take().unwrap().stop_and_logs();
-                assert!(logs.contains("no clean shutdown recorded"), "{logs}");
+                assert!(
+                    logs.contains("tracking journal rewritten from memory"),
+                    "{logs}"
+                );
+                assert!(!logs.contains("no clean shutdown recorded"), "{logs}");
             }
             Stop::Kill => fixture.stop(stop),
         }
 
         // Offline: the exact regions; the refused checkpoint is not there.
         let status = fixture.status();
-        assert_eq!(status["last_shutdown"], "unclean or first start");
+        let shutdown = match stop {
+            Stop::Term => "clean",
+            Stop::Kill => "unclean or first start",
+        };
+        assert_eq!(status["last_shutdown"], shutdown, "{status:#}");
         assert_reported_exactly(&fixture, "after the stop, offline");
-        let listing = fixture.blockwatch_ok(&["checkpoints"]);
-        assert!(!listing.contains("full"), "{listing}");
+        assert_eq!(
+            fixture.changed_regions(since_copy),
+            BTreeSet::from([221]),
+            "{stop:?}: after the stop"
+        );
+        let listing = fixture.blockwatch_ok(&["checkpoints", "--json"]);
+        let listing = parse_json(&listing, "checkpoints --json");
+        assert!(
+            listing
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|checkpoint| checkpoint["name"] != "full"),
+            "{listing:#}"
+        );
 
         // Serving again: normal first touches and checkpoints.
         fixture.serve(&[]);

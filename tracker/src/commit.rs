@@ -9,6 +9,9 @@
 //! with it, and every later first touch fails, so no write is ever
 //! issued unmarked. `poison` does the same for a journal that could not
 //! be put in place; `drain` lets a checkpoint find out before it commits.
+//! `revive` hands a failed committer a new, complete journal (written
+//! from memory by `Tracker::recover_journal`): first touches work again,
+//! and no batch that failed can ever count as committed.
 //!
 //! After a batch is written and its waiters woken, the thread asks the
 //! optional annotator which files own each SAVED record's regions and
@@ -43,6 +46,9 @@ struct State {
     committed_batch: u64,
     busy: bool,
     failed: Option<String>,
+    /// Batches that were queued or failing when a failed journal was
+    /// replaced: their waiters were refused, and stay refused.
+    refused: std::ops::Range<u64>,
     stop: bool,
     /// A queued record's writer waits for it: write the batch now.
     sync_required: bool,
@@ -91,6 +97,7 @@ impl Committer {
                 committed_batch: 0,
                 busy: false,
                 failed: None,
+                refused: 0..0,
                 stop: false,
                 sync_required: false,
                 writer: Some(writer),
@@ -168,7 +175,15 @@ impl Committer {
     /// Waits until `batch` is durable.
     pub fn wait_for(&self, batch: u64) -> io::Result<()> {
         let mut state = self.lock();
-        while state.committed_batch < batch {
+        loop {
+            if state.refused.contains(&batch) {
+                return Err(io::Error::other(
+                    "the tracking journal failed while this write waited for its mark; the write was not issued",
+                ));
+            }
+            if state.committed_batch >= batch {
+                break;
+            }
             check_failed(&state)?;
             state = self.shared.done.wait(state).expect("journal state lock");
         }
@@ -217,6 +232,25 @@ impl Committer {
         self.shared.done.notify_all();
     }
 
+    /// Ends a failure with `writer`, a complete journal already in place
+    /// (at `Tracker::recover_journal`, while writes are held at the gate).
+    /// Every batch not committed so far is refused for good, including
+    /// the one being filled: a waiter for any of them wakes with an error
+    /// rather than with a later batch's success.
+    pub fn revive(&self, writer: JournalWriter) {
+        let mut state = self.lock();
+        debug_assert!(!state.busy, "a failed committer is idle");
+        state.pending_marks.clear();
+        state.pending_records.clear();
+        state.sync_required = false;
+        state.refused = state.committed_batch + 1..state.next_batch + 1;
+        state.next_batch += 1;
+        state.failed = None;
+        state.writer = Some(writer);
+        drop(state);
+        self.shared.done.notify_all();
+    }
+
     pub fn journal_size_bytes(&self) -> u64 {
         self.lock()
             .writer
@@ -247,7 +281,7 @@ impl Drop for Committer {
 fn check_failed(state: &State) -> io::Result<()> {
     match &state.failed {
         Some(message) => Err(io::Error::other(format!(
-            "the tracking journal failed earlier ({message}); writes to regions not yet written in this generation, and checkpoints, are refused until the server restarts"
+            "the tracking journal failed earlier ({message}); writes to regions not yet written in this generation, and checkpoints, are refused until the journal can be rewritten (tried again every second) or the server restarts"
         ))),
         None => Ok(()),
     }

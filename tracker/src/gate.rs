@@ -70,6 +70,16 @@ impl Gate {
         }
     }
 
+    /// `close`, unless the gate is closed for good already (the tracker
+    /// stopped): then None. For work that may come after a stop, such as
+    /// a journal rewrite started before it; under the operations lock.
+    pub(crate) fn close_unless_stopped(&self) -> Option<ClosedGate<'_>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.close())
+    }
+
     fn open(&self) {
         self.closed.store(false, Ordering::SeqCst);
         let _guard = self.lock.lock().expect("gate lock");

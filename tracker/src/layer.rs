@@ -46,10 +46,49 @@ impl TrackedBackend {
         op: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         let _gate = self.tracker.enter();
-        self.tracker.ensure_marked(offset, length)?;
+        self.marked(offset, length)?;
         let result = op()?;
         self.tracker.note_written(offset, length);
         Ok(result)
+    }
+
+    /// The range's regions durably marked; when the journal has failed,
+    /// also asks for its rewrite, so that tracking comes back by itself
+    /// once the state's file system takes writes again.
+    fn marked(&self, offset: u64, length: u64) -> io::Result<()> {
+        let marked = self.tracker.ensure_marked(offset, length);
+        if marked.is_err() {
+            self.rewrite_journal_if_wanted();
+        }
+        marked
+    }
+
+    /// Starts a journal compaction or a failed journal's rewrite when
+    /// the tracker wants one. Off the request path: it closes the gate,
+    /// so it must not run on a thread that holds it.
+    fn rewrite_journal_if_wanted(&self) {
+        // A failed journal cannot be compacted: its rewrite comes first.
+        let recover = self.tracker.journal_wants_recovery();
+        if !recover && !self.tracker.journal_wants_compaction() {
+            return;
+        }
+        let tracker = Arc::clone(&self.tracker);
+        let spawned = std::thread::Builder::new()
+            .name("blockwatch-journal".into())
+            .spawn(move || {
+                let result = if recover {
+                    tracker.recover_journal().map(drop)
+                } else {
+                    tracker.compact_journal()
+                };
+                if let Err(error) = result {
+                    tracing::warn!(error = %crate::tracker::error_chain(&error), "journal rewrite failed");
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "could not start a journal rewrite");
+            self.tracker.cancel_compaction();
+        }
     }
 }
 
@@ -70,7 +109,7 @@ impl BlockBackend for TrackedBackend {
             return self.tracked(offset, length, || self.inner.write_at(buf, offset, false));
         }
         let _gate = self.tracker.enter();
-        self.tracker.ensure_marked(offset, length)?;
+        self.marked(offset, length)?;
         self.inner.write_at(buf, offset, true)?;
         self.tracker.note_written_durably(offset, length);
         Ok(())
@@ -80,22 +119,7 @@ impl BlockBackend for TrackedBackend {
             let _gate = self.tracker.enter();
             self.tracker.flush(|| self.inner.flush())
         };
-        if self.tracker.journal_wants_compaction() {
-            // Off the request path: it closes the gate, so it must not run
-            // on a thread that holds it.
-            let tracker = Arc::clone(&self.tracker);
-            let spawned = std::thread::Builder::new()
-                .name("blockwatch-compact".into())
-                .spawn(move || {
-                    if let Err(error) = tracker.compact_journal() {
-                        tracing::warn!(error = %crate::tracker::error_chain(&error), "journal compaction failed");
-                    }
-                });
-            if let Err(error) = spawned {
-                tracing::warn!(%error, "could not start journal compaction");
-                self.tracker.cancel_compaction();
-            }
-        }
+        self.rewrite_journal_if_wanted();
         result
     }
     fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {

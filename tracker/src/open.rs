@@ -246,6 +246,7 @@ fn assemble(
         hooks: OnceLock::new(),
         heartbeat: Mutex::new(None),
         compacting: AtomicBool::new(false),
+        recovery_tried: Mutex::new(None),
     }
 }
 

@@ -45,6 +45,10 @@ const FLUSH_SAMPLES_MAX: usize = 65536;
 /// generation (saved records accumulate at every flush between checkpoints).
 pub const JOURNAL_COMPACT_BYTES: u64 = 64 << 20;
 
+/// How often a failed journal's rewrite is tried, at the first touches
+/// and flushes that come along (`Tracker::recover_journal`).
+pub const JOURNAL_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct TrackerOptions {
     pub image: PathBuf,
@@ -125,8 +129,10 @@ pub struct Tracker {
     pub(crate) hooks_before_start: Mutex<Vec<Arc<dyn GenerationHook>>>,
     pub(crate) hooks: OnceLock<Vec<Arc<dyn GenerationHook>>>,
     pub(crate) heartbeat: Mutex<Option<Heartbeat>>,
-    /// A journal compaction is queued or running.
+    /// A journal compaction or recovery is queued or running.
     pub(crate) compacting: AtomicBool,
+    /// When a failed journal's rewrite was last tried.
+    pub(crate) recovery_tried: Mutex<Option<Instant>>,
 }
 
 /// What the generations closed after a checkpoint changed, together.
@@ -441,8 +447,10 @@ impl Tracker {
         let path = self.state_dir.join("journal");
         let result = {
             let _operation = self.operations.lock().expect("operations lock");
-            let _closed = self.gate.close();
-            self.write_compacted_journal(&path)
+            match self.gate.close_unless_stopped() {
+                Some(_closed) => self.write_compacted_journal(&path),
+                None => Ok(()), // stopped: the journal is as the stop left it
+            }
         };
         self.compacting.store(false, Ordering::SeqCst);
         result.map_err(|source| CompactError { path, source })
@@ -471,6 +479,13 @@ impl Tracker {
     /// Writes `new_path` as the generation's marks and saved regions,
     /// syncs it and hands it to the journal thread.
     fn swap_in_compacted_journal(&self, new_path: &Path) -> io::Result<()> {
+        let writer = self.write_journal_from_memory(new_path)?;
+        self.committer().replace_writer(writer)
+    }
+
+    /// A new journal at `new_path` holding the generation's marks and
+    /// saved regions as memory has them, synced.
+    fn write_journal_from_memory(&self, new_path: &Path) -> io::Result<JournalWriter> {
         let header = FileHeader {
             generation: self.generation(),
             granularity_shift: self.granularity.shift(),
@@ -496,7 +511,81 @@ impl Tracker {
         );
         writer.append(&records)?;
         writer.sync()?;
-        self.committer().replace_writer(writer)
+        Ok(writer)
+    }
+
+    /// Whether the journal failed and a rewrite may be tried now (at most
+    /// once every JOURNAL_RECOVERY_INTERVAL); the caller then runs
+    /// `recover_journal` off the request path.
+    pub fn journal_wants_recovery(&self) -> bool {
+        let Some(committer) = self.committer.get() else {
+            return false;
+        };
+        if committer.failure().is_none() {
+            return false;
+        }
+        let mut tried = self.recovery_tried.lock().expect("recovery lock");
+        if tried.is_some_and(|at| at.elapsed() < JOURNAL_RECOVERY_INTERVAL) {
+            return false;
+        }
+        if self.compacting.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        *tried = Some(Instant::now());
+        true
+    }
+
+    /// Ends a journal failure without a restart, once the state's file
+    /// system takes writes again: writes a new journal from memory (every
+    /// region marked in the generation, each mark made durable before its
+    /// write was issued, so memory says at least what the failed journal
+    /// holds of issued writes), syncs it, renames it over the failed one
+    /// and syncs the directory, all while writes are held at the gate;
+    /// only then does the journal thread take it. A failure on the way
+    /// changes nothing: the journal stays failed, the old file in place.
+    /// Ok(false): the journal had not failed.
+    pub fn recover_journal(&self) -> Result<bool, CompactError> {
+        let path = self.state_dir.join("journal");
+        let result = {
+            let _operation = self.operations.lock().expect("operations lock");
+            let closed = self.gate.close_unless_stopped();
+            match self.committer().failure().filter(|_| closed.is_some()) {
+                None => Ok(false),
+                Some(reason) => self.rewrite_failed_journal(&path).map(|()| {
+                    tracing::warn!(
+                        failure = %reason,
+                        "tracking journal rewritten from memory: first touches and checkpoints work again"
+                    );
+                    true
+                }),
+            }
+        };
+        self.compacting.store(false, Ordering::SeqCst);
+        result.map_err(|source| CompactError { path, source })
+    }
+
+    fn rewrite_failed_journal(&self, path: &Path) -> io::Result<()> {
+        let new_path = path.with_extension("new");
+        let placed = self
+            .write_journal_from_memory(&new_path)
+            .and_then(|writer| {
+                std::fs::rename(&new_path, path)?;
+                // Until the rename is durable a crash may bring back the old
+                // journal, which would not hold the marks of writes issued
+                // after the revival: the journal stays failed until then.
+                sync_dir(path)?;
+                Ok(writer)
+            });
+        match placed {
+            Ok(writer) => {
+                self.committer().revive(writer);
+                Ok(())
+            }
+            Err(error) => {
+                let _ = std::fs::remove_file(&new_path);
+                Err(error)
+            }
+        }
     }
 
     /// Stops tracking cleanly: commits what is queued and records the

@@ -7,7 +7,10 @@
 //!   generation) fails and is never issued; a write to a marked region,
 //!   FLUSH and FUA writes go on (the image is fine, only the journal is
 //!   not);
-//! - `journal_failure` says so, and stays set until a restart;
+//! - `journal_failure` says so, and stays set while the journal's storage
+//!   fails; once it works again, the next first touch or flush has the
+//!   journal rewritten from memory and tracking goes on, no restart
+//!   needed, nothing missed, before or after a later crash;
 //! - a checkpoint is refused, changing nothing;
 //! - a checkpoint whose *new* journal cannot be written changes nothing
 //!   either, and the disk goes on being tracked;
@@ -123,8 +126,24 @@ fn options(dir: &TempDir, wrapper: Option<JournalWrapper>) -> TrackerOptions {
     }
 }
 
+/// Opens the state (once the tracker before it is gone: a journal rewrite
+/// that a refused first touch started holds it until the rewrite ends,
+/// where a server's process would exit) and serves the image.
 fn serve(options: &TrackerOptions) -> (Arc<Tracker>, TrackedBackend) {
-    let tracker = Arc::new(Tracker::open(options, IMAGE_BYTES).unwrap());
+    let mut opened = None;
+    testkit::wait_until(
+        "the state directory's lock",
+        std::time::Duration::from_secs(20),
+        || match Tracker::open(options, IMAGE_BYTES) {
+            Ok(tracker) => {
+                opened = Some(tracker);
+                true
+            }
+            Err(tracker::OpenError::Locked { .. }) => false,
+            Err(error) => panic!("opening the state: {error}"),
+        },
+    );
+    let tracker = Arc::new(opened.expect("opened"));
     tracker.start();
     let file = FileBackend::open(&options.image, false).unwrap();
     let backend = TrackedBackend::new(Arc::new(file), Arc::clone(&tracker));
@@ -263,11 +282,12 @@ fn eio_refuses_first_touches_only(fault: Fault, stop: Stop) {
     let failure = setup.tracker.journal_failure().expect("a journal failure");
     assert!(failure.contains("Input/output error"), "{failure}");
 
-    // Space freed, device back: first touches stay refused until a
-    // restart (the journal may hold a partial record now); writes to
-    // marked regions, FLUSH and FUA writes go on.
-    setup.faults.disarm();
+    // The device still failing: the rewrite that each refused first
+    // touch asks for (at most once a second) fails too, and changes
+    // nothing; writes to marked regions, FLUSH and FUA writes go on.
+    std::thread::sleep(tracker::tracker::JOURNAL_RECOVERY_INTERVAL * 2);
     assert!(write(&setup.backend, 6, 6).is_err(), "still refused");
+    std::thread::sleep(tracker::tracker::JOURNAL_RECOVERY_INTERVAL / 2);
     write(&setup.backend, 2, 22).expect("a write to a marked region");
     setup
         .backend
@@ -327,6 +347,62 @@ fn eio_on_a_journal_append_refuses_first_touches_only_and_a_restart_loses_no_cha
 fn eio_on_a_journal_sync_refuses_first_touches_only_and_a_restart_loses_no_change() {
     eio_refuses_first_touches_only(Fault::Sync, Stop::Clean);
     eio_refuses_first_touches_only(Fault::Sync, Stop::Crash);
+}
+
+/// Once the journal's storage works again, tracking comes back without a
+/// restart: the journal is rewritten from memory, first touches and
+/// checkpoints work, and neither a clean stop nor a crash after it loses
+/// a change made before, during or after the failure.
+fn a_failed_journal_comes_back_once_its_storage_works(fault: Fault, stop: Stop) {
+    let setup = setup(&format!("recovered-{fault:?}-{stop:?}"));
+    setup.faults.arm(fault);
+    write(&setup.backend, 5, 5).expect_err("a first touch with a failing journal");
+    assert!(setup.tracker.journal_failure().is_some());
+    setup.faults.disarm();
+    testkit::wait_until(
+        "a first touch to be taken again",
+        std::time::Duration::from_secs(20),
+        || write(&setup.backend, 6, 6).is_ok(),
+    );
+    assert!(
+        setup.tracker.journal_failure().is_none(),
+        "the failure ends with the rewrite"
+    );
+    assert_no_under_report(&setup.tracker, &setup.image, &setup.base, &[2, 5, 6]);
+    assert!(
+        reported_regions(&setup.tracker, "base").contains(&6),
+        "the write after the rewrite is tracked"
+    );
+    setup
+        .tracker
+        .checkpoint("after")
+        .expect("checkpoints work again");
+    write(&setup.backend, 7, 7).unwrap();
+    assert_eq!(
+        reported_regions(&setup.tracker, "after"),
+        [7].into_iter().collect()
+    );
+    let (_dir, image, base, tracker, backend) = restart(setup, stop);
+    assert_eq!(tracker.clean_start(), stop == Stop::Clean);
+    assert_eq!(
+        reported_regions(&tracker, "after"),
+        [7].into_iter().collect()
+    );
+    assert_no_under_report(&tracker, &image, &base, &[2, 5, 6, 7]);
+    write(&backend, 8, 8).unwrap();
+    tracker.close().unwrap();
+}
+
+#[test]
+fn a_failed_journal_append_comes_back_without_a_restart() {
+    a_failed_journal_comes_back_once_its_storage_works(Fault::Write, Stop::Clean);
+    a_failed_journal_comes_back_once_its_storage_works(Fault::Write, Stop::Crash);
+}
+
+#[test]
+fn a_failed_journal_sync_comes_back_without_a_restart() {
+    a_failed_journal_comes_back_once_its_storage_works(Fault::Sync, Stop::Clean);
+    a_failed_journal_comes_back_once_its_storage_works(Fault::Sync, Stop::Crash);
 }
 
 /// Regression: a checkpoint taken after the journal failed committed its
