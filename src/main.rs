@@ -23,6 +23,7 @@ macro_rules! out {
     }};
 }
 
+mod catalog_check;
 mod copy;
 mod files;
 mod restore;
@@ -84,11 +85,18 @@ enum Command {
     /// Remove sessions of a repository that a retention policy does not
     /// keep, then the data no session needs: blockwatch prune s3://... --keep-last N ...
     Prune(s3::PruneArgs),
+    /// Internal: checks a catalog file for a process about to open it.
+    #[command(hide = true)]
+    CheckCatalog(catalog_check::CheckCatalogArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::CheckCatalog(args) = cli.command {
+        return catalog_check::run(args);
+    }
+    tracker::catalog::set_probe(catalog_check::probe);
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Checkpoint(args) => track::checkpoint(args),
@@ -103,6 +111,7 @@ fn main() -> ExitCode {
         Command::Sessions(args) => s3::sessions(args),
         Command::Files(args) => files::files(args),
         Command::Prune(args) => s3::prune(args),
+        Command::CheckCatalog(_) => unreachable!("run above"),
     };
     match result {
         Ok(code) => code,

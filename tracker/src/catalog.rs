@@ -51,6 +51,9 @@ pub enum CatalogError {
     NeedsRepair,
     #[error("the catalog is open read-only")]
     ReadOnly,
+    /// What the catalog's check in another process found (`Probe`).
+    #[error("{0}")]
+    Checked(String),
 }
 
 /// redb panics (`unreachable!`, "Malformed allocator state") on some
@@ -96,6 +99,76 @@ fn quiet_inside_guard() {
             }
         }));
     });
+}
+
+/// Checks a catalog file in another process before this one opens it:
+/// `check_file` run there (the binary's hidden `check-catalog` command).
+/// `guarded` turns redb's panics into errors, but not a panic raised while
+/// redb unwinds from another (seen on damaged pages in a release build:
+/// `panic_in_cleanup` under `WriteTransaction::commit`), which aborts the
+/// process; that takes down the check instead of a server. `Err` says
+/// why the catalog cannot be opened. Without a probe (library users, unit
+/// tests that set none) catalogs are opened with `guarded` alone.
+pub type Probe = fn(&Path, ProbeMode) -> Result<(), String>;
+
+/// How the catalog is about to be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// As `Catalog::open` (which may repair it, so the check does too).
+    Writable,
+    /// As `Catalog::open_read_only`, changing nothing.
+    ReadOnly,
+}
+
+static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
+
+/// Sets the probe every later open of a catalog file runs first (once
+/// per process; later calls are ignored).
+pub fn set_probe(probe: Probe) {
+    let _ = PROBE.set(probe);
+}
+
+fn probed(path: &Path, mode: ProbeMode) -> Result<(), CatalogError> {
+    let Some(probe) = PROBE.get() else {
+        return Ok(());
+    };
+    // A new catalog has nothing to check.
+    if !std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0) {
+        return Ok(());
+    }
+    probe(path, mode).map_err(CatalogError::Checked)
+}
+
+/// What a probe's process runs: opens the catalog as `mode` says and
+/// reads every entry of every table. `NeedsRepair` for a read-only open
+/// is not damage: the caller's own open says so and repairs it.
+pub fn check_file(path: &Path, mode: ProbeMode) -> Result<(), CatalogError> {
+    let catalog = match mode {
+        ProbeMode::Writable => Catalog::open_unprobed(path)?,
+        ProbeMode::ReadOnly => Catalog::open_read_only_unprobed(path)?,
+    };
+    guarded(|| {
+        let txn = catalog.begin_read()?;
+        fn all<K: redb::Key + 'static>(
+            txn: &redb::ReadTransaction,
+            table: TableDefinition<K, &[u8]>,
+        ) -> Result<(), CatalogError> {
+            let table = match txn.open_table(table) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(error) => return Err(db_error(error)),
+            };
+            for entry in table.iter().map_err(db_error)? {
+                let (_key, value) = entry.map_err(db_error)?;
+                std::hint::black_box(value.value().len());
+            }
+            Ok(())
+        }
+        all(&txn, META)?;
+        all(&txn, CHECKPOINTS)?;
+        all(&txn, FINE)?;
+        all(&txn, PINS)
+    })
 }
 
 fn db_error(error: impl std::fmt::Display) -> CatalogError {
@@ -192,6 +265,11 @@ impl Drop for Catalog {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
+        probed(path, ProbeMode::Writable)?;
+        Catalog::open_unprobed(path)
+    }
+
+    fn open_unprobed(path: &Path) -> Result<Catalog, CatalogError> {
         guarded(|| Catalog::with_tables(redb::Database::create(path).map_err(db_error)?))
     }
 
@@ -221,6 +299,11 @@ impl Catalog {
     /// Opens an existing catalog without changing a byte of it. A catalog
     /// that a crash left needing a repair is `NeedsRepair`.
     pub fn open_read_only(path: &Path) -> Result<Catalog, CatalogError> {
+        probed(path, ProbeMode::ReadOnly)?;
+        Catalog::open_read_only_unprobed(path)
+    }
+
+    fn open_read_only_unprobed(path: &Path) -> Result<Catalog, CatalogError> {
         guarded(|| match redb::ReadOnlyDatabase::open(path) {
             Ok(db) => Ok(Catalog {
                 db: std::mem::ManuallyDrop::new(Db::ReadOnly(db)),
@@ -794,6 +877,10 @@ mod tests {
     /// among them, seen from `blockwatch status` before this guard).
     #[test]
     fn a_damaged_catalog_is_an_error_never_a_panic() {
+        // As the binary does (src/catalog_check.rs), with this test binary
+        // as the checking process: a release build aborts on some of
+        // these pages, which no catch_unwind survives.
+        set_probe(probe_in_child);
         let path = std::env::temp_dir().join(format!("catalog-damage-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let catalog = Catalog::open(&path).unwrap();
@@ -846,6 +933,49 @@ mod tests {
         assert!(errors > 0, "no flip was noticed at all");
         let _ = std::fs::remove_file(&damaged);
         std::fs::remove_file(path).unwrap();
+    }
+
+    const PROBE_PATH: &str = "BLOCKWATCH_TEST_CATALOG_PROBE";
+    const PROBE_READ_ONLY: &str = "BLOCKWATCH_TEST_CATALOG_PROBE_READ_ONLY";
+
+    /// The binary's probe, run as this test binary's `probe_child`.
+    fn probe_in_child(path: &Path, mode: ProbeMode) -> Result<(), String> {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "catalog::tests::probe_child",
+                "--test-threads",
+                "1",
+            ])
+            .env(PROBE_PATH, path)
+            .env(PROBE_READ_ONLY, (mode == ProbeMode::ReadOnly).to_string())
+            .output()
+            .unwrap();
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(_) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            None => Err("the check's process was killed".into()),
+        }
+    }
+
+    /// The checking process of `probe_in_child`; does nothing in a plain
+    /// test run.
+    #[test]
+    fn probe_child() {
+        let Some(path) = std::env::var_os(PROBE_PATH) else {
+            return;
+        };
+        let mode = match std::env::var(PROBE_READ_ONLY).as_deref() {
+            Ok("true") => ProbeMode::ReadOnly,
+            _ => ProbeMode::Writable,
+        };
+        match check_file(Path::new(&path), mode) {
+            Ok(()) | Err(CatalogError::NeedsRepair) => {}
+            Err(error) => {
+                eprintln!("{error}");
+                std::process::exit(1);
+            }
+        }
     }
 
     #[test]
