@@ -275,6 +275,25 @@ fn qemu_io_qcow2(qcow2: &Path, commands: &[&str]) {
     run_program("qemu-io", &args);
 }
 
+/// A 64 MiB qcow2 `vm.qcow2` in `dir` with 2 MiB at 0 and 1 MiB at 40 MiB
+/// written.
+fn qcow2_with_data(dir: &Path) -> std::path::PathBuf {
+    let qcow2 = dir.join("vm.qcow2");
+    run_program(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    qemu_io_qcow2(&qcow2, &["write -P 1 0 2M", "write -P 2 40M 1M"]);
+    qcow2
+}
+
 /// The qcow2's contents as a raw image, to compare a replica with.
 fn raw_of(qcow2: &Path, raw: &Path) {
     let _ = std::fs::remove_file(raw);
@@ -296,13 +315,8 @@ fn raw_of(qcow2: &Path, raw: &Path) {
 fn a_copy_from_qemu_nbd_follows_qemus_own_dirty_bitmap() {
     require_tool("qemu-img", "qemu-utils");
     let dir = TempDir::new("copy-from-qemu");
-    let qcow2 = dir.join("vm.qcow2");
+    let qcow2 = qcow2_with_data(dir.path());
     let qcow2_arg = qcow2.to_str().unwrap();
-    run_program(
-        "qemu-img",
-        ["create", "-q", "-f", "qcow2", qcow2_arg, "64M"],
-    );
-    qemu_io_qcow2(&qcow2, &["write -P 1 0 2M", "write -P 2 40M 1M"]);
     let replica = dir.join("replica.img");
     let replica_arg = replica.to_str().unwrap();
     let raw = dir.join("expected.raw");
@@ -383,13 +397,8 @@ fn copies_from_qemu_nbd_go_to_tapes_object_storage_and_nbd_exports() {
     require_tool("qemu-img", "qemu-utils");
     require_tool("nbdkit", "nbdkit");
     let dir = TempDir::new("copy-from-qemu-anywhere");
-    let qcow2 = dir.join("vm.qcow2");
+    let qcow2 = qcow2_with_data(dir.path());
     let qcow2_arg = qcow2.to_str().unwrap();
-    run_program(
-        "qemu-img",
-        ["create", "-q", "-f", "qcow2", qcow2_arg, "64M"],
-    );
-    qemu_io_qcow2(&qcow2, &["write -P 1 0 2M", "write -P 2 40M 1M"]);
     let s3 = S3Server::s3s_fs(&dir.join("s3"));
     s3.create_bucket("backups");
     let nbdkit_socket = dir.join("nbdkit.sock");

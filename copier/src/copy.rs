@@ -17,7 +17,8 @@
 //!
 //! An interrupted copy leaves the target's claim and the old pin, so the
 //! next run copies from the old checkpoint. `nbd.rs` copies any NBD
-//! server's export, optionally by its `qemu:dirty-bitmap`.
+//! server's export to any of these targets but a tar, optionally by its
+//! `qemu:dirty-bitmap`.
 
 mod live;
 mod nbd;

@@ -10,6 +10,8 @@
 //! must report every region whose bytes differ from the checkpoint's image,
 //! and nothing outside the regions the workload touched.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
@@ -313,26 +315,6 @@ fn run(crash_after: Option<u64>, torn_fraction: u64, ops: &[Op]) -> u64 {
     steps
 }
 
-/// Opens the state once the tracker before it is gone: a thread that
-/// still held it (a failed journal's rewrite, tried after the power is
-/// gone, which a real power cut never lets run) ends soon.
-fn open_when_unlocked(options: &TrackerOptions) -> Tracker {
-    let mut opened = None;
-    testkit::wait_until(
-        "the state directory's lock",
-        std::time::Duration::from_secs(20),
-        || match Tracker::open(options, IMAGE_BYTES) {
-            Ok(tracker) => {
-                opened = Some(tracker);
-                true
-            }
-            Err(tracker::OpenError::Locked { .. }) => false,
-            Err(error) => panic!("opening the state: {error}"),
-        },
-    );
-    opened.expect("opened")
-}
-
 /// Cuts power: every issued image write survives, the journal keeps what
 /// was synced plus `torn_fraction`/4 of what was not. Recovers, checks that
 /// every region that differs from the checkpoint's image is reported, and
@@ -380,7 +362,7 @@ fn power_off_and_recover(setup: Setup, torn_fraction: u64, context: &str) -> BTr
         journal_wrapper: None,
         files: false,
     };
-    let recovered = open_when_unlocked(&options);
+    let recovered = common::open_when_unlocked(&options, IMAGE_BYTES);
     for warning in recovered.warnings() {
         assert!(
             warning.contains("torn journal tail"),

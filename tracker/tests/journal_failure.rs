@@ -17,6 +17,8 @@
 //! - after a stop and a restart every region whose bytes differ from the
 //!   checkpoint's copy is reported, and the tracker works normally again.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
@@ -126,24 +128,9 @@ fn options(dir: &TempDir, wrapper: Option<JournalWrapper>) -> TrackerOptions {
     }
 }
 
-/// Opens the state (once the tracker before it is gone: a journal rewrite
-/// that a refused first touch started holds it until the rewrite ends,
-/// where a server's process would exit) and serves the image.
+/// Opens the state (once the tracker before it is gone) and serves the image.
 fn serve(options: &TrackerOptions) -> (Arc<Tracker>, TrackedBackend) {
-    let mut opened = None;
-    testkit::wait_until(
-        "the state directory's lock",
-        std::time::Duration::from_secs(20),
-        || match Tracker::open(options, IMAGE_BYTES) {
-            Ok(tracker) => {
-                opened = Some(tracker);
-                true
-            }
-            Err(tracker::OpenError::Locked { .. }) => false,
-            Err(error) => panic!("opening the state: {error}"),
-        },
-    );
-    let tracker = Arc::new(opened.expect("opened"));
+    let tracker = Arc::new(common::open_when_unlocked(options, IMAGE_BYTES));
     tracker.start();
     let file = FileBackend::open(&options.image, false).unwrap();
     let backend = TrackedBackend::new(Arc::new(file), Arc::clone(&tracker));
