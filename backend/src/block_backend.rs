@@ -126,6 +126,13 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn can_extents(&self) -> bool {
         self.next().is_some_and(|next| next.can_extents())
     }
+    /// Asking for extents costs time in proportion to the file rather
+    /// than the range asked about (tmpfs walks its pages to the end for
+    /// `SEEK_HOLE`): a READ then sends its range as data without looking
+    /// for holes first. `base:allocation` queries still ask.
+    fn extents_are_slow(&self) -> bool {
+        self.next().is_some_and(|next| next.extents_are_slow())
+    }
 
     /// Fills `buf` from `offset`. A short read past the end of a sparse file is zeroes.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -21,6 +21,7 @@ enum Call {
     CanFastZero,
     CanCache,
     CanExtents,
+    ExtentsAreSlow,
     ReadAt {
         length: usize,
         offset: u64,
@@ -129,6 +130,10 @@ impl BlockBackend for Recorder {
     }
     fn can_extents(&self) -> bool {
         self.record(Call::CanExtents);
+        true
+    }
+    fn extents_are_slow(&self) -> bool {
+        self.record(Call::ExtentsAreSlow);
         true
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -259,6 +264,7 @@ fn every_method() -> Vec<Row> {
         (|b| assert!(b.can_fast_zero()), Call::CanFastZero),
         (|b| assert!(b.can_cache()), Call::CanCache),
         (|b| assert!(b.can_extents()), Call::CanExtents),
+        (|b| assert!(b.extents_are_slow()), Call::ExtentsAreSlow),
         (
             |b| {
                 let mut buf = [0u8; 3];
@@ -473,8 +479,9 @@ fn a_storage_backend_keeps_the_conservative_defaults() {
         storage.can_fast_zero(),
         storage.can_cache(),
         storage.can_extents(),
+        storage.extents_are_slow(),
     ];
-    assert_eq!(capabilities, [false; 7]);
+    assert_eq!(capabilities, [false; 8]);
     assert!(!storage.read_at_nowait(&mut [0; 8], 0).unwrap());
     assert!(storage.write_is_cheap(0, 4096));
     assert_eq!(

@@ -1103,7 +1103,7 @@ fn read_segments(
     length: u64,
     df: bool,
 ) -> std::io::Result<Vec<(u64, u64, bool)>> {
-    if df || length < HOLE_SCAN_MIN_BYTES || !backend.can_extents() {
+    if df || length < HOLE_SCAN_MIN_BYTES || !backend.can_extents() || backend.extents_are_slow() {
         return Ok(split_data(vec![(offset, length, false)]));
     }
     let mut extents = Vec::new();
