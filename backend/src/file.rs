@@ -552,7 +552,10 @@ mod tests {
             eprintln!("skipped: /dev/shm is not tmpfs here");
             return;
         }
-        assert!(backend.extents_are_slow(), "SEEK_HOLE walks tmpfs to its end");
+        assert!(
+            backend.extents_are_slow(),
+            "SEEK_HOLE walks tmpfs to its end"
+        );
         backend.write_at(&[9; 4096], 4096, false).unwrap();
         let mut buf = [0u8; 8192];
         assert!(backend.read_at_nowait(&mut buf, 0).unwrap());
