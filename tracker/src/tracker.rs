@@ -444,12 +444,24 @@ impl Tracker {
     /// a crash at any point leaves one whole journal saying at least as
     /// much as before.
     pub fn compact_journal(&self) -> Result<(), CompactError> {
+        self.rewriting_journal((), |path| self.write_compacted_journal(path))
+    }
+
+    /// Runs a rewrite of the journal at `path` (a compaction, a failed
+    /// journal's recovery) under the operations lock with the gate closed,
+    /// then clears the queued-rewrite flag. After a stop it runs nothing
+    /// and returns `stopped`: the journal is as the stop left it.
+    fn rewriting_journal<T>(
+        &self,
+        stopped: T,
+        rewrite: impl FnOnce(&Path) -> io::Result<T>,
+    ) -> Result<T, CompactError> {
         let path = self.state_dir.join("journal");
         let result = {
             let _operation = self.operations.lock().expect("operations lock");
             match self.gate.close_unless_stopped() {
-                Some(_closed) => self.write_compacted_journal(&path),
-                None => Ok(()), // stopped: the journal is as the stop left it
+                Some(_closed) => rewrite(&path),
+                None => Ok(stopped),
             }
         };
         self.compacting.store(false, Ordering::SeqCst);
@@ -545,23 +557,16 @@ impl Tracker {
     /// changes nothing: the journal stays failed, the old file in place.
     /// Ok(false): the journal had not failed.
     pub fn recover_journal(&self) -> Result<bool, CompactError> {
-        let path = self.state_dir.join("journal");
-        let result = {
-            let _operation = self.operations.lock().expect("operations lock");
-            let closed = self.gate.close_unless_stopped();
-            match self.committer().failure().filter(|_| closed.is_some()) {
-                None => Ok(false),
-                Some(reason) => self.rewrite_failed_journal(&path).map(|()| {
-                    tracing::warn!(
-                        failure = %reason,
-                        "tracking journal rewritten from memory: first touches and checkpoints work again"
-                    );
-                    true
-                }),
-            }
-        };
-        self.compacting.store(false, Ordering::SeqCst);
-        result.map_err(|source| CompactError { path, source })
+        self.rewriting_journal(false, |path| match self.committer().failure() {
+            None => Ok(false),
+            Some(reason) => self.rewrite_failed_journal(path).map(|()| {
+                tracing::warn!(
+                    failure = %reason,
+                    "tracking journal rewritten from memory: first touches and checkpoints work again"
+                );
+                true
+            }),
+        })
     }
 
     fn rewrite_failed_journal(&self, path: &Path) -> io::Result<()> {

@@ -143,13 +143,8 @@ fn open_target(options: &NbdCopyOptions) -> Result<Box<dyn Target>, CopyError> {
         (TargetSpec::Nbd(_), None) => Err(refused(
             "the record of what an NBD target holds lives in a state directory, and an NBD source has none: give --state DIR (the same one each time)",
         )),
-        (TargetSpec::Nbd(_), Some(dir)) => {
-            std::fs::create_dir_all(dir).map_err(|source| CopyError::TargetIo {
-                target: format!("the state directory {}", dir.display()),
-                source,
-            })?;
-            options.target.open(dir)
-        }
+        // NbdTarget::connect creates the directory.
+        (TargetSpec::Nbd(_), Some(dir)) => options.target.open(dir),
         (spec, _) => spec.open(std::path::Path::new("")),
     }
 }
