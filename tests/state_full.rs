@@ -475,11 +475,13 @@ fn a_checkpoint_on_a_full_state_directory_is_refused_and_changes_nothing() {
 }
 
 /// One page left: the checkpoint's new journal takes it and the catalog's
-/// commit fails. redb then takes no write until it is opened again, so
-/// checkpoints stay refused and no clean shutdown can be recorded until a
-/// restart; the disk and its tracking go on.
+/// commit fails. redb then takes no write until the database is opened
+/// again, so checkpoints stay refused while the file system is full; the
+/// disk and its tracking go on. Once space is freed the next checkpoint
+/// opens the catalog again, with no restart, and nothing is lost across a
+/// later clean or unclean stop.
 #[test]
-fn a_catalog_commit_failing_on_a_full_state_directory_refuses_checkpoints_until_a_restart() {
+fn a_catalog_commit_failing_on_a_full_state_directory_refuses_checkpoints_until_space_is_freed() {
     if skipped_unless_root("mount -t tmpfs for the state directory") {
         return;
     }
@@ -504,34 +506,62 @@ fn a_catalog_commit_failing_on_a_full_state_directory_refuses_checkpoints_until_
         assert!(status["journal_failure"].is_null(), "{status:#}");
         let warnings = status["warnings"].to_string();
         assert!(
-            warnings.contains("writing the catalog failed") && warnings.contains("restart"),
+            warnings.contains("writing the catalog failed"),
             "{status:#}"
         );
         ok(&uri, &[write_request(1), write_request(2), "flush".into()]);
         assert_reported_exactly(&fixture, "after the catalog failed");
+        // Still full: the reopen fails and changes nothing.
+        let refused = fixture.blockwatch_refused(&["checkpoint", "still-full"]);
+        assert!(refused.contains("catalog"), "{refused}");
+        assert_reported_exactly(&fixture, "after a reopen that failed");
 
         std::fs::remove_file(filler).unwrap();
-        let refused = fixture.blockwatch_refused(&["checkpoint", "two"]);
-        assert!(refused.contains("catalog"), "{refused}");
+        fixture.blockwatch_ok(&["checkpoint", "two"]);
+        let status = fixture.status();
+        assert!(
+            !status["warnings"].to_string().contains("catalog"),
+            "{status:#}"
+        );
+        ok(&uri, &[write_request(3), "flush".into()]);
+        assert_eq!(fixture.changed_regions("two"), BTreeSet::from([3]));
+        // pin takes IMAGE CHECKPOINT HOLDER together, after --state.
+        let state = fixture.state.to_str().unwrap();
+        let image = fixture.image.to_str().unwrap();
+        let pinned = output(&mut command(
+            BLOCKWATCH,
+            ["pin", "--state", state, image, "two", "test"],
+        ));
+        assert!(pinned.status.success(), "{pinned:?}");
+        let listing = fixture.blockwatch_ok(&["checkpoints"]);
+        assert!(
+            !listing.contains("one") && !listing.contains("still-full") && listing.contains("two"),
+            "{listing}"
+        );
         match stop {
             Stop::Term => {
                 let logs = fixture.server.take().unwrap().stop_and_logs();
-                assert!(logs.contains("could not record a clean shutdown"), "{logs}");
+                assert!(logs.contains("takes writes again"), "{logs}");
+                assert!(
+                    !logs.contains("could not record a clean shutdown"),
+                    "{logs}"
+                );
             }
             Stop::Kill => fixture.stop(stop),
         }
         assert_reported_exactly(&fixture, "after the stop, offline");
         let listing = fixture.blockwatch_ok(&["checkpoints"]);
         assert!(
-            !listing.contains("one") && !listing.contains("two"),
+            listing.contains("two") && listing.contains("test"),
             "{listing}"
         );
 
         fixture.serve(&[]);
         let uri = fixture.uri();
+        assert_eq!(fixture.changed_regions("two"), BTreeSet::from([3]));
         fixture.blockwatch_ok(&["checkpoint", "three"]);
-        ok(&uri, &[write_request(3)]);
-        assert_eq!(fixture.changed_regions("three"), BTreeSet::from([3]));
+        ok(&uri, &[write_request(4)]);
+        assert_eq!(fixture.changed_regions("three"), BTreeSet::from([4]));
         assert_reported_exactly(&fixture, "after the restart");
         fixture.stop(Stop::Term);
     }

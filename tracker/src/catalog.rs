@@ -6,7 +6,8 @@
 //! on every read, so a damaged value is reported rather than trusted.
 //! Format: docs/journal.md, "Catalog".
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use roaring::RoaringBitmap;
@@ -171,6 +172,17 @@ pub fn check_file(path: &Path, mode: ProbeMode) -> Result<(), CatalogError> {
     })
 }
 
+/// Makes sure every table exists, which is the database's first commit.
+fn with_tables(db: redb::Database) -> Result<redb::Database, CatalogError> {
+    let txn = db.begin_write().map_err(db_error)?;
+    txn.open_table(META).map_err(db_error)?;
+    txn.open_table(CHECKPOINTS).map_err(db_error)?;
+    txn.open_table(PINS).map_err(db_error)?;
+    txn.open_table(FINE).map_err(db_error)?;
+    txn.commit().map_err(db_error)?;
+    Ok(db)
+}
+
 fn db_error(error: impl std::fmt::Display) -> CatalogError {
     CatalogError::Database(error.to_string())
 }
@@ -239,26 +251,38 @@ impl std::fmt::Debug for Db {
 
 #[derive(Debug)]
 pub struct Catalog {
-    /// Dropped by `Drop`, under the same guard as every call.
-    db: std::mem::ManuallyDrop<Db>,
+    /// Some but while `Drop` closes it; replaced by `reopen`.
+    db: std::sync::RwLock<Option<Db>>,
+    /// The file of a writable catalog (`reopen` opens it again).
+    path: Option<PathBuf>,
     /// Why a write transaction failed to commit, once one did. redb
-    /// refuses every later write of this process after an I/O error
-    /// ("close and re-open the database"), so it stays said until a
-    /// restart.
+    /// refuses every later write of the database after an I/O error
+    /// ("close and re-open the database"): it stays said until `reopen`
+    /// succeeds.
     failed: std::sync::Mutex<Option<String>>,
+    /// Set by `refuse_writes`: `reopen` is not tried again.
+    refusing: AtomicBool,
 }
 
 /// Closing a writable redb database commits its allocator state, which
 /// panics too on a damaged file: the close is guarded like the calls.
+fn close(db: Db) {
+    if let Err(error) = guarded(|| {
+        drop(db);
+        Ok(())
+    }) {
+        tracing::warn!(%error, "closing the catalog failed");
+    }
+}
+
 impl Drop for Catalog {
     fn drop(&mut self) {
-        // SAFETY: `db` is taken once, here, and never used again.
-        let db = unsafe { std::mem::ManuallyDrop::take(&mut self.db) };
-        if let Err(error) = guarded(|| {
-            drop(db);
-            Ok(())
-        }) {
-            tracing::warn!(%error, "closing the catalog failed");
+        let db = self
+            .db
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(db) = db.take() {
+            close(db);
         }
     }
 }
@@ -270,21 +294,85 @@ impl Catalog {
     }
 
     fn open_unprobed(path: &Path) -> Result<Catalog, CatalogError> {
-        guarded(|| Catalog::with_tables(redb::Database::create(path).map_err(db_error)?))
+        let db = guarded(|| with_tables(redb::Database::create(path).map_err(db_error)?))?;
+        Ok(Catalog::new(Db::Writable(db), Some(path.to_path_buf())))
     }
 
-    /// A writable catalog whose tables all exist.
-    fn with_tables(db: redb::Database) -> Result<Catalog, CatalogError> {
-        let txn = db.begin_write().map_err(db_error)?;
-        txn.open_table(META).map_err(db_error)?;
-        txn.open_table(CHECKPOINTS).map_err(db_error)?;
-        txn.open_table(PINS).map_err(db_error)?;
-        txn.open_table(FINE).map_err(db_error)?;
-        txn.commit().map_err(db_error)?;
-        Ok(Catalog {
-            db: std::mem::ManuallyDrop::new(Db::Writable(db)),
+    fn new(db: Db, path: Option<PathBuf>) -> Catalog {
+        Catalog {
+            db: std::sync::RwLock::new(Some(db)),
+            path,
             failed: std::sync::Mutex::new(None),
-        })
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    /// After a failed commit, makes the catalog take writes again without
+    /// a restart, as a restart would: the file is opened anew, which
+    /// repairs it back to its last commit. A copy is opened (and checked,
+    /// with the probe) first, so nothing changes unless the reopened
+    /// catalog took its first commit: while the file system is still full
+    /// or failing, the old database stays, refusing writes and serving
+    /// reads as before. The caller checks that the catalog holds what it
+    /// believes (a commit that failed on its sync may have reached the
+    /// disk all the same). Does nothing when no write failed.
+    pub fn reopen(&self) -> Result<(), CatalogError> {
+        let Some(failure) = self.failure() else {
+            return Ok(());
+        };
+        let Some(path) = self
+            .path
+            .as_ref()
+            .filter(|_| !self.refusing.load(Ordering::SeqCst))
+        else {
+            return Err(CatalogError::Database(failure));
+        };
+        let copy = path.with_extension("redb.reopen");
+        let reopened = (|| {
+            std::fs::copy(path, &copy)
+                .and_then(|_| std::fs::File::open(&copy)?.sync_all())
+                .map_err(|error| {
+                    CatalogError::Database(format!("copying the catalog to reopen it: {error}"))
+                })?;
+            probed(&copy, ProbeMode::Writable)?;
+            let db = guarded(|| with_tables(redb::Database::create(&copy).map_err(db_error)?))?;
+            let placed = std::fs::rename(&copy, path).and_then(|()| crate::open::sync_dir(path));
+            if let Err(error) = placed {
+                close(Db::Writable(db));
+                return Err(CatalogError::Database(format!(
+                    "putting the reopened catalog in place: {error}"
+                )));
+            }
+            Ok(db)
+        })();
+        let db = match reopened {
+            Ok(db) => db,
+            Err(error) => {
+                let _ = std::fs::remove_file(&copy);
+                return Err(error);
+            }
+        };
+        let old = self
+            .db
+            .write()
+            .expect("catalog lock")
+            .replace(Db::Writable(db));
+        if let Some(old) = old {
+            close(old);
+        }
+        *self.failed.lock().expect("catalog failure lock") = None;
+        tracing::warn!(
+            %failure,
+            "the catalog takes writes again, reopened after a failed commit: checkpoints and pins work again"
+        );
+        Ok(())
+    }
+
+    /// Refuses every later write until a restart (`reopen` included):
+    /// the catalog cannot be trusted to hold what this process believes.
+    pub fn refuse_writes(&self, reason: String) {
+        self.refusing.store(true, Ordering::SeqCst);
+        *self.failed.lock().expect("catalog failure lock") = Some(reason);
     }
 
     /// An empty catalog in memory: what a read-only open works with when
@@ -293,7 +381,7 @@ impl Catalog {
         let db = redb::Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(db_error)?;
-        Catalog::with_tables(db)
+        Ok(Catalog::new(Db::Writable(with_tables(db)?), None))
     }
 
     /// Opens an existing catalog without changing a byte of it. A catalog
@@ -305,10 +393,7 @@ impl Catalog {
 
     fn open_read_only_unprobed(path: &Path) -> Result<Catalog, CatalogError> {
         guarded(|| match redb::ReadOnlyDatabase::open(path) {
-            Ok(db) => Ok(Catalog {
-                db: std::mem::ManuallyDrop::new(Db::ReadOnly(db)),
-                failed: std::sync::Mutex::new(None),
-            }),
+            Ok(db) => Ok(Catalog::new(Db::ReadOnly(db), None)),
             Err(redb::DatabaseError::RepairAborted) => Err(CatalogError::NeedsRepair),
             Err(error) => Err(db_error(error)),
         })
@@ -332,17 +417,19 @@ impl Catalog {
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogError> {
-        match &*self.db {
-            Db::Writable(db) => db.begin_read(),
-            Db::ReadOnly(db) => db.begin_read(),
+        match self.db.read().expect("catalog lock").as_ref() {
+            Some(Db::Writable(db)) => db.begin_read(),
+            Some(Db::ReadOnly(db)) => db.begin_read(),
+            None => unreachable!("the catalog is used while it is dropped"),
         }
         .map_err(db_error)
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, CatalogError> {
-        match &*self.db {
-            Db::Writable(db) => db.begin_write().map_err(db_error),
-            Db::ReadOnly(_) => Err(CatalogError::ReadOnly),
+        match self.db.read().expect("catalog lock").as_ref() {
+            Some(Db::Writable(db)) => db.begin_write().map_err(db_error),
+            Some(Db::ReadOnly(_)) => Err(CatalogError::ReadOnly),
+            None => unreachable!("the catalog is used while it is dropped"),
         }
     }
 
@@ -1012,5 +1099,149 @@ mod tests {
             "a read-only open wrote"
         );
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// A file backend whose writes, syncs and resizes fail with ENOSPC
+    /// while `failing` is set.
+    #[derive(Debug)]
+    struct FillingUp {
+        file: redb::backends::FileBackend,
+        failing: std::sync::Arc<AtomicBool>,
+    }
+
+    impl FillingUp {
+        fn check(&self) -> std::io::Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    type Range = std::ops::Bound<u64>;
+
+    impl redb::StorageBackend for FillingUp {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, start: Range, end: Range) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Range,
+            end: Range,
+        ) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Range, end: Range) -> Result<(), redb::BackendError> {
+            self.file.lock_range(start, end)
+        }
+        fn lock_shared_range(&self, start: Range, end: Range) -> Result<(), redb::BackendError> {
+            self.file.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Range, end: Range) -> Result<(), redb::BackendError> {
+            self.file.unlock_range(start, end)
+        }
+    }
+
+    fn checkpoint(name: &str, generation: u64) -> Checkpoint {
+        Checkpoint {
+            name: name.into(),
+            generation,
+            created_unix_seconds: 99,
+            changed: [1u32, 2, generation as u32 + 100].into_iter().collect(),
+            saved: [2u32].into_iter().collect(),
+            exact: [2u32].into_iter().collect(),
+            fine: [32u32, 33].into_iter().collect(),
+        }
+    }
+
+    /// A commit that fails (the file system full) leaves redb refusing
+    /// every later write; `reopen` fails and changes nothing while the
+    /// writes still fail, and once they work it brings the catalog back
+    /// as of its last commit, taking writes again, with no restart.
+    #[test]
+    fn a_failed_commit_is_undone_by_reopen_once_the_file_system_takes_writes() {
+        let dir = std::env::temp_dir().join(format!("catalog-reopen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("catalog.redb");
+        let failing = std::sync::Arc::new(AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let backend = FillingUp {
+            file: redb::backends::FileBackend::new(file).unwrap(),
+            failing: failing.clone(),
+        };
+        let db = redb::Database::builder()
+            .create_with_backend(backend)
+            .map_err(db_error)
+            .and_then(with_tables)
+            .unwrap();
+        let catalog = Catalog::new(Db::Writable(db), Some(path.clone()));
+        let monday = checkpoint("monday", 1);
+        catalog.add_checkpoint(&monday).unwrap();
+        catalog.reopen().unwrap();
+        assert_eq!(catalog.failure(), None, "nothing failed: nothing to do");
+
+        failing.store(true, Ordering::SeqCst);
+        let error = catalog
+            .add_checkpoint(&checkpoint("tuesday", 2))
+            .unwrap_err();
+        assert!(error.to_string().contains("No space left"), "{error}");
+        let failure = catalog.failure().expect("the failure is kept");
+        failing.store(false, Ordering::SeqCst);
+        // redb takes no write of this database again.
+        assert!(catalog.add_checkpoint(&checkpoint("tuesday", 2)).is_err());
+        assert_eq!(catalog.checkpoints().unwrap(), vec![monday.clone()]);
+
+        // The copy cannot be written: nothing changes.
+        let copy = path.with_extension("redb.reopen");
+        std::fs::create_dir(&copy).unwrap();
+        assert!(catalog.reopen().is_err());
+        assert_eq!(catalog.failure(), Some(failure));
+        assert_eq!(catalog.checkpoints().unwrap(), vec![monday.clone()]);
+        std::fs::remove_dir(&copy).unwrap();
+
+        catalog.reopen().unwrap();
+        assert_eq!(catalog.failure(), None);
+        assert!(!copy.exists());
+        assert_eq!(catalog.checkpoints().unwrap(), vec![monday.clone()]);
+        let tuesday = checkpoint("tuesday", 2);
+        catalog.add_checkpoint(&tuesday).unwrap();
+        drop(catalog);
+        let catalog = Catalog::open(&path).unwrap();
+        assert_eq!(catalog.checkpoints().unwrap(), vec![monday, tuesday]);
+
+        // Refused for good: no reopen until a restart.
+        catalog.refuse_writes("held apart".into());
+        assert!(catalog.reopen().is_err());
+        assert_eq!(catalog.failure().as_deref(), Some("held apart"));
+        drop(catalog);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 use roaring::RoaringBitmap;
@@ -38,11 +39,48 @@ impl Tracker {
             .cloned()
     }
 
-    fn writable(&self, name: &str) -> Result<(), CheckpointError> {
+    /// Starts an operation on checkpoint `name` that writes the catalog:
+    /// refused on a read-only tracker, then the operations lock, held
+    /// until the guard drops, and a catalog ready to take the write.
+    fn catalog_operation(&self, name: &str) -> Result<MutexGuard<'_, ()>, CheckpointError> {
         if self.read_only {
             return Err(CheckpointError::ReadOnly {
                 name: name.to_string(),
             });
+        }
+        let operation = self.operations.lock().expect("operations lock");
+        self.catalog_ready()
+            .map_err(|source| CheckpointError::Catalog {
+                name: name.to_string(),
+                source,
+            })?;
+        Ok(operation)
+    }
+
+    /// Under the operations lock, before an operation writes the catalog:
+    /// after a failed commit, the catalog is reopened (`Catalog::reopen`),
+    /// and it is trusted again only if it holds the checkpoints this
+    /// tracker holds. A commit reported failed may still have reached the
+    /// disk (EIO on its sync): then the two differ, and the catalog
+    /// refuses writes until a restart, whose recovery reconciles them.
+    pub(crate) fn catalog_ready(&self) -> Result<(), crate::catalog::CatalogError> {
+        if self.catalog.failure().is_none() {
+            return Ok(());
+        }
+        self.catalog.reopen()?;
+        let stored = self.catalog.checkpoints();
+        if stored.as_ref().ok() != Some(&*self.checkpoints.lock().expect("checkpoints lock")) {
+            let found = match stored {
+                Ok(_) => "other checkpoints than the server's".to_string(),
+                Err(error) => format!("unreadable checkpoints ({error})"),
+            };
+            let reason = format!(
+                "reopened after a failed commit, the catalog holds {found}: it is not written \
+                 again until a restart reconciles it"
+            );
+            tracing::error!("{reason}");
+            self.catalog.refuse_writes(reason.clone());
+            return Err(crate::catalog::CatalogError::Database(reason));
         }
         Ok(())
     }
@@ -53,8 +91,7 @@ impl Tracker {
         validate_name(name).map_err(|()| CheckpointError::BadName {
             name: name.to_string(),
         })?;
-        self.writable(name)?;
-        let _operation = self.operations.lock().expect("operations lock");
+        let _operation = self.catalog_operation(name)?;
         if self.find(name).is_some() {
             return Err(CheckpointError::Duplicate {
                 name: name.to_string(),
@@ -162,8 +199,7 @@ impl Tracker {
     /// so that no change is lost for older checkpoints. A pinned
     /// checkpoint is refused, naming its pins.
     pub fn delete_checkpoint(&self, name: &str) -> Result<(), CheckpointError> {
-        self.writable(name)?;
-        let _operation = self.operations.lock().expect("operations lock");
+        let _operation = self.catalog_operation(name)?;
         let checkpoints = self.checkpoints();
         let index = checkpoints
             .iter()
@@ -252,14 +288,13 @@ impl Tracker {
     /// Pins checkpoint `name` for `holder`: it cannot be deleted until
     /// unpinned. Pinning again with the same holder replaces the reason.
     pub fn pin(&self, name: &str, holder: &str, reason: &str) -> Result<Pin, CheckpointError> {
-        self.writable(name)?;
         validate_name(holder).map_err(|()| CheckpointError::BadHolder {
             holder: holder.to_string(),
         })?;
         if reason.len() > PIN_REASON_MAX {
             return Err(CheckpointError::ReasonTooLong);
         }
-        let _operation = self.operations.lock().expect("operations lock");
+        let _operation = self.catalog_operation(name)?;
         let checkpoint = self.find(name).ok_or_else(|| CheckpointError::Unknown {
             name: name.to_string(),
         })?;
@@ -280,8 +315,7 @@ impl Tracker {
 
     /// Removes `holder`'s pin from checkpoint `name`.
     pub fn unpin(&self, name: &str, holder: &str) -> Result<(), CheckpointError> {
-        self.writable(name)?;
-        let _operation = self.operations.lock().expect("operations lock");
+        let _operation = self.catalog_operation(name)?;
         let checkpoint = self.find(name).ok_or_else(|| CheckpointError::Unknown {
             name: name.to_string(),
         })?;

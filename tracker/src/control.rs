@@ -199,10 +199,10 @@ fn status_warnings(tracker: &Tracker) -> Vec<String> {
     let mut warnings = tracker.warnings().to_vec();
     if let Some(failure) = tracker.catalog_failure() {
         warnings.push(format!(
-            "writing the catalog failed ({failure}): until the server restarts, checkpoints \
-             (so copies), pins and the clean-shutdown marker fail; writes and tracking go on \
-             and every change stays reported. Free space or fix the device, then restart the \
-             server"
+            "writing the catalog failed ({failure}): checkpoints (so copies), pins and the \
+             clean-shutdown marker fail until it takes writes again; writes and tracking go on \
+             and every change stays reported. Free space or fix the device: the next \
+             checkpoint, pin or stop opens the catalog again"
         ));
     }
     warnings

@@ -623,6 +623,7 @@ impl Tracker {
             path: self.state_dir.join("catalog.redb"),
             source,
         };
+        self.catalog_ready().map_err(catalog_error)?;
         // The fine record first: it is trusted only beside the marker.
         let marked = self.marked.iter_set().map(|region| region as u32).collect();
         let (exact, blocks) = self.fine.current(&marked);
