@@ -310,6 +310,11 @@ fn serve_requests(
     let mut reading = !shared.stop.is_set();
     let mut cork = Cork::default();
     let mut busy = BusyPoll::new(shared.busy_poll);
+    // Set after a WRITE whose payload was read into a buffer of its own:
+    // the next receive takes only the next request's header, so that when
+    // it is another such WRITE none of its payload lands in `input` to be
+    // copied out (a quarter of every 1 MiB payload, with `input`'s 256 KiB).
+    let mut header_first = false;
     loop {
         let mut starved = false;
         let mut owned_write = None;
@@ -320,6 +325,7 @@ fn serve_requests(
                 starved = true;
                 break;
             }
+            header_first = false;
             let header = if header_len == EXTENDED_REQUEST_LEN {
                 RequestHeader::decode_extended(
                     available[..header_len].try_into().expect("32 bytes"),
@@ -386,6 +392,7 @@ fn serve_requests(
                 .socket
                 .recv_exact(&mut data[buffered..], &shared.stop)?;
             conn.write_owned(&header, data);
+            header_first = true;
             continue;
         }
         if !starved {
@@ -403,7 +410,8 @@ fn serve_requests(
             reading = false;
             continue;
         }
-        match shared.socket.recv_nowait(input.spare())? {
+        let window = receive_window(&mut input, header_first, header_len);
+        match shared.socket.recv_nowait(window)? {
             Some(0) => reading = false,
             Some(n) => input.filled(n),
             // Replies are held: look for more requests, without sleeping,
@@ -416,7 +424,7 @@ fn serve_requests(
                 // serving it (a FLUSH's fsync at queue depth 1).
                 if busy.spins()
                     && shared.in_flight() == 0
-                    && spin_for_input(shared, &mut input, &mut reading)?
+                    && spin_for_input(shared, &mut input, header_first, header_len, &mut reading)?
                 {
                     continue;
                 }
@@ -439,11 +447,14 @@ const BUSY_POLL_SOON: u32 = 8;
 fn spin_for_input(
     shared: &Shared,
     input: &mut InBuf,
+    header_first: bool,
+    header_len: usize,
     reading: &mut bool,
 ) -> Result<bool, TransmitError> {
     let start = Instant::now();
     loop {
-        match shared.socket.recv_nowait(input.spare())? {
+        let window = receive_window(input, header_first, header_len);
+        match shared.socket.recv_nowait(window)? {
             Some(0) => {
                 *reading = false;
                 return Ok(true);
@@ -463,6 +474,19 @@ fn spin_for_input(
                 libc::sched_yield();
             },
         }
+    }
+}
+
+/// Where the next receive goes: all of `input`'s room, or with
+/// `header_first` only what the next request's header still lacks.
+fn receive_window(input: &mut InBuf, header_first: bool, header_len: usize) -> &mut [u8] {
+    let lacking = header_len.saturating_sub(input.len());
+    let spare = input.spare();
+    if header_first && lacking > 0 {
+        let window = lacking.min(spare.len());
+        &mut spare[..window]
+    } else {
+        spare
     }
 }
 
