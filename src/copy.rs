@@ -81,11 +81,17 @@ pub struct CopyArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img), a chain of
-    /// tapes to check every checksum of, or s3://BUCKET/PREFIX[#SESSION]
-    /// whose chunks to read back.
+    /// [IMAGE] TARGET (IMAGE defaults to ./blockwatch.img): the target
+    /// (a replica, an NBD export, IMAGE tape:A [tape:B ...], or IMAGE
+    /// s3://BUCKET/PREFIX[#SESSION]) compared with the disk. Or, alone, a
+    /// chain of tapes to check every checksum of, or s3://... whose chunks
+    /// to read back.
     #[arg(value_name = "[IMAGE] TARGET | tape:A [tape:B ...] | s3://...", num_args = 1..)]
     words: Vec<String>,
+    /// With IMAGE and a tape chain or repository: compare the backup at
+    /// this checkpoint rather than its newest.
+    #[arg(long, value_name = "CHECKPOINT")]
+    at: Option<String>,
     #[arg(long)]
     json: bool,
     /// s3: read back about this percentage of the chunks (picked at random
@@ -347,7 +353,26 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A replica or NBD target named alone after IMAGE.
+fn verify_target(target: &str, s3: &crate::s3::S3Flags) -> anyhow::Result<VerifyTarget> {
+    Ok(match target_of(target, TAPE_FLAGS_DEFAULT, s3)? {
+        TargetSpec::File(path) => VerifyTarget::File(path),
+        TargetSpec::Nbd(uri) => VerifyTarget::Nbd(uri),
+        TargetSpec::Tape { .. } | TargetSpec::S3 { .. } => {
+            unreachable!("verify opens tapes and repositories as views")
+        }
+        TargetSpec::Tar { .. } => unreachable!("target_of refuses tar:"),
+    })
+}
+
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let alone = args.words.iter().all(|word| word.starts_with("tape:"))
+        || matches!(args.words.as_slice(), [word] if word.starts_with("s3://"));
+    if alone && args.at.is_some() {
+        bail!(
+            "--at compares a backup with a disk: name the disk first (blockwatch verify IMAGE BACKUP --at CHECKPOINT)"
+        );
+    }
     if args.words.iter().all(|word| word.starts_with("tape:")) {
         let tapes: Vec<PathBuf> = args
             .words
@@ -361,23 +386,27 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     {
         return crate::s3::verify(word, &args.s3, args.sample, args.json);
     }
+    let is_backup = |word: &String| word.starts_with("tape:") || word.starts_with("s3://");
     let (image, target) = match args.words.as_slice() {
-        [target] => (PathBuf::from(DEFAULT_IMAGE), target.as_str()),
-        [image, target] => (PathBuf::from(image), target.as_str()),
+        [image, backup @ ..]
+            if !is_backup(image) && !backup.is_empty() && backup.iter().all(is_backup) =>
+        {
+            let view = crate::files::open_view(backup, args.at.as_deref(), &args.s3)?;
+            (PathBuf::from(image), VerifyTarget::Backup(Box::new(view)))
+        }
+        [target] | [_, target] if args.at.is_some() => {
+            bail!(
+                "{target}: --at picks a checkpoint of a tape chain or repository; a replica or NBD target holds one"
+            )
+        }
+        [target] => (
+            PathBuf::from(DEFAULT_IMAGE),
+            verify_target(target, &args.s3)?,
+        ),
+        [image, target] => (PathBuf::from(image), verify_target(target, &args.s3)?),
         _ => bail!(
-            "usage: blockwatch verify [IMAGE] TARGET, or blockwatch verify tape:A [tape:B ...]"
+            "usage: blockwatch verify [IMAGE] TARGET, blockwatch verify IMAGE tape:A [tape:B ...], or blockwatch verify tape:A [tape:B ...]"
         ),
-    };
-    let target = match target_of(target, TAPE_FLAGS_DEFAULT, &args.s3)? {
-        TargetSpec::File(path) => VerifyTarget::File(path),
-        TargetSpec::Nbd(uri) => VerifyTarget::Nbd(uri),
-        TargetSpec::Tape { .. } => bail!(
-            "verify tapes alone: blockwatch verify tape:A [tape:B ...] checks every checksum of the chain"
-        ),
-        TargetSpec::S3 { .. } => bail!(
-            "verify a repository alone: blockwatch verify s3://BUCKET/PREFIX[#SESSION] reads back and checks its chunks"
-        ),
-        TargetSpec::Tar { .. } => unreachable!("target_of refuses tar:"),
     };
     let report = if is_served(&image, args.state.as_deref())? {
         copier::verify::verify_live(&image, args.state.as_deref(), &target)?

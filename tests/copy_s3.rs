@@ -127,6 +127,23 @@ fn chain_through(s3: &S3Server, dir: &TempDir, extra: &[&str]) {
     verify_args.extend_from_slice(extra);
     let verified = output(&mut blockwatch(s3, &verify_args));
     assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    // The newest session compared with the disk it was copied from.
+    let mut verify_args = vec!["verify", image.to_str().unwrap(), target.as_str(), "--json"];
+    verify_args.extend_from_slice(extra);
+    let verified = output(&mut blockwatch(s3, &verify_args));
+    let report = parse_json(&String::from_utf8_lossy(&verified.stdout), "verify --json");
+    assert_eq!(verified.status.code(), Some(0), "{verified:?}");
+    assert_eq!(report["regions_compared"], (64 << 20) / 65536, "{report:#}");
+    assert_eq!(report["regions_differing"], 0, "{report:#}");
+    let newest_checkpoint = sessions(s3, &target, extra)
+        .iter()
+        .find(|row| row["session"] == states[2].0.as_str())
+        .map(|row| row["checkpoint"].clone());
+    assert_eq!(
+        Some(report["checkpoint"].clone()),
+        newest_checkpoint,
+        "{report:#}"
+    );
 }
 
 #[test]

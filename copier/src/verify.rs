@@ -15,15 +15,42 @@ use tracker::{OpenError, Tracker, TrackerOptions};
 
 use crate::plan::PIECE_BYTES_MAX;
 use crate::replica::{ReplicaError, read_record};
+use crate::view::BackupView;
 
 /// What a verify compares with the source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VerifyTarget {
     /// A replica file, its record beside it.
     File(PathBuf),
     /// An NBD export a copy went to, its record in the source's state
     /// directory (`targets/`).
     Nbd(String),
+    /// A tape chain or an object storage session, at the checkpoint its
+    /// view shows (every byte read checked against its own checksum too).
+    Backup(Box<BackupView>),
+}
+
+/// What a target holds: the source's identity, and its checkpoint.
+#[derive(Debug)]
+struct Holding {
+    image_id: String,
+    checkpoint: String,
+    generation: u64,
+}
+
+/// A target opened for reading.
+enum Opened<'a> {
+    Owned(Box<dyn BlockBackend>),
+    Borrowed(&'a dyn BlockBackend),
+}
+
+impl Opened<'_> {
+    fn backend(&self) -> &dyn BlockBackend {
+        match self {
+            Opened::Owned(backend) => backend.as_ref(),
+            Opened::Borrowed(backend) => *backend,
+        }
+    }
 }
 
 impl VerifyTarget {
@@ -32,6 +59,7 @@ impl VerifyTarget {
         match self {
             VerifyTarget::File(path) => path.clone(),
             VerifyTarget::Nbd(uri) => PathBuf::from(uri),
+            VerifyTarget::Backup(view) => PathBuf::from(&view.description),
         }
     }
 
@@ -39,38 +67,58 @@ impl VerifyTarget {
         match self {
             VerifyTarget::File(path) => format!("file:{}", path.display()),
             VerifyTarget::Nbd(uri) => uri.clone(),
+            VerifyTarget::Backup(view) => match &view.session {
+                Some(session) => format!("{} (session {session})", view.description),
+                None => view.description.clone(),
+            },
         }
     }
 
-    /// Its record, or NoRecord.
-    fn record(&self, state_dir: &Path) -> Result<crate::replica::ReplicaRecord, VerifyError> {
+    /// What it holds, from its record (NoRecord without one) or, for a
+    /// backup, from the session its view shows.
+    fn holding(&self, state_dir: &Path) -> Result<Holding, VerifyError> {
         let key = match self {
             VerifyTarget::File(path) => path.clone(),
             VerifyTarget::Nbd(uri) => state_dir
                 .join(crate::target::TARGETS_DIR)
                 .join(crate::target::nbd_holder(uri)),
+            VerifyTarget::Backup(view) => {
+                return Ok(Holding {
+                    image_id: view.source_id.clone(),
+                    checkpoint: view.checkpoint.clone(),
+                    generation: view.generation,
+                });
+            }
         };
-        read_record(&key)?.ok_or_else(|| VerifyError::NoRecord {
+        let record = read_record(&key)?.ok_or_else(|| VerifyError::NoRecord {
             replica: self.label(),
+        })?;
+        Ok(Holding {
+            image_id: record.image_id,
+            checkpoint: record.checkpoint,
+            generation: record.generation,
         })
     }
 
-    fn open(&self) -> Result<Box<dyn BlockBackend>, VerifyError> {
+    fn open(&self) -> Result<Opened<'_>, VerifyError> {
         match self {
-            VerifyTarget::File(path) => Ok(Box::new(FileBackend::open(path, true).map_err(
-                |source| VerifyError::SourceOpen {
+            VerifyTarget::File(path) => Ok(Opened::Owned(Box::new(
+                FileBackend::open(path, true).map_err(|source| VerifyError::SourceOpen {
                     image: path.clone(),
                     source,
-                },
-            )?)),
+                })?,
+            ))),
             VerifyTarget::Nbd(uri) => {
                 let client =
                     nbd_client::Client::connect(uri).map_err(|source| VerifyError::Connect {
                         uri: uri.clone(),
                         source,
                     })?;
-                Ok(Box::new(crate::nbd_source::NbdSource::new(client)))
+                Ok(Opened::Owned(Box::new(crate::nbd_source::NbdSource::new(
+                    client,
+                ))))
             }
+            VerifyTarget::Backup(view) => Ok(Opened::Borrowed(view.as_ref())),
         }
     }
 }
@@ -107,7 +155,7 @@ pub enum VerifyError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{replica} is a replica of another disk")]
+    #[error("{replica} is a copy of another disk")]
     Foreign { replica: PathBuf },
     #[error(
         "{replica} holds checkpoint {checkpoint:?}, which the tracking state no longer has: the source as of then is unknown"
@@ -169,7 +217,7 @@ pub fn verify_offline(
     target: &VerifyTarget,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let record = target.record(&state_dir_of(image, state_dir)?)?;
+    let record = target.holding(&state_dir_of(image, state_dir)?)?;
     let replica = target.label();
     let replica = replica.as_path();
     let source = FileBackend::open(image, true).map_err(|source| VerifyError::SourceOpen {
@@ -247,7 +295,8 @@ fn compare(
     };
     let replica = target.label();
     let replica = replica.as_path();
-    let file = target.open()?;
+    let opened = target.open()?;
+    let file = opened.backend();
     let replica_bytes = file.size_bytes();
     let size_bytes = source.size_bytes();
     if replica_bytes != size_bytes {
@@ -323,7 +372,7 @@ pub fn verify_live(
     };
     let started = Instant::now();
     let state_dir = state_dir_of(image, state_dir)?;
-    let record = target.record(&state_dir)?;
+    let record = target.holding(&state_dir)?;
     let replica = target.label();
     let replica = replica.as_path();
     let mut server = control::transport::Connection::open(&state_dir)?;

@@ -105,6 +105,11 @@ pub struct BackupView {
     /// The backup as the user named it.
     pub description: String,
     pub checkpoint: String,
+    /// The checkpoint's generation in the source's tracking state.
+    pub generation: u64,
+    /// The source disk's tracker identity (hex; `nbd:URI` for a copy
+    /// from an untracked export).
+    pub source_id: String,
     /// The object storage session, or the tape session, shown.
     pub session: Option<String>,
     storage: Box<dyn BlockBackend>,
@@ -123,11 +128,17 @@ impl BackupView {
         match spec {
             ViewSpec::Tapes(paths) => {
                 let view = TapeView::open(paths, at)?;
-                let session = view
+                let shown = &view
                     .chain
                     .sessions
                     .last()
-                    .map(|s| s.header.session_id.hex());
+                    .expect("a view's chain holds a session")
+                    .header;
+                let (session, generation, source_id) = (
+                    Some(shown.session_id.hex()),
+                    shown.target.generation,
+                    shown.source_id.clone(),
+                );
                 Ok(BackupView {
                     description: paths
                         .iter()
@@ -135,6 +146,8 @@ impl BackupView {
                         .collect::<Vec<_>>()
                         .join(" "),
                     checkpoint: view.checkpoint().to_string(),
+                    generation,
+                    source_id,
                     session,
                     storage: Box::new(view),
                     _replica_lock: None,
@@ -147,6 +160,8 @@ impl BackupView {
                 Ok(BackupView {
                     description: location.url(),
                     checkpoint: view.checkpoint().to_string(),
+                    generation: view.manifest.header.checkpoint.generation,
+                    source_id: view.manifest.header.source_id.clone(),
                     session: Some(view.session.clone()),
                     storage: Box::new(view),
                     _replica_lock: None,
@@ -190,6 +205,8 @@ fn open_replica(path: &Path, at: Option<&str>) -> Result<BackupView, ViewError> 
     Ok(BackupView {
         description: path.display().to_string(),
         checkpoint: record.checkpoint,
+        generation: record.generation,
+        source_id: record.image_id,
         session: None,
         storage: Box::new(file),
         _replica_lock: Some(lock),
