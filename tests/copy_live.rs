@@ -133,6 +133,44 @@ fn a_snapshot_export_shows_the_disk_at_its_checkpoint_while_writes_go_on() {
     assert!(!hole_at(0) && !hole_at(32 * MIB), "{allocation:?}");
     assert!(hole_at(20 * MIB) && hole_at(50 * MIB), "{allocation:?}");
 
+    // Narrowed to what a copy still reads (as a copy narrows its own):
+    // the rest is no longer copied out at a first write, and reading it
+    // fails rather than show bytes written after the checkpoint.
+    control
+        .call::<serde_json::Value>(&Request::NarrowSnapshot {
+            name: "now".into(),
+            extents: vec![(0, 8 * MIB), (48 * MIB, 64 << 10)],
+        })
+        .unwrap();
+    let store_bytes = || {
+        parse_json(
+            &run_program(BLOCKWATCH, ["status", image.to_str().unwrap(), "--json"]),
+            "status --json",
+        )["snapshot"]["store_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = store_bytes();
+    qemu_io(&server.uri(), &["write -P 5 24M 64k", "write -P 5 48M 64k"]);
+    assert_eq!(store_bytes(), before + (64 << 10), "only 48M is copied out");
+    let read_only = |commands: &[&str]| {
+        let mut command = qemu_io_command(&snapshot.uri, commands);
+        output(command.arg("-r"))
+    };
+    let kept = read_only(&["read -P 1 0 64k", "read -P 0 48M 64k"]);
+    let said =
+        String::from_utf8_lossy(&kept.stdout).to_string() + &String::from_utf8_lossy(&kept.stderr);
+    assert!(kept.status.success() && !said.contains("fail"), "{said}");
+    let released = read_only(&["read 24M 4k"]);
+    let said = String::from_utf8_lossy(&released.stdout).to_string()
+        + &String::from_utf8_lossy(&released.stderr);
+    assert!(said.contains("failed"), "{said}");
+    let too_many = control.call::<serde_json::Value>(&Request::NarrowSnapshot {
+        name: "now".into(),
+        extents: vec![(0, 4096); control::proto::NARROW_EXTENTS_MAX + 1],
+    });
+    assert!(too_many.is_err(), "{too_many:?}");
+
     // A write to the snapshot is refused; the disk stays writable.
     let refused = output(&mut qemu_io_command(&snapshot.uri, &["write 0 4k"]));
     let said = String::from_utf8_lossy(&refused.stdout).to_string()

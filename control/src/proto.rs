@@ -54,7 +54,22 @@ pub enum Request {
     ReleaseSnapshot {
         name: String,
     },
+    /// From now on snapshot `name` keeps only the regions these byte
+    /// ranges touch (and those copied out already): the others are not
+    /// copied out at their first write any more, and reading them fails.
+    /// Only narrows: what a call released, a later one cannot keep. A copy
+    /// tells it what it will still read.
+    NarrowSnapshot {
+        name: String,
+        /// (offset, length) byte ranges, at most `NARROW_EXTENTS_MAX`.
+        extents: Vec<(u64, u64)>,
+    },
 }
+
+/// Ranges one `narrow-snapshot` request names at most (its line stays
+/// well under the request line limit). A copy with more coarsens them:
+/// keeping more than needed only costs copy-outs.
+pub const NARROW_EXTENTS_MAX: usize = 1024;
 
 /// Every `op` this protocol knows, for messages.
 pub const OPS: &[&str] = &[
@@ -67,6 +82,7 @@ pub const OPS: &[&str] = &[
     "unpin",
     "snapshot",
     "release-snapshot",
+    "narrow-snapshot",
 ];
 
 impl Request {

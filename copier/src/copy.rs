@@ -34,6 +34,8 @@ use backend::BlockBackend;
 use serde::Serialize;
 use tracker::Tracker;
 
+use control::proto::NARROW_EXTENTS_MAX;
+
 use crate::plan::Plan;
 use crate::replica::ReplicaError;
 use crate::target::{Held, PARTIAL_FORMAT, Partial, SourceInfo, Target};
@@ -270,11 +272,22 @@ pub(crate) trait TrackedDisk {
     /// (`STATUS<TAB>PATH`, status as `blockwatch changes --files` prints
     /// it), or None when the disk has no file map or it cannot say.
     fn changed_files(&mut self, since: &str, until: &str) -> Option<Vec<String>>;
+    /// What tells the source of `take` which byte ranges the copy will
+    /// still read, so a snapshot stops preserving the rest; None (the
+    /// default) when the source is the disk itself.
+    fn narrower(&mut self, taken: &Held) -> Option<Narrower> {
+        let _ = taken;
+        None
+    }
     /// Lets go of what `take` holds beyond the checkpoint (a snapshot).
     fn release(&mut self, taken: &Held) -> Result<(), CopyError>;
     /// The error to report for a source read that failed.
     fn read_failed(&mut self, taken: &Held, error: io::Error) -> CopyError;
 }
+
+/// Tells a snapshot the byte ranges a copy still reads (`TrackedDisk::
+/// narrower`); called by the copy's workers.
+pub(crate) type Narrower = Box<dyn Fn(&[(u64, u64)]) + Send + Sync>;
 
 /// The steps of the module comment, for any tracked disk and target.
 pub(crate) fn copy_tracked(
@@ -366,7 +379,28 @@ pub(crate) fn copy_tracked(
     };
     let outcome = match files_copied {
         Some(outcome) => outcome,
-        None => run_plan(source.as_ref(), &*target, &plan, workers, progress, &save),
+        None => {
+            // A copy of pieces reads nothing but the plan, and nothing
+            // below the offset all its pieces are done below: the snapshot
+            // needs to preserve no more (fewer copy-outs slow the disk's
+            // writes while the copy runs).
+            let narrower = disk.narrower(&taken);
+            let still_read = |done_below: u64| {
+                if let Some(narrow) = &narrower {
+                    narrow(&plan.still_read(done_below, NARROW_EXTENTS_MAX));
+                }
+            };
+            still_read(0);
+            run_plan(
+                source.as_ref(),
+                &*target,
+                &plan,
+                workers,
+                progress,
+                &save,
+                &still_read,
+            )
+        }
     };
     drop(source);
     if let Some(error) = outcome.error {

@@ -65,6 +65,46 @@ impl Plan {
         Plan::from_ranges(below.chain(above))
     }
 
+    /// The ranges a copy of this plan still reads once every piece
+    /// below `done_below` is done, in at most `max` ranges: past that,
+    /// the nearest ones are merged (over the smallest gaps), which only
+    /// says more is still read.
+    pub fn still_read(&self, done_below: u64, max: usize) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .ranges
+            .iter()
+            .filter_map(|&(offset, length)| {
+                let start = offset.max(done_below);
+                let end = offset + length;
+                (start < end).then(|| (start, end - start))
+            })
+            .collect();
+        if ranges.len() > max.max(1) {
+            let mut gaps: Vec<u64> = ranges
+                .windows(2)
+                .map(|pair| pair[1].0 - (pair[0].0 + pair[0].1))
+                .collect();
+            let excess = ranges.len() - max.max(1);
+            gaps.sort_unstable();
+            // Merging every gap up to the excess-th smallest leaves at
+            // most `max` ranges (ties merge a few more).
+            let widest_merged = gaps[excess - 1];
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(max);
+            for (offset, length) in ranges {
+                match merged.last_mut() {
+                    Some((last_offset, last_length))
+                        if offset - (*last_offset + *last_length) <= widest_merged =>
+                    {
+                        *last_length = offset + length - *last_offset;
+                    }
+                    _ => merged.push((offset, length)),
+                }
+            }
+            ranges = merged;
+        }
+        ranges
+    }
+
     pub fn bytes(&self) -> u64 {
         self.ranges.iter().map(|&(_, length)| length).sum()
     }
@@ -92,6 +132,37 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_still_read_covers_every_piece_not_done_in_few_ranges() {
+        let plan = Plan {
+            ranges: vec![(0, 10), (100, 10), (130, 10), (1000, 10), (1012, 4)],
+        };
+        assert_eq!(plan.still_read(0, 10), plan.ranges);
+        assert_eq!(
+            plan.still_read(105, 10),
+            vec![(105, 5), (130, 10), (1000, 10), (1012, 4)]
+        );
+        // Two ranges at most: the gaps of 2 and 20 merge, not the 860.
+        assert_eq!(plan.still_read(105, 2), vec![(105, 35), (1000, 16)]);
+        assert_eq!(plan.still_read(0, 1), vec![(0, 1016)]);
+        assert_eq!(plan.still_read(2000, 4), Vec::<(u64, u64)>::new());
+        // Whatever the bound, every byte not yet done stays covered.
+        for max in 1..6 {
+            for done_below in [0, 5, 100, 135, 1013] {
+                let kept = plan.still_read(done_below, max);
+                assert!(kept.len() <= max);
+                for &(offset, length) in &plan.ranges {
+                    for byte in offset.max(done_below)..offset + length {
+                        assert!(
+                            kept.iter().any(|&(o, l)| o <= byte && byte < o + l),
+                            "byte {byte} of max {max} done_below {done_below}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn near_extents_merge_and_far_ones_stay_apart() {

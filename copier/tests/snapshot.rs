@@ -600,3 +600,86 @@ fn a_snapshot_released_while_a_take_waits_lets_the_take_go_on() {
     disk.take("rerun", disk.limits());
     disk.manager.release(&disk.tracker, "rerun").unwrap();
 }
+
+/// A snapshot told which ranges its copy still reads (`keep_only`) copies
+/// out only those at a first write; the others read as an error, never as
+/// bytes written after the checkpoint, and their allocation as data; the
+/// kept ones read the checkpoint's bytes under writes. A later call only
+/// narrows: a region released once stays released.
+#[test]
+fn a_narrowed_snapshot_copies_out_and_reads_only_what_it_keeps() {
+    let disk = Disk::new("narrowed", 4 << 20);
+    let snapshot = disk.take("snap", disk.limits());
+    let expected = disk.image();
+    let copied = || snapshot.status().regions_copied;
+    let region = |r: u64| (r * REGION_BYTES) as usize..((r + 1) * REGION_BYTES) as usize;
+    disk.write_region(1, 1);
+    assert_eq!(
+        copied(),
+        1,
+        "before narrowing, every first touch copies out"
+    );
+    // Keep regions 1..=3 (a range ending inside region 3) and region 9.
+    let kept = snapshot
+        .keep_only(&[
+            (REGION_BYTES + 100, 2 * REGION_BYTES),
+            (9 * REGION_BYTES, 10),
+        ])
+        .unwrap();
+    assert_eq!(kept, 4);
+    for r in [0, 2, 3, 4, 9, 20] {
+        disk.write_region(r, 10 + r);
+    }
+    assert_eq!(
+        copied(),
+        4,
+        "regions 2, 3 and 9 copied out; 0, 4 and 20 not"
+    );
+    for r in [1, 2, 3, 9] {
+        let mut buf = vec![0; REGION_BYTES as usize];
+        snapshot.read_at(&mut buf, r * REGION_BYTES).unwrap();
+        assert!(
+            buf == expected[region(r)],
+            "region {r} as of the checkpoint"
+        );
+    }
+    for r in [0, 4, 5, 20] {
+        let mut buf = vec![0; 4096];
+        let error = snapshot
+            .read_at(&mut buf, r * REGION_BYTES + 8192)
+            .unwrap_err();
+        assert!(error.to_string().contains("no longer keeps"), "{error}");
+    }
+    let mut across = vec![0; 2 * REGION_BYTES as usize];
+    assert!(snapshot.read_at(&mut across, 3 * REGION_BYTES).is_err());
+    // Allocation over released regions answers, as data.
+    let mut extents = Vec::new();
+    snapshot
+        .extents(0, 32 * REGION_BYTES, 1000, &mut extents)
+        .unwrap();
+    assert_eq!(
+        extents.iter().map(|e| e.length_bytes).sum::<u64>(),
+        32 * REGION_BYTES
+    );
+    assert!(extents.iter().all(|e| e.flags == 0), "{extents:?}");
+    // Widening keeps nothing released before; what stays kept still
+    // reads right, and copied-out regions keep their bytes.
+    snapshot.keep_only(&[(0, 16 * REGION_BYTES)]).unwrap();
+    disk.write_region(5, 30);
+    assert_eq!(copied(), 4, "region 5 was released: no copy-out");
+    snapshot
+        .keep_only(&[(9 * REGION_BYTES, REGION_BYTES)])
+        .unwrap();
+    disk.write_region(1, 31);
+    let mut buf = vec![0; REGION_BYTES as usize];
+    snapshot.read_at(&mut buf, REGION_BYTES).unwrap();
+    assert!(
+        buf == expected[region(1)],
+        "region 1 was copied out: it stays"
+    );
+    snapshot.read_at(&mut buf, 9 * REGION_BYTES).unwrap();
+    assert!(buf == expected[region(9)]);
+    assert!(snapshot.is_broken().is_none(), "narrowing breaks nothing");
+    assert!(snapshot.keep_only(&[(4 << 20, 1)]).is_err(), "past the end");
+    disk.manager.release(&disk.tracker, "snap").unwrap();
+}

@@ -113,6 +113,26 @@ impl ServeHandler {
         }))
     }
 
+    fn narrow(&self, name: &str, extents: &[(u64, u64)]) -> Result<Reply, String> {
+        if extents.len() > control::proto::NARROW_EXTENTS_MAX {
+            return Err(format!(
+                "{} ranges: a narrow-snapshot request names at most {}",
+                extents.len(),
+                control::proto::NARROW_EXTENTS_MAX
+            ));
+        }
+        let snapshot = self
+            .snapshots
+            .active()
+            .filter(|snapshot| snapshot.name() == name)
+            .ok_or_else(|| format!("no snapshot {name:?} is open"))?;
+        let kept = snapshot
+            .keep_only(extents)
+            .map_err(|error| format!("snapshot {name:?}: {error}"))?;
+        tracing::debug!(checkpoint = %name, regions = kept, "snapshot narrowed");
+        Ok(Reply::Done)
+    }
+
     fn release(&self, name: &str) -> Result<Reply, String> {
         let export = self.snapshot_export_name(name);
         // Connections reading it keep their export until they end; their
@@ -133,6 +153,7 @@ impl Handler for ServeHandler {
                 Err("a snapshot belongs to a control connection; ask on one".into())
             }
             Request::ReleaseSnapshot { name } => self.release(&name),
+            Request::NarrowSnapshot { name, extents } => self.narrow(&name, &extents),
             Request::Status => {
                 let mut reply = tracker::control::handle(&self.tracker, Request::Status)?;
                 if let Reply::Status(status) = &mut reply {

@@ -93,7 +93,9 @@ pub fn handle(tracker: &Tracker, request: Request) -> Result<Reply, String> {
             status: status_info(tracker),
             snapshot: None,
         }))),
-        Request::Snapshot { .. } | Request::ReleaseSnapshot { .. } => Err(
+        Request::Snapshot { .. }
+        | Request::ReleaseSnapshot { .. }
+        | Request::NarrowSnapshot { .. } => Err(
             "snapshots are served by a running blockwatch serve, not by the tracker alone".into(),
         ),
     }

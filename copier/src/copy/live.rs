@@ -15,6 +15,7 @@ use control::proto::{
 };
 use control::transport::Connection;
 
+use super::Narrower;
 use super::{CheckpointRow, CopyError, CopyOptions, Summary, TrackedDisk, copy_tracked};
 use crate::nbd_source::NbdSource;
 use crate::target::{Held, SourceInfo};
@@ -33,6 +34,7 @@ pub fn copy_live(options: &CopyOptions) -> Result<Summary, CopyError> {
     let mut target = options.target.open(&state_dir)?;
     let mut disk = Live {
         server,
+        state_dir,
         snapshot_uri: None,
     };
     copy_tracked(
@@ -54,6 +56,7 @@ struct Ignored {}
 
 struct Live {
     server: Connection,
+    state_dir: std::path::PathBuf,
     snapshot_uri: Option<String>,
 }
 
@@ -156,6 +159,32 @@ impl TrackedDisk for Live {
                 .filter_map(|file| Some(format!("{}\t{}", file.status, file.path.as_ref()?)))
                 .collect(),
         )
+    }
+
+    /// Narrows through a control connection of its own, which the copy's
+    /// workers share.
+    fn narrower(&mut self, taken: &Held) -> Option<Narrower> {
+        let server = match Connection::open(&self.state_dir) {
+            Ok(server) => std::sync::Mutex::new(server),
+            Err(error) => {
+                tracing::warn!(%error, "cannot narrow the snapshot: every region stays kept");
+                return None;
+            }
+        };
+        let name = taken.checkpoint.clone();
+        Some(Box::new(move |extents: &[(u64, u64)]| {
+            let request = Request::NarrowSnapshot {
+                name: name.clone(),
+                extents: extents.to_vec(),
+            };
+            if let Err(error) = server
+                .lock()
+                .expect("narrowing connection lock")
+                .call::<Ignored>(&request)
+            {
+                tracing::warn!(%error, "narrowing the snapshot failed: more regions stay kept");
+            }
+        }))
     }
 
     fn release(&mut self, taken: &Held) -> Result<(), CopyError> {

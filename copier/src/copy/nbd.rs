@@ -86,6 +86,7 @@ pub fn copy_from_nbd(options: &NbdCopyOptions) -> Result<Summary, CopyError> {
         options.workers,
         options.progress.as_ref(),
         &|_| {},
+        &|_| {},
     );
     if let Some(error) = outcome.error {
         return Err(match error {

@@ -150,6 +150,10 @@ pub(crate) struct Moved {
 /// whichever comes first.
 const MARK_EVERY_BYTES: u64 = 1 << 30;
 const MARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often `run_plan` says how far it got (a live copy then lets its
+/// snapshot stop preserving what it read): a round trip on a control
+/// socket every this many bytes of the plan.
+const PASSED_EVERY_BYTES: u64 = 64 << 20;
 
 /// What `run_plan` did: what it moved, how far every piece was done (the
 /// start of the first piece not done; the plan's end when all are), and
@@ -165,6 +169,8 @@ struct Marks {
     done: Vec<bool>,
     /// The first piece not done.
     below: usize,
+    /// Where `passed` was last called.
+    passed_bytes: u64,
     marked_bytes: u64,
     marked_at: std::time::Instant,
 }
@@ -198,7 +204,8 @@ impl Turn {
 }
 
 /// Copies the plan with `workers` threads taking pieces in order; calls
-/// `mark(done_below)` now and then (see `MARK_EVERY_BYTES`).
+/// `mark(done_below)` now and then (see `MARK_EVERY_BYTES`), and
+/// `passed(done_below)` every `PASSED_EVERY_BYTES`.
 pub(crate) fn run_plan(
     source: &dyn BlockBackend,
     target: &dyn Target,
@@ -206,6 +213,7 @@ pub(crate) fn run_plan(
     workers: usize,
     progress: &dyn Progress,
     mark: &(dyn Fn(u64) + Sync),
+    passed: &(dyn Fn(u64) + Sync),
 ) -> Outcome {
     let pieces: Vec<(u64, u64)> = plan.pieces().collect();
     let plan_end = plan
@@ -216,6 +224,7 @@ pub(crate) fn run_plan(
     let marks = Mutex::new(Marks {
         done: vec![false; pieces.len()],
         below: 0,
+        passed_bytes: 0,
         marked_bytes: 0,
         marked_at: std::time::Instant::now(),
     });
@@ -226,6 +235,10 @@ pub(crate) fn run_plan(
             marks.below += 1;
         }
         let below = below_of(marks.below);
+        if below >= marks.passed_bytes + PASSED_EVERY_BYTES {
+            passed(below);
+            marks.passed_bytes = below;
+        }
         if below >= marks.marked_bytes + MARK_EVERY_BYTES
             || (below > marks.marked_bytes && marks.marked_at.elapsed() >= MARK_EVERY)
         {

@@ -65,18 +65,23 @@ impl Snapshot {
                 flags: 0,
             });
         }
-        let after = self.settle(run, &before)?;
+        let after = self.settle(run, &before, true)?;
+        // Released regions may have been written since: their allocation
+        // is not known, so they read as data (never as a hole).
+        let released = self.store.released_in(run);
         let first = out.len();
         let mut position = offset;
         for extent in &live {
             let mut start = position;
             let end = (position + extent.length_bytes).min(offset + length);
-            // Split at the copied-out regions, which read as data.
+            // Split at the copied-out and released regions, which read
+            // as data.
             while start < end {
                 let region = start >> self.granularity.shift();
                 let (region_start, region_length) = self.region_bytes(region);
                 let part_end = (region_start + region_length).min(end);
-                let copied = after[(region - run.first_region) as usize].is_some();
+                let index = (region - run.first_region) as usize;
+                let copied = after[index].is_some() || released[index];
                 let flags = if copied { 0 } else { extent.flags };
                 push_extent(out, first, part_end - start, flags);
                 if out.len() - first > max_extents {

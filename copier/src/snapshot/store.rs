@@ -78,6 +78,27 @@ struct State {
     closed: bool,
     /// Copy threads between taking a job and recording its end.
     busy_threads: usize,
+    /// The regions the snapshot still keeps, as sorted disjoint runs
+    /// (`keep_only`); None: all of them. A region outside that is not
+    /// copied out is no longer copied out at its first write, and reading
+    /// it fails: it may have been written since.
+    kept: Option<Vec<RegionRun>>,
+}
+
+impl State {
+    /// Whether `region` is released: outside the kept runs and not
+    /// copied out (a copied-out region keeps its old contents whatever
+    /// is released).
+    fn is_released(&self, region: u64) -> bool {
+        let Some(kept) = &self.kept else {
+            return false;
+        };
+        if matches!(self.index.get(&region), Some(Slot::Copied { .. })) {
+            return false;
+        }
+        let at = kept.partition_point(|run| run.first_region + run.region_count <= region);
+        kept.get(at).is_none_or(|run| run.first_region > region)
+    }
 }
 
 impl State {
@@ -255,6 +276,10 @@ impl Store {
         let mut awaited = Vec::new();
         let mut job: Option<Job> = None;
         for region in run.first_region..run.first_region + run.region_count {
+            if state.is_released(region) {
+                state.jobs.extend(job.take());
+                continue;
+            }
             match state.index.get(&region) {
                 Some(Slot::Copied { .. }) => {
                     state.jobs.extend(job.take());
@@ -308,6 +333,59 @@ impl Store {
             self.work.notify_all();
         }
         Some(awaited)
+    }
+
+    /// From now on the snapshot keeps only the regions of `runs` (and
+    /// those already copied out): the others are no longer copied out at
+    /// their first write, and reading them fails. Only narrows: a region
+    /// released once may have been written since, so a later call cannot
+    /// keep it again. Returns the regions kept (of those not copied out,
+    /// counted by run).
+    pub(crate) fn keep_only(&self, runs: &[RegionRun]) -> u64 {
+        let mut wanted: Vec<RegionRun> = runs
+            .iter()
+            .copied()
+            .filter(|run| run.region_count > 0)
+            .collect();
+        wanted.sort_by_key(|run| run.first_region);
+        let mut merged: Vec<RegionRun> = Vec::with_capacity(wanted.len());
+        for run in wanted {
+            match merged.last_mut() {
+                Some(last) if run.first_region <= last.first_region + last.region_count => {
+                    let end = (last.first_region + last.region_count)
+                        .max(run.first_region + run.region_count);
+                    last.region_count = end - last.first_region;
+                }
+                _ => merged.push(run),
+            }
+        }
+        let mut state = self.lock();
+        let kept = match &state.kept {
+            None => merged,
+            Some(old) => intersect(old, &merged),
+        };
+        let count = kept.iter().map(|run| run.region_count).sum();
+        state.kept = Some(kept);
+        count
+    }
+
+    /// The first region of `run` the snapshot no longer keeps, if any.
+    pub(crate) fn first_released(&self, run: RegionRun) -> Option<u64> {
+        let state = self.lock();
+        (run.first_region..run.first_region + run.region_count)
+            .find(|&region| state.is_released(region))
+    }
+
+    pub(crate) fn is_released(&self, region: u64) -> bool {
+        self.lock().is_released(region)
+    }
+
+    /// For each region of `run`: whether the snapshot released it.
+    pub(crate) fn released_in(&self, run: RegionRun) -> Vec<bool> {
+        let state = self.lock();
+        (run.first_region..run.first_region + run.region_count)
+            .map(|region| state.is_released(region))
+            .collect()
     }
 
     /// Breaks the snapshot (the first reason stays): queued jobs are
@@ -536,5 +614,69 @@ impl Store {
             copied_bytes: state.copied_bytes,
             copied_regions: state.copied_regions,
         }
+    }
+}
+
+/// The regions in both sorted, disjoint run lists.
+fn intersect(a: &[RegionRun], b: &[RegionRun]) -> Vec<RegionRun> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (a_end, b_end) = (
+            a[i].first_region + a[i].region_count,
+            b[j].first_region + b[j].region_count,
+        );
+        let start = a[i].first_region.max(b[j].first_region);
+        let end = a_end.min(b_end);
+        if start < end {
+            out.push(RegionRun {
+                first_region: start,
+                region_count: end - start,
+            });
+        }
+        if a_end <= b_end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs(pairs: &[(u64, u64)]) -> Vec<RegionRun> {
+        pairs
+            .iter()
+            .map(|&(first_region, region_count)| RegionRun {
+                first_region,
+                region_count,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kept_runs_only_narrow() {
+        let kept = intersect(&runs(&[(0, 10), (20, 5)]), &runs(&[(5, 20)]));
+        assert_eq!(kept, runs(&[(5, 5), (20, 5)]));
+        assert_eq!(intersect(&kept, &runs(&[(0, 100)])), kept);
+        assert_eq!(intersect(&kept, &runs(&[(10, 10)])), runs(&[]));
+        let mut state = State {
+            kept: Some(runs(&[(5, 5), (20, 5)])),
+            ..State::default()
+        };
+        let released: Vec<u64> = (0..30).filter(|&r| state.is_released(r)).collect();
+        let expected: Vec<u64> = (0..5).chain(10..20).chain(25..30).collect();
+        assert_eq!(released, expected);
+        state.index.insert(
+            12,
+            Slot::Copied {
+                store_offset: 0,
+                crc: 0,
+            },
+        );
+        assert!(!state.is_released(12), "copied out: its old contents stay");
     }
 }

@@ -107,10 +107,15 @@ impl Snapshot {
     /// caller started reading the live disk. A region not copied out at
     /// either time was not written in between; one the tracker shows
     /// marked and still not copied out ends the snapshot.
+    /// A region the snapshot no longer keeps (`Store::keep_only`) may
+    /// have been written without a copy-out: with `released_ok` it stays
+    /// None (the caller answers for it without its bytes), else the read
+    /// fails.
     pub(crate) fn settle(
         &self,
         run: RegionRun,
         before: &[Option<u64>],
+        released_ok: bool,
     ) -> io::Result<Vec<Option<u64>>> {
         let tracker = self.tracker.upgrade().ok_or_else(|| {
             io::Error::other(format!("snapshot {:?}: its server stopped", self.name))
@@ -131,10 +136,51 @@ impl Snapshot {
             .map_err(|r| self.refused(r))?;
         for (region, (marked, after)) in (run.first_region..).zip(marked.iter().zip(&after)) {
             if *marked && after.is_none() {
+                if self.store.is_released(region) {
+                    if released_ok {
+                        continue;
+                    }
+                    return Err(self.not_kept(region));
+                }
                 return Err(self.written_unseen(region));
             }
         }
         Ok(after)
+    }
+
+    /// Keeps only the regions of the byte ranges `extents` (and those
+    /// copied out already): see `Store::keep_only`. Returns how many
+    /// regions are kept.
+    pub fn keep_only(&self, extents: &[(u64, u64)]) -> io::Result<u64> {
+        let mut runs = Vec::with_capacity(extents.len());
+        for &(offset, length) in extents {
+            if offset
+                .checked_add(length)
+                .is_none_or(|end| end > self.size_bytes)
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "bytes {offset}+{length} are past the end of the {}-byte disk",
+                        self.size_bytes
+                    ),
+                ));
+            }
+            if length > 0 {
+                runs.push(self.granularity.run_of(offset, length));
+            }
+        }
+        Ok(self.store.keep_only(&runs))
+    }
+
+    /// A read of a region the snapshot no longer keeps.
+    fn not_kept(&self, region: u64) -> io::Error {
+        let (start, length) = self.region_bytes(region);
+        io::Error::other(format!(
+            "snapshot {:?} no longer keeps region {region} (bytes {start}..{}): the copy that holds it does not read it, so its old contents were not preserved",
+            self.name,
+            start + length
+        ))
     }
 
     pub(crate) fn refused(&self, refusal: Refusal) -> io::Error {
@@ -287,6 +333,9 @@ impl BlockBackend for Snapshot {
                 .map_or(Ok(()), |r| Err(self.refused(r)));
         }
         let run = self.granularity.run_of(offset, length_bytes);
+        if let Some(region) = self.store.first_released(run) {
+            return Err(self.not_kept(region));
+        }
         let before = self
             .store
             .copied_offsets(run)
@@ -297,7 +346,7 @@ impl BlockBackend for Snapshot {
         if before.iter().all(Option::is_some) {
             return Ok(());
         }
-        let after = self.settle(run, &before)?;
+        let after = self.settle(run, &before, false)?;
         for (index, region) in (run.first_region..run.first_region + run.region_count).enumerate() {
             match (before[index], after[index]) {
                 (Some(_), _) => {}
