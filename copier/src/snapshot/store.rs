@@ -339,8 +339,7 @@ impl Store {
     /// those already copied out): the others are no longer copied out at
     /// their first write, and reading them fails. Only narrows: a region
     /// released once may have been written since, so a later call cannot
-    /// keep it again. Returns the regions kept (of those not copied out,
-    /// counted by run).
+    /// keep it again. Returns how many regions the kept runs hold.
     pub(crate) fn keep_only(&self, runs: &[RegionRun]) -> u64 {
         let mut wanted: Vec<RegionRun> = runs
             .iter()
@@ -367,13 +366,6 @@ impl Store {
         let count = kept.iter().map(|run| run.region_count).sum();
         state.kept = Some(kept);
         count
-    }
-
-    /// The first region of `run` the snapshot no longer keeps, if any.
-    pub(crate) fn first_released(&self, run: RegionRun) -> Option<u64> {
-        let state = self.lock();
-        (run.first_region..run.first_region + run.region_count)
-            .find(|&region| state.is_released(region))
     }
 
     pub(crate) fn is_released(&self, region: u64) -> bool {

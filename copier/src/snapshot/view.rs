@@ -333,8 +333,8 @@ impl BlockBackend for Snapshot {
                 .map_or(Ok(()), |r| Err(self.refused(r)));
         }
         let run = self.granularity.run_of(offset, length_bytes);
-        if let Some(region) = self.store.first_released(run) {
-            return Err(self.not_kept(region));
+        if let Some(index) = self.store.released_in(run).iter().position(|&r| r) {
+            return Err(self.not_kept(run.first_region + index as u64));
         }
         let before = self
             .store
