@@ -398,10 +398,15 @@ fn a_live_copy_holds_the_disk_as_it_was_at_its_checkpoint_under_writes() {
     let image = dir.join("disk.img");
     // The writer may rewrite most of the disk while a (debug build) copy
     // runs: a store as large as the disk never fills.
-    let server = Server::start(
+    // The narrowing of each copy's snapshot is logged at debug.
+    let server = Server::start_with_env(
         dir.path(),
         &[&image],
         &["--size", "128M", "--snapshot-max", "128M"],
+        &[(
+            "RUST_LOG".to_string(),
+            "warn,blockwatch::serve::snapshots=debug".to_string(),
+        )],
     );
     qemu_io(&server.uri(), &["write -P 1 0 96M"]);
     let replica = dir.join("replica.img");
@@ -476,6 +481,11 @@ fn a_live_copy_holds_the_disk_as_it_was_at_its_checkpoint_under_writes() {
         );
     }
     assert!(!pin_holders(&image).contains(&"snapshot".to_string()));
+    // Each copy narrowed its snapshot to its plan, then as it went: the
+    // replicas above equal the disk at each checkpoint all the same, with
+    // the writer rewriting regions the snapshots had released.
+    let narrowed = server.logs().matches("snapshot narrowed").count();
+    assert!(narrowed >= 4, "{narrowed} narrowings\n{}", server.logs());
     // Only the newest copy's checkpoint is kept, pinned for the replica.
     assert_eq!(copy_checkpoints(&image).len(), 1);
 
