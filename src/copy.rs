@@ -358,9 +358,9 @@ fn verify_target(target: &str, s3: &crate::s3::S3Flags) -> anyhow::Result<Verify
     Ok(match target_of(target, TAPE_FLAGS_DEFAULT, s3)? {
         TargetSpec::File(path) => VerifyTarget::File(path),
         TargetSpec::Nbd(uri) => VerifyTarget::Nbd(uri),
-        TargetSpec::Tape { .. } | TargetSpec::S3 { .. } => {
-            unreachable!("verify opens tapes and repositories as views")
-        }
+        TargetSpec::Tape { .. } | TargetSpec::S3 { .. } => bail!(
+            "{target}: a tape chain or repository is compared with the disk named before it (blockwatch verify IMAGE {target}), or checked alone"
+        ),
         TargetSpec::Tar { .. } => unreachable!("target_of refuses tar:"),
     })
 }
