@@ -70,6 +70,22 @@ fn impossible_sizes_and_paths_get_one_line_errors_and_exit_2() {
         !dir.join("x.img").exists(),
         "a failed start must not leave an image behind"
     );
+    // verify's words in an order it cannot use.
+    assert_fails_with(
+        dir.path(),
+        &["verify", "s3://bucket/prefix", "tape:a.tape"],
+        "compared with the disk named before it",
+    );
+    assert_fails_with(
+        dir.path(),
+        &["verify", "tape:a.tape", "--at", "copy-1"],
+        "name the disk first",
+    );
+    assert_fails_with(
+        dir.path(),
+        &["verify", "small.img", "replica.img", "--at", "copy-1"],
+        "a replica or NBD target holds one",
+    );
 }
 
 /// Asserts that `blockwatch serve ARGS` (run in `dir`) fails with a one-line
