@@ -57,12 +57,7 @@ impl Plan {
             let end = (offset + length).min(done_below);
             (offset < end).then(|| (offset, end - offset))
         });
-        let above = since_base.iter().filter_map(|&(offset, length)| {
-            let start = offset.max(done_below);
-            let end = offset + length;
-            (start < end).then(|| (start, end - start))
-        });
-        Plan::from_ranges(below.chain(above))
+        Plan::from_ranges(below.chain(from_offset(since_base, done_below)))
     }
 
     /// The ranges a copy of this plan still reads once every piece
@@ -70,15 +65,7 @@ impl Plan {
     /// the nearest ones are merged (over the smallest gaps), which only
     /// says more is still read.
     pub fn still_read(&self, done_below: u64, max: usize) -> Vec<(u64, u64)> {
-        let mut ranges: Vec<(u64, u64)> = self
-            .ranges
-            .iter()
-            .filter_map(|&(offset, length)| {
-                let start = offset.max(done_below);
-                let end = offset + length;
-                (start < end).then(|| (start, end - start))
-            })
-            .collect();
+        let mut ranges: Vec<(u64, u64)> = from_offset(&self.ranges, done_below).collect();
         if ranges.len() > max.max(1) {
             let mut gaps: Vec<u64> = ranges
                 .windows(2)
@@ -127,6 +114,15 @@ impl Plan {
             })
         })
     }
+}
+
+/// The parts of sorted byte ranges at or after `from`.
+fn from_offset(ranges: &[(u64, u64)], from: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    ranges.iter().filter_map(move |&(offset, length)| {
+        let start = offset.max(from);
+        let end = offset + length;
+        (start < end).then(|| (start, end - start))
+    })
 }
 
 #[cfg(test)]
