@@ -68,7 +68,23 @@ pub struct TapeReader {
     /// Where the payload of the record read last begins.
     payload_at: PayloadPosition,
     last_header: Option<RecordHeader>,
+    /// Payload buffers handed back (`recycle`), used before new memory.
+    spare: Vec<Vec<u8>>,
+    /// For compressed extents, made at the first.
+    decompressor: Option<Decompressor>,
 }
+
+/// zstd's context, kept from one compressed record to the next.
+struct Decompressor(zstd::bulk::Decompressor<'static>);
+
+impl std::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decompressor")
+    }
+}
+
+/// Buffers `recycle` keeps (each up to one record's payload, 4 MiB).
+const SPARE_BUFFERS_MAX: usize = 8;
 
 /// Where a record's payload begins on a tape file: the block (counted
 /// from the label, block 0) and the byte within that block's records.
@@ -103,6 +119,8 @@ impl TapeReader {
             session: None,
             payload_at: PayloadPosition::default(),
             last_header: None,
+            spare: Vec::new(),
+            decompressor: None,
         })
     }
 
@@ -116,6 +134,27 @@ impl TapeReader {
 
     pub fn path(&self) -> &Path {
         &self.media.path
+    }
+
+    /// Hands back the buffer of a `Record::Data` read earlier, to hold a
+    /// later payload: a reader whose records are written out and returned
+    /// touches no fresh memory per record.
+    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS_MAX {
+            buffer.clear();
+            self.spare.push(buffer);
+        }
+    }
+
+    /// An empty buffer for at least `capacity_bytes`: a spare if any.
+    fn buffer(&mut self, capacity_bytes: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(mut buffer) => {
+                buffer.reserve(capacity_bytes);
+                buffer
+            }
+            None => Vec::with_capacity(capacity_bytes),
+        }
     }
 
     pub fn block_size_bytes(&self) -> u64 {
@@ -224,7 +263,7 @@ impl TapeReader {
         let start = SessionStart {
             block_index: self.block_index,
         };
-        let (record, payload, record_block) = self.read_record_bytes(0)?;
+        let (record, payload, _, record_block) = self.read_record_bytes(0)?;
         if record.kind != RecordKind::Header {
             return Err(self.damaged_at(
                 record_block,
@@ -268,9 +307,9 @@ impl TapeReader {
             return Ok(None);
         }
         let index = session.next_record;
-        let (record, payload, record_block) = self.read_record_bytes(index)?;
+        let (record, payload, payload_crc, record_block) = self.read_record_bytes(index)?;
         let part = Part::of(record.kind);
-        let checked = self.check_record(&record, payload);
+        let checked = self.check_record(&record, payload, payload_crc);
         let result = checked.map_err(|reason| self.damaged_at(record_block, part, reason))?;
         let session = self.session.as_mut().expect("a session is being read");
         session.next_record += 1;
@@ -286,9 +325,14 @@ impl TapeReader {
         Ok(Some(result))
     }
 
-    /// A record's header and payload, read across blocks: the header is
+    /// A record's header, its payload read across blocks and the payload's
+    /// crc32c (taken piece by piece as each is copied, while the block is
+    /// still in cache), and the block the record starts in: the header is
     /// checked (crc, kind, bounds) before its payload is read.
-    fn read_record_bytes(&mut self, index: u64) -> Result<(RecordHeader, Vec<u8>, u64), TapeError> {
+    fn read_record_bytes(
+        &mut self,
+        index: u64,
+    ) -> Result<(RecordHeader, Vec<u8>, u32, u64), TapeError> {
         let mut head = [0u8; RECORD_HEADER_BYTES];
         self.take(&mut head, Part::RecordHeader)?;
         let record_block = self.block_index;
@@ -316,20 +360,54 @@ impl TapeReader {
         };
         // Bounded by RecordHeader::decode; grown as the bytes arrive.
         let stored = record.stored_bytes as usize;
-        let mut payload = Vec::with_capacity(stored.min(self.block.len()));
+        let mut payload = self.buffer(stored.min(self.block.len()));
+        let mut payload_crc = 0;
         while payload.len() < stored {
             if self.cursor == self.used {
                 self.next_block_of(part)?;
             }
             let piece = (stored - payload.len()).min(self.used - self.cursor);
             let at = BLOCK_HEADER_BYTES + self.cursor;
-            payload.extend_from_slice(&self.block[at..at + piece]);
+            let bytes = &self.block[at..at + piece];
+            payload_crc = crc32c::crc32c_append(payload_crc, bytes);
+            payload.extend_from_slice(bytes);
             self.cursor += piece;
         }
-        Ok((record, payload, record_block))
+        Ok((record, payload, payload_crc, record_block))
     }
 
-    fn check_record(&mut self, record: &RecordHeader, payload: Vec<u8>) -> Result<Record, String> {
+    /// `payload_crc` is the crc32c of `payload` as stored.
+    fn check_record(
+        &mut self,
+        record: &RecordHeader,
+        payload: Vec<u8>,
+        payload_crc: u32,
+    ) -> Result<Record, String> {
+        let compressed = record.kind == RecordKind::Data && record.flags & FLAG_ZSTD != 0;
+        let data_crc = |data: &[u8]| {
+            if compressed {
+                crc32c::crc32c(data)
+            } else {
+                payload_crc
+            }
+        };
+        let payload = if compressed {
+            let mut data = self.buffer(record.length_bytes as usize);
+            let decompressor = match &mut self.decompressor {
+                Some(decompressor) => decompressor,
+                empty => empty.insert(new_decompressor()?),
+            };
+            decompress_into(
+                decompressor,
+                &payload,
+                record.length_bytes as usize,
+                &mut data,
+            )?;
+            self.recycle(payload);
+            data
+        } else {
+            payload
+        };
         let session = self.session.as_mut().expect("a session is being read");
         let size = session.header.source_size_bytes;
         let totals = &mut session.totals;
@@ -340,12 +418,8 @@ impl TapeReader {
             }
             RecordKind::Data => {
                 session.extent_end_bytes = check_extent(record, size, session.extent_end_bytes)?;
-                let data = if record.flags & FLAG_ZSTD != 0 {
-                    decompress(&payload, record.length_bytes as usize)?
-                } else {
-                    payload
-                };
-                if crc32c::crc32c(&data) != record.data_crc {
+                let data = payload;
+                if data_crc(&data) != record.data_crc {
                     return Err("data checksum mismatch".into());
                 }
                 totals.extent_count += 1;
@@ -507,15 +581,37 @@ fn check_extent(
 /// One zstd frame into exactly `length_bytes` (at most
 /// EXTENT_DATA_BYTES_MAX, checked by the record header).
 pub(crate) fn decompress(payload: &[u8], length_bytes: usize) -> Result<Vec<u8>, String> {
-    let mut data = vec![0u8; length_bytes];
-    let count = zstd::bulk::decompress_to_buffer(payload, &mut data[..])
+    let mut data = Vec::with_capacity(length_bytes);
+    decompress_into(&mut new_decompressor()?, payload, length_bytes, &mut data)?;
+    Ok(data)
+}
+
+fn new_decompressor() -> Result<Decompressor, String> {
+    zstd::bulk::Decompressor::new()
+        .map(Decompressor)
+        .map_err(|error| format!("zstd: {error}"))
+}
+
+/// `decompress` into `data` (emptied first; its capacity is used, no
+/// more), with a decompressor kept from one record to the next.
+fn decompress_into(
+    decompressor: &mut Decompressor,
+    payload: &[u8],
+    length_bytes: usize,
+    data: &mut Vec<u8>,
+) -> Result<(), String> {
+    data.clear();
+    data.reserve_exact(length_bytes);
+    let count = decompressor
+        .0
+        .decompress_to_buffer(payload, data)
         .map_err(|error| format!("compressed data does not decompress: {error}"))?;
-    if count != length_bytes {
+    if count != length_bytes || data.len() != length_bytes {
         return Err(format!(
             "compressed data holds {count} bytes, not {length_bytes}"
         ));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// The label block: read a little first to learn the block size (a
