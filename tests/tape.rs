@@ -11,7 +11,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::BLOCKWATCH;
+use common::{BLOCKWATCH, Tmpfs};
 use copier::tape::{NewSession, TapeOptions, TapeReader, TapeWriter};
 use copier::target::Held;
 use testkit::*;
@@ -360,55 +360,49 @@ fn incremental(
     path
 }
 
-#[test]
-fn refused_restores_leave_the_target_as_it_was() {
-    let dir = TempDir::new("tape-refusals");
-    let history = make_history(&dir);
-    let tape = dir.join("chain.tape");
-    write_chain(&history, std::slice::from_ref(&tape));
+/// Chains a restore must refuse, each with what is wrong with it; the
+/// good chain they are made from is `tape`.
+fn refusals<'a>(dir: &TempDir, history: &History, tape: &Path) -> Vec<(&'a str, Vec<PathBuf>)> {
+    write_chain(history, &[tape.to_path_buf()]);
     let full = dir.join("full.tape");
     write_session(&full, &small_blocks(), &history.at[0], "c0", None, false);
     let full_id = copier::tape::last_session(&full)
         .unwrap()
         .unwrap()
         .session_id;
-    let length = std::fs::metadata(&tape).unwrap().len() as usize;
-    let cases: Vec<(&str, Vec<PathBuf>)> = vec![
+    let length = std::fs::metadata(tape).unwrap().len() as usize;
+    vec![
         (
             "a flipped byte",
-            vec![damaged_copy(&dir, &tape, "flip.tape", |b| {
-                b[length / 2] ^= 1
-            })],
+            vec![damaged_copy(dir, tape, "flip.tape", |b| b[length / 2] ^= 1)],
         ),
         (
             "a flipped byte in the last block",
-            vec![damaged_copy(&dir, &tape, "flip-end.tape", |b| {
+            vec![damaged_copy(dir, tape, "flip-end.tape", |b| {
                 b[length - 100] ^= 1
             })],
         ),
         (
             "a cut tape",
-            vec![damaged_copy(&dir, &tape, "cut.tape", |b| {
+            vec![damaged_copy(dir, tape, "cut.tape", |b| {
                 b.truncate(length * 2 / 3)
             })],
         ),
         (
             "a cut in the label",
-            vec![damaged_copy(&dir, &tape, "label.tape", |b| {
-                b.truncate(1000)
-            })],
+            vec![damaged_copy(dir, tape, "label.tape", |b| b.truncate(1000))],
         ),
         (
             "out of order",
             vec![
-                incremental(&dir, "inc.tape", None, full_id, SOURCE_ID),
+                incremental(dir, "inc.tape", None, full_id, SOURCE_ID),
                 full.clone(),
             ],
         ),
         (
             "a gap",
             vec![incremental(
-                &dir,
+                dir,
                 "gap.tape",
                 Some(&full),
                 copier::tape::Id([9; 16]),
@@ -418,7 +412,7 @@ fn refused_restores_leave_the_target_as_it_was() {
         (
             "a foreign session",
             vec![incremental(
-                &dir,
+                dir,
                 "foreign.tape",
                 Some(&full),
                 full_id,
@@ -426,7 +420,16 @@ fn refused_restores_leave_the_target_as_it_was() {
             )],
         ),
         ("not a tape", vec![history.at[0].clone()]),
-    ];
+    ]
+}
+
+#[test]
+fn refused_restores_leave_the_target_as_it_was() {
+    let dir = TempDir::new("tape-refusals");
+    let history = make_history(&dir);
+    let tape = dir.join("chain.tape");
+    let cases = refusals(&dir, &history, &tape);
+    let length = std::fs::metadata(&tape).unwrap().len() as usize;
     // The target holds something else entirely before each attempt.
     let target = dir.join("target.img");
     std::fs::copy(&history.at[1], &target).unwrap();
@@ -446,6 +449,132 @@ fn refused_restores_leave_the_target_as_it_was() {
     let out = restore(&[flipped], target.to_str().unwrap(), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--until c1"), "{stderr}");
+}
+
+#[test]
+fn refused_restores_onto_a_new_image_take_it_back() {
+    let dir = TempDir::new("tape-refusals-new");
+    let history = make_history(&dir);
+    let tape = dir.join("chain.tape");
+    let cases = refusals(&dir, &history, &tape);
+    let length = std::fs::metadata(&tape).unwrap().len() as usize;
+    // Restores onto a new image write as they check: whatever was written
+    // before the refusal goes again, a created image with it.
+    let missing = dir.join("new.img");
+    let empty = dir.join("empty.img");
+    for (what, tapes) in cases {
+        let out = restore(&tapes, missing.to_str().unwrap(), &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(!missing.exists(), "{what}: the new image is left: {stderr}");
+        std::fs::write(&empty, b"").unwrap();
+        let out = restore(&tapes, empty.to_str().unwrap(), &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert_eq!(
+            std::fs::metadata(&empty).unwrap().len(),
+            0,
+            "{what}: {stderr}"
+        );
+    }
+    // Damage in the last session: the full and the first incremental were
+    // written by then, and go.
+    let flipped = damaged_copy(&dir, &tape, "flip-last.tape", |b| b[length - 100] ^= 1);
+    let out = restore(&[flipped], missing.to_str().unwrap(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the new image {} was removed again",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--until c1"), "{stderr}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn a_restore_onto_a_new_image_that_runs_out_of_space_removes_it() {
+    if skipped_unless_root("mount -t tmpfs") {
+        return;
+    }
+    let dir = TempDir::new("tape-enospc");
+    let history = make_history(&dir);
+    let tape = dir.join("chain.tape");
+    write_chain(&history, std::slice::from_ref(&tape));
+    // The chain's data is 5 MiB.
+    let small = Tmpfs::mount(dir.path(), "small", "2M");
+    let target = small.join("r.img");
+    let out = restore(std::slice::from_ref(&tape), target.to_str().unwrap(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(stderr.contains("the image was removed again"), "{stderr}");
+    assert!(!target.exists());
+    // With room, the same restore is exact.
+    small.resize("80M");
+    restored(&[tape], target.to_str().unwrap(), &[]);
+    cmp(&history.at[2], &target);
+}
+
+#[test]
+fn a_full_session_later_in_the_chain_starts_the_restore_over() {
+    let dir = TempDir::new("tape-second-full");
+    let history = make_history(&dir);
+    let tape = dir.join("chain.tape");
+    write_session(&tape, &small_blocks(), &history.at[0], "c0", None, false);
+    let changes = Some(history.changes[0].as_slice());
+    write_session(&tape, &small_blocks(), &history.at[1], "c1", changes, false);
+    // A full session again (a copy that could not prove continuity),
+    // then an incremental on top of it.
+    let writer = TapeWriter::open_append(&tape, &small_blocks()).unwrap();
+    let previous = writer.last_session().unwrap().clone();
+    let new = NewSession {
+        source_id: SOURCE_ID.into(),
+        source_size_bytes: DISK,
+        granularity_bytes: 65536,
+        base: None,
+        target: Held {
+            checkpoint: "c2".into(),
+            generation: previous.target.generation + 1,
+        },
+        parent: None,
+        compress: false,
+    };
+    let mut session = writer.begin_session(new).unwrap();
+    // c2 with its first 2 MiB zeroed: data the first full wrote there
+    // must not show through.
+    let c2 = dir.join("c2-zeroed.img");
+    std::fs::copy(&history.at[2], &c2).unwrap();
+    write_at(&c2, 0, &vec![0u8; 2 * MIB as usize]);
+    let image = std::fs::read(&c2).unwrap();
+    // Only what it holds as data, no zero extents: a new image reads as
+    // zeroes wherever the full session writes nothing.
+    for offset in (0..DISK).step_by(MIB as usize) {
+        let piece = &image[offset as usize..(offset + MIB) as usize];
+        if piece.iter().any(|&b| b != 0) {
+            session.write_data(offset, piece).unwrap();
+        }
+    }
+    session.finish().unwrap();
+    let tapes = [tape];
+    for target in [dir.join("new.img"), dir.join("old.img")] {
+        if target.ends_with("old.img") {
+            // An image that holds other data throughout.
+            std::fs::write(&target, vec![0x5a; DISK as usize]).unwrap();
+        }
+        let summary = restored(&tapes, target.to_str().unwrap(), &[]);
+        assert_eq!(summary["checkpoint"], "c2", "{summary:#}");
+        assert_eq!(summary["sessions_skipped"], 2, "{summary:#}");
+        assert_eq!(summary["sessions"].as_array().unwrap().len(), 1);
+        if target.ends_with("new.img") {
+            cmp(&c2, &target);
+        }
+    }
+    // Up to c1 the second full is not reached.
+    let until = dir.join("until.img");
+    restored(&tapes, until.to_str().unwrap(), &["--until", "c1"]);
+    cmp(&history.at[1], &until);
 }
 
 fn verify(tapes: &[PathBuf], json: bool) -> (Option<i32>, String) {

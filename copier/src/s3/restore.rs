@@ -308,7 +308,7 @@ pub fn restore(
         for &index in &uses[&number] {
             let extent = manifest.extents[index];
             let start = extent.chunk_offset_bytes as usize;
-            let slice = plain[start..start + extent.length_bytes as usize].to_vec();
+            let slice = &plain[start..start + extent.length_bytes as usize];
             sink.write(extent.offset_bytes, slice)
                 .map_err(|error| partly(S3Error::Restore(error)))?;
             data_bytes += u64::from(extent.length_bytes);

@@ -1,27 +1,29 @@
 //! Restore: a chain of tapes onto a raw image file (or block device) or
-//! an NBD export. The first pass reads and checks every session up to the
-//! point in time asked for (`verify_chain`): damage, a wrong order, a gap,
-//! a foreign or resized session refuse the restore before anything is
-//! written, so the target stays as it was. The second pass reads the same
-//! sessions again, from the last full one on, and applies them in order.
+//! an NBD export. Damage, a wrong order, a gap, a foreign or resized
+//! session refuse the restore and leave the target as it was:
+//! - onto a target that holds something (an image, a device, an export),
+//!   the first pass reads and checks every session up to the point in time
+//!   asked for (`verify_chain`) before anything is written; the second
+//!   reads the same sessions again, from the last full one on, and applies
+//!   them in order;
+//! - onto a new image (missing, or an empty file) one pass checks and
+//!   writes together (`restore_onto_new`), and any failure removes (or
+//!   empties) the image again: there was nothing on it to keep.
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+mod new_image;
+mod pipe;
+mod sink;
+
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use nbd_client::{Client, Pending, RequestFlags};
+use new_image::{NewImage, restore_onto_new};
+use pipe::{Pipe, Step, WriterStopped, with_writer};
+pub(crate) use sink::Sink;
 
 use super::error::TapeError;
 use super::reader::{Record, TapeReader};
 use super::verify::{ChainReport, SessionReport, verify_chain_until_damage};
-
-/// Requests kept in flight on an NBD target.
-const NBD_IN_FLIGHT: usize = 32;
-/// Zeroes written at once where a target cannot punch or zero a range.
-const ZERO_BUFFER_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestoreTarget {
@@ -60,11 +62,22 @@ impl RestoreTarget {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("{}; nothing was written to the target{}", .error, .good_until.as_ref().map(|c| format!(" (the chain reads well up to checkpoint {c}: restore with --until {c})")).unwrap_or_default())]
+    #[error("{}; {}{}", .error, .undone.as_deref().unwrap_or("nothing was written to the target"), .good_until.as_ref().map(|c| format!(" (the chain reads well up to checkpoint {c}: restore with --until {c})")).unwrap_or_default())]
     Refused {
         error: TapeError,
         /// The last checkpoint the chain reads well up to, if any.
         good_until: Option<String>,
+        /// What became of a new image written before the refusal (None:
+        /// nothing was written).
+        undone: Option<String>,
+    },
+    /// A restore onto a new image failed and the image was taken back.
+    #[error("the restore onto the new image {target} failed, and the image {undone}")]
+    Undone {
+        target: String,
+        undone: String,
+        #[source]
+        source: Box<RestoreError>,
     },
     #[error("{source}; the target was partly restored: restore again")]
     Reread { source: TapeError },
@@ -102,12 +115,18 @@ pub fn restore(
     target: &RestoreTarget,
     until: Option<&str>,
 ) -> Result<RestoreSummary, RestoreError> {
+    if let RestoreTarget::File(path) = target
+        && let Some(image) = NewImage::claim(path)?
+    {
+        return restore_onto_new(tapes, image, until);
+    }
     let chain = match verify_chain_until_damage(tapes, until) {
         (chain, None) => chain,
         (good, Some(error)) => {
             return Err(RestoreError::Refused {
                 good_until: good.last_checkpoint().map(str::to_string),
                 error,
+                undone: None,
             });
         }
     };
@@ -115,20 +134,18 @@ pub fn restore(
     let first_applied = chain.sessions.len() - sessions.len();
     let size_bytes = sessions[0].header.source_size_bytes;
     let mut sink = Sink::open(target, size_bytes)?;
-    let mut readers: Vec<Option<TapeReader>> = (0..chain.tapes.len()).map(|_| None).collect();
-    let (mut data_bytes, mut zero_bytes) = (0, 0);
-    for session in sessions {
-        let slot = &mut readers[session.tape_index];
-        if slot.is_none() {
-            let path = &chain.tapes[session.tape_index].0;
-            *slot = Some(TapeReader::open(path).map_err(reread)?);
-        }
-        let reader = slot.as_mut().expect("opened above");
-        let (data, zero) = apply(reader, session, &mut sink)?;
-        data_bytes += data;
-        zero_bytes += zero;
+    let mut counts = (0, 0);
+    let (read, written) = with_writer(&mut sink, Sink::apply, |pipe| {
+        read_sessions(&chain, sessions, pipe, &mut counts)
+    });
+    written?;
+    match read {
+        Ok(()) => {}
+        Err(Halt::Tape(error)) => return Err(reread(error)),
+        Err(Halt::Writer) => unreachable!("the writer stops early only on an error"),
     }
     sink.finish()?;
+    let (data_bytes, zero_bytes) = counts;
     Ok(RestoreSummary {
         first_applied,
         chain,
@@ -141,293 +158,74 @@ fn reread(source: TapeError) -> RestoreError {
     RestoreError::Reread { source }
 }
 
-/// The second pass over one session: its extents onto the sink.
-fn apply(
-    reader: &mut TapeReader,
-    session: &SessionReport,
-    sink: &mut Sink,
-) -> Result<(u64, u64), RestoreError> {
-    reader.seek_session(session.start).map_err(reread)?;
-    let header = reader.next_session().map_err(reread)?.cloned();
-    if header.as_ref() != Some(&session.header) {
-        let path = reader.path().to_path_buf();
-        return Err(reread(TapeError::refused(
-            &path,
-            "the tape changed between the check and the restore",
-        )));
-    }
-    let (mut data_bytes, mut zero_bytes) = (0, 0);
-    while let Some(record) = reader.next_record().map_err(reread)? {
-        match record {
-            Record::Data { offset_bytes, data } => {
-                data_bytes += data.len() as u64;
-                sink.write(offset_bytes, data)?;
-            }
-            Record::Zero {
-                offset_bytes,
-                length_bytes,
-            } => {
-                zero_bytes += length_bytes;
-                sink.zero(offset_bytes, length_bytes)?;
-            }
-            Record::Files(_) | Record::Trailer(_) => {}
-        }
-    }
-    sink.drain()?;
-    Ok((data_bytes, zero_bytes))
+/// Why the second pass stopped early.
+enum Halt {
+    Tape(TapeError),
+    Writer,
 }
 
-pub(crate) enum Sink {
-    File {
-        path: PathBuf,
-        file: File,
-        writeback: crate::stream_write::Writeback,
-        /// Created or empty before the restore: it reads as zeroes, so
-        /// zero extents of the first session need no work.
-        fresh: bool,
-    },
-    Nbd(Box<NbdSink>),
-}
-
-pub(crate) struct NbdSink {
-    uri: String,
-    client: Client,
-    in_flight: VecDeque<Pending<()>>,
-}
-
-impl Sink {
-    pub(crate) fn open(target: &RestoreTarget, size_bytes: u64) -> Result<Sink, RestoreError> {
-        match target {
-            RestoreTarget::File(path) => open_file(path, size_bytes),
-            RestoreTarget::Nbd(uri) => Ok(Sink::Nbd(Box::new(NbdSink::connect(uri, size_bytes)?))),
-        }
-    }
-
-    pub(crate) fn write(&mut self, offset_bytes: u64, data: Vec<u8>) -> Result<(), RestoreError> {
-        match self {
-            Sink::File {
-                path,
-                file,
-                writeback,
-                ..
-            } => writeback
-                .write_at(file, &data, offset_bytes)
-                .map_err(|source| file_error(path, source)),
-            Sink::Nbd(nbd) => nbd.write(offset_bytes, &data),
-        }
-    }
-
-    pub(crate) fn zero(
-        &mut self,
-        offset_bytes: u64,
-        length_bytes: u64,
-    ) -> Result<(), RestoreError> {
-        match self {
-            Sink::File { fresh: true, .. } => Ok(()),
-            Sink::File { path, file, .. } => zero_file(file, offset_bytes, length_bytes)
-                .map_err(|source| file_error(path, source)),
-            Sink::Nbd(nbd) => nbd.zero(offset_bytes, length_bytes),
-        }
-    }
-
-    /// Waits for every write in flight: the next session may overwrite
-    /// this one's ranges.
-    fn drain(&mut self) -> Result<(), RestoreError> {
-        match self {
-            // After the first session the file holds data: later zero
-            // extents must really zero.
-            Sink::File { fresh, .. } => {
-                *fresh = false;
-                Ok(())
-            }
-            Sink::Nbd(nbd) => nbd.drain(),
-        }
-    }
-
-    /// Makes everything durable.
-    pub(crate) fn finish(mut self) -> Result<(), RestoreError> {
-        self.drain()?;
-        match &self {
-            Sink::File { path, file, .. } => {
-                file.sync_all().map_err(|source| file_error(path, source))
-            }
-            Sink::Nbd(nbd) => nbd.flush(),
-        }
+impl From<WriterStopped> for Halt {
+    fn from(_: WriterStopped) -> Halt {
+        Halt::Writer
     }
 }
 
-impl NbdSink {
-    fn connect(uri: &str, size_bytes: u64) -> Result<NbdSink, RestoreError> {
-        let client = Client::connect(uri).map_err(|source| RestoreError::Connect {
-            target: uri.to_string(),
-            source,
-        })?;
-        let refuse = |reason: String| RestoreError::TargetRefused {
-            target: uri.to_string(),
-            reason,
-        };
-        if client.info().is_read_only() {
-            return Err(refuse("the export is read-only".into()));
+impl From<TapeError> for Halt {
+    fn from(error: TapeError) -> Halt {
+        Halt::Tape(error)
+    }
+}
+
+/// The second pass: `sessions` read again, each extent sent to be
+/// applied; the data and zero bytes sent, into `counts`.
+fn read_sessions(
+    chain: &ChainReport,
+    sessions: &[SessionReport],
+    pipe: &Pipe,
+    counts: &mut (u64, u64),
+) -> Result<(), Halt> {
+    let mut readers: Vec<Option<TapeReader>> = (0..chain.tapes.len()).map(|_| None).collect();
+    for (index, session) in sessions.iter().enumerate() {
+        let slot = &mut readers[session.tape_index];
+        if slot.is_none() {
+            *slot = Some(TapeReader::open(&chain.tapes[session.tape_index].0)?);
         }
-        if client.size_bytes() < size_bytes {
-            return Err(refuse(format!(
-                "the export is {} bytes, the backup's disk is {size_bytes}",
-                client.size_bytes()
+        let reader = slot.as_mut().expect("opened above");
+        reader.seek_session(session.start)?;
+        let header = reader.next_session()?.cloned();
+        if header.as_ref() != Some(&session.header) {
+            let path = reader.path().to_path_buf();
+            return Err(Halt::Tape(TapeError::refused(
+                &path,
+                "the tape changed between the check and the restore",
             )));
         }
-        Ok(NbdSink {
-            uri: uri.to_string(),
-            client,
-            in_flight: VecDeque::new(),
-        })
-    }
-
-    fn error(&self, source: nbd_client::CommandError) -> RestoreError {
-        RestoreError::Command {
-            target: self.uri.clone(),
-            source,
+        if index > 0 {
+            let start = Step::Session {
+                full_size_bytes: None,
+            };
+            pipe.send(reader, start)?;
         }
-    }
-
-    fn write(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), RestoreError> {
-        let piece_bytes = self.client.payload_max_bytes() as usize;
-        let mut offset = offset_bytes;
-        for piece in data.chunks(piece_bytes) {
-            let pending = self
-                .client
-                .submit_write(piece, offset, RequestFlags::NONE)
-                .map_err(|source| self.error(source))?;
-            self.queue(pending)?;
-            offset += piece.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn zero(&mut self, offset_bytes: u64, length_bytes: u64) -> Result<(), RestoreError> {
-        if !self.client.info().can_write_zeroes() {
-            let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length_bytes as usize)];
-            let mut done = 0;
-            while done < length_bytes {
-                let piece = (length_bytes - done).min(zeroes.len() as u64) as usize;
-                self.write(offset_bytes + done, &zeroes[..piece])?;
-                done += piece as u64;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Data { offset_bytes, data } => {
+                    counts.0 += data.len() as u64;
+                    pipe.send(reader, Step::Data { offset_bytes, data })?;
+                }
+                Record::Zero {
+                    offset_bytes,
+                    length_bytes,
+                } => {
+                    counts.1 += length_bytes;
+                    let zero = Step::Zero {
+                        offset_bytes,
+                        length_bytes,
+                    };
+                    pipe.send(reader, zero)?;
+                }
+                Record::Files(_) | Record::Trailer(_) => {}
             }
-            return Ok(());
         }
-        if length_bytes > self.client.effect_max_bytes() {
-            // Longer than one request may be: the client splits it.
-            return self
-                .client
-                .write_zeroes(offset_bytes, length_bytes, RequestFlags::NONE)
-                .map_err(|source| self.error(source));
-        }
-        let pending = self
-            .client
-            .submit_write_zeroes(offset_bytes, length_bytes, RequestFlags::NONE)
-            .map_err(|source| self.error(source))?;
-        self.queue(pending)
-    }
-
-    fn queue(&mut self, pending: Pending<()>) -> Result<(), RestoreError> {
-        self.in_flight.push_back(pending);
-        if self.in_flight.len() >= NBD_IN_FLIGHT {
-            let oldest = self.in_flight.pop_front().expect("one in flight");
-            oldest.wait().map_err(|source| self.error(source))?;
-        }
-        Ok(())
-    }
-
-    fn drain(&mut self) -> Result<(), RestoreError> {
-        while let Some(pending) = self.in_flight.pop_front() {
-            pending.wait().map_err(|source| self.error(source))?;
-        }
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), RestoreError> {
-        if self.client.info().can_flush() {
-            self.client.flush().map_err(|source| self.error(source))?;
-        }
-        Ok(())
-    }
-}
-
-fn file_error(path: &Path, source: io::Error) -> RestoreError {
-    RestoreError::TargetIo {
-        target: path.display().to_string(),
-        source,
-    }
-}
-
-/// Opens (creating it sparse if missing) the image a restore writes. An
-/// existing regular file must be empty or of the disk's size, a block
-/// device at least that large: anything else is likely the wrong file.
-fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| file_error(path, source))?;
-    let metadata = file.metadata().map_err(|source| file_error(path, source))?;
-    let refuse = |reason: String| RestoreError::TargetRefused {
-        target: path.display().to_string(),
-        reason,
-    };
-    let mut fresh = false;
-    if metadata.file_type().is_block_device() {
-        let device_bytes = io::Seek::seek(&mut &file, io::SeekFrom::End(0))
-            .map_err(|source| file_error(path, source))?;
-        if device_bytes < size_bytes {
-            return Err(refuse(format!(
-                "the device is {device_bytes} bytes, the backup's disk is {size_bytes}"
-            )));
-        }
-    } else if metadata.len() == 0 {
-        file.set_len(size_bytes)
-            .map_err(|source| file_error(path, source))?;
-        fresh = true;
-    } else if metadata.len() != size_bytes {
-        return Err(refuse(format!(
-            "it is {} bytes, the backup's disk is {size_bytes}: restore to a new file or one of that size",
-            metadata.len()
-        )));
-    }
-    Ok(Sink::File {
-        writeback: Default::default(),
-        path: path.to_path_buf(),
-        file,
-        fresh,
-    })
-}
-
-/// Makes a range of a file read as zeroes: a hole where the file system
-/// can punch one, written zeroes elsewhere.
-fn zero_file(file: &File, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
-    if let (Ok(offset), Ok(length)) = (
-        libc::off_t::try_from(offset_bytes),
-        libc::off_t::try_from(length_bytes),
-    ) {
-        // SAFETY: fallocate on a descriptor we own; no memory is passed.
-        let punched = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                length,
-            )
-        } == 0;
-        if punched {
-            return Ok(());
-        }
-    }
-    let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length_bytes as usize)];
-    let mut done = 0;
-    while done < length_bytes {
-        let piece = (length_bytes - done).min(zeroes.len() as u64) as usize;
-        file.write_all_at(&zeroes[..piece], offset_bytes + done)?;
-        done += piece as u64;
     }
     Ok(())
 }

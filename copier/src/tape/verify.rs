@@ -4,6 +4,7 @@
 //! top of the one before it, of the same disk and size). Restore runs this
 //! as its first pass; `blockwatch verify tape:...` prints its report.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
 use super::error::TapeError;
@@ -83,32 +84,63 @@ pub fn verify_chain_visiting(
     until: Option<&str>,
     visit: &mut dyn FnMut(&TapeReader, &Record),
 ) -> (ChainReport, Option<TapeError>) {
+    let mut visit = |reader: &mut TapeReader, record: Record| -> Result<(), Infallible> {
+        visit(reader, &record);
+        Ok(())
+    };
+    match walk_chain(tapes, until, &mut visit) {
+        (report, None) => (report, None),
+        (report, Some(Stop::Tape(error))) => (report, Some(error)),
+        (_, Some(Stop::Visitor(never))) => match never {},
+    }
+}
+
+/// What ended a walk over a chain before its end.
+#[derive(Debug)]
+pub(crate) enum Stop<E> {
+    /// Damage, or a break in the chain.
+    Tape(TapeError),
+    /// The visitor's own error.
+    Visitor(E),
+}
+
+/// Checks the chain `tapes` up to `until` (all of it when None), handing
+/// `visit` each checked record (its session is the reader's `header`) as
+/// it is read: a visitor acts on records before the rest of the chain is
+/// checked, and its error ends the walk. Records are handed over whole,
+/// so extent data moves on without a copy. The sessions checked whole, and
+/// what ended the walk early, if anything.
+pub(crate) fn walk_chain<E>(
+    tapes: &[PathBuf],
+    until: Option<&str>,
+    visit: &mut dyn FnMut(&mut TapeReader, Record) -> Result<(), E>,
+) -> (ChainReport, Option<Stop<E>>) {
     let mut report = ChainReport {
         tapes: Vec::with_capacity(tapes.len()),
         sessions: Vec::new(),
     };
-    let error = match walk(tapes, until, &mut report, visit) {
+    let stop = match walk(tapes, until, &mut report, visit) {
         Ok(true) => None,
-        Ok(false) => Some(chain_end_error(tapes, until, &report)),
-        Err(error) => Some(error),
+        Ok(false) => Some(Stop::Tape(chain_end_error(tapes, until, &report))),
+        Err(stop) => Some(stop),
     };
-    (report, error)
+    (report, stop)
 }
 
 /// Checks sessions into `report`; whether `until` was reached (or, with
 /// no `until`, whether there was a session at all).
-fn walk(
+fn walk<E>(
     tapes: &[PathBuf],
     until: Option<&str>,
     report: &mut ChainReport,
-    visit: &mut dyn FnMut(&TapeReader, &Record),
-) -> Result<bool, TapeError> {
+    visit: &mut dyn FnMut(&mut TapeReader, Record) -> Result<(), E>,
+) -> Result<bool, Stop<E>> {
     for (tape_index, path) in tapes.iter().enumerate() {
-        let mut reader = TapeReader::open(path)?;
-        check_tape_order(report, path, reader.label())?;
+        let mut reader = TapeReader::open(path).map_err(Stop::Tape)?;
+        check_tape_order(report, path, reader.label()).map_err(Stop::Tape)?;
         report.tapes.push((path.clone(), reader.label().clone()));
-        while let Some(header) = reader.next_session()?.cloned() {
-            check_session_order(report, path, &header)?;
+        while let Some(header) = reader.next_session().map_err(Stop::Tape)?.cloned() {
+            check_session_order(report, path, &header).map_err(Stop::Tape)?;
             let start = reader.session_start().expect("a session is being read");
             let totals = read_to_trailer_visiting(&mut reader, visit)?;
             let reached = until == Some(header.target.checkpoint.as_str());
@@ -152,13 +184,17 @@ pub(crate) fn chain_end_error(
 
 /// Reads the rest of a session, handing each record to `visit`; its
 /// trailer's totals.
-fn read_to_trailer_visiting(
+fn read_to_trailer_visiting<E>(
     reader: &mut TapeReader,
-    visit: &mut dyn FnMut(&TapeReader, &Record),
-) -> Result<SessionTotals, TapeError> {
-    while let Some(record) = reader.next_record()? {
-        visit(reader, &record);
-        if let Record::Trailer(totals) = record {
+    visit: &mut dyn FnMut(&mut TapeReader, Record) -> Result<(), E>,
+) -> Result<SessionTotals, Stop<E>> {
+    while let Some(record) = reader.next_record().map_err(Stop::Tape)? {
+        let trailer = match record {
+            Record::Trailer(totals) => Some(totals),
+            _ => None,
+        };
+        visit(reader, record).map_err(Stop::Visitor)?;
+        if let Some(totals) = trailer {
             return Ok(totals);
         }
     }
