@@ -146,13 +146,17 @@ pub(crate) struct Moved {
 }
 
 /// How often a copy records how far it got, so that a rerun after a kill
-/// does not redo it: after this many bytes of the plan or this long,
-/// whichever comes first.
+/// does not redo it: after this many bytes of the plan's pieces copied,
+/// or this long, whichever comes first. Counted in the plan's bytes, not
+/// in the disk's offsets: an incremental of scattered pieces crosses a
+/// GiB of offsets every few pieces.
 const MARK_EVERY_BYTES: u64 = 1 << 30;
 const MARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often `run_plan` says how far it got (a live copy then lets its
 /// snapshot stop preserving what it read): a round trip on a control
-/// socket every this many bytes of the plan.
+/// socket every this many bytes of the plan's pieces copied. Counted in
+/// offsets it took a round trip every few pieces of a scattered
+/// incremental: 64 calls of 4-10 ms for 655 pieces of 64 KiB.
 const PASSED_EVERY_BYTES: u64 = 64 << 20;
 
 /// What `run_plan` did: what it moved, how far every piece was done (the
@@ -169,7 +173,8 @@ struct Marks {
     done: Vec<bool>,
     /// The first piece not done.
     below: usize,
-    /// Where `passed` was last called.
+    /// The plan's bytes in the pieces before `below`, when `passed` and
+    /// `mark` were last called.
     passed_bytes: u64,
     marked_bytes: u64,
     marked_at: std::time::Instant,
@@ -221,6 +226,13 @@ pub(crate) fn run_plan(
         .last()
         .map_or(0, |&(offset, length)| offset + length);
     let below_of = |index: usize| pieces.get(index).map_or(plan_end, |&(offset, _)| offset);
+    // The plan's bytes in the pieces before each index.
+    let bytes_before: Vec<u64> = std::iter::once(0)
+        .chain(pieces.iter().scan(0, |sum, &(_, length)| {
+            *sum += length;
+            Some(*sum)
+        }))
+        .collect();
     let marks = Mutex::new(Marks {
         done: vec![false; pieces.len()],
         below: 0,
@@ -235,15 +247,16 @@ pub(crate) fn run_plan(
             marks.below += 1;
         }
         let below = below_of(marks.below);
-        if below >= marks.passed_bytes + PASSED_EVERY_BYTES {
+        let copied = bytes_before[marks.below];
+        if copied >= marks.passed_bytes + PASSED_EVERY_BYTES {
             passed(below);
-            marks.passed_bytes = below;
+            marks.passed_bytes = copied;
         }
-        if below >= marks.marked_bytes + MARK_EVERY_BYTES
-            || (below > marks.marked_bytes && marks.marked_at.elapsed() >= MARK_EVERY)
+        if copied >= marks.marked_bytes + MARK_EVERY_BYTES
+            || (copied > marks.marked_bytes && marks.marked_at.elapsed() >= MARK_EVERY)
         {
             mark(below);
-            marks.marked_bytes = below;
+            marks.marked_bytes = copied;
             marks.marked_at = std::time::Instant::now();
         }
     };
