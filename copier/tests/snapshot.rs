@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use backend::{BlockBackend, FileBackend};
+use backend::{BlockBackend, FileBackend, STATE_ZERO};
 use copier::snapshot::{
     PIN_HOLDER, ReleaseError, Snapshot, SnapshotLimits, SnapshotManager, TakeError,
 };
@@ -514,6 +514,76 @@ fn a_restarted_server_discards_the_store_and_the_pin_it_left() {
     assert_eq!(std::fs::read_dir(disk.store_dir()).unwrap().count(), 0);
     assert!(disk.tracker.pins().unwrap().is_empty(), "and their pins");
     disk.tracker.delete_checkpoint("left").unwrap();
+}
+
+/// The allocation of a narrowed snapshot: what it keeps answers with the
+/// disk's holes as of the checkpoint (a copied-out region as data); what
+/// it released answers as data, never as a hole, whatever the disk holds.
+#[test]
+fn a_narrowed_snapshot_reports_holes_only_where_it_keeps_them() {
+    let dir = TempDir::new("snapshot-narrowed-holes");
+    let image = dir.join("disk.img");
+    let image_bytes = 32 * REGION_BYTES;
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(image_bytes).unwrap();
+    use std::os::unix::fs::FileExt;
+    for r in [0, 1, 2, 3, 4, 10, 20] {
+        file.write_all_at(&random_bytes(r, REGION_BYTES as usize), r * REGION_BYTES)
+            .unwrap();
+    }
+    drop(file);
+    let disk = Disk::open(dir, image, image_bytes);
+    let snapshot = disk.take("snap", disk.limits());
+    // Keep regions 2..=12 (the range ends inside region 12).
+    snapshot
+        .keep_only(&[(2 * REGION_BYTES, 10 * REGION_BYTES + 5)])
+        .unwrap();
+    disk.write_region(11, 1); // kept, a hole: copied out, reads as data
+    disk.write_region(0, 2); // released
+    disk.write_region(25, 3); // released, a hole at the checkpoint
+    let answer = |offset: u64, length: u64, max: usize| {
+        let mut extents = Vec::new();
+        snapshot.extents(offset, length, max, &mut extents).unwrap();
+        let mut position = offset;
+        extents
+            .iter()
+            .map(|e| {
+                let start = position;
+                position += e.length_bytes;
+                (start, e.length_bytes, e.flags & STATE_ZERO != 0)
+            })
+            .collect::<Vec<_>>()
+    };
+    let r = REGION_BYTES;
+    assert_eq!(
+        answer(0, image_bytes, 1000),
+        vec![
+            (0, 5 * r, false),
+            (5 * r, 5 * r, true),
+            (10 * r, 2 * r, false),
+            (12 * r, r, true),
+            (13 * r, 19 * r, false),
+        ]
+    );
+    // The same through a bounded answer, and from inside regions.
+    assert_eq!(
+        answer(0, image_bytes, 2),
+        vec![(0, 5 * r, false), (5 * r, 5 * r, true)]
+    );
+    assert_eq!(
+        answer(5 * r + 512, 7 * r, 1000),
+        vec![
+            (5 * r + 512, 5 * r - 512, true),
+            (10 * r, 2 * r, false),
+            (12 * r, 512, true),
+        ]
+    );
+    // Narrowed again: region 12 is released now and answers as data.
+    snapshot
+        .keep_only(&[(2 * REGION_BYTES, 10 * REGION_BYTES)])
+        .unwrap();
+    assert_eq!(answer(10 * r, 4 * r, 1000), vec![(10 * r, 4 * r, false)]);
+    disk.manager.release(&disk.tracker, "snap").unwrap();
 }
 
 #[test]

@@ -51,6 +51,56 @@ impl Snapshot {
         // Extents may cover less than asked: one answer looks at a bounded
         // number of regions (a client may ask for the whole disk).
         let length = length.min(ALLOCATION_QUERY_BYTES_MAX);
+        let end = offset + length;
+        let run = self.granularity.run_of(offset, length);
+        // Released regions read as data (they may have been written
+        // since), whatever the live disk says, and stay released: only the
+        // kept ones need the live allocation. A copy that narrowed its
+        // snapshot to a scattered incremental keeps a few regions of a
+        // disk whose allocation takes thousands of seeks to learn.
+        let kept = self.store.kept_in(run).unwrap_or_else(|| vec![run]);
+        let first = out.len();
+        let mut position = offset;
+        for kept_run in kept {
+            let (kept_start, _) = self.region_bytes(kept_run.first_region);
+            let (last_start, last_length) =
+                self.region_bytes(kept_run.first_region + kept_run.region_count - 1);
+            let kept_start = kept_start.max(offset);
+            let kept_end = (last_start + last_length).min(end);
+            if position < kept_start {
+                push_extent(out, first, kept_start - position, 0);
+                if out.len() - first > max_extents {
+                    out.pop();
+                    return Ok(());
+                }
+            }
+            let full = self.kept_allocation(kept_start, kept_end, max_extents, first, out)?;
+            if full {
+                return Ok(());
+            }
+            position = kept_end;
+        }
+        if position < end {
+            push_extent(out, first, end - position, 0);
+            if out.len() - first > max_extents {
+                out.pop();
+            }
+        }
+        Ok(())
+    }
+
+    /// `allocation_extents` of `[start, end)`, regions the snapshot keeps
+    /// (unless narrowed since), appended to the answer that began at
+    /// `first`; whether the answer is full (`max_extents`).
+    fn kept_allocation(
+        &self,
+        start: u64,
+        end: u64,
+        max_extents: usize,
+        first: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<bool> {
+        let (offset, length) = (start, end - start);
         let run = self.granularity.run_of(offset, length);
         let before = self
             .store
@@ -67,9 +117,9 @@ impl Snapshot {
         }
         let after = self.settle(run, &before, true)?;
         // Released regions may have been written since: their allocation
-        // is not known, so they read as data (never as a hole).
+        // is not known, so they read as data (never as a hole). Looked at
+        // again: the snapshot may have been narrowed since `kept_in`.
         let released = self.store.released_in(run);
-        let first = out.len();
         let mut position = offset;
         for extent in &live {
             let mut start = position;
@@ -86,7 +136,7 @@ impl Snapshot {
                 push_extent(out, first, part_end - start, flags);
                 if out.len() - first > max_extents {
                     out.pop();
-                    return Ok(());
+                    return Ok(true);
                 }
                 start = part_end;
             }
@@ -95,7 +145,9 @@ impl Snapshot {
                 break;
             }
         }
-        Ok(())
+        // The live extents may cover less than asked (their own bound):
+        // the answer ends there.
+        Ok(position < offset + length)
     }
 
     /// `qemu:dirty-bitmap:NAME` (and the exact variant when the tracker

@@ -372,6 +372,15 @@ impl Store {
         self.lock().is_released(region)
     }
 
+    /// The kept runs (`keep_only`) within `run`, sorted; None when the
+    /// snapshot keeps every region. Regions outside them are released
+    /// for good, or copied out.
+    pub(crate) fn kept_in(&self, run: RegionRun) -> Option<Vec<RegionRun>> {
+        let state = self.lock();
+        let kept = state.kept.as_ref()?;
+        Some(intersect(kept, &[run]))
+    }
+
     /// For each region of `run`: whether the snapshot released it.
     pub(crate) fn released_in(&self, run: RegionRun) -> Vec<bool> {
         let state = self.lock();
