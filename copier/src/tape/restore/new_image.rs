@@ -60,6 +60,16 @@ impl NewImage {
         }))
     }
 
+    /// A step of the restore: a full session starts the image over.
+    pub(super) fn apply(&mut self, step: &Step) -> Result<(), RestoreError> {
+        match step {
+            Step::Session {
+                full_size_bytes: Some(size_bytes),
+            } => self.start_over(*size_bytes),
+            step => self.sink.apply(step),
+        }
+    }
+
     /// Makes the image `size_bytes` of zeroes again, as if new: a full
     /// session writes every byte of the disk on top of nothing.
     fn start_over(&mut self, size_bytes: u64) -> Result<(), RestoreError> {
@@ -92,17 +102,6 @@ impl NewImage {
         match file.set_len(0).and_then(|()| file.sync_all()) {
             Ok(()) => "was emptied again".into(),
             Err(error) => format!("could not be emptied again: {error}"),
-        }
-    }
-}
-
-impl NewImage {
-    pub(super) fn apply(&mut self, step: &Step) -> Result<(), RestoreError> {
-        match step {
-            Step::Session {
-                full_size_bytes: Some(size_bytes),
-            } => self.start_over(*size_bytes),
-            step => self.sink.apply(step),
         }
     }
 }
