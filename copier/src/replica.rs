@@ -251,14 +251,7 @@ impl Replica {
         if punched {
             return Ok(());
         }
-        let zeroes = vec![0u8; length.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < length {
-            let piece = (length - done).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..piece], offset + done)?;
-            done += piece as u64;
-        }
-        Ok(())
+        crate::stream_write::write_zeroes(offset, length, |at, zeroes| self.write_at(zeroes, at))
     }
 
     /// Makes every write and the file's size durable (not its mtime).

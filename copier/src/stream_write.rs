@@ -17,6 +17,27 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
+/// Zeroes written at once where a target can neither punch a hole nor
+/// zero a range.
+const ZERO_BUFFER_BYTES: u64 = 1 << 20;
+
+/// Makes `length` bytes at `offset` read as zeroes by writing them, a
+/// buffer of `ZERO_BUFFER_BYTES` at a time, through `write(offset, zeroes)`.
+pub(crate) fn write_zeroes<E>(
+    offset: u64,
+    length: u64,
+    mut write: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length) as usize];
+    let mut done = 0;
+    while done < length {
+        let piece = ZERO_BUFFER_BYTES.min(length - done);
+        write(offset + done, &zeroes[..piece as usize])?;
+        done += piece;
+    }
+    Ok(())
+}
+
 /// The largest write call.
 const WRITE_CALL_BYTES: usize = 256 * 1024;
 

@@ -19,9 +19,6 @@ use crate::replica::{
     write_record,
 };
 
-/// Zeroes written at once where the server has no WRITE_ZEROES.
-const ZERO_BUFFER_BYTES: usize = 1 << 20;
-
 pub struct NbdTarget {
     uri: String,
     /// `STATE_DIR/targets/HOLDER`: its record and lock files sit beside.
@@ -176,14 +173,7 @@ impl Target for NbdTarget {
                 .write_zeroes(offset, length, RequestFlags::NONE)
                 .map_err(|error| self.io(error.into()));
         }
-        let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length as usize)];
-        let mut done = 0;
-        while done < length {
-            let piece = (length - done).min(zeroes.len() as u64) as usize;
-            self.write_data(offset + done, &zeroes[..piece])?;
-            done += piece as u64;
-        }
-        Ok(())
+        crate::stream_write::write_zeroes(offset, length, |at, zeroes| self.write_data(at, zeroes))
     }
 
     fn commit(&mut self) -> Result<(), CopyError> {

@@ -23,8 +23,6 @@ use super::{BackupView, ViewError};
 const BLOCK_BYTES: u64 = 4096;
 /// Locks that serialise copy-ins of partly written blocks, by block.
 const STRIPES: usize = 64;
-/// Zero buffers written at once by WRITE_ZEROES and TRIM.
-const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 pub struct Overlay {
     view: BackupView,
@@ -302,13 +300,9 @@ impl BlockBackend for Overlay {
         if request.fast_only {
             return Err(ZeroError::NotFast);
         }
-        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(length) as usize];
-        let mut done = 0;
-        while done < length {
-            let piece = ZERO_CHUNK_BYTES.min(length - done);
-            self.write_at(&zeroes[..piece as usize], offset + done, false)?;
-            done += piece;
-        }
+        crate::stream_write::write_zeroes(offset, length, |at, zeroes| {
+            self.write_at(zeroes, at, false)
+        })?;
         if request.fua {
             self.file.sync_data()?;
         }

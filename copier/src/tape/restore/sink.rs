@@ -12,11 +12,10 @@ use nbd_client::{Client, Pending, RequestFlags};
 
 use super::pipe::Step;
 use super::{RestoreError, RestoreTarget};
+use crate::stream_write::write_zeroes;
 
 /// Requests kept in flight on an NBD target.
 const NBD_IN_FLIGHT: usize = 32;
-/// Zeroes written at once where a target cannot punch or zero a range.
-const ZERO_BUFFER_BYTES: usize = 1 << 20;
 
 pub(crate) enum Sink {
     File {
@@ -146,14 +145,9 @@ impl NbdSink {
 
     fn zero(&mut self, offset_bytes: u64, length_bytes: u64) -> Result<(), RestoreError> {
         if !self.client.info().can_write_zeroes() {
-            let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length_bytes as usize)];
-            let mut done = 0;
-            while done < length_bytes {
-                let piece = (length_bytes - done).min(zeroes.len() as u64) as usize;
-                self.write(offset_bytes + done, &zeroes[..piece])?;
-                done += piece as u64;
-            }
-            return Ok(());
+            return write_zeroes(offset_bytes, length_bytes, |at, zeroes| {
+                self.write(at, zeroes)
+            });
         }
         if length_bytes > self.client.effect_max_bytes() {
             // Longer than one request may be: the client splits it.
@@ -263,14 +257,9 @@ fn zero_file(file: &File, offset_bytes: u64, length_bytes: u64) -> io::Result<()
             return Ok(());
         }
     }
-    let zeroes = vec![0u8; ZERO_BUFFER_BYTES.min(length_bytes as usize)];
-    let mut done = 0;
-    while done < length_bytes {
-        let piece = (length_bytes - done).min(zeroes.len() as u64) as usize;
-        file.write_all_at(&zeroes[..piece], offset_bytes + done)?;
-        done += piece as u64;
-    }
-    Ok(())
+    write_zeroes(offset_bytes, length_bytes, |at, zeroes| {
+        file.write_all_at(zeroes, at)
+    })
 }
 
 impl Sink {
