@@ -101,12 +101,27 @@ pub struct Listed {
 /// An open repository.
 pub struct Repository {
     pub url: String,
-    runtime: tokio::runtime::Runtime,
+    /// Taken only by `drop`.
+    runtime: Option<tokio::runtime::Runtime>,
     store: Arc<AmazonS3>,
     prefix: String,
     pub sealer: Arc<Sealer>,
     pub config: RepoConfig,
     index_cache: Option<IndexCache>,
+}
+
+impl Drop for Repository {
+    /// A repository behind a served view is dropped inside the server's
+    /// own runtime when its last connection goes, where waiting for a
+    /// runtime to shut down panics: there it is left to stop by itself.
+    fn drop(&mut self) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Where a copy's pack indexes came from.
@@ -173,7 +188,7 @@ impl Repository {
             .map_err(|source| S3Error::Runtime { source })?;
         let mut repo = Repository {
             url,
-            runtime,
+            runtime: Some(runtime),
             store: Arc::new(store),
             prefix: location.prefix.clone(),
             sealer: Arc::new(Sealer::new(None)),
@@ -288,7 +303,7 @@ impl Repository {
     }
 
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+        self.runtime().block_on(future)
     }
 
     pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
@@ -296,12 +311,16 @@ impl Repository {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.spawn(future)
+        self.runtime().spawn(future)
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
     }
 
     /// The runtime's handle, for work done where no `Repository` is.
     pub fn handle(&self) -> tokio::runtime::Handle {
-        self.runtime.handle().clone()
+        self.runtime().handle().clone()
     }
 
     /// A handle for tasks that put and get on their own.
