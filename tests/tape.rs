@@ -518,6 +518,32 @@ fn a_restore_onto_a_new_image_that_runs_out_of_space_removes_it() {
 }
 
 #[test]
+fn a_restore_onto_a_served_image_is_refused() {
+    let dir = TempDir::new("tape-served");
+    let history = make_history(&dir);
+    let tape = dir.join("chain.tape");
+    write_chain(&history, std::slice::from_ref(&tape));
+    // The image a running server serves (and locks): a restore over it
+    // would change a disk under its users.
+    let image = dir.join("served.img");
+    std::fs::copy(&history.at[1], &image).unwrap();
+    let server = common::Server::start_with_size(dir.path(), &image, "64M");
+    let before = std::fs::read(&image).unwrap();
+    let out = restore(std::slice::from_ref(&tape), image.to_str().unwrap(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    server.stop();
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the served image changed"
+    );
+    // Once it is no longer served, the same restore goes.
+    restored(&[tape], image.to_str().unwrap(), &[]);
+    cmp(&history.at[2], &image);
+}
+
+#[test]
 fn a_full_session_later_in_the_chain_starts_the_restore_over() {
     let dir = TempDir::new("tape-second-full");
     let history = make_history(&dir);

@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::pipe::{Step, WriterStopped, with_writer};
-use super::sink::{Sink, file_error};
+use super::sink::{Sink, file_error, lock_image};
 use super::{RestoreError, RestoreSummary};
 use crate::tape::verify::{Stop, walk_chain};
 use crate::tape::{Record, TapeReader};
@@ -42,6 +42,12 @@ impl NewImage {
             }
             Err(source) => return Err(file_error(path, source)),
         };
+        if let Err(refused) = lock_image(&file, path) {
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(refused);
+        }
         let metadata = file.metadata().map_err(|source| file_error(path, source))?;
         let empty_file = metadata.file_type().is_file() && metadata.len() == 0;
         if !(created || empty_file) {

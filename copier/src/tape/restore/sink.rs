@@ -205,6 +205,7 @@ fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
         .truncate(false)
         .open(path)
         .map_err(|source| file_error(path, source))?;
+    lock_image(&file, path)?;
     let metadata = file.metadata().map_err(|source| file_error(path, source))?;
     let refuse = |reason: String| RestoreError::TargetRefused {
         target: path.display().to_string(),
@@ -235,6 +236,28 @@ fn open_file(path: &Path, size_bytes: u64) -> Result<Sink, RestoreError> {
         file,
         fresh,
     })
+}
+
+/// Keeps the image a restore writes from anyone else who locks it: the
+/// `blockwatch serve` that serves it (its flock, shared or exclusive), or
+/// another restore. Released when the file closes. A file system without
+/// flock (some network ones) restores unlocked.
+pub(super) fn lock_image(file: &File, path: &Path) -> Result<(), RestoreError> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(RestoreError::TargetRefused {
+            target: path.display().to_string(),
+            reason:
+                "it is in use (locked): a blockwatch server serves it, or another restore writes it"
+                    .into(),
+        });
+    }
+    tracing::debug!(path = %path.display(), %error, "restoring without a lock on the image");
+    Ok(())
 }
 
 /// Makes a range of a file read as zeroes: a hole where the file system
