@@ -38,6 +38,35 @@ fn refused(args: &[&str], expect: &str) {
 }
 
 #[test]
+fn a_copy_onto_a_replica_a_server_serves_is_refused() {
+    let dir = TempDir::new("copy-served-replica");
+    let image = dir.join("disk.img");
+    let server = Server::start_with_size(dir.path(), &image, "64M");
+    qemu_io(&server.uri(), &["write -P 1 1M 1M"]);
+    server.stop();
+    let replica = dir.join("replica.img");
+    let replica_arg = replica.to_str().unwrap();
+    copy_json(&image, replica_arg, &[]);
+    // Someone looks at the replica through a read-only server: a copy
+    // writing under it would change the disk its clients read.
+    let served = Server::start(dir.path(), &[replica.as_path()], &["-r"]);
+    write_with_server(dir.path(), &image, &["write -P 2 8M 64k"]);
+    let before = std::fs::read(&replica).unwrap();
+    refused(
+        &["copy", image.to_str().unwrap(), "--to", replica_arg],
+        "in use",
+    );
+    assert!(
+        std::fs::read(&replica).unwrap() == before,
+        "the replica changed"
+    );
+    served.stop();
+    let again = copy_json(&image, replica_arg, &[]);
+    assert_eq!(again["kind"], "incremental", "{again:#}");
+    assert_files_equal(&image, &replica);
+}
+
+#[test]
 fn full_then_incremental_copies_match_the_image_and_keep_holes() {
     let dir = TempDir::new("copy-chain");
     let image = dir.join("disk.img");

@@ -35,6 +35,10 @@ pub enum ReplicaError {
     Io { path: PathBuf, source: io::Error },
     #[error("replica {path} is being written by another copy; try again when it is done")]
     Busy { path: PathBuf },
+    #[error(
+        "replica {path} is in use (locked): a blockwatch server serves it; stop the server or copy elsewhere"
+    )]
+    InUse { path: PathBuf },
     #[error("replica record {path} is damaged ({reason}); copy again with --full")]
     DamagedRecord { path: PathBuf, reason: String },
 }
@@ -200,6 +204,18 @@ impl Replica {
                 .open(path)
         })
         .map_err(io_error)?;
+        // A server serving the replica locks it (shared when read-only):
+        // writing under it would change a disk its clients read.
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(ReplicaError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            tracing::debug!(path = %path.display(), %error, "writing the replica without a lock on it");
+        }
         let metadata = file.metadata().map_err(io_error)?;
         if metadata.file_type().is_file() && metadata.len() != size_bytes {
             step(Step::Write(path), || file.set_len(size_bytes)).map_err(io_error)?;
